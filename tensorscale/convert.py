@@ -1,0 +1,122 @@
+"""One conversion end to end: open the source, plan, write every shard into a temporary folder, commit."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from .errors import TensorscaleError
+from .planning.plan import Options, Plan, build_plan
+from .reading.source import INDEX_NAME, ModelSource, open_source
+from .reading.tensor_reader import ShardReader
+from .rulebook.registry import resolve_rules
+from .writing.execute import write_shard
+from .writing.output_folder import OutputFolder, check_output_path
+
+
+def plan_conversion(source_label: str, options: Options, rules_path: str | None = None, *, headers_only: bool = False) -> Plan:
+    source = open_source(source_label, headers_only=headers_only)
+    rules = resolve_rules(source.config, rules_path)
+    return build_plan(source, rules, options)
+
+
+def size_label(parameters: int) -> str:
+    """1_012_000_000 -> '1.0B', 492_000_000 -> '492M' (the seed tool's naming, e.g. Qwen3-0.6B-1.0B)."""
+    if parameters >= 10**9:
+        return f"{parameters / 1e9:.1f}B"
+    if parameters >= 10**6:
+        return f"{parameters / 1e6:.0f}M"
+    return f"{parameters / 1e3:.0f}K"
+
+
+def default_output(source: ModelSource, plan: Plan) -> str:
+    return os.path.join(os.getcwd(), f"{source.name}-{size_label(plan.total_parameters)}")
+
+
+@dataclass
+class Result:
+    output: str
+    plan: Plan
+    seconds: float
+    side_files: list[str]
+
+    def summary(self) -> dict:
+        plan = self.plan
+        return {
+            "input": plan.source.label,
+            "output": self.output,
+            "rules": plan.rules.name,
+            "embed_dim_multiplier": plan.options.embed_dim_multiplier,
+            "up_proj_multiplier": plan.options.up_proj_multiplier,
+            "snr_db": plan.options.snr_db,
+            "seed": plan.options.seed,
+            "source_parameters": sum(info.numel for info in plan.source.tensors.values()),
+            "total_parameters": plan.total_parameters,
+            "total_bytes": plan.total_bytes,
+            "tensors": len(plan.tensors),
+            "shards": [shard.filename for shard in plan.shards],
+            "side_files": self.side_files,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True) -> Result:
+    started = time.perf_counter()
+    source = plan.source
+    out = check_output_path(output or default_output(source, plan), source.folder, force)
+    folder = OutputFolder(out)
+    bar = None
+    try:
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", leave=False)
+            counts = {"tensors": 0}
+
+            def progress(nbytes, tensors):
+                if nbytes:
+                    bar.update(nbytes)
+                if tensors:
+                    counts["tensors"] += tensors
+                    bar.set_postfix_str(f"{counts['tensors']}/{len(plan.tensors)} tensors", refresh=False)
+        else:
+            progress = None
+        with ShardReader() as reader:
+            for shard in plan.shards:
+                write_shard(plan, shard, folder.path(shard.filename), reader, progress)
+        if len(plan.shards) > 1:
+            folder.write_json(
+                INDEX_NAME,
+                {
+                    "metadata": {"total_size": plan.total_bytes, "total_parameters": plan.total_parameters},
+                    "weight_map": {t.name: shard.filename for shard in plan.shards for t in shard.tensors},
+                },
+            )
+        folder.write_json("config.json", plan.config)
+        side = folder.copy_side_files(source.folder)
+        _check_inputs_unchanged(source)
+        folder.commit()
+    except BaseException:
+        folder.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return Result(out, plan, time.perf_counter() - started, side)
+
+
+def _check_inputs_unchanged(source: ModelSource) -> None:
+    for path, header in source.headers.items():
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise TensorscaleError(f"input shard {path} vanished during the run; nothing was written") from None
+        if size != header.file_size:
+            raise TensorscaleError(f"input shard {path} changed size during the run; nothing was written")
+
+
+def run_up(source_label: str, output: str | None, options: Options, *, rules_path: str | None = None,
+           force: bool = False, show_progress: bool = True) -> Result:
+    plan = plan_conversion(source_label, options, rules_path)
+    return execute_plan(plan, output, force=force, show_progress=show_progress)

@@ -1,0 +1,366 @@
+"""The operator vocabulary of rules files.
+
+Each op knows three things, so that shapes are planned before data is touched:
+- ``out_shape``: the output shape from the input shape;
+- ``apply``: the transformation of a tensor (or of a chunk of rows, when the op leaves axis 0 alone);
+- ``map_rows``: for ops on axis 0 that only copy or reorder rows, how output rows map to input rows, which
+  lets the engine stream large tensors in row chunks.
+Arithmetic runs in float32; ops that only move data keep the stored dtype, so copies are exact and cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import TensorscaleError
+from .rowmap import RowMap, Segment
+
+
+@dataclass
+class OpContext:
+    """What an op may need beyond its input: the storage dtype and a reproducible noise source."""
+
+    store_dtype: torch.dtype
+    seed: int = 0
+    tensor_name: str = ""
+    chunk_key: int = 0
+
+    def generator(self, op_index: int) -> torch.Generator:
+        """A generator keyed by seed, tensor, chunk and op, so noise never depends on execution order."""
+        digest = hashlib.sha256(f"{self.seed}|{self.tensor_name}|{self.chunk_key}|{op_index}".encode()).digest()
+        generator = torch.Generator()
+        generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return generator
+
+
+class Op:
+    name = "op"
+    arithmetic = False  # True when the op computes new values (then it runs in float32)
+    # Subclasses define `axis`, the axis they act on, or None for elementwise ops.
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
+
+    def apply(self, x: torch.Tensor, ctx: OpContext, op_index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def map_rows(self, row_map: RowMap) -> RowMap | None:
+        """How output rows of axis 0 come from input rows, or None if this op mixes rows."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+    def _check_axis(self, shape):
+        if self.axis is not None and not 0 <= self.axis < len(shape):
+            raise TensorscaleError(f"{self.name}: axis {self.axis} does not exist for shape {list(shape)}")
+
+
+def _replace(shape, axis, size):
+    return tuple(size if i == axis else d for i, d in enumerate(shape))
+
+
+@dataclass
+class Tile(Op):
+    """Repeat the whole axis: [a, b] -> [a, b, a, b]. Producers of a grown space write copies."""
+
+    axis: int
+    times: int
+    name = "tile"
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        return _replace(shape, self.axis, shape[self.axis] * self.times)
+
+    def apply(self, x, ctx, op_index):
+        if self.times == 1:
+            return x
+        reps = [1] * x.dim()
+        reps[self.axis] = self.times
+        return x.repeat(*reps)
+
+    def map_rows(self, row_map):
+        return row_map.repeat(self.times)
+
+    def describe(self):
+        return f"tile(axis={self.axis}, x{self.times})"
+
+
+@dataclass
+class Interleave(Op):
+    """Repeat each unit in place: [h0, h1] -> [h0, h0, h1, h1] (head cloning with adjacent copies)."""
+
+    axis: int
+    times: int
+    unit: int = 1
+    name = "interleave"
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        if shape[self.axis] % self.unit:
+            raise TensorscaleError(f"interleave: axis {self.axis} of size {shape[self.axis]} is not a multiple of unit {self.unit}")
+        return _replace(shape, self.axis, shape[self.axis] * self.times)
+
+    def apply(self, x, ctx, op_index):
+        if self.times == 1:
+            return x
+        size = x.shape[self.axis]
+        units = x.unflatten(self.axis, (size // self.unit, self.unit))
+        repeated = units.repeat_interleave(self.times, dim=self.axis)
+        return repeated.flatten(self.axis, self.axis + 1)
+
+    def map_rows(self, row_map):
+        return row_map.repeat_units(self.times, self.unit)
+
+    def describe(self):
+        return f"interleave(axis={self.axis}, x{self.times}, unit={self.unit})"
+
+
+@dataclass
+class TileDivide(Op):
+    """Tile an input axis into `times` blocks whose sum is the source: consumers of a tiled space.
+
+    Each block is W/times, optionally with HyperCloning's zero-sum noise (+e on one block, -e on its
+    partner). Blocks are rounded to the storage dtype one after another, each carrying the rounding error
+    of the ones before, so the stored blocks sum back to W as closely as the dtype allows. A plain
+    round(W/3) in bf16 loses 0.4-3% of the logits; powers of two are exact either way.
+    """
+
+    axis: int
+    times: int
+    snr_db: float | None = None
+    name = "tile_divide"
+    arithmetic = True
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        return _replace(shape, self.axis, shape[self.axis] * self.times)
+
+    def apply(self, x, ctx, op_index):
+        if self.times == 1:
+            return x
+        x = x.float()
+        blocks = [x / self.times for _ in range(self.times)]
+        if self.snr_db is not None:
+            blocks = _add_pair_noise(blocks, x, self.axis, self.times, self.snr_db, ctx.generator(op_index))
+        return torch.cat(_compensated_round(blocks, x, ctx.store_dtype), dim=self.axis)
+
+    def describe(self):
+        noise = f", noise {self.snr_db:g} dB" if self.snr_db is not None else ""
+        return f"tile_divide(axis={self.axis}, x{self.times}{noise})"
+
+
+@dataclass
+class Noise(Op):
+    """Add zero-sum noise to pairs of equal blocks along an axis that already holds `blocks` blocks.
+
+    Block 2j gets +e and block 2j+1 gets -e: the sum over blocks, and so the layer's function on a tiled
+    input, is unchanged, while the copies stop being identical (symmetry breaking).
+    """
+
+    axis: int
+    blocks: int
+    snr_db: float
+    name = "noise"
+    arithmetic = True
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        if shape[self.axis] % self.blocks:
+            raise TensorscaleError(f"noise: axis {self.axis} of size {shape[self.axis]} does not split into {self.blocks} blocks")
+        return shape
+
+    def apply(self, x, ctx, op_index):
+        x = x.float()
+        blocks = list(torch.chunk(x, self.blocks, dim=self.axis))
+        total = sum(blocks)
+        noisy = _add_pair_noise(blocks, total, self.axis, self.blocks, self.snr_db, ctx.generator(op_index))
+        return torch.cat(noisy, dim=self.axis)
+
+    def describe(self):
+        return f"noise(axis={self.axis}, {self.blocks} blocks, {self.snr_db:g} dB)"
+
+
+@dataclass
+class Scale(Op):
+    """y = x * factor + offset, elementwise (e.g. the final norm ÷n that keeps embeddings tied)."""
+
+    factor: float
+    offset: float = 0.0
+    name = "scale"
+    arithmetic = True
+    axis = None  # elementwise
+
+    def apply(self, x, ctx, op_index):
+        y = x.float() * self.factor
+        return y + self.offset if self.offset else y
+
+    def map_rows(self, row_map):
+        return row_map  # elementwise: rows stay where they are
+
+    def describe(self):
+        return f"scale(x{self.factor:g}" + (f", +{self.offset:g})" if self.offset else ")")
+
+
+@dataclass
+class Slice(Op):
+    """Keep [start, stop) of an axis."""
+
+    axis: int
+    start: int
+    stop: int
+    name = "slice"
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        if not 0 <= self.start <= self.stop <= shape[self.axis]:
+            raise TensorscaleError(f"slice [{self.start}:{self.stop}] is out of range for axis {self.axis} of size {shape[self.axis]}")
+        return _replace(shape, self.axis, self.stop - self.start)
+
+    def apply(self, x, ctx, op_index):
+        return x.narrow(self.axis, self.start, self.stop - self.start)
+
+    def map_rows(self, row_map):
+        return row_map.take(self.start, self.stop)
+
+    def describe(self):
+        return f"slice(axis={self.axis}, {self.start}:{self.stop})"
+
+
+@dataclass
+class Pad(Op):
+    """Add `before`/`after` entries filled with `value` along an axis (zero-pad growth)."""
+
+    axis: int
+    before: int = 0
+    after: int = 0
+    value: float = 0.0
+    name = "pad"
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        if self.before < 0 or self.after < 0:
+            raise TensorscaleError("pad: before and after must not be negative")
+        return _replace(shape, self.axis, shape[self.axis] + self.before + self.after)
+
+    def apply(self, x, ctx, op_index):
+        parts = []
+        for count in (self.before, None, self.after):
+            if count is None:
+                parts.append(x)
+            elif count:
+                shape = list(x.shape)
+                shape[self.axis] = count
+                parts.append(torch.full(shape, self.value, dtype=x.dtype))
+        return torch.cat(parts, dim=self.axis) if len(parts) > 1 else x
+
+    def map_rows(self, row_map):
+        return RowMap([Segment(self.before, None, self.value), *row_map.segments, Segment(self.after, None, self.value)])
+
+    def describe(self):
+        return f"pad(axis={self.axis}, {self.before}+{self.after}, value={self.value:g})"
+
+
+@dataclass
+class Fused(Op):
+    """Split an axis into named parts, run each part's own op chain, and concatenate (fused qkv etc.)."""
+
+    axis: int
+    sizes: list[int]
+    parts: list[list[Op]] = field(default_factory=list)
+    name = "fused"
+
+    @property
+    def arithmetic(self):  # type: ignore[override]
+        return any(op.arithmetic for chain in self.parts for op in chain)
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        if sum(self.sizes) != shape[self.axis]:
+            raise TensorscaleError(
+                f"fused axis {self.axis} has size {shape[self.axis]} but its parts add up to {sum(self.sizes)} {self.sizes}"
+            )
+        total = 0
+        other = None
+        for size, chain in zip(self.sizes, self.parts):
+            part_shape = _replace(shape, self.axis, size)
+            for op in chain:
+                part_shape = op.out_shape(part_shape)
+            rest = tuple(d for i, d in enumerate(part_shape) if i != self.axis)
+            if other is not None and rest != other:
+                raise TensorscaleError("fused: parts disagree on the shape of the other axes")
+            other = rest
+            total += part_shape[self.axis]
+        return _replace(shape, self.axis, total)
+
+    def apply(self, x, ctx, op_index):
+        pieces = torch.split(x, self.sizes, dim=self.axis)
+        outputs = []
+        for part_index, (piece, chain) in enumerate(zip(pieces, self.parts)):
+            for inner_index, op in enumerate(chain):
+                piece = op.apply(piece, ctx, op_index * 1000 + part_index * 100 + inner_index)
+            outputs.append(piece)
+        dtype = torch.float32 if any(t.dtype != outputs[0].dtype for t in outputs) else outputs[0].dtype
+        return torch.cat([t.to(dtype) for t in outputs], dim=self.axis)
+
+    def map_rows(self, row_map):
+        maps, begin = [], 0
+        for size, chain in zip(self.sizes, self.parts):
+            part = row_map.take(begin, begin + size)
+            for op in chain:
+                if op.axis not in (0, None) or op.arithmetic:
+                    return None  # a part-specific op on another axis: rows cannot be streamed generically
+                part = op.map_rows(part)
+                if part is None:
+                    return None
+            maps.append(part)
+            begin += size
+        return RowMap.concat(maps)
+
+    def describe(self):
+        inner = "; ".join(
+            f"{size}: " + (" -> ".join(op.describe() for op in chain) or "keep")
+            for size, chain in zip(self.sizes, self.parts)
+        )
+        return f"fused(axis={self.axis}, [{inner}])"
+
+
+def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
+    """+e on block 2j, -e on block 2j+1; e's scale is the signal RMS along `axis` over 10^(snr/20)."""
+    signal_rms = whole.pow(2).mean(dim=axis, keepdim=True).sqrt() / times
+    std = signal_rms * (10.0 ** (-snr_db / 20.0))
+    out = list(blocks)
+    for first in range(0, times - 1, 2):
+        eps = torch.randn(blocks[first].shape, generator=generator) * std
+        out[first] = blocks[first] + eps
+        out[first + 1] = blocks[first + 1] - eps
+    return out
+
+
+def _compensated_round(blocks, total, dtype):
+    """Round blocks to `dtype` in turn, each absorbing the rounding error so far; the last takes the rest."""
+    stored, running = [], torch.zeros_like(total)
+    for block in blocks[:-1]:
+        rounded = block.to(dtype).float() if dtype != torch.float32 else block
+        stored.append(rounded)
+        running = running + rounded
+    last = total - running
+    stored.append(last.to(dtype).float() if dtype != torch.float32 else last)
+    return stored
+
+
+# name -> (constructor, {yaml parameter: constructor argument}) for rules files.
+OP_TYPES: dict[str, Callable[..., Op]] = {
+    "tile": Tile,
+    "interleave": Interleave,
+    "tile_divide": TileDivide,
+    "noise": Noise,
+    "scale": Scale,
+    "slice": Slice,
+    "pad": Pad,
+}

@@ -1,0 +1,346 @@
+"""Plan a rewrite from headers alone: which rule each tensor matched, its ops, shapes, dtypes and shards.
+
+A plan is complete before a byte of tensor data is read, so `plan` is a dry run of exactly what `up` will
+do, and each output shard can later be produced on its own (in parallel, or on another machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+from ..errors import TensorscaleError
+from ..ops.library import Op
+from ..ops.rowmap import RowMap
+from ..reading.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
+from ..reading.source import ModelSource
+from ..rulebook.compile import Space, compile_transform, resolve_spaces
+from ..rulebook.expr import ExpressionError
+from ..rulebook.schema import RuleSet, render_template
+
+DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+@dataclass
+class Options:
+    """What the user asked for. `n` and `m` are HyperCloning's multipliers for hidden/heads and FFN."""
+
+    embed_dim_multiplier: int = 1
+    up_proj_multiplier: int = 1
+    snr_db: float | None = None
+    seed: int = 0
+    untie_embeddings: bool = False
+    dtype: str = "keep"
+    max_shard_size: int = 5 * 10**9
+
+    def validate(self):
+        for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise TensorscaleError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}")
+        if self.max_shard_size <= 0:
+            raise TensorscaleError("--max-shard-size must be positive")
+        if self.snr_db is not None and not math.isfinite(self.snr_db):
+            raise TensorscaleError("--snr-db must be a finite number of decibels")
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    source: TensorInfo
+    rule: str
+    ops: list[Op]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    component: str
+    row_map: RowMap | None = None  # set when the tensor can stream in row chunks
+    row_ops: list[Op] = field(default_factory=list)  # ops applied to each row chunk
+    offset: int = 0  # byte offset inside its shard's data section
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.out_shape) * DTYPE_SIZES[self.out_dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.out_shape)
+
+    @property
+    def needs_float(self) -> bool:
+        return any(op.arithmetic for op in self.ops)
+
+    def describe_ops(self) -> str:
+        return " -> ".join(op.describe() for op in self.ops) or "copy"
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: list[TensorPlan]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    source: ModelSource
+    rules: RuleSet
+    options: Options
+    env: dict
+    spaces: dict[str, Space]
+    config: dict
+    tensors: list[TensorPlan]
+    shards: list[ShardPlan]
+    dropped: list[str] = field(default_factory=list)
+    unused_rules: list[str] = field(default_factory=list)
+
+    @property
+    def total_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def base_env(config: dict, options: Options) -> dict:
+    env = {key: value for key, value in config.items() if isinstance(value, (int, float, str, bool, list)) or value is None}
+    env.update(
+        n=options.embed_dim_multiplier,
+        m=options.up_proj_multiplier,
+        snr_db=options.snr_db,
+        untie_embeddings=options.untie_embeddings,
+    )
+    return env
+
+
+def evaluate_env(rule_set: RuleSet, config: dict, options: Options) -> dict:
+    env = base_env(config, options)
+    for name, expression in rule_set.let:
+        try:
+            env[name] = expression.evaluate(env)
+        except ExpressionError as exc:
+            raise TensorscaleError(f"{rule_set.path}: let.{name}: {exc}") from None
+    for expression, message in rule_set.checks:
+        try:
+            ok = expression.evaluate(env)
+        except ExpressionError as exc:
+            raise TensorscaleError(f"{rule_set.path}: check {expression.source!r}: {exc}") from None
+        if not ok:
+            raise TensorscaleError(f"{message} (rules {rule_set.name})")
+    return env
+
+
+def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: Options) -> dict:
+    new = copy.deepcopy(config)
+    for key, expression in rule_set.config:
+        try:
+            new[key] = expression.evaluate(env)
+        except ExpressionError as exc:
+            raise TensorscaleError(f"{rule_set.path}: config.{key}: {exc}") from None
+    if options.dtype != "keep":
+        for key in ("torch_dtype", "dtype"):
+            if key in new or key == "dtype":
+                new[key] = options.dtype
+    return new
+
+
+def _group_env(env: dict, match) -> dict:
+    groups = {}
+    for key, value in match.groupdict().items():
+        if value is not None:
+            groups[key] = int(value) if value.isdigit() else value
+    return {**env, **groups}
+
+
+def _out_dtype(info: TensorInfo, options: Options) -> str:
+    wanted = DTYPE_CHOICES[options.dtype]
+    if wanted is None or info.dtype not in FLOAT_DTYPES:
+        return info.dtype
+    return wanted
+
+
+def _row_plan(tensor: TensorPlan) -> None:
+    """Split the chain into a row map (axis-0 moves) and per-chunk ops, or leave it whole."""
+    if not tensor.source.shape:
+        return
+    row_map = RowMap.identity(tensor.source.shape[0])
+    rest = []
+    for op in tensor.ops:
+        if op.axis == 0:
+            row_map = op.map_rows(row_map)
+            if row_map is None:
+                return
+        else:
+            rest.append(op)
+    has_fill = any(seg.is_fill for seg in row_map.segments)
+    if has_fill and any(op.arithmetic for op in rest):
+        return
+    tensor.row_map = row_map
+    tensor.row_ops = rest
+
+
+def build_plan(source: ModelSource, rule_set: RuleSet, options: Options) -> Plan:
+    options.validate()
+    env = evaluate_env(rule_set, source.config, options)
+    spaces = resolve_spaces(rule_set, env)
+    new_config = rewrite_config(rule_set, source.config, env, options)
+
+    tensors: list[TensorPlan] = []
+    dropped: list[str] = []
+    used = set()
+    unmatched = []
+
+    def add(name, info, rule_label, transform, component, rule_env):
+        where = f"{rule_label}, tensor {name}"
+        ops = compile_transform(transform, info.shape, spaces, rule_env, where)
+        shape = info.shape
+        for op in ops:
+            shape = op.out_shape(shape)
+        plan = TensorPlan(name, info, rule_label, ops, shape, _out_dtype(info, options), component or guess_component(name))
+        _row_plan(plan)
+        tensors.append(plan)
+
+    creates_after: dict[str, list] = {}
+    for create in rule_set.create:
+        if create.when is not None and not _truthy(create.when, env, rule_set.path):
+            continue
+        if create.name in source.tensors:
+            continue
+        if create.source not in source.tensors:
+            raise TensorscaleError(
+                f"{rule_set.path}: create {create.name} needs tensor {create.source}, which the checkpoint lacks"
+            )
+        creates_after.setdefault(create.source, []).append(create)
+
+    for name, info in source.tensors.items():
+        rule = None
+        match = None
+        for candidate in rule_set.tensors:
+            match = candidate.regex.fullmatch(name)
+            if not match:
+                continue
+            rule_env = _group_env(env, match)
+            if candidate.when is not None and not _truthy(candidate.when, rule_env, f"{rule_set.path}: {candidate.label}"):
+                continue
+            rule = candidate
+            break
+        if rule is None:
+            if rule_set.unmatched == "copy":
+                from ..rulebook.schema import Transform
+
+                add(name, info, "unmatched (copied)", Transform(), None, env)
+            else:
+                unmatched.append(name)
+            continue
+        used.add(rule.index)
+        if rule.drop:
+            dropped.append(name)
+            continue
+        if rule.replicate_count is not None:
+            count = _count(rule.replicate_count, rule_env, rule.label)
+            for k in range(count):
+                out_name = _render(rule.replicate_name, {**rule_env, "k": k}, rule.label)
+                add(out_name, info, rule.label, rule.transform, rule.component, rule_env)
+        else:
+            add(name, info, rule.label, rule.transform, rule.component, rule_env)
+        for create in creates_after.get(name, []):
+            add(create.name, info, f"create {create.name}", create.transform, create.component, env)
+
+    if unmatched:
+        more = f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else ""
+        raise TensorscaleError(
+            f"no rule in {rule_set.name} matches tensor {unmatched[0]!r}{more}; add a rule "
+            "(or `unmatched: copy`) to the rules file; `tensorscale rules check` lists them all"
+        )
+    seen = set()
+    for tensor in tensors:
+        if tensor.name in seen:
+            raise TensorscaleError(f"two rules write tensor {tensor.name!r}; fix the rules file's replicate/create names")
+        seen.add(tensor.name)
+
+    shards = layout_shards(tensors, options.max_shard_size)
+    unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
+    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused)
+
+
+def _truthy(expression, env, where) -> bool:
+    try:
+        return bool(expression.evaluate(env))
+    except ExpressionError as exc:
+        raise TensorscaleError(f"{where}: when: {exc}") from None
+
+
+def _count(expression, env, where) -> int:
+    try:
+        value = expression.evaluate(env)
+    except ExpressionError as exc:
+        raise TensorscaleError(f"{where}: replicate.count: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TensorscaleError(f"{where}: replicate.count must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _render(template, env, where) -> str:
+    try:
+        return render_template(template, env)
+    except ExpressionError as exc:
+        raise TensorscaleError(f"{where}: name template: {exc}") from None
+
+
+def layout_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+    """Fill shards in order up to max_shard_size bytes (a tensor larger than that gets a shard alone)."""
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    total = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        filename = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        offset = 0
+        for tensor in group:
+            tensor.offset = offset
+            offset += tensor.nbytes
+        shards.append(ShardPlan(filename, group))
+    return shards
+
+
+def guess_component(name: str) -> str:
+    """A tensor's component for `desc` and `plan`, from common naming conventions."""
+    lowered = name.lower()
+    if "lm_head" in lowered or "embed_out" in lowered:
+        return "head"
+    if "embed" in lowered or lowered.endswith(("wte.weight", "wpe.weight")):
+        return "embeddings"
+    if "norm" in lowered or ".ln_" in lowered or "ln_f" in lowered or "layernorm" in lowered:
+        return "norms"
+    if any(key in lowered for key in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query_key_value")):
+        return "attention"
+    if any(key in lowered for key in ("mlp", "fc1", "fc2", "ffn", "feed_forward", "dense_h_to_4h", "dense_4h_to_h")):
+        return "mlp"
+    return "other"
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal, as huggingface_hub), '512MiB' -> binary; a bare number is bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in SIZE_UNITS:
+        raise TensorscaleError(f"cannot read size {text!r}; write it like 5GB, 500MB or 2GiB")
+    value = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise TensorscaleError(f"size {text!r} must be positive")
+    return value

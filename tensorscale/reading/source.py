@@ -1,0 +1,132 @@
+"""Open a model: a local folder or a Hugging Face hub id, as config plus the tensor table of its shards.
+
+Only config.json and safetensors headers are read here; tensor bytes are read later, a slice at a time, by
+`tensor_reader`. Pickled weights (.bin/.pt/.pth) are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from ..errors import TensorscaleError
+from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+# What a conversion needs from a hub repo: weights, configs and tokenizer files, never pickles.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class ModelSource:
+    """A model as the engine sees it: where it is, its config, and every tensor's location."""
+
+    label: str  # what the user typed: a path or a hub id
+    folder: str  # local folder holding config.json (a snapshot folder for hub ids)
+    config: dict
+    tensors: dict[str, TensorInfo]  # in storage order: shard by shard, by offset
+    shards: list[str]
+    headers: dict[str, SafetensorsHeader] = field(default_factory=dict)
+    hub_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A short name for output folders: the folder's base name or the hub repo's name."""
+        if self.hub_id:
+            return self.hub_id.split("/")[-1]
+        return os.path.basename(os.path.normpath(self.label)) or "model"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(_HUB_ID.match(text)) and not os.path.exists(text)
+
+
+def open_source(source: str, *, headers_only: bool = False) -> ModelSource:
+    """Open a local folder, or fetch a hub repo (only config/headers when ``headers_only``)."""
+    if os.path.isdir(source):
+        return open_local(source)
+    if os.path.exists(source):
+        raise TensorscaleError(f"{source} is a file; pass the model folder that holds config.json")
+    if looks_like_hub_id(source):
+        from .hub import open_hub
+
+        return open_hub(source, headers_only=headers_only)
+    raise TensorscaleError(f"no model folder at {source}; pass a local folder or a hub id like org/name")
+
+
+def read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise TensorscaleError(f"{folder} has no config.json; pass the folder of a Hugging Face model")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TensorscaleError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise TensorscaleError(f"{path} must hold a JSON object")
+    return config
+
+
+def shard_paths(folder: str) -> list[str]:
+    """The safetensors shards of a local folder, from the index if there is one, checked to stay inside."""
+    root = os.path.realpath(folder)
+    index_path = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as handle:
+                index = json.load(handle)
+            weight_map = index["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TensorscaleError(f"{index_path} is not a valid index ({exc}); fix or delete it") from None
+        paths = []
+        for shard in names:
+            if not isinstance(shard, str) or os.path.isabs(shard):
+                raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which is not a relative file name")
+            path = os.path.realpath(os.path.join(folder, shard))
+            if os.path.commonpath([root, path]) != root:
+                raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which lies outside the model folder")
+            if not os.path.isfile(path):
+                raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which does not exist; re-download the model")
+            paths.append(path)
+        return paths
+    paths = sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")
+    )
+    if not paths:
+        pickles = [f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise TensorscaleError(
+                f"{folder} holds only pickled weights ({pickles[0]}); tensorscale never unpickles: "
+                "convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+            )
+        raise TensorscaleError(f"{folder} holds no .safetensors files")
+    for path in paths:
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise TensorscaleError(f"{os.path.basename(path)} is a link out of the model folder; refusing to read it")
+    return paths
+
+
+def open_local(folder: str, label: str | None = None, hub_id: str | None = None) -> ModelSource:
+    config = read_config(folder)
+    paths = shard_paths(folder)
+    tensors: dict[str, TensorInfo] = {}
+    headers = {}
+    for path in paths:
+        header = read_header(path)
+        headers[path] = header
+        for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start):
+            if name in tensors:
+                raise TensorscaleError(f"tensor {name!r} appears in two shards; the checkpoint is inconsistent")
+            tensors[name] = info
+    return ModelSource(label or folder, folder, config, tensors, paths, headers, hub_id)

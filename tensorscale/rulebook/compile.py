@@ -1,0 +1,141 @@
+"""Turn a rule's transform (axis roles or an explicit chain) into concrete ops for one tensor.
+
+Axis roles are the heart of the rules language. A rules file names the model's spaces (``hidden``,
+``heads``, ``ffn``...) with their size and growth factor, then labels each tensor axis:
+- ``space``: the tensor produces (or is elementwise on) that space, so the axis is cloned
+  (tile, or interleave for spaces declared ``clone: interleave``);
+- ``space.in``: the tensor reads that space, so the axis is tiled into blocks that sum to the original
+  (each ÷grow), with optional symmetry-breaking noise;
+- ``-``: the axis is left alone;
+- ``[a, b, c]``: a fused axis whose consecutive parts belong to different spaces.
+Because roles say what an axis *is*, not what to do to it, the same file can also drive the inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import TensorscaleError
+from ..ops.library import OP_TYPES, Fused, Interleave, Op, Scale, Tile, TileDivide
+from .expr import ExpressionError
+from .schema import IN_SUFFIX, OpSpec, RuleSet, Transform
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    size: int
+    grow: int
+    unit: int
+    clone: str
+
+
+def _whole(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise TensorscaleError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
+    spaces = {}
+    for name, spec in rule_set.spaces.items():
+        where = f"{rule_set.path}: spaces.{name}"
+        try:
+            size = _whole(spec.size.evaluate(env), f"{where}.size")
+            grow = _whole(spec.grow.evaluate(env), f"{where}.grow")
+            unit = _whole(spec.unit.evaluate(env), f"{where}.unit")
+        except ExpressionError as exc:
+            raise TensorscaleError(f"{where}: {exc}") from None
+        if grow < 1 or unit < 1 or size < 0:
+            raise TensorscaleError(f"{where}: size must be >= 0 and grow, unit >= 1 (got {size}, {grow}, {unit})")
+        if size % unit:
+            raise TensorscaleError(f"{where}: size {size} is not a multiple of its unit {unit}")
+        spaces[name] = Space(name, size, grow, unit, spec.clone)
+    return spaces
+
+
+def compile_transform(
+    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str
+) -> list[Op]:
+    ops: list[Op] = []
+    if transform.scale is not None:
+        factor = transform.scale.evaluate(env)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise TensorscaleError(f"{where}: scale must be a number, got {factor!r}")
+        if factor != 1:
+            ops.append(Scale(float(factor)))
+    if transform.axes is not None:
+        if len(transform.axes) != len(shape):
+            raise TensorscaleError(
+                f"{where}: the rule gives {len(transform.axes)} axis roles but the tensor has shape {list(shape)}; "
+                "the checkpoint does not match its config or the rules"
+            )
+        for axis, label in enumerate(transform.axes):
+            ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where))
+    if transform.ops is not None:
+        ops.extend(build_chain(transform.ops, env, where))
+    return ops
+
+
+def _axis_ops(axis, label, size, spaces, env, where) -> list[Op]:
+    if label == "-":
+        return []
+    if isinstance(label, list):
+        parts, sizes = [], []
+        for part in label:
+            part_size = _label_size(part, spaces)
+            sizes.append(part_size)
+            parts.append(_axis_ops(axis, part, part_size, spaces, env, where))
+        if sum(sizes) != size:
+            raise TensorscaleError(
+                f"{where}: fused axis {axis} has size {size} but its parts {label} add up to {sum(sizes)}; "
+                "the checkpoint does not match its config"
+            )
+        if not any(parts):
+            return []
+        return [Fused(axis, sizes, parts)]
+    expected = _label_size(label, spaces)
+    if expected != size:
+        raise TensorscaleError(
+            f"{where}: axis {axis} ({label}) has size {size} but config.json implies {expected}; "
+            "the checkpoint does not match its config"
+        )
+    reads = label.endswith(IN_SUFFIX)
+    space = spaces[label[: -len(IN_SUFFIX)] if reads else label]
+    if space.grow == 1:
+        return []
+    if reads:
+        return [TileDivide(axis, space.grow, env.get("snr_db"))]
+    if space.clone == "interleave":
+        return [Interleave(axis, space.grow, space.unit)]
+    return [Tile(axis, space.grow)]
+
+
+def _label_size(label, spaces) -> int:
+    if label == "-":
+        raise TensorscaleError("'-' cannot be part of a fused axis; name the part's space")
+    name = label[: -len(IN_SUFFIX)] if label.endswith(IN_SUFFIX) else label
+    return spaces[name].size
+
+
+def build_chain(specs: list[OpSpec], env, where) -> list[Op]:
+    chain = []
+    for spec in specs:
+        try:
+            if spec.type == "fused":
+                axis = _whole(spec.params["axis"].evaluate(env), f"{where}: fused.axis")
+                sizes = [_whole(size.evaluate(env), f"{where}: fused part size") for size, _ in spec.params["parts"]]
+                parts = [build_chain(sub, env, where) for _, sub in spec.params["parts"]]
+                chain.append(Fused(axis, sizes, parts))
+                continue
+            params = {key: expr.evaluate(env) for key, expr in spec.params.items()}
+        except ExpressionError as exc:
+            raise TensorscaleError(f"{where}: {exc}") from None
+        for key in ("axis", "times", "unit", "start", "stop", "before", "after", "blocks"):
+            if key in params:
+                params[key] = _whole(params[key], f"{where}: {spec.type}.{key}")
+        try:
+            chain.append(OP_TYPES[spec.type](**params))
+        except TypeError as exc:
+            raise TensorscaleError(f"{where}: bad parameters for {spec.type}: {exc}") from None
+    return chain

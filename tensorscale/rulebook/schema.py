@@ -1,0 +1,363 @@
+"""Parse and validate a rules file into plain objects; no model is needed yet.
+
+A rules file describes one architecture as data:
+- ``detect``: which config.json (model_type / architectures) it is for;
+- ``let`` and ``checks``: derived values and constraints, as safe expressions over config fields and options;
+- ``spaces``: the model's vector spaces (residual, heads, FFN...), their sizes and how much each grows;
+- ``config``: how config.json fields change;
+- ``tensors``: an ordered list of rules; the first whose full-match regex (and ``when``) fits a tensor
+  gives its transformation, either as axis roles (``axes``) or as an explicit op chain (``ops``);
+- ``create``: tensors written that the source lacks (an untied lm_head).
+Every problem is reported as one line naming the file and the place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..errors import TensorscaleError
+from ..ops.library import OP_TYPES
+from .expr import Expression, ExpressionError
+
+KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched"}
+KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note"}
+KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
+KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "note"}
+IN_SUFFIX = ".in"
+COMPONENTS = {"embeddings", "attention", "mlp", "norms", "head", "other"}
+
+
+class RulesError(TensorscaleError):
+    pass
+
+
+@dataclass
+class SpaceSpec:
+    name: str
+    size: Expression
+    grow: Expression
+    unit: Expression
+    clone: str  # "tile" ([a, b, a, b]) or "interleave" ([a, a, b, b] at unit granularity)
+
+
+@dataclass
+class OpSpec:
+    """An op from an explicit chain: its type and its parameters, still as expressions."""
+
+    type: str
+    params: dict[str, Any]  # values are Expression, or for fused: list of (size Expression, [OpSpec])
+
+
+@dataclass
+class Transform:
+    """How a tensor is rewritten: axis roles or an explicit op chain, plus an optional scale."""
+
+    axes: list | None = None
+    ops: list[OpSpec] | None = None
+    scale: Expression | None = None
+
+    def is_copy(self) -> bool:
+        return self.axes is None and not self.ops and self.scale is None
+
+
+@dataclass
+class TensorRule:
+    index: int
+    pattern: str
+    regex: re.Pattern
+    transform: Transform
+    when: Expression | None = None
+    replicate_count: Expression | None = None
+    replicate_name: str | None = None
+    drop: bool = False
+    component: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"rule {self.index + 1} ({self.pattern})"
+
+
+@dataclass
+class CreateRule:
+    name: str
+    source: str
+    transform: Transform
+    when: Expression | None = None
+    component: str | None = None
+
+
+@dataclass
+class RuleSet:
+    name: str
+    description: str
+    path: str
+    detect_model_types: list[str]
+    detect_architectures: list[str]
+    let: list[tuple[str, Expression]]
+    checks: list[tuple[Expression, str]]
+    spaces: dict[str, SpaceSpec]
+    config: list[tuple[str, Expression]]
+    tensors: list[TensorRule]
+    create: list[CreateRule] = field(default_factory=list)
+    unmatched: str = "error"
+
+
+def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RulesError(f"{path}: invalid YAML{where}: {problem}") from None
+    return _build(data, path)
+
+
+def load_rules_file(path: str) -> RuleSet:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RulesError(f"cannot read rules file {path}: {exc}") from None
+    return load_rules_text(text, path)
+
+
+def _expr(value, where: str) -> Expression:
+    try:
+        return Expression(value)
+    except ExpressionError as exc:
+        raise RulesError(f"{where}: {exc}") from None
+
+
+def _mapping(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RulesError(f"{where} must be a mapping")
+    return value
+
+
+def _strings(value, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RulesError(f"{where} must be a string or a list of strings")
+    return value
+
+
+def _unknown(keys, known, where):
+    extra = sorted(set(keys) - known)
+    if extra:
+        raise RulesError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
+
+
+def _build(data, path: str) -> RuleSet:
+    if not isinstance(data, dict):
+        raise RulesError(f"{path}: a rules file must be a YAML mapping with at least 'name' and 'tensors'")
+    _unknown(data, KNOWN_TOP_LEVEL, path)
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise RulesError(f"{path}: missing 'name'")
+    detect = _mapping(data.get("detect"), f"{path}: detect")
+    _unknown(detect, {"model_type", "architectures"}, f"{path}: detect")
+
+    let = []
+    for key, value in _mapping(data.get("let"), f"{path}: let").items():
+        let.append((str(key), _expr(value, f"{path}: let.{key}")))
+
+    checks = []
+    raw_checks = data.get("checks") or []
+    if not isinstance(raw_checks, list):
+        raise RulesError(f"{path}: checks must be a list")
+    for i, item in enumerate(raw_checks):
+        item = _mapping(item, f"{path}: checks[{i}]")
+        _unknown(item, {"assert", "message"}, f"{path}: checks[{i}]")
+        if "assert" not in item:
+            raise RulesError(f"{path}: checks[{i}] needs 'assert'")
+        checks.append((_expr(item["assert"], f"{path}: checks[{i}]"), str(item.get("message") or item["assert"])))
+
+    spaces = {}
+    for key, value in _mapping(data.get("spaces"), f"{path}: spaces").items():
+        where = f"{path}: spaces.{key}"
+        if isinstance(value, (str, int)):
+            value = {"size": value}
+        value = _mapping(value, where)
+        _unknown(value, KNOWN_SPACE_KEYS, where)
+        if "size" not in value:
+            raise RulesError(f"{where} needs 'size'")
+        clone = value.get("clone", "tile")
+        if clone not in ("tile", "interleave"):
+            raise RulesError(f"{where}: clone must be 'tile' or 'interleave'")
+        if "." in str(key) or str(key) == "-":
+            raise RulesError(f"{where}: space names may not contain '.' or be '-'")
+        spaces[str(key)] = SpaceSpec(
+            str(key), _expr(value["size"], where), _expr(value.get("grow", 1), where), _expr(value.get("unit", 1), where), clone
+        )
+
+    config = [(str(k), _expr(v, f"{path}: config.{k}")) for k, v in _mapping(data.get("config"), f"{path}: config").items()]
+
+    raw_tensors = data.get("tensors")
+    if not isinstance(raw_tensors, list) or not raw_tensors:
+        raise RulesError(f"{path}: 'tensors' must be a non-empty list of rules")
+    tensors = [_tensor_rule(i, item, path, spaces) for i, item in enumerate(raw_tensors)]
+
+    creates = []
+    raw_create = data.get("create") or []
+    if not isinstance(raw_create, list):
+        raise RulesError(f"{path}: create must be a list")
+    for i, item in enumerate(raw_create):
+        where = f"{path}: create[{i}]"
+        item = _mapping(item, where)
+        _unknown(item, KNOWN_CREATE_KEYS, where)
+        if not isinstance(item.get("name"), str) or not isinstance(item.get("from"), str):
+            raise RulesError(f"{where} needs 'name' and 'from' tensor names")
+        creates.append(
+            CreateRule(
+                item["name"], item["from"], _transform(item, where, spaces),
+                _expr(item["when"], where) if "when" in item else None, _component(item, where),
+            )
+        )
+    unmatched = data.get("unmatched", "error")
+    if unmatched not in ("error", "copy"):
+        raise RulesError(f"{path}: unmatched must be 'error' or 'copy'")
+    return RuleSet(
+        name=name,
+        description=str(data.get("description") or ""),
+        path=path,
+        detect_model_types=_strings(detect.get("model_type"), f"{path}: detect.model_type"),
+        detect_architectures=_strings(detect.get("architectures"), f"{path}: detect.architectures"),
+        let=let, checks=checks, spaces=spaces, config=config, tensors=tensors, create=creates, unmatched=unmatched,
+    )
+
+
+def _component(item, where):
+    component = item.get("component")
+    if component is not None and component not in COMPONENTS:
+        raise RulesError(f"{where}: component must be one of {', '.join(sorted(COMPONENTS))}")
+    return component
+
+
+def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
+    where = f"{path}: tensors[{index}]"
+    item = _mapping(item, where)
+    _unknown(item, KNOWN_TENSOR_KEYS, where)
+    pattern = item.get("match")
+    if not isinstance(pattern, str) or not pattern:
+        raise RulesError(f"{where} needs 'match', a regular expression for tensor names")
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise RulesError(f"{where}: regex {pattern!r} does not compile: {exc}") from None
+    where = f"{path}: tensors[{index}] ({pattern})"
+    replicate = item.get("replicate")
+    count = template = None
+    if replicate is not None:
+        replicate = _mapping(replicate, f"{where}: replicate")
+        _unknown(replicate, {"count", "name"}, f"{where}: replicate")
+        if "count" not in replicate or not isinstance(replicate.get("name"), str):
+            raise RulesError(f"{where}: replicate needs 'count' and a 'name' template")
+        count = _expr(replicate["count"], where)
+        template = replicate["name"]
+        validate_template(template, where)
+    drop = bool(item.get("drop", False))
+    transform = _transform(item, where, spaces)
+    if drop and not transform.is_copy():
+        raise RulesError(f"{where}: a dropped tensor cannot also have axes, ops or scale")
+    return TensorRule(
+        index, pattern, regex, transform, _expr(item["when"], where) if "when" in item else None,
+        count, template, drop, _component(item, where),
+    )
+
+
+def _transform(item, where, spaces) -> Transform:
+    axes = item.get("axes")
+    ops = item.get("ops")
+    if axes is not None and ops is not None:
+        raise RulesError(f"{where}: give either 'axes' or 'ops', not both")
+    transform = Transform()
+    if axes is not None:
+        if not isinstance(axes, list):
+            raise RulesError(f"{where}: axes must be a list with one role per tensor axis")
+        transform.axes = [_axis_label(label, where, spaces) for label in axes]
+    if ops is not None:
+        transform.ops = _op_chain(ops, where)
+    if "scale" in item:
+        transform.scale = _expr(item["scale"], where)
+    return transform
+
+
+def _axis_label(label, where, spaces):
+    if isinstance(label, list):
+        if not label:
+            raise RulesError(f"{where}: a fused axis needs at least one part")
+        parts = [_axis_label(part, where, spaces) for part in label]
+        if any(isinstance(part, list) for part in parts):
+            raise RulesError(f"{where}: fused axes cannot nest")
+        return parts
+    if label is None or label == "-":
+        return "-"
+    if not isinstance(label, str):
+        raise RulesError(f"{where}: axis role {label!r} must be a space name, 'space.in', '-' or a list of them")
+    space = label[: -len(IN_SUFFIX)] if label.endswith(IN_SUFFIX) else label
+    if space not in spaces:
+        raise RulesError(f"{where}: axis role {label!r} names no space (spaces: {', '.join(spaces) or 'none'})")
+    return label
+
+
+def _op_chain(ops, where) -> list[OpSpec]:
+    if not isinstance(ops, list):
+        raise RulesError(f"{where}: ops must be a list like [{{tile: {{axis: 0, times: n}}}}]")
+    chain = []
+    for i, entry in enumerate(ops):
+        here = f"{where}: ops[{i}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RulesError(f"{here}: each op is a one-key mapping, e.g. {{tile: {{axis: 0, times: n}}}}")
+        (op_type, params), = entry.items()
+        params = _mapping(params, here)
+        if op_type == "fused":
+            _unknown(params, {"axis", "parts"}, here)
+            parts = params.get("parts")
+            if not isinstance(parts, list) or not parts:
+                raise RulesError(f"{here}: fused needs 'parts', a list of {{size: expr, ops: [...]}}")
+            built = []
+            for j, part in enumerate(parts):
+                part = _mapping(part, f"{here}.parts[{j}]")
+                _unknown(part, {"size", "ops"}, f"{here}.parts[{j}]")
+                if "size" not in part:
+                    raise RulesError(f"{here}.parts[{j}] needs 'size'")
+                built.append((_expr(part["size"], here), _op_chain(part.get("ops") or [], f"{here}.parts[{j}]")))
+            chain.append(OpSpec("fused", {"axis": _expr(params.get("axis", 0), here), "parts": built}))
+            continue
+        if op_type not in OP_TYPES:
+            known = ", ".join(sorted([*OP_TYPES, "fused"]))
+            raise RulesError(f"{here}: unknown op {op_type!r} (known ops: {known})")
+        fields = set(OP_TYPES[op_type].__dataclass_fields__)
+        _unknown(params, fields, here)
+        chain.append(OpSpec(op_type, {key: _expr(value, here) for key, value in params.items()}))
+    return chain
+
+
+_TEMPLATE_PART = re.compile(r"\{([^{}]*)\}")
+
+
+def validate_template(template: str, where: str) -> None:
+    for match in _TEMPLATE_PART.finditer(template):
+        _expr(match.group(1), f"{where}: name template")
+
+
+def render_template(template: str, env) -> str:
+    """Fill ``{expression}`` parts of a tensor-name template."""
+
+    def fill(match):
+        value = Expression(match.group(1)).evaluate(env)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return str(value)
+
+    return _TEMPLATE_PART.sub(fill, template)

@@ -1,0 +1,88 @@
+"""Produce output shards from a plan, one tensor at a time and, for large tensors, one row chunk at a time.
+
+Memory stays bounded by the chunk size, not the model size: rows are read with pread into a fresh buffer,
+transformed, written at their offset with pwrite, and released. Each shard depends only on the plan and
+the inputs, so shards can be produced independently (and later, in parallel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..ops.library import OpContext
+from ..planning.plan import Plan, ShardPlan, TensorPlan
+from ..reading.tensor_reader import ShardReader, torch_dtype
+from .safetensors_writer import ShardFile, header_bytes
+
+# Target size of one chunk's float32 working set. Fixed (not tuned per machine) because noise is keyed by
+# chunk: the same plan and seed must give the same bytes everywhere.
+CHUNK_BYTES = 32 * 2**20
+
+Progress = Callable[[int, int], None]  # (bytes written, tensors finished)
+
+
+def shard_header(shard: ShardPlan) -> bytes:
+    return header_bytes([(t.name, t.out_dtype, t.out_shape, t.offset, t.offset + t.nbytes) for t in shard.tensors])
+
+
+def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, progress: Progress | None = None) -> None:
+    torch.set_grad_enabled(False)
+    out = ShardFile(path, shard_header(shard), shard.nbytes)
+    try:
+        for tensor in shard.tensors:
+            write_tensor(plan, tensor, out, reader, progress)
+            if progress:
+                progress(0, 1)
+        out.finish()
+    finally:
+        out.close()
+
+
+def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _run_ops(ops, x, ctx, compute_float):
+    if compute_float and x.dtype != torch.float32 and x.is_floating_point():
+        x = x.float()
+    for index, op in enumerate(ops):
+        x = op.apply(x, ctx, index)
+    return x
+
+
+def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None) -> None:
+    store = torch_dtype(tensor.out_dtype)
+    ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
+    compute_float = tensor.needs_float
+    if tensor.row_map is None:
+        x = reader.read(tensor.source)
+        y = _finish(_run_ops(tensor.ops, x, ctx, compute_float), store)
+        out.write_tensor_bytes(y, tensor.offset)
+        if progress:
+            progress(tensor.nbytes, 0)
+        return
+
+    out_row_numel = math.prod(tensor.out_shape[1:])
+    out_row_bytes = tensor.nbytes // max(1, tensor.out_shape[0]) if tensor.out_shape[0] else 0
+    in_row_numel = math.prod(tensor.source.shape[1:])
+    rows_per_chunk = max(1, CHUNK_BYTES // (4 * max(1, out_row_numel, in_row_numel)))
+    out_row = 0
+    for segment in tensor.row_map.segments:
+        done = 0
+        while done < segment.count:
+            rows = min(rows_per_chunk, segment.count - done)
+            if segment.is_fill:
+                y = torch.full((rows, *tensor.out_shape[1:]), segment.fill, dtype=store)
+            else:
+                start = segment.source_start + done
+                x = reader.read_rows(tensor.source, start, start + rows)
+                ctx.chunk_key = out_row
+                y = _finish(_run_ops(tensor.row_ops, x, ctx, compute_float), store)
+            out.write_tensor_bytes(y, tensor.offset + out_row * out_row_bytes)
+            if progress:
+                progress(rows * out_row_bytes, 0)
+            out_row += rows
+            done += rows

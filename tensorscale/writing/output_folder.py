@@ -1,0 +1,153 @@
+"""The output folder's life: a temporary folder beside OUT, filled, then renamed into place.
+
+A run that fails or is killed never leaves a partial OUT: everything is written into
+``.<OUT name>.tensorscale-tmp-<pid>`` next to OUT and renamed only when complete. With ``--force`` an
+existing OUT is replaced only after the new one is complete. Leftover temporary folders of dead runs are
+removed by the next run for the same OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+from ..errors import TensorscaleError
+from ..reading.source import INDEX_NAME, PICKLE_SUFFIXES
+
+TMP_MARKER = ".tensorscale-tmp-"
+OWNER_FILE = ".tensorscale-owner"
+# Files of the source model that are not carried over: weights and config are rewritten, and pickles,
+# model cards and VCS files do not describe the new model.
+SKIP_SUFFIXES = (".safetensors", ".md", ".gitattributes", *PICKLE_SUFFIXES)
+SKIP_NAMES = {"config.json", INDEX_NAME}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_output_path(output: str, source_folder: str | None, force: bool) -> str:
+    out = os.path.abspath(output)
+    if source_folder is not None:
+        src = os.path.realpath(source_folder)
+        real_out = os.path.realpath(out)
+        if real_out == src or os.path.commonpath([src, real_out]) == src:
+            raise TensorscaleError(f"output {output} is the input folder or inside it; choose another --output")
+    if os.path.lexists(out) and not force:
+        raise TensorscaleError(f"output {output} already exists; pass --force to replace it or choose another --output")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise TensorscaleError(f"output {output} exists and is not a folder; remove it or choose another --output")
+    parent = os.path.dirname(out) or "."
+    if not os.path.isdir(parent):
+        raise TensorscaleError(f"the folder {parent} for the output does not exist; create it first")
+    return out
+
+
+class OutputFolder:
+    def __init__(self, output: str):
+        self.output = output
+        self.parent = os.path.dirname(output)
+        self.base = os.path.basename(output)
+        self.stale_removed = self._remove_stale()
+        self.tmp = os.path.join(self.parent, f".{self.base}{TMP_MARKER}{os.getpid()}")
+        if os.path.lexists(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            os.mkdir(self.tmp)  # mode 0o777 & ~umask
+            with open(os.path.join(self.tmp, OWNER_FILE), "w") as handle:
+                handle.write(str(os.getpid()))
+        except OSError as exc:
+            raise TensorscaleError(f"cannot create a temporary folder in {self.parent}: {exc.strerror}") from None
+
+    def _remove_stale(self) -> list[str]:
+        removed = []
+        prefix = f".{self.base}{TMP_MARKER}"
+        try:
+            names = os.listdir(self.parent)
+        except OSError:
+            return removed
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            try:
+                pid = int(name[len(prefix):])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(os.path.join(self.parent, name), ignore_errors=True)
+                removed.append(name)
+        return removed
+
+    def path(self, filename: str) -> str:
+        return os.path.join(self.tmp, filename)
+
+    def write_json(self, filename: str, data) -> None:
+        try:
+            with open(self.path(filename), "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=2, sort_keys=filename == "config.json")
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise TensorscaleError(f"cannot write {filename}: {exc.strerror} (is the disk full?)") from None
+
+    def copy_side_files(self, source_folder: str) -> list[str]:
+        """Tokenizer, generation config and other small files that describe the model unchanged."""
+        copied = []
+        for name in sorted(os.listdir(source_folder)):
+            source = os.path.join(source_folder, name)
+            if name in SKIP_NAMES or name.endswith(SKIP_SUFFIXES) or name.startswith("."):
+                continue
+            try:
+                mode = os.stat(source).st_mode
+            except OSError:
+                continue
+            if not stat.S_ISREG(mode):
+                continue
+            real = os.path.realpath(source)
+            root = os.path.realpath(source_folder)
+            # Hub snapshots link into the blob cache; anything else linking out of the folder is skipped.
+            if os.path.commonpath([root, real]) != root and "huggingface" not in real:
+                continue
+            try:
+                shutil.copyfile(source, self.path(name))
+            except OSError as exc:
+                raise TensorscaleError(f"cannot copy {name}: {exc.strerror} (is the disk full?)") from None
+            copied.append(name)
+        return copied
+
+    def commit(self) -> None:
+        """Rename the finished temporary folder to OUT, replacing an old OUT only now."""
+        os.remove(self.path(OWNER_FILE))
+        old = None
+        if os.path.lexists(self.output):
+            old = os.path.join(self.parent, f".{self.base}.tensorscale-old-{os.getpid()}")
+            os.rename(self.output, old)
+        os.rename(self.tmp, self.output)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(self.parent)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
