@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import TensorscaleError
 from ..ops.library import Op
 from ..ops.rowmap import RowMap
+from ..reading.describe import guess_component
 from ..reading.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from ..reading.source import ModelSource
 from ..rulebook.compile import Space, compile_transform, resolve_spaces
@@ -218,17 +219,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options) -> Plan
         creates_after.setdefault(create.source, []).append(create)
 
     for name, info in source.tensors.items():
-        rule = None
-        match = None
-        for candidate in rule_set.tensors:
-            match = candidate.regex.fullmatch(name)
-            if not match:
-                continue
-            rule_env = _group_env(env, match)
-            if candidate.when is not None and not _truthy(candidate.when, rule_env, f"{rule_set.path}: {candidate.label}"):
-                continue
-            rule = candidate
-            break
+        rule, rule_env = match_rule(rule_set, name, env)
         if rule is None:
             if rule_set.unmatched == "copy":
                 from ..rulebook.schema import Transform
@@ -266,6 +257,20 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options) -> Plan
     shards = layout_shards(tensors, options.max_shard_size)
     unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
     return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused)
+
+
+def match_rule(rule_set: RuleSet, name: str, env: dict):
+    """The first rule whose regex fully matches `name` and whose `when` holds, with the regex groups
+    added to the environment; (None, env) when no rule applies."""
+    for candidate in rule_set.tensors:
+        match = candidate.regex.fullmatch(name)
+        if not match:
+            continue
+        rule_env = _group_env(env, match)
+        if candidate.when is not None and not _truthy(candidate.when, rule_env, f"{rule_set.path}: {candidate.label}"):
+            continue
+        return candidate, rule_env
+    return None, env
 
 
 def _truthy(expression, env, where) -> bool:
@@ -312,22 +317,6 @@ def layout_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardP
             offset += tensor.nbytes
         shards.append(ShardPlan(filename, group))
     return shards
-
-
-def guess_component(name: str) -> str:
-    """A tensor's component for `desc` and `plan`, from common naming conventions."""
-    lowered = name.lower()
-    if "lm_head" in lowered or "embed_out" in lowered:
-        return "head"
-    if "embed" in lowered or lowered.endswith(("wte.weight", "wpe.weight")):
-        return "embeddings"
-    if "norm" in lowered or ".ln_" in lowered or "ln_f" in lowered or "layernorm" in lowered:
-        return "norms"
-    if any(key in lowered for key in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query_key_value")):
-        return "attention"
-    if any(key in lowered for key in ("mlp", "fc1", "fc2", "ffn", "feed_forward", "dense_h_to_4h", "dense_4h_to_h")):
-        return "mlp"
-    return "other"
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

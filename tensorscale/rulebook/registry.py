@@ -31,12 +31,22 @@ def _shipped_files() -> dict[str, str]:
 
 
 @lru_cache(maxsize=1)
-def shipped_rules() -> dict[str, RuleSet]:
+def _shipped() -> dict[str, tuple[RuleSet, str]]:
     rules = {}
     for stem, text in sorted(_shipped_files().items()):
         rule_set = load_rules_text(text, f"rules/{stem}.yaml")
-        rules[rule_set.name] = rule_set
+        rules[rule_set.name] = (rule_set, text)
     return rules
+
+
+def shipped_rules() -> dict[str, RuleSet]:
+    return {name: rule_set for name, (rule_set, _) in _shipped().items()}
+
+
+def shipped_text(name: str) -> str:
+    """The YAML text of a shipped rules file, comments included."""
+    find_shipped(name)
+    return _shipped()[name][1]
 
 
 def find_shipped(name: str) -> RuleSet:

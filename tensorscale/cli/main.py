@@ -1,0 +1,196 @@
+"""The `tensorscale` command line.
+
+Option names follow the seed tool dslm (--input/-i, --output/-o, --embed-dim-multiplier/-edm,
+--up-proj-multiplier/-upm, --snr-db) so its users feel at home. A user's mistake is one line on stderr
+and a nonzero exit, never a traceback. Heavy modules (torch, the engine) load inside the commands that
+need them, so `desc` and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import TensorscaleError
+from . import render
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        kwargs.setdefault("standalone_mode", True)
+        try:
+            return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})
+        except TensorscaleError as exc:
+            click.echo(f"tensorscale: error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.exceptions.Abort:
+            click.echo("tensorscale: interrupted; nothing was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:
+            click.echo("tensorscale: interrupted; nothing was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            sys.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tensorscale")
+def cli():
+    """Resize transformer language models by rewriting their safetensors checkpoints.
+
+    \b
+    up     widen a model by HyperCloning; the wider model computes the same logits
+    plan   show what `up` would do, writing nothing
+    desc   describe a checkpoint from its config and headers
+    rules  list, show and check the architecture rules files
+    """
+
+
+def _input_option(func):
+    return click.option("--input", "-i", "source", required=True, metavar="SRC",
+                        help="Model folder, or a Hugging Face hub id (org/name).")(func)
+
+
+def _up_options(func):
+    options = [
+        click.option("--embed-dim-multiplier", "-edm", "edm", type=int, default=1, show_default=True,
+                     help="n: hidden size and attention/kv head counts grow ×n (head_dim kept)."),
+        click.option("--up-proj-multiplier", "-upm", "upm", type=int, default=1, show_default=True,
+                     help="m: FFN (intermediate) size grows ×m."),
+        click.option("--snr-db", type=float, default=None, metavar="DB",
+                     help="Add function-preserving symmetry-breaking noise at this signal-to-noise ratio."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --snr-db noise (reproducible)."),
+        click.option("--untie-embeddings", is_flag=True,
+                     help="Write a separate lm_head instead of keeping tied embeddings (tie kept by default)."),
+        click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
+                     show_default=True, help="Storage dtype of the output's float tensors."),
+        click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="A rules file for an architecture tensorscale does not ship."),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB."),
+        click.option("--output", "-o", "output", default=None, metavar="OUT",
+                     help="Output folder (default: <source name>-<size> in the current folder)."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return _input_option(func)
+
+
+def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size):
+    from ..planning.plan import Options, parse_size
+
+    for flag, value in (("--embed-dim-multiplier", edm), ("--up-proj-multiplier", upm)):
+        if value < 1:
+            raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value}")
+    return Options(edm, upm, snr_db, seed, untie_embeddings, dtype, parse_size(max_shard_size))
+
+
+@cli.command()
+@_up_options
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json, force, quiet):
+    """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
+
+    \b
+    Example:
+      tensorscale up -i examples/tiny-llama -o tiny-llama-x2 -edm 2 -upm 2
+    """
+    from ..convert import execute_plan, plan_conversion
+
+    plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size), rules_path)
+    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json)
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(render.up_summary(summary))
+
+
+@cli.command()
+@_up_options
+def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json):
+    """Dry run of `up`: every tensor's rule, op chain, shapes and dtypes, and the shard layout. Writes nothing."""
+    from ..convert import default_output, plan_conversion
+
+    the_plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size),
+                               rules_path, headers_only=True)
+    data = render.plan_data(the_plan, output or default_output(the_plan.source, the_plan))
+    click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
+
+
+@cli.command()
+@_input_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (includes total_parameters).")
+def desc(source, as_json):
+    """Describe a checkpoint: architecture, key config, parameters by component, dtypes, shards.
+
+    Reads config.json and safetensors headers only, so it is instant at any size.
+    """
+    from ..reading.describe import describe
+    from ..reading.source import open_source
+
+    data = describe(open_source(source, headers_only=True))
+    click.echo(json.dumps(data, indent=2) if as_json else render.desc_text(data))
+
+
+@cli.group()
+def rules():
+    """List, show and check architecture rules files."""
+
+
+@rules.command("list")
+def rules_list():
+    """The shipped rules files and the model types they detect."""
+    from ..rulebook.registry import shipped_rules
+
+    for name, rule_set in shipped_rules().items():
+        types = ", ".join(rule_set.detect_model_types) or "-"
+        click.echo(f"{name:<12} {types:<24} {rule_set.description}")
+
+
+@rules.command("show")
+@click.argument("arch")
+def rules_show(arch):
+    """Print a shipped rules file (a good start for your own)."""
+    from ..rulebook.registry import shipped_text
+
+    click.echo(shipped_text(arch).rstrip("\n"))
+
+
+@rules.command("check")
+@_input_option
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Check this rules file instead of the shipped one.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def rules_check(source, rules_path, as_json):
+    """Match rules against a checkpoint: tensors no rule matches, and rules that match nothing."""
+    from ..rulebook.check import check_rules
+    from ..reading.source import open_source
+
+    report = check_rules(open_source(source, headers_only=True), rules_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(render.check_text(report))
+    if report["unmatched_tensors"] or report.get("error"):
+        sys.exit(1)
+
+
+def main():
+    cli(prog_name="tensorscale")
+
+
+if __name__ == "__main__":
+    main()

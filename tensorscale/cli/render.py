@@ -1,0 +1,145 @@
+"""Text for people and dicts for `--json`: how the CLI shows descriptions, plans and summaries."""
+
+from __future__ import annotations
+
+import os
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def human_count(n: int) -> str:
+    for threshold, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= threshold:
+            return f"{n / threshold:.2f}{suffix}"
+    return str(n)
+
+
+def _table(rows: list[tuple], header: tuple | None = None) -> str:
+    all_rows = ([header] if header else []) + [tuple(str(c) for c in row) for row in rows]
+    if not all_rows:
+        return ""
+    widths = [max(len(str(row[i])) for row in all_rows) for i in range(len(all_rows[0]))]
+    lines = []
+    for index, row in enumerate(all_rows):
+        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if header and index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def desc_text(data: dict) -> str:
+    lines = [f"{data['input']}: {data['architecture']} ({data['model_type']})", ""]
+    lines.append(_table([(key, value) for key, value in data["config"].items()]))
+    lines.append("")
+    total = data["total_parameters"]
+    rows = [(component, f"{count:,}", f"{100 * count / max(1, total):.1f}%")
+            for component, count in data["parameters_by_component"].items()]
+    rows.append(("total", f"{total:,}", f"({human_count(total)})"))
+    lines.append(_table(rows, ("component", "parameters", "share")))
+    if data["tied_embeddings"]:
+        lines.append("head: tied to the input embeddings")
+    lines.append("")
+    lines.append("dtypes: " + ", ".join(f"{dtype} {human_bytes(n)}" for dtype, n in data["dtypes"].items()))
+    lines.append(f"{data['tensors']} tensors in {len(data['shards'])} shard(s), {human_bytes(data['total_bytes'])}")
+    return "\n".join(lines)
+
+
+def plan_data(plan, output: str) -> dict:
+    return {
+        "input": plan.source.label,
+        "output": output,
+        "rules": plan.rules.name,
+        "embed_dim_multiplier": plan.options.embed_dim_multiplier,
+        "up_proj_multiplier": plan.options.up_proj_multiplier,
+        "snr_db": plan.options.snr_db,
+        "source_parameters": sum(info.numel for info in plan.source.tensors.values()),
+        "total_parameters": plan.total_parameters,
+        "source_bytes": plan.source.total_bytes,
+        "total_bytes": plan.total_bytes,
+        "config_changes": {key: {"from": plan.source.config.get(key), "to": value}
+                           for key, value in plan.config.items() if plan.source.config.get(key) != value},
+        "tensors": [
+            {
+                "name": tensor.name,
+                "source": tensor.source.name,
+                "rule": tensor.rule,
+                "ops": [op.describe() for op in tensor.ops],
+                "in_shape": list(tensor.source.shape),
+                "out_shape": list(tensor.out_shape),
+                "in_dtype": tensor.source.dtype,
+                "out_dtype": tensor.out_dtype,
+                "streamed_in_row_chunks": tensor.row_map is not None,
+            }
+            for tensor in plan.tensors
+        ],
+        "dropped": plan.dropped,
+        "shards": [{"file": shard.filename, "tensors": len(shard.tensors), "bytes": shard.nbytes} for shard in plan.shards],
+    }
+
+
+def plan_text(data: dict) -> str:
+    rows = []
+    for tensor in data["tensors"]:
+        name = tensor["name"] if tensor["name"] == tensor["source"] else f"{tensor['name']} <- {tensor['source']}"
+        shape = f"{tensor['in_shape']} -> {tensor['out_shape']}"
+        dtype = tensor["in_dtype"] if tensor["in_dtype"] == tensor["out_dtype"] else f"{tensor['in_dtype']}->{tensor['out_dtype']}"
+        rows.append((name, shape, dtype, " -> ".join(tensor["ops"]) or "copy", tensor["rule"]))
+    lines = [
+        f"plan: {data['input']} -> {data['output']} (rules {data['rules']}, "
+        f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}"
+        + (f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else "") + ")",
+        "",
+        _table(rows, ("tensor", "shape", "dtype", "ops", "rule")),
+        "",
+    ]
+    if data["dropped"]:
+        lines.append(f"dropped (not written): {', '.join(data['dropped'])}")
+    if data["config_changes"]:
+        lines.append("config: " + ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in data["config_changes"].items()))
+    lines.append(
+        f"parameters: {human_count(data['source_parameters'])} -> {human_count(data['total_parameters'])}; "
+        f"bytes: {human_bytes(data['source_bytes'])} -> {human_bytes(data['total_bytes'])}"
+    )
+    lines.append(_table([(s["file"], f"{s['tensors']} tensors", human_bytes(s["bytes"])) for s in data["shards"]]))
+    lines.append("nothing was written (dry run)")
+    return "\n".join(lines)
+
+
+def up_summary(summary: dict) -> str:
+    return (
+        f"wrote {summary['output']}: {human_count(summary['source_parameters'])} -> "
+        f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
+        f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}, "
+        f"n={summary['embed_dim_multiplier']}, m={summary['up_proj_multiplier']})"
+    )
+
+
+def check_text(report: dict) -> str:
+    lines = [f"rules {report['rules']} ({report['path']}) against {report['tensors']} tensors"]
+    if report.get("error"):
+        lines.append(f"error: {report['error']}")
+        return "\n".join(lines)
+    if report["unmatched_tensors"]:
+        lines.append(f"{len(report['unmatched_tensors'])} tensor(s) match no rule:")
+        lines.extend(f"  {name}" for name in report["unmatched_tensors"])
+    else:
+        lines.append("every tensor matches a rule")
+    if report["unused_rules"]:
+        lines.append(f"{len(report['unused_rules'])} rule(s) match no tensor (fine for optional tensors such as biases):")
+        lines.extend(f"  {label}" for label in report["unused_rules"])
+    return "\n".join(lines)
+
+
+def short_path(path: str) -> str:
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return relative if not relative.startswith("..") else path
