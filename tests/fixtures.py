@@ -14,9 +14,23 @@ import os
 import torch
 
 # One tiny config per model type. Multi-layer, GQA where the architecture has it.
+_BASE_MHA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64)
+_BASE = dict(_BASE_MHA, num_key_value_heads=2)
+
 TINY = {
     "llama": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "qwen2": dict(_BASE),
+    # Qwen3's head_dim defaults to 128, not hidden/heads: give it explicitly (test_up_variants covers 16).
+    "qwen3": dict(_BASE, head_dim=8),
+    # SmolLM3's default token ids (128000...) are outside a 96-token vocabulary.
+    "smollm3": dict(_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi": dict(_BASE),
+    # No GQA in GPT-NeoX; parallel residual is its default.
+    "gpt_neox": dict(_BASE_MHA, bos_token_id=0, eos_token_id=1),
+    "stablelm": dict(_BASE),
 }
 
 
