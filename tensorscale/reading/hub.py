@@ -36,12 +36,25 @@ def open_hub(hub_id: str, *, headers_only: bool = False) -> ModelSource:
     except ImportError:  # pragma: no cover - a core dependency
         raise TensorscaleError("huggingface_hub is not installed; pip install huggingface_hub") from None
     if headers_only:
-        return _open_remote_headers(hub_id)
+        cached = _cached_snapshot(hub_id)
+        return open_local(cached, label=hub_id, hub_id=hub_id) if cached else _open_remote_headers(hub_id)
     try:
         folder = huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS)
     except Exception as exc:  # the hub client raises many types; each becomes one line
         raise _explain(hub_id, exc) from None
     return open_local(folder, label=hub_id, hub_id=hub_id)
+
+
+def _cached_snapshot(hub_id: str) -> str | None:
+    """A snapshot already in the local cache with its weights: headers can be read from disk, no network."""
+    import huggingface_hub
+
+    try:
+        folder = huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+    except Exception:
+        return None
+    has_weights = any(name.endswith(".safetensors") for name in os.listdir(folder))
+    return folder if has_weights and os.path.isfile(os.path.join(folder, "config.json")) else None
 
 
 def _open_remote_headers(hub_id: str) -> ModelSource:
