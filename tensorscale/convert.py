@@ -12,6 +12,7 @@ from .reading.source import INDEX_NAME, ModelSource, open_source
 from .reading.tensor_reader import ShardReader
 from .rulebook.registry import resolve_rules
 from .writing.execute import write_shard
+from .writing.integrity import MANIFEST_NAME, build_manifest, check_shard_file, verify_tensor_hashes
 from .writing.output_folder import OutputFolder, check_output_path
 
 
@@ -40,6 +41,9 @@ class Result:
     plan: Plan
     seconds: float
     side_files: list[str]
+    stale_removed: list[str]
+    verified_files: bool = False
+    manifest: str | None = None
 
     def summary(self) -> dict:
         plan = self.plan
@@ -57,17 +61,24 @@ class Result:
             "tensors": len(plan.tensors),
             "shards": [shard.filename for shard in plan.shards],
             "side_files": self.side_files,
+            "verified_files": self.verified_files,
+            "manifest": self.manifest,
+            "stale_temporary_folders_removed": self.stale_removed,
             "seconds": round(self.seconds, 3),
         }
 
 
-def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True) -> Result:
+def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True,
+                 verify_files: bool = False, manifest: bool = False, command: list[str] | None = None) -> Result:
+    """Write the plan into a temporary folder beside OUT, check it, and only then move it into place."""
     started = time.perf_counter()
     source = plan.source
     out = check_output_path(output or default_output(source, plan), source.folder, force)
     folder = OutputFolder(out)
     bar = None
     try:
+        folder.create()
+        progress = None
         if show_progress:
             from tqdm import tqdm
 
@@ -80,11 +91,15 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
                 if tensors:
                     counts["tensors"] += tensors
                     bar.set_postfix_str(f"{counts['tensors']}/{len(plan.tensors)} tensors", refresh=False)
-        else:
-            progress = None
         with ShardReader() as reader:
             for shard in plan.shards:
-                write_shard(plan, shard, folder.path(shard.filename), reader, progress)
+                path = folder.path(shard.filename)
+                hashes = {} if verify_files else None
+                write_shard(plan, shard, path, reader, progress, hashes)
+                check_shard_file(path, shard)
+                if hashes is not None:
+                    verify_tensor_hashes(path, hashes)
+                _check_inputs_unchanged(source)
         if len(plan.shards) > 1:
             folder.write_json(
                 INDEX_NAME,
@@ -95,6 +110,8 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
             )
         folder.write_json("config.json", plan.config)
         side = folder.copy_side_files(source.folder)
+        if manifest:
+            folder.write_json(MANIFEST_NAME, build_manifest(plan, folder.tmp, command))
         _check_inputs_unchanged(source)
         folder.commit()
     except BaseException:
@@ -103,20 +120,22 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
     finally:
         if bar is not None:
             bar.close()
-    return Result(out, plan, time.perf_counter() - started, side)
+    return Result(out, plan, time.perf_counter() - started, side, folder.stale_removed, verify_files,
+                  os.path.join(out, MANIFEST_NAME) if manifest else None)
 
 
 def _check_inputs_unchanged(source: ModelSource) -> None:
+    """Fail cleanly if an input shard vanished or was rewritten while we read it (size or mtime changed)."""
     for path, header in source.headers.items():
         try:
-            size = os.path.getsize(path)
+            status = os.stat(path)
         except OSError:
             raise TensorscaleError(f"input shard {path} vanished during the run; nothing was written") from None
-        if size != header.file_size:
-            raise TensorscaleError(f"input shard {path} changed size during the run; nothing was written")
+        if status.st_size != header.file_size or (header.mtime_ns and status.st_mtime_ns != header.mtime_ns):
+            raise TensorscaleError(f"input shard {path} changed during the run; nothing was written, run again")
 
 
 def run_up(source_label: str, output: str | None, options: Options, *, rules_path: str | None = None,
-           force: bool = False, show_progress: bool = True) -> Result:
+           force: bool = False, show_progress: bool = True, verify_files: bool = False, manifest: bool = False) -> Result:
     plan = plan_conversion(source_label, options, rules_path)
-    return execute_plan(plan, output, force=force, show_progress=show_progress)
+    return execute_plan(plan, output, force=force, show_progress=show_progress, verify_files=verify_files, manifest=manifest)

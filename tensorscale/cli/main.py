@@ -8,7 +8,9 @@ need them, so `desc` and `--help` stay instant.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 
 import click
@@ -57,6 +59,26 @@ def cli():
     """
 
 
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM and SIGHUP interrupt like Ctrl-C, so the temporary output is removed before we exit."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[signum] = signal.signal(signum, interrupt)
+        except (ValueError, OSError):  # not the main thread, or not supported here
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _input_option(func):
     return click.option("--input", "-i", "source", required=True, metavar="SRC",
                         help="Model folder, or a Hugging Face hub id (org/name).")(func)
@@ -99,8 +121,11 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size):
 @cli.command()
 @_up_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
+@click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json: source and output hashes, command, version.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json, force, quiet):
+def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json, force,
+       verify_files, manifest, quiet):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -110,7 +135,11 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     from ..convert import execute_plan, plan_conversion
 
     plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size), rules_path)
-    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json)
+    with _signals_interrupt():
+        result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
+                              verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]])
+    for name in result.stale_removed:
+        click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -47,13 +47,14 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SafetensorsHeader:
     path: str
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    mtime_ns: int = 0  # to notice a shard that changes while we read it
 
 
 def read_header(path: str) -> SafetensorsHeader:
@@ -61,7 +62,8 @@ def read_header(path: str) -> SafetensorsHeader:
     name = os.path.basename(path)
     try:
         with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
+            status = os.fstat(handle.fileno())
+            file_size = status.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise TensorscaleError(f"{name}: file is too short to be safetensors ({file_size} bytes); re-download or re-convert it")
@@ -74,7 +76,9 @@ def read_header(path: str) -> SafetensorsHeader:
             raw = handle.read(header_len)
     except OSError as exc:
         raise TensorscaleError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return parse_header_bytes(raw, path=path, file_size=file_size)
+    header = parse_header_bytes(raw, path=path, file_size=file_size)
+    header.mtime_ns = status.st_mtime_ns
+    return header
 
 
 def parse_header_bytes(raw: bytes, path: str, file_size: int) -> SafetensorsHeader:

@@ -7,6 +7,7 @@ the inputs, so shards can be produced independently (and later, in parallel).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable
 
@@ -28,12 +29,17 @@ def shard_header(shard: ShardPlan) -> bytes:
     return header_bytes([(t.name, t.out_dtype, t.out_shape, t.offset, t.offset + t.nbytes) for t in shard.tensors])
 
 
-def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, progress: Progress | None = None) -> None:
+def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, progress: Progress | None = None,
+                hashes: dict[str, str] | None = None) -> None:
+    """Write one shard. With `hashes`, record each tensor's sha256 as streamed (for --verify-files)."""
     torch.set_grad_enabled(False)
     out = ShardFile(path, shard_header(shard), shard.nbytes)
     try:
         for tensor in shard.tensors:
-            write_tensor(plan, tensor, out, reader, progress)
+            digest = hashlib.sha256() if hashes is not None else None
+            write_tensor(plan, tensor, out, reader, progress, digest)
+            if digest is not None:
+                hashes[tensor.name] = digest.hexdigest()
             if progress:
                 progress(0, 1)
         out.finish()
@@ -53,14 +59,15 @@ def _run_ops(ops, x, ctx, compute_float):
     return x
 
 
-def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None) -> None:
+def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None,
+                 digest=None) -> None:
     store = torch_dtype(tensor.out_dtype)
     ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
     compute_float = tensor.needs_float
     if tensor.row_map is None:
         x = reader.read(tensor.source)
         y = _finish(_run_ops(tensor.ops, x, ctx, compute_float), store)
-        out.write_tensor_bytes(y, tensor.offset)
+        out.write_tensor_bytes(y, tensor.offset, digest)
         if progress:
             progress(tensor.nbytes, 0)
         return
@@ -81,7 +88,7 @@ def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardRe
                 x = reader.read_rows(tensor.source, start, start + rows)
                 ctx.chunk_key = out_row
                 y = _finish(_run_ops(tensor.row_ops, x, ctx, compute_float), store)
-            out.write_tensor_bytes(y, tensor.offset + out_row * out_row_bytes)
+            out.write_tensor_bytes(y, tensor.offset + out_row * out_row_bytes, digest)
             if progress:
                 progress(rows * out_row_bytes, 0)
             out_row += rows

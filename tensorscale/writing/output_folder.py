@@ -58,6 +58,9 @@ class OutputFolder:
         self.base = os.path.basename(output)
         self.stale_removed = self._remove_stale()
         self.tmp = os.path.join(self.parent, f".{self.base}{TMP_MARKER}{os.getpid()}")
+
+    def create(self) -> None:
+        """Make the temporary folder. Call inside the try whose failure path calls abort()."""
         if os.path.lexists(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
         try:
@@ -78,12 +81,18 @@ class OutputFolder:
             if not name.startswith(prefix):
                 continue
             try:
-                pid = int(name[len(prefix):])
+                pid = int(name[len(prefix):].split("-")[0])
             except ValueError:
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
-                shutil.rmtree(os.path.join(self.parent, name), ignore_errors=True)
-                removed.append(name)
+            if pid == os.getpid():
+                continue
+            if _pid_alive(pid):
+                raise TensorscaleError(
+                    f"another tensorscale run (pid {pid}) is writing {self.output}; wait for it, "
+                    f"or remove {os.path.join(self.parent, name)} if that process is not tensorscale"
+                )
+            shutil.rmtree(os.path.join(self.parent, name), ignore_errors=True)
+            removed.append(name)
         return removed
 
     def path(self, filename: str) -> str:
@@ -125,19 +134,41 @@ class OutputFolder:
         return copied
 
     def commit(self) -> None:
-        """Rename the finished temporary folder to OUT, replacing an old OUT only now."""
+        """Move the finished temporary folder to OUT, replacing an old OUT only now.
+
+        An existing OUT is swapped with the new folder in one atomic step (renameat2 RENAME_EXCHANGE), so
+        at every instant OUT is either the old complete folder or the new one; the old one then sits under
+        our temporary name and is deleted (or, if we are killed first, cleaned by the next run).
+        """
         os.remove(self.path(OWNER_FILE))
-        old = None
         if os.path.lexists(self.output):
-            old = os.path.join(self.parent, f".{self.base}.tensorscale-old-{os.getpid()}")
-            os.rename(self.output, old)
-        os.rename(self.tmp, self.output)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(self.tmp, self.output):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:  # no renameat2 (not Linux, or an old filesystem): the old OUT is briefly under a side name
+                old = os.path.join(self.parent, f".{self.base}{TMP_MARKER}{os.getpid()}-old")
+                os.rename(self.output, old)
+                os.rename(self.tmp, self.output)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.output)
         _fsync_dir(self.parent)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    return result == 0
 
 
 def _fsync_dir(path: str) -> None:

@@ -9,6 +9,7 @@ its offset, in any order.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -42,10 +43,27 @@ class ShardFile:
             raise TensorscaleError(f"cannot create {path}: {exc.strerror}") from None
         try:
             self._write_at(header, 0)
-            os.ftruncate(self.fd, self.size)
+            self._reserve()
         except BaseException:
             os.close(self.fd)
             raise
+
+    def _reserve(self) -> None:
+        """Claim the shard's full size now, so a full disk fails before any tensor work, not midway."""
+        try:
+            os.posix_fallocate(self.fd, 0, self.size)
+            return
+        except AttributeError:  # not on this platform
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise TensorscaleError(
+                    f"cannot reserve {self.size} bytes for {os.path.basename(self.path)}: {exc.strerror} (is the disk full?)"
+                ) from None
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            raise TensorscaleError(f"cannot size {self.path}: {exc.strerror} (is the disk full?)") from None
 
     def _write_at(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -56,13 +74,16 @@ class ShardFile:
             except OSError as exc:
                 raise TensorscaleError(f"cannot write {self.path}: {exc.strerror} (is the disk full?)") from None
 
-    def write_tensor_bytes(self, tensor: torch.Tensor, data_offset: int) -> None:
-        """Write a contiguous tensor's raw bytes at `data_offset` within the data section."""
+    def write_tensor_bytes(self, tensor: torch.Tensor, data_offset: int, digest=None) -> None:
+        """Write a tensor's raw bytes at `data_offset` within the data section (and feed `digest`)."""
         tensor = tensor.contiguous()
         if tensor.numel() == 0:
             return
         raw = tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor.to(torch.uint8)
-        self._write_at(raw.numpy().reshape(-1), self.data_start + data_offset)
+        data = raw.numpy().reshape(-1)
+        if digest is not None:
+            digest.update(data)
+        self._write_at(data, self.data_start + data_offset)
 
     def finish(self) -> None:
         try:

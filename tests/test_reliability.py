@@ -1,0 +1,223 @@
+"""Faults never cost data: kills leave no partial OUT, a full disk and changing inputs fail cleanly, every
+shard is read back, and bad index files or mismatched configs are refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fixtures import build_checkpoint, read_config
+from tensorscale.convert import run_up
+from tensorscale.errors import TensorscaleError
+from tensorscale.planning.plan import Options
+from tensorscale.writing import execute
+from tensorscale.writing.integrity import MANIFEST_NAME, file_sha256, verify_tensor_hashes
+
+BIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+           num_attention_heads=8, num_key_value_heads=4)
+
+
+def up_command(source, output, *extra):
+    return [sys.executable, "-m", "tensorscale.cli.main", "up", "-i", str(source), "-o", str(output),
+            "-edm", "2", "-upm", "2", "-q", *extra]
+
+
+def leftovers(parent):
+    return [name for name in os.listdir(parent) if ".tensorscale-" in name]
+
+
+def snapshot(folder):
+    return {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("big") / "src", "llama", tie_word_embeddings=False, **BIG)
+
+
+def test_kills_never_leave_a_partial_output(big, tmp_path):
+    """SIGINT, SIGTERM and SIGKILL at random moments: OUT is absent, the previous OUT, or complete."""
+    rng = random.Random(1234)
+    previous = tmp_path / "previous"
+    run_up(big, str(previous), Options(1, 1), show_progress=False)
+    previous_files = snapshot(previous)
+    started = time.perf_counter()
+    subprocess.run(up_command(big, tmp_path / "timing"), check=True)
+    full_run = time.perf_counter() - started
+    outcomes = []
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL) * 2:
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        had_previous = rng.random() < 0.5
+        if had_previous:
+            shutil.copytree(previous, out)
+        process = subprocess.Popen(up_command(big, out, "--force"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.3, full_run))
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+        assert b"Traceback" not in stderr
+        if not out.exists():
+            outcomes.append("none")
+            assert not had_previous or process.returncode == 0, "the previous OUT was lost"
+        elif snapshot(out) == previous_files:
+            outcomes.append("previous")
+        else:
+            outcomes.append("complete")
+            assert read_config(out)["hidden_size"] == 512 and os.path.exists(out / "model.safetensors.index.json") \
+                or os.path.exists(out / "model.safetensors")
+            from safetensors import safe_open
+
+            for name in os.listdir(out):
+                if name.endswith(".safetensors"):
+                    with safe_open(str(out / name), "pt") as handle:
+                        for key in handle.keys():
+                            handle.get_slice(key)
+        if signum != signal.SIGKILL:  # a caught signal cleans up its own temporary folder
+            own = [name for name in leftovers(tmp_path) if name.endswith(f"-{process.pid}")]
+            assert not own, f"{signal.Signals(signum).name} left {own}"
+    # A run after a SIGKILL finds and removes what the killed run left.
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    process = subprocess.Popen(up_command(big, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(full_run / 2)
+    process.kill()
+    process.wait()
+    shutil.rmtree(out, ignore_errors=True)  # in case the run finished before the kill
+    stale = leftovers(tmp_path)
+    after = subprocess.run(up_command(big, out), capture_output=True, text=True)
+    assert after.returncode == 0, after.stderr
+    if stale:
+        assert "left by a run that was killed" in after.stderr
+    assert not leftovers(tmp_path)
+    assert set(outcomes) <= {"none", "previous", "complete"}
+
+
+def test_disk_full_is_a_clean_error(big, tmp_path):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
+
+    before = snapshot(big)
+    result = subprocess.run(up_command(big, tmp_path / "out"), capture_output=True, text=True, preexec_fn=limit)
+    assert result.returncode == 2, result.stderr
+    assert ("cannot write" in result.stderr or "cannot reserve" in result.stderr) and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    assert snapshot(big) == before
+
+
+def test_input_changing_during_the_run(tmp_path, monkeypatch):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    real = execute.write_shard
+    shard = os.path.join(source, "model.safetensors")
+
+    def write_then_touch(*args, **kwargs):
+        real(*args, **kwargs)
+        os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))
+
+    import tensorscale.convert as convert
+
+    monkeypatch.setattr(convert, "write_shard", write_then_touch)
+    with pytest.raises(TensorscaleError, match="changed during the run"):
+        run_up(source, str(tmp_path / "out"), Options(2, 2), show_progress=False)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_verify_files_and_manifest(tmp_path):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    result = run_up(source, str(tmp_path / "out"), Options(2, 2, max_shard_size=30_000), show_progress=False,
+                    verify_files=True, manifest=True)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["source"]["shards"] == {"model.safetensors": file_sha256(os.path.join(source, "model.safetensors"))}
+    files = manifest["output"]["files"]
+    assert set(files) == set(os.listdir(tmp_path / "out")) - {MANIFEST_NAME}
+    assert all(file_sha256(tmp_path / "out" / name) == digest for name, digest in files.items())
+    assert manifest["options"]["embed_dim_multiplier"] == 2 and manifest["version"]
+    assert result.verified_files
+
+
+def test_verify_catches_a_changed_byte(tmp_path):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    from tensorscale.convert import plan_conversion
+    from tensorscale.reading.tensor_reader import ShardReader
+
+    plan = plan_conversion(source, Options(2, 1))
+    path = str(tmp_path / "shard.safetensors")
+    hashes = {}
+    with ShardReader() as reader:
+        execute.write_shard(plan, plan.shards[0], path, reader, None, hashes)
+    verify_tensor_hashes(path, hashes)  # intact: passes
+    with open(path, "r+b") as handle:
+        handle.seek(-3, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-3, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(TensorscaleError, match="differs from what was written"):
+        verify_tensor_hashes(path, hashes)
+
+
+@pytest.fixture()
+def sharded(tmp_path):
+    return build_checkpoint(tmp_path / "sharded", "llama", tie_word_embeddings=False, max_shard_size="20KB")
+
+
+def _edit_index(folder, change):
+    path = os.path.join(folder, "model.safetensors.index.json")
+    index = json.load(open(path))
+    change(index["weight_map"])
+    json.dump(index, open(path, "w"))
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("missing.safetensors", "does not exist"),
+        ("../../etc/passwd", "outside the model folder"),
+        ("/etc/passwd", "not a relative file name"),
+    ],
+)
+def test_bad_index(sharded, tmp_path, bad, message):
+    _edit_index(sharded, lambda weight_map: weight_map.update({next(iter(weight_map)): bad}))
+    with pytest.raises(TensorscaleError, match=message):
+        run_up(sharded, str(tmp_path / "out"), Options(2, 1), show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlink_out_of_the_folder(sharded, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    first = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))[0]
+    shutil.move(os.path.join(sharded, first), outside)
+    os.symlink(outside, os.path.join(sharded, first))
+    with pytest.raises(TensorscaleError, match="outside the model folder"):
+        run_up(sharded, str(tmp_path / "out"), Options(2, 1), show_progress=False)
+
+
+def test_config_that_disagrees_with_tensors(tmp_path):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    config = read_config(source)
+    config["intermediate_size"] = 50
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TensorscaleError, match="does not match its config"):
+        run_up(source, str(tmp_path / "out"), Options(2, 2), show_progress=False)
+
+
+def test_concurrent_run_on_the_same_output_is_refused(tmp_path):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / f".out.tensorscale-tmp-{sleeper.pid}").mkdir()
+        with pytest.raises(TensorscaleError, match="another tensorscale run"):
+            run_up(source, str(tmp_path / "out"), Options(2, 1), show_progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_up(source, str(tmp_path / "out"), Options(2, 1), show_progress=False)  # dead now: cleaned up
+    assert not leftovers(tmp_path)
