@@ -145,10 +145,28 @@ class TileDivide(Op):
         if self.times == 1:
             return x
         x = x.float()
-        blocks = [x / self.times for _ in range(self.times)]
-        if self.snr_db is not None:
-            blocks = _add_pair_noise(blocks, x, self.axis, self.times, self.snr_db, ctx.generator(op_index))
-        return torch.cat(_compensated_round(blocks, x, ctx.store_dtype), dim=self.axis)
+        size = x.shape[self.axis]
+        store = ctx.store_dtype
+        # Blocks are rounded straight into the output: no float32 concatenation, one pass per block.
+        out = torch.empty(self.out_shape(tuple(x.shape)), dtype=store)
+        base = x / self.times
+        if self.snr_db is None:
+            # Every block but the last is round(W/n); the last takes the remainder. (n-1)·round(W/n) is
+            # exact in float32 for bf16/fp16 blocks, so the stored blocks sum back to W up to one rounding.
+            rounded = base.to(store)
+            for k in range(self.times - 1):
+                out.narrow(self.axis, k * size, size).copy_(rounded)
+            last = x - rounded.float() * (self.times - 1)
+        else:
+            blocks = _add_pair_noise([base] * self.times, x, self.axis, self.times, self.snr_db, ctx.generator(op_index))
+            running = torch.zeros_like(x)
+            for k in range(self.times - 1):
+                rounded = blocks[k].to(store)
+                out.narrow(self.axis, k * size, size).copy_(rounded)
+                running += rounded.float()
+            last = x - running
+        out.narrow(self.axis, (self.times - 1) * size, size).copy_(last.to(store))
+        return out
 
     def describe(self):
         noise = f", noise {self.snr_db:g} dB" if self.snr_db is not None else ""
@@ -340,18 +358,6 @@ def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
         out[first] = blocks[first] + eps
         out[first + 1] = blocks[first + 1] - eps
     return out
-
-
-def _compensated_round(blocks, total, dtype):
-    """Round blocks to `dtype` in turn, each absorbing the rounding error so far; the last takes the rest."""
-    stored, running = [], torch.zeros_like(total)
-    for block in blocks[:-1]:
-        rounded = block.to(dtype).float() if dtype != torch.float32 else block
-        stored.append(rounded)
-        running = running + rounded
-    last = total - running
-    stored.append(last.to(dtype).float() if dtype != torch.float32 else last)
-    return stored
 
 
 # name -> (constructor, {yaml parameter: constructor argument}) for rules files.
