@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import warnings
 from typing import Any, Callable, Mapping
 
 from ..errors import TensorscaleError
@@ -38,10 +39,17 @@ _COMPARE = {
 _CONSTANT_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
 _MAX_LENGTH = 2000
 _MAX_POWER = 64
+_MAX_INT_BITS = 1024
 
 
 class ExpressionError(TensorscaleError):
     """An expression in a rules file that does not parse, uses a forbidden construct, or fails."""
+
+
+def _short(source) -> str:
+    """The expression for an error message, cut so that the message stays one readable line."""
+    text = repr(source)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _safe_pow(base, exponent):
@@ -63,9 +71,13 @@ class Expression:
         if len(source) > _MAX_LENGTH:
             raise ExpressionError(f"expression longer than {_MAX_LENGTH} characters")
         try:
-            tree = ast.parse(source.strip(), mode="eval")
+            with warnings.catch_warnings():  # "invalid decimal literal" and friends: we report our own error
+                warnings.simplefilter("ignore", SyntaxWarning)
+                tree = ast.parse(source.strip(), mode="eval")
         except SyntaxError as exc:
-            raise ExpressionError(f"cannot parse expression {source!r}: {exc.msg}") from None
+            raise ExpressionError(f"cannot parse expression {_short(source)}: {exc.msg}") from None
+        except (ValueError, RecursionError, MemoryError) as exc:  # null bytes, absurd nesting
+            raise ExpressionError(f"cannot parse expression {_short(source)}: {type(exc).__name__}") from None
         _validate(tree.body, source)
         self._tree = tree.body
 
@@ -83,12 +95,14 @@ class Expression:
         except ExpressionError:
             raise
         except ZeroDivisionError:
-            raise ExpressionError(f"division by zero in {self.source!r}") from None
+            raise ExpressionError(f"division by zero in {_short(self.source)}") from None
+        except RecursionError:
+            raise ExpressionError(f"expression {_short(self.source)} is nested too deeply") from None
         except (TypeError, ValueError, OverflowError) as exc:
-            raise ExpressionError(f"cannot evaluate {self.source!r}: {exc}") from None
+            raise ExpressionError(f"cannot evaluate {_short(self.source)}: {exc}") from None
 
     def __repr__(self) -> str:
-        return f"Expression({self.source!r})"
+        return f"Expression({_short(self.source)})"
 
 
 def _validate(node: ast.AST, source: str) -> None:
@@ -100,19 +114,19 @@ def _validate(node: ast.AST, source: str) -> None:
     for child in ast.walk(node):
         if not isinstance(child, allowed):
             raise ExpressionError(
-                f"forbidden construct {type(child).__name__} in expression {source!r}: "
+                f"forbidden construct {type(child).__name__} in expression {_short(source)}: "
                 "only arithmetic, comparisons, and/or/not, 'a if c else b' and the functions "
                 f"{', '.join(sorted(FUNCTIONS))} are allowed"
             )
         if isinstance(child, ast.Constant) and not isinstance(child.value, (int, float, bool, str, type(None))):
-            raise ExpressionError(f"unsupported constant {child.value!r} in {source!r}")
+            raise ExpressionError(f"unsupported constant {child.value!r} in {_short(source)}")
         if isinstance(child, ast.Call):
             if not isinstance(child.func, ast.Name) or child.func.id not in FUNCTIONS:
                 raise ExpressionError(
-                    f"call to a function that is not allowed in {source!r}; allowed: {', '.join(sorted(FUNCTIONS))}"
+                    f"call to a function that is not allowed in {_short(source)}; allowed: {', '.join(sorted(FUNCTIONS))}"
                 )
             if child.keywords:
-                raise ExpressionError(f"keyword arguments are not allowed in {source!r}")
+                raise ExpressionError(f"keyword arguments are not allowed in {_short(source)}")
 
 
 class _Evaluator:
@@ -128,14 +142,28 @@ class _Evaluator:
                 return _CONSTANT_NAMES[node.id]
             if node.id not in self.env:
                 raise ExpressionError(
-                    f"unknown name {node.id!r} in expression {self.source!r} "
+                    f"unknown name {node.id!r} in expression {_short(self.source)} "
                     f"(missing from config.json? use cfg('{node.id}', default))"
                 )
             return self.env[node.id]
         if isinstance(node, ast.BinOp):
             left, right = self.visit(node.left), self.visit(node.right)
+            for value in (left, right):
+                # Arithmetic on numbers only: 'x' * 10**9 or [0] * 10**9 would exhaust memory.
+                if not isinstance(value, (int, float)):
+                    raise ExpressionError(f"arithmetic on a non-number ({type(value).__name__}) in {_short(self.source)}")
             op = _safe_pow if isinstance(node.op, ast.Pow) else _BINARY[type(node.op)]
-            return op(left, right)
+            result = op(left, right)
+            if isinstance(result, int) and result.bit_length() > _MAX_INT_BITS:
+                raise ExpressionError(f"number too large in {_short(self.source)}")
+            if isinstance(result, complex):
+                raise ExpressionError(f"complex result in {_short(self.source)}")
+            return result
+        if isinstance(node, ast.UnaryOp) and not isinstance(node.op, ast.Not):
+            value = self.visit(node.operand)
+            if not isinstance(value, (int, float)):
+                raise ExpressionError(f"arithmetic on a non-number ({type(value).__name__}) in {_short(self.source)}")
+            return _UNARY[type(node.op)](value)
         if isinstance(node, ast.UnaryOp):
             return _UNARY[type(node.op)](self.visit(node.operand))
         if isinstance(node, ast.BoolOp):
@@ -175,7 +203,7 @@ class _Evaluator:
             if name == "cfg":
                 # cfg('field', default): a config field that may be absent or null.
                 if len(node.args) not in (1, 2) or not isinstance(node.args[0], ast.Constant):
-                    raise ExpressionError(f"cfg() takes a quoted field name and an optional default in {self.source!r}")
+                    raise ExpressionError(f"cfg() takes a quoted field name and an optional default in {_short(self.source)}")
                 field = node.args[0].value
                 value = self.env.get(field)
                 if value is None:
@@ -183,7 +211,7 @@ class _Evaluator:
                 return value
             args = [self.visit(arg) for arg in node.args]
             return FUNCTIONS[name](*args)
-        raise ExpressionError(f"unsupported construct in {self.source!r}")  # pragma: no cover - validated
+        raise ExpressionError(f"unsupported construct in {_short(self.source)}")  # pragma: no cover - validated
 
 
 def _integer(value):

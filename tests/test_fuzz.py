@@ -1,0 +1,195 @@
+"""Fuzzing: hostile headers, rules files, expressions and CLI arguments end in a normal result or our
+clean one-line error — never another exception, a hang, or a file outside the temporary folder.
+
+Default: 150 cases per test. `pytest tests/test_fuzz.py --fuzz` runs 10,000 per test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import tempfile
+from contextlib import contextmanager
+
+import pytest
+import yaml
+from hypothesis import given, strategies as st
+
+from fixtures import build_checkpoint
+from tensorscale.errors import TensorscaleError
+from tensorscale.reading.safetensors_header import DTYPE_SIZES, parse_header_bytes
+from tensorscale.rulebook.expr import Expression, ExpressionError
+from tensorscale.rulebook.schema import load_rules_text
+
+CASE_SECONDS = 10
+
+
+@contextmanager
+def time_limit(seconds=CASE_SECONDS):
+    def hang(signum, frame):
+        raise AssertionError(f"a case ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# ---- safetensors headers -------------------------------------------------------------------------
+
+dtypes = st.sampled_from([*DTYPE_SIZES, "F99", "", "bf16", 7])
+shapes = st.one_of(st.lists(st.integers(-2, 40), max_size=4), st.integers(), st.text(max_size=3), st.none())
+offsets = st.one_of(st.lists(st.integers(-5, 2000), min_size=0, max_size=3), st.none(), st.text(max_size=2))
+entries = st.fixed_dictionaries({}, optional={"dtype": dtypes, "shape": shapes, "data_offsets": offsets})
+headers = st.dictionaries(st.text(max_size=8), st.one_of(entries, st.integers(), st.lists(st.integers())), max_size=5)
+
+
+@given(header=headers, data_size=st.integers(0, 3000), metadata=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.one_of(st.text(max_size=3), st.integers()))))
+def test_header_reader_structured(header, data_size, metadata):
+    if metadata is not None:
+        header = {**header, "__metadata__": metadata}
+    raw = json.dumps(header).encode()
+    with time_limit():
+        try:
+            parsed = parse_header_bytes(raw, path="fuzz.safetensors", file_size=8 + len(raw) + data_size)
+        except TensorscaleError:
+            return
+    covered = sum(info.nbytes for info in parsed.tensors.values())
+    assert covered == data_size  # accepted headers describe exactly the data that is there
+
+
+@given(raw=st.binary(max_size=300))
+def test_header_reader_random_bytes(raw):
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(raw)
+        handle.flush()
+        from tensorscale.reading.safetensors_header import read_header
+
+        with time_limit():
+            try:
+                read_header(handle.name)
+            except TensorscaleError:
+                pass
+
+
+@given(length=st.integers(0, 2**64 - 1), body=st.binary(max_size=64))
+def test_header_reader_lengths(length, body):
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as handle:
+        handle.write(struct.pack("<Q", length) + body)
+        handle.flush()
+        from tensorscale.reading.safetensors_header import read_header
+
+        with time_limit():
+            try:
+                read_header(handle.name)
+            except TensorscaleError:
+                pass
+
+
+# ---- expressions ---------------------------------------------------------------------------------
+
+TOKENS = ["n", "m", "hidden_size", "1", "0", "2.5", "-", "+", "*", "/", "//", "%", "**", "(", ")", " if ", " else ",
+          " and ", " or ", "not ", "==", "<", "cfg('x', 3)", "max(", ",", "min(", "'s'", "[", "]", ".real",
+          "__import__", "lambda", "x", "sqrt(", "int(", "len(", "abs(", " in ", "True", "None", "9" * 30]
+
+
+@given(parts=st.lists(st.sampled_from(TOKENS), max_size=25))
+def test_expressions_from_tokens(parts):
+    check_expression("".join(parts))
+
+
+@given(text=st.text(max_size=60))
+def test_expressions_from_text(text):
+    check_expression(text)
+
+
+def check_expression(text):
+    env = {"n": 2, "m": 3, "hidden_size": 64, "x": None}
+    with time_limit():
+        try:
+            Expression(text).evaluate(env)
+        except ExpressionError:
+            pass
+
+
+# ---- rules files ---------------------------------------------------------------------------------
+
+leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.text(max_size=12),
+                 st.sampled_from(["n", "hidden_size * n", "hidden", "hidden.in", "-", ".*", "model\\..*", "(", "1/0",
+                                  "cfg('a')", "__import__('os')", "tile", "fused"]))
+KEYS = ["name", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched", "match", "axes", "ops",
+        "scale", "when", "replicate", "drop", "size", "grow", "unit", "clone", "axis", "times", "parts", "tile",
+        "tile_divide", "fused", "pad", "assert", "message", "from", "count", "model_type", "hidden"]
+documents = st.recursive(
+    leaf,
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.sampled_from(KEYS), children, max_size=5)),
+    max_leaves=30,
+)
+
+
+@given(document=documents)
+def test_rules_parser_structures(document):
+    text = yaml.safe_dump(document)
+    with time_limit():
+        try:
+            load_rules_text(text, "fuzz.yaml")
+        except TensorscaleError:
+            pass
+
+
+@given(text=st.text(max_size=200))
+def test_rules_parser_text(text):
+    with time_limit():
+        try:
+            load_rules_text(text, "fuzz.yaml")
+        except TensorscaleError:
+            pass
+
+
+# ---- CLI argument combinations ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny", "llama", tie_word_embeddings=True,
+                            hidden_size=16, intermediate_size=16, num_hidden_layers=1, vocab_size=32)
+
+
+OPTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["-edm", "-upm"]), st.sampled_from(["1", "2", "3", "0", "-1", "1.5", "x", ""])),
+        st.tuples(st.just("--snr-db"), st.sampled_from(["20", "-5", "nan", "inf", "x"])),
+        st.tuples(st.just("--dtype"), st.sampled_from(["keep", "float32", "bfloat16", "float16", "int8"])),
+        st.tuples(st.just("--max-shard-size"), st.sampled_from(["5GB", "1KB", "0", "-1MB", "1e3", "x"])),
+        st.tuples(st.just("--seed"), st.sampled_from(["0", "-3", "x"])),
+        st.tuples(st.sampled_from(["--untie-embeddings", "--force", "--json", "-q", "--verify-files", "--manifest",
+                                   "--bogus"]),),
+    ),
+    max_size=6,
+)
+
+
+@given(command=st.sampled_from(["up", "plan"]), options=OPTIONS)
+def test_cli_combinations(tiny, command, options):
+    from click.testing import CliRunner
+
+    from tensorscale.cli.main import cli
+
+    with tempfile.TemporaryDirectory() as work:
+        args = [command, "-i", tiny, "-o", os.path.join(work, "out")] + [part for option in options for part in option]
+        if command == "plan":
+            args = [a for a in args if a not in ("--force", "-q", "--verify-files", "--manifest")]
+        with time_limit(60):
+            result = CliRunner().invoke(cli, args)
+        assert result.exit_code in (0, 2), (args, result.output, result.exception)
+        if result.exception is not None:
+            assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
+        assert "Traceback" not in result.output
+        produced = set(os.listdir(work))
+        assert produced <= {"out"}, f"left {produced} for {args}"
+        if result.exit_code != 0 or command == "plan":
+            assert produced == set(), f"wrote {produced} for {args} ({result.output})"
