@@ -221,3 +221,29 @@ def test_concurrent_run_on_the_same_output_is_refused(tmp_path):
         sleeper.wait()
     run_up(source, str(tmp_path / "out"), Options(2, 1), show_progress=False)  # dead now: cleaned up
     assert not leftovers(tmp_path)
+
+
+def test_truncated_shard_from_the_command_line(tmp_path):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    shard = os.path.join(source, "model.safetensors")
+    os.truncate(shard, os.path.getsize(shard) - 100)
+    result = subprocess.run(up_command(source, tmp_path / "out"), capture_output=True, text=True)
+    assert result.returncode == 2 and "truncated" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_no_code_path_unpickles_or_evals():
+    """A static guard: the package never calls eval/exec, pickle, torch.load or unsafe YAML loading."""
+    import re
+
+    import tensorscale
+
+    root = os.path.dirname(tensorscale.__file__)
+    forbidden = re.compile(r"\b(eval|exec)\(|\bpickle\b|torch\.load\b|yaml\.load\(|yaml\.unsafe_load|weights_only\s*=\s*False")
+    offenders = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name), encoding="utf-8").read()
+                offenders += [f"{name}: {m.group(0)}" for m in forbidden.finditer(text)]
+    assert not offenders, offenders
