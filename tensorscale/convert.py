@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .errors import TensorscaleError
-from .planning.plan import Options, Plan, build_plan
+from .planning.plan import Options, Plan, ShardPlan, build_plan
 from .reading.source import INDEX_NAME, ModelSource, open_source
 from .reading.tensor_reader import ShardReader
 from .rulebook.registry import resolve_rules
@@ -68,9 +69,40 @@ class Result:
         }
 
 
+ShardRunner = Callable[[Plan, str, bool, Optional[Callable[[int, int], None]]], None]
+
+
+def produce_shard(plan: Plan, shard: ShardPlan, path: str, *, verify_files: bool = False, progress=None,
+                  reader: ShardReader | None = None) -> None:
+    """Write one output shard and check it. Needs nothing but the plan: shards can run in any order,
+    in other processes, or on other machines that see the same input files."""
+    hashes = {} if verify_files else None
+    if reader is None:
+        with ShardReader() as own_reader:
+            write_shard(plan, shard, path, own_reader, progress, hashes)
+    else:
+        write_shard(plan, shard, path, reader, progress, hashes)
+    check_shard_file(path, shard)
+    if hashes is not None:
+        verify_tensor_hashes(path, hashes)
+
+
+def run_shards_in_order(plan: Plan, folder: str, verify_files: bool, progress) -> None:
+    """The default shard runner: every shard in this process, one after another."""
+    with ShardReader() as reader:
+        for shard in plan.shards:
+            produce_shard(plan, shard, os.path.join(folder, shard.filename), verify_files=verify_files,
+                          progress=progress, reader=reader)
+            _check_inputs_unchanged(plan.source)
+
+
 def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True,
-                 verify_files: bool = False, manifest: bool = False, command: list[str] | None = None) -> Result:
-    """Write the plan into a temporary folder beside OUT, check it, and only then move it into place."""
+                 verify_files: bool = False, manifest: bool = False, command: list[str] | None = None,
+                 shard_runner: ShardRunner | None = None) -> Result:
+    """Write the plan into a temporary folder beside OUT, check it, and only then move it into place.
+
+    `shard_runner(plan, folder, verify_files, progress)` produces every shard file in `folder` (by default
+    in order, in this process); everything else (index, config, side files, manifest, commit) stays here."""
     started = time.perf_counter()
     source = plan.source
     out = check_output_path(output or default_output(source, plan), source.folder, force)
@@ -91,15 +123,8 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
                 if tensors:
                     counts["tensors"] += tensors
                     bar.set_postfix_str(f"{counts['tensors']}/{len(plan.tensors)} tensors", refresh=False)
-        with ShardReader() as reader:
-            for shard in plan.shards:
-                path = folder.path(shard.filename)
-                hashes = {} if verify_files else None
-                write_shard(plan, shard, path, reader, progress, hashes)
-                check_shard_file(path, shard)
-                if hashes is not None:
-                    verify_tensor_hashes(path, hashes)
-                _check_inputs_unchanged(source)
+        (shard_runner or run_shards_in_order)(plan, folder.tmp, verify_files, progress)
+        _check_inputs_unchanged(source)
         if len(plan.shards) > 1:
             folder.write_json(
                 INDEX_NAME,
