@@ -56,6 +56,8 @@ def cli():
     plan   show what `up` would do, writing nothing
     desc   describe a checkpoint from its config and headers
     rules  list, show and check the architecture rules files
+    gen    complete a prompt with a model (needs transformers)
+    verify prove two checkpoints compute the same function (needs transformers)
     """
 
 
@@ -124,8 +126,10 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size):
 @click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json: source and output hashes, command, version.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verify", "verify_logits", is_flag=True,
+              help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails.")
 def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json, force,
-       verify_files, manifest, quiet):
+       verify_files, manifest, quiet, verify_logits):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -141,10 +145,23 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()
+    check = None
+    if verify_logits:
+        from ..inference.verify import verify as run_verify
+
+        check = run_verify(plan.source.folder, result.output)
+        summary["verify"] = check.to_dict()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(render.up_summary(summary))
+    if check is not None:
+        if not as_json:
+            from .inference_commands import verify_text
+
+            click.echo(verify_text(check))
+        if not check.passed:
+            sys.exit(1)
 
 
 @cli.command()
@@ -215,6 +232,12 @@ def rules_check(source, rules_path, as_json):
         click.echo(render.check_text(report))
     if report["unmatched_tensors"] or report.get("error"):
         sys.exit(1)
+
+
+from .inference_commands import gen, verify  # noqa: E402  (torch and transformers load inside them)
+
+cli.add_command(gen)
+cli.add_command(verify)
 
 
 def main():
