@@ -236,8 +236,11 @@ def rules_check(source, rules_path, as_json):
 
 from .inference_commands import gen, verify  # noqa: E402  (torch and transformers load inside them)
 
+from .batch_command import batch  # noqa: E402  (the engine and Ray load inside it)
+
 cli.add_command(gen)
 cli.add_command(verify)
+cli.add_command(batch)
 
 
 def main():

@@ -1,0 +1,221 @@
+"""The jobs file: a YAML `jobs:` list of conversions, validated whole before any job runs.
+
+A typo in job 37 must not surface after 36 conversions have run, so every key and value is checked up
+front and the first problem is reported in one line naming the job and the key. Options use the CLI's long
+names with underscores, so a command line translates into a job by replacing dashes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from ..errors import TensorscaleError
+from ..reading.source import looks_like_hub_id
+
+COMMANDS = ("up", "down")
+REQUIRED = ("command", "input", "output")
+# Options of `up`, by the CLI's long names with underscores, and their defaults.
+UP_OPTIONS = {
+    "embed_dim_multiplier": 1,
+    "up_proj_multiplier": 1,
+    "snr_db": None,
+    "seed": 0,
+    "untie_embeddings": False,
+    "dtype": "keep",
+    "rules": None,
+    "max_shard_size": "5GB",
+    "force": False,
+    "verify_files": False,
+}
+KNOWN_KEYS = (*REQUIRED, *UP_OPTIONS)
+DTYPES = ("keep", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Job:
+    """One conversion, with paths made absolute (relative ones are read from the jobs file's folder)."""
+
+    index: int  # 1-based, as messages and the summary name it
+    command: str
+    input: str
+    output: str
+    options: dict = field(default_factory=dict)  # the UP_OPTIONS keys, defaults filled in
+    rules: str | None = None
+
+    @property
+    def force(self) -> bool:
+        return self.options["force"]
+
+    @property
+    def verify_files(self) -> bool:
+        return self.options["verify_files"]
+
+    def engine_options(self):
+        """The planner's Options (max_shard_size parsed to bytes)."""
+        from ..planning.plan import Options, parse_size
+
+        o = self.options
+        return Options(o["embed_dim_multiplier"], o["up_proj_multiplier"], o["snr_db"], o["seed"],
+                       o["untie_embeddings"], o["dtype"], parse_size(o["max_shard_size"]))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load (no Python objects) that also refuses a key given twice, which YAML would silently
+    resolve to the last value: `seed: 1 ... seed: 2` in one job is a mistake worth a message."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise TensorscaleError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_jobs(path: str) -> list[Job]:
+    """Read and validate the whole jobs file; raise one TensorscaleError line on the first problem."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise TensorscaleError(f"jobs file {path} does not exist; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TensorscaleError(f"cannot read jobs file {path}: {exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except TensorscaleError as exc:
+        raise TensorscaleError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TensorscaleError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_jobs(data, path)
+
+
+def parse_jobs(data, path: str = "<jobs>") -> list[Job]:
+    if not isinstance(data, dict) or "jobs" not in data:
+        raise TensorscaleError(f"{path}: expected a top-level `jobs:` list of conversions")
+    extra = sorted(set(data) - {"jobs", "defaults"})
+    if extra:
+        raise TensorscaleError(f"{path}: unknown top-level key {extra[0]!r}; only `jobs:` and `defaults:` are read")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise TensorscaleError(f"{path}: `defaults:` must be a mapping of options shared by every job")
+    for key in defaults:
+        if key not in UP_OPTIONS:
+            raise TensorscaleError(f"{path}: defaults: unknown key {key!r}; defaults hold options ({', '.join(UP_OPTIONS)})")
+    entries = data["jobs"]
+    if not isinstance(entries, list) or not entries:
+        raise TensorscaleError(f"{path}: `jobs:` must be a non-empty list of mappings")
+    base = os.path.dirname(os.path.abspath(path))
+    jobs = [_parse_job(i, entry, defaults, base, path) for i, entry in enumerate(entries, start=1)]
+    _check_across_jobs(jobs, path)
+    return jobs
+
+
+def _parse_job(index: int, entry, defaults: dict, base: str, path: str) -> Job:
+    where = f"{path}: job {index}"
+    if not isinstance(entry, dict):
+        raise TensorscaleError(f"{where}: expected a mapping with command, input and output")
+    for key in entry:
+        if key not in KNOWN_KEYS:
+            hint = f"; did you mean {key.replace('-', '_')!r}?" if isinstance(key, str) and key.replace("-", "_") in KNOWN_KEYS \
+                else f"; known keys: {', '.join(KNOWN_KEYS)}"
+            raise TensorscaleError(f"{where}: unknown key {key!r}{hint}")
+    for key in REQUIRED:
+        if key not in entry:
+            raise TensorscaleError(f"{where}: missing `{key}`")
+    command = entry["command"]
+    if command not in COMMANDS:
+        raise TensorscaleError(f"{where}: command must be `up`, got {command!r}")
+    if command == "down":
+        raise TensorscaleError(f"{where}: command `down` is not implemented yet; only `up` jobs can run in a batch")
+    for key in ("input", "output"):
+        if not isinstance(entry[key], str) or not entry[key].strip():
+            raise TensorscaleError(f"{where}: `{key}` must be a path (or, for input, a hub id like org/name)")
+    options = dict(UP_OPTIONS)
+    options.update(defaults)
+    options.update({k: v for k, v in entry.items() if k in UP_OPTIONS})
+    for key, value in options.items():
+        problem = _check_value(key, value)
+        if problem:
+            raise TensorscaleError(f"{where}: `{key}` {problem}")
+    options["snr_db"] = None if options["snr_db"] is None else float(options["snr_db"])
+    options["max_shard_size"] = str(options["max_shard_size"])
+    rules = options.pop("rules")
+    if rules is not None:
+        rules = os.path.join(base, os.path.expanduser(rules))
+        if not os.path.isfile(rules):
+            raise TensorscaleError(f"{where}: rules file {rules} does not exist")
+    return Job(index, command, _resolve_input(entry["input"], base), _resolve(entry["output"], base), options, rules)
+
+
+def _check_value(key: str, value) -> str | None:
+    """What is wrong with an option value, in words; None when it is fine."""
+    if key in ("embed_dim_multiplier", "up_proj_multiplier"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"must be a whole number >= 1, got {value!r}"
+    elif key == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number, got {value!r}"
+    elif key == "snr_db":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return f"must be a finite number of decibels (or null for no noise), got {value!r}"
+    elif key in ("untie_embeddings", "force", "verify_files"):
+        if not isinstance(value, bool):
+            return f"must be true or false, got {value!r}"
+    elif key == "dtype":
+        if value not in DTYPES:
+            return f"must be one of {', '.join(DTYPES)}, got {value!r}"
+    elif key == "rules":
+        if value is not None and not isinstance(value, str):
+            return f"must be a path to a rules file, got {value!r}"
+    elif key == "max_shard_size":
+        from ..planning.plan import parse_size
+
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return f"must be a size like 5GB or 500MB, got {value!r}"
+        try:
+            parse_size(str(value))
+        except TensorscaleError as exc:
+            return str(exc)
+    return None
+
+
+def _resolve(path: str, base: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _resolve_input(text: str, base: str) -> str:
+    """A path relative to the jobs file if it exists there; otherwise a hub id stays as written."""
+    local = _resolve(text, base)
+    if os.path.exists(local) or not looks_like_hub_id(text):
+        return local
+    return text
+
+
+def _check_across_jobs(jobs: list[Job], path: str) -> None:
+    """Jobs run in parallel, so two may not write one folder, nor may one read what another writes."""
+    writers: dict[str, int] = {}
+    for job in jobs:
+        out = os.path.realpath(job.output)
+        if out in writers:
+            raise TensorscaleError(f"{path}: jobs {writers[out]} and {job.index} both write {job.output}; give each its own output")
+        writers[out] = job.index
+    for job in jobs:
+        source = os.path.realpath(job.input) if os.path.isabs(job.input) else None
+        if source in writers:
+            raise TensorscaleError(
+                f"{path}: job {job.index} reads the output of job {writers[source]}; jobs run in parallel, "
+                "so put chained conversions in two jobs files run one after the other"
+            )

@@ -1,0 +1,102 @@
+"""Drive every job: plan, skip if already done, hand shards to the executor, commit; never stop the batch
+for one job's failure.
+
+Jobs run in driver threads (`executor.job_slots` at once); each thread does the light work (planning,
+the resume check, index, config, manifest and the atomic rename through execute_plan) while shards run in
+the executor's workers. A job's failure becomes its summary entry; execute_plan has already removed its
+temporary folder, so nothing partial is left at OUT.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+from ..errors import TensorscaleError
+from .jobs import Job
+from .local_executor import one_line
+
+
+class JobState:
+    """What a job's shards report back (from worker results), for the overview and the summary."""
+
+    def __init__(self, job: Job, overview):
+        self.job = job
+        self.overview = overview
+        self.shards = 0
+        self.done = 0
+        self.retries = 0
+        self.workers: dict[str, float] = {}  # "host:pid" -> peak RSS MiB
+        self.lock = threading.Lock()
+
+    def started(self, shards: int) -> None:
+        self.shards = shards
+        self.overview.job_started(self.job.index, shards)
+
+    def shard_done(self, info: dict) -> None:
+        with self.lock:
+            self.done += 1
+            key = f"{info['host']}:{info['pid']}"
+            self.workers[key] = max(self.workers.get(key, 0.0), round(info["peak_rss_kib"] / 1024, 1))
+            done = self.done
+        self.overview.shard_done(self.job.index, done, self.shards)
+
+    def retried(self) -> None:
+        with self.lock:
+            self.retries += 1
+
+
+def run_job(job: Job, executor, overview, command: list[str]) -> dict:
+    from ..convert import execute_plan, plan_conversion
+    from .resume import check_existing
+
+    started = time.perf_counter()
+    state = JobState(job, overview)
+    entry = {"index": job.index, "command": job.command, "input": job.input, "output": job.output}
+    try:
+        plan = plan_conversion(job.input, job.engine_options(), job.rules)
+        if os.path.lexists(job.output):
+            verdict = check_existing(plan, job.output)
+            if verdict.matches:
+                entry.update(status="skipped", seconds=round(time.perf_counter() - started, 3),
+                             note="output exists and matches its manifest")
+                overview.job_finished(job.index, "skipped (already done)", entry["seconds"])
+                return entry
+            if not verdict.ours and not job.force:
+                raise TensorscaleError(f"output {job.output} exists and {verdict.reason}; set `force: true` in this job "
+                                       "to replace it, or choose another output")
+            entry["note"] = f"redone: {verdict.reason}"
+        result = execute_plan(plan, job.output, force=True, show_progress=False, verify_files=job.verify_files,
+                              manifest=True, command=command, shard_runner=executor.shard_runner(job.rules, state))
+        entry.update(status="done", seconds=round(time.perf_counter() - started, 3), shards=len(plan.shards),
+                     total_bytes=plan.total_bytes, manifest=result.manifest)
+    except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the batch goes on
+        entry.update(status="failed", seconds=round(time.perf_counter() - started, 3), reason=one_line(exc))
+    entry["retries"] = state.retries
+    if state.workers:
+        entry["worker_peak_rss_mib"] = max(state.workers.values())
+        entry["_workers"] = dict(state.workers)
+    overview.job_finished(job.index, entry["status"], entry["seconds"], entry.get("reason", ""))
+    return entry
+
+
+def run_batch(jobs: list[Job], executor, overview, jobs_path: str) -> list[dict]:
+    """Run every job; return their summary entries in jobs-file order. Ctrl-C stops the workers, lets each
+    running job remove its temporary folder, and re-raises."""
+    threads = ThreadPoolExecutor(max(1, min(executor.job_slots, len(jobs))), thread_name_prefix="tensorscale-job")
+    futures = []
+    try:
+        for job in jobs:
+            command = ["tensorscale", "batch", os.path.abspath(jobs_path), f"--job={job.index}"]
+            futures.append(threads.submit(run_job, job, executor, overview, command))
+        pending = set(futures)
+        while pending:  # short waits keep the main thread responsive to signals
+            _, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+    except BaseException:
+        executor.cancel()
+        threads.shutdown(wait=True, cancel_futures=True)
+        raise
+    threads.shutdown(wait=True)
+    return [future.result() for future in futures]
