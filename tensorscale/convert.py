@@ -23,6 +23,30 @@ def plan_conversion(source_label: str, options: Options, rules_path: str | None 
     return build_plan(source, rules, options)
 
 
+def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None) -> Plan:
+    """Plan `down`: read the weights once to cluster every space's units, then plan the merges.
+
+    Unlike `up`, this reads tensor data (the clustering needs it), so even `plan` takes a full read."""
+    from .folding.analysis import analyse
+    from .folding.retie import find_retie
+    from .planning.plan import evaluate_env
+    from .rulebook.compile import resolve_spaces
+
+    options.mode = "down"
+    options.validate()
+    source = open_source(source_label)
+    rules = resolve_rules(source.config, rules_path)
+    env = evaluate_env(rules, source.config, options)
+    folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress)
+    plan = build_plan(source, rules, options, folds)
+    retie = find_retie(plan)
+    if retie:
+        plan = build_plan(source, rules, options, folds, retie=retie)
+    plan.folds = folds
+    plan.retied = retie
+    return plan
+
+
 def size_label(parameters: int) -> str:
     """1_012_000_000 -> '1.0B', 492_000_000 -> '492M' (the seed tool's naming, e.g. Qwen3-0.6B-1.0B)."""
     if parameters >= 10**9:

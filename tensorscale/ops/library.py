@@ -360,6 +360,46 @@ def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
     return out
 
 
+@dataclass
+class Merge(Op):
+    """Fold `unit`-sized blocks of an axis into clusters: out[c] = scale[c] · Σ_i weight[i] · in[i] over the
+    blocks i with cluster[i] == c. This is the one op `down` needs, with three settings per role:
+    producers P = SΩ (weights: the cluster means, scale S), norm gains Ω (means, scale 1) and consumers
+    U = A S⁻¹ (weights 1, scale 1/S). On cloned units it exactly undoes `tile` and `tile_divide`."""
+
+    axis: int
+    cluster: list[int]  # for each input unit, its output cluster
+    weight: list[float]  # for each input unit
+    scale: list[float]  # for each output cluster
+    unit: int = 1
+    label: str = ""
+    name = "merge"
+    arithmetic = True
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        if shape[self.axis] != len(self.cluster) * self.unit:
+            raise TensorscaleError(
+                f"merge: axis {self.axis} has size {shape[self.axis]}, expected {len(self.cluster)} units of {self.unit}"
+            )
+        return _replace(shape, self.axis, len(self.scale) * self.unit)
+
+    def apply(self, x, ctx, op_index):
+        x = x.float()
+        moved = x.movedim(self.axis, 0)
+        rest = moved.shape[1:]
+        units = moved.reshape(len(self.cluster), self.unit, *rest)
+        weight = torch.tensor(self.weight, dtype=torch.float32).view(-1, *([1] * (units.dim() - 1)))
+        out = torch.zeros((len(self.scale), self.unit, *rest), dtype=torch.float32)
+        out.index_add_(0, torch.tensor(self.cluster, dtype=torch.long), units * weight)
+        out *= torch.tensor(self.scale, dtype=torch.float32).view(-1, *([1] * (units.dim() - 1)))
+        return out.reshape(len(self.scale) * self.unit, *rest).movedim(0, self.axis)
+
+    def describe(self):
+        what = f" {self.label}" if self.label else ""
+        return f"merge(axis={self.axis},{what} {len(self.cluster)}->{len(self.scale)} units of {self.unit})"
+
+
 # name -> (constructor, {yaml parameter: constructor argument}) for rules files.
 OP_TYPES: dict[str, Callable[..., Op]] = {
     "tile": Tile,

@@ -23,9 +23,20 @@ from ..rulebook.schema import RuleSet, render_template
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
+TARGET_SPACES = {  # option name -> the conventional space it sizes (rules files name their spaces so)
+    "hidden_size": "hidden",
+    "intermediate_size": "ffn",
+    "num_attention_heads": "heads",
+    "num_key_value_heads": "kv_heads",
+}
+
+
 @dataclass
 class Options:
-    """What the user asked for. `n` and `m` are HyperCloning's multipliers for hidden/heads and FFN."""
+    """What the user asked for.
+
+    `up`: `n` and `m` are HyperCloning's multipliers for hidden/heads and FFN. `down`: divisors, or target
+    sizes (hidden_size, intermediate_size in dimensions; heads and kv heads in counts)."""
 
     embed_dim_multiplier: int = 1
     up_proj_multiplier: int = 1
@@ -34,11 +45,24 @@ class Options:
     untie_embeddings: bool = False
     dtype: str = "keep"
     max_shard_size: int = 5 * 10**9
+    mode: str = "up"
+    embed_dim_divisor: int | None = None
+    up_proj_divisor: int | None = None
+    targets: dict = field(default_factory=dict)  # TARGET_SPACES key -> size or count
 
     def validate(self):
-        for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier)):
+        for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier),
+                            ("--embed-dim-divisor", self.embed_dim_divisor or 1), ("--up-proj-divisor", self.up_proj_divisor or 1),
+                            *((f"--{key.replace('_', '-')}", value) for key, value in self.targets.items())):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value!r}")
+        if self.mode not in ("up", "down"):
+            raise TensorscaleError(f"unknown mode {self.mode!r}")
+        if self.targets and (self.embed_dim_divisor or self.up_proj_divisor):
+            raise TensorscaleError("give either divisors or target sizes, not both")
+        unknown = set(self.targets) - set(TARGET_SPACES)
+        if unknown:
+            raise TensorscaleError(f"unknown target {sorted(unknown)[0]}")
         if self.dtype not in DTYPE_CHOICES:
             raise TensorscaleError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}")
         if self.max_shard_size <= 0:
@@ -98,6 +122,8 @@ class Plan:
     shards: list[ShardPlan]
     dropped: list[str] = field(default_factory=list)
     unused_rules: list[str] = field(default_factory=list)
+    folds: object = None  # down: the clusterings the merges use
+    retied: str | None = None  # down: the head tensor dropped because the output is tied again
 
     @property
     def total_parameters(self) -> int:
@@ -108,19 +134,71 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def base_env(config: dict, options: Options) -> dict:
+def base_env(config: dict, options: Options, ratios: dict | None = None) -> dict:
+    """Config fields plus the options rules see: n (hidden), m (FFN), nh (heads), nkv (kv heads) as growth
+    ratios (whole for `up`, fractions for `down`), snr_db and untie_embeddings."""
     env = {key: value for key, value in config.items() if isinstance(value, (int, float, str, bool, list)) or value is None}
-    env.update(
-        n=options.embed_dim_multiplier,
-        m=options.up_proj_multiplier,
-        snr_db=options.snr_db,
-        untie_embeddings=options.untie_embeddings,
-    )
+    if ratios is None:
+        n = options.embed_dim_multiplier
+        ratios = {"n": n, "m": options.up_proj_multiplier, "nh": n, "nkv": n}
+    env.update(ratios, snr_db=options.snr_db, untie_embeddings=options.untie_embeddings)
+    return env
+
+
+def down_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
+    """Turn divisors or target sizes into the ratios n, m, nh, nkv, checking that each target is possible."""
+    env = _evaluate_let(rule_set, base_env(config, options, {"n": 1, "m": 1, "nh": 1, "nkv": 1}))
+    spaces = resolve_spaces(rule_set, env)
+
+    def units(name):
+        space = spaces.get(name)
+        return None if space is None else space.units
+
+    current = {key: units(space) for key, space in TARGET_SPACES.items()}
+    if current["hidden_size"] is None or current["intermediate_size"] is None:
+        raise TensorscaleError(f"rules {rule_set.name} name no 'hidden' and 'ffn' spaces, which down needs")
+    if current["num_key_value_heads"] is None:
+        current["num_key_value_heads"] = current["num_attention_heads"]
+    wanted = dict(current)
+    if options.targets:
+        wanted.update(options.targets)
+    else:
+        n, m = options.embed_dim_divisor or 1, options.up_proj_divisor or 1
+        for key, divisor in (("hidden_size", n), ("num_attention_heads", n), ("intermediate_size", m)):
+            if current[key] % divisor:
+                raise TensorscaleError(f"{key} {current[key]} is not divisible by {divisor}; give target sizes instead")
+            wanted[key] = current[key] // divisor
+        kv = current["num_key_value_heads"]
+        wanted["num_key_value_heads"] = kv // n if kv % n == 0 else (1 if kv == 1 else None)
+        if wanted["num_key_value_heads"] is None:
+            raise TensorscaleError(f"num_key_value_heads {kv} is not divisible by {n}; give target sizes instead")
+    for key, value in wanted.items():
+        if value > current[key]:
+            raise TensorscaleError(f"--{key.replace('_', '-')} {value} is larger than the model's {current[key]}; use `up` to grow")
+    if wanted["num_attention_heads"] % wanted["num_key_value_heads"]:
+        raise TensorscaleError(
+            f"{wanted['num_attention_heads']} attention heads are not a multiple of {wanted['num_key_value_heads']} kv heads"
+        )
+    return {
+        "n": wanted["hidden_size"] / current["hidden_size"],
+        "m": wanted["intermediate_size"] / current["intermediate_size"],
+        "nh": wanted["num_attention_heads"] / current["num_attention_heads"],
+        "nkv": wanted["num_key_value_heads"] / current["num_key_value_heads"],
+    }
+
+
+def _evaluate_let(rule_set: RuleSet, env: dict) -> dict:
+    for name, expression in rule_set.let:
+        try:
+            env[name] = expression.evaluate(env)
+        except ExpressionError as exc:
+            raise TensorscaleError(f"{rule_set.path}: let.{name}: {exc}") from None
     return env
 
 
 def evaluate_env(rule_set: RuleSet, config: dict, options: Options) -> dict:
-    env = base_env(config, options)
+    ratios = down_ratios(rule_set, config, options) if options.mode == "down" else None
+    env = base_env(config, options, ratios)
     for name, expression in rule_set.let:
         try:
             env[name] = expression.evaluate(env)
@@ -140,9 +218,12 @@ def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: Options)
     new = copy.deepcopy(config)
     for key, expression in rule_set.config:
         try:
-            new[key] = expression.evaluate(env)
+            value = expression.evaluate(env)
         except ExpressionError as exc:
             raise TensorscaleError(f"{rule_set.path}: config.{key}: {exc}") from None
+        if isinstance(value, float) and abs(value - round(value)) < 1e-6 and isinstance(config.get(key), int):
+            value = int(round(value))  # down's ratios: 64 * (48/64) is 48, not 47.99999
+        new[key] = value
     if options.dtype != "keep":
         for key in ("torch_dtype", "dtype"):
             if key in new or key == "dtype":
@@ -185,11 +266,37 @@ def _row_plan(tensor: TensorPlan) -> None:
     tensor.row_ops = rest
 
 
-def build_plan(source: ModelSource, rule_set: RuleSet, options: Options) -> Plan:
+def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options: Options) -> None:
+    """The rewritten config must describe the rewritten tensors: every space's size, read back from the new
+    config, equals its planned size (e.g. hidden = heads × head_dim where the architecture derives it)."""
+    env = _evaluate_let(rule_set, base_env(new_config, options, {"n": 1, "m": 1, "nh": 1, "nkv": 1}))
+    for expression, message in rule_set.checks:
+        try:
+            ok = expression.evaluate(env)
+        except ExpressionError:
+            ok = False
+        if not ok:
+            raise TensorscaleError(f"these sizes are not possible for {rule_set.name}: {message}")
+    again = resolve_spaces(rule_set, env)
+    for name, space in spaces.items():
+        if name in again and again[name].size != space.target:
+            raise TensorscaleError(
+                f"these sizes are not possible for {rule_set.name}: space {name} would be {space.target} in the "
+                f"tensors but {again[name].size} by the new config (e.g. hidden_size must equal heads × head_dim); "
+                "choose other targets"
+            )
+
+
+def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=None, retie: str | None = None) -> Plan:
+    """The full plan. `folds` (from the down analysis) turns roles into merges; `retie` names a head tensor
+    that the analysis found equal to the embedding, so it is dropped and the output is tied again."""
     options.validate()
     env = evaluate_env(rule_set, source.config, options)
     spaces = resolve_spaces(rule_set, env)
     new_config = rewrite_config(rule_set, source.config, env, options)
+    if retie:
+        new_config["tie_word_embeddings"] = True
+    check_new_config(rule_set, new_config, spaces, options)
 
     tensors: list[TensorPlan] = []
     dropped: list[str] = []
@@ -198,7 +305,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options) -> Plan
 
     def add(name, info, rule_label, transform, component, rule_env):
         where = f"{rule_label}, tensor {name}"
-        ops = compile_transform(transform, info.shape, spaces, rule_env, where)
+        ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds)
         shape = info.shape
         for op in ops:
             shape = op.out_shape(shape)
@@ -229,7 +336,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options) -> Plan
                 unmatched.append(name)
             continue
         used.add(rule.index)
-        if rule.drop:
+        if rule.drop or name == retie:
             dropped.append(name)
             continue
         if rule.replicate_count is not None:

@@ -18,19 +18,48 @@ from dataclasses import dataclass
 from ..errors import TensorscaleError
 from ..ops.library import OP_TYPES, Fused, Interleave, Op, Scale, Tile, TileDivide
 from .expr import ExpressionError
-from .schema import IN_SUFFIX, OpSpec, RuleSet, Transform
+from .schema import OpSpec, RuleSet, Transform, split_role
 
 
 @dataclass(frozen=True)
 class Space:
+    """A resolved space: its size now, its size after the rewrite, and how its units fold for `down`."""
+
     name: str
     size: int
-    grow: int
+    target: int
     unit: int
     clone: str
+    per: str | None = None
+    scaled: bool = False
+    equal: bool = False
+    within: str | None = None
+    clusters_of: str | None = None
+
+    @property
+    def units(self) -> int:
+        return self.size // self.unit
+
+    @property
+    def target_units(self) -> int:
+        return self.target // self.unit
+
+    @property
+    def grow(self) -> int:
+        """The whole-number growth factor `up` tiles by."""
+        if self.size == 0:
+            return 1
+        if self.target % self.size:
+            raise TensorscaleError(
+                f"space {self.name}: growing {self.size} to {self.target} is not a whole multiple; "
+                "up tiles by whole factors"
+            )
+        return self.target // self.size
 
 
 def _whole(value, what: str) -> int:
+    if isinstance(value, float) and abs(value - round(value)) < 1e-6:
+        value = round(value)  # ratios such as 48/64 make sizes like 47.99999999
     if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
         raise TensorscaleError(f"{what} must be a whole number, got {value!r}")
     return int(value)
@@ -42,21 +71,24 @@ def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
         where = f"{rule_set.path}: spaces.{name}"
         try:
             size = _whole(spec.size.evaluate(env), f"{where}.size")
-            grow = _whole(spec.grow.evaluate(env), f"{where}.grow")
+            target = _whole(spec.size.evaluate(env) * spec.grow.evaluate(env), f"{where}: size × grow")
             unit = _whole(spec.unit.evaluate(env), f"{where}.unit")
         except ExpressionError as exc:
             raise TensorscaleError(f"{where}: {exc}") from None
-        if grow < 1 or unit < 1 or size < 0:
-            raise TensorscaleError(f"{where}: size must be >= 0 and grow, unit >= 1 (got {size}, {grow}, {unit})")
-        if size % unit:
-            raise TensorscaleError(f"{where}: size {size} is not a multiple of its unit {unit}")
-        spaces[name] = Space(name, size, grow, unit, spec.clone)
+        if unit < 1 or size < 0 or target < 0:
+            raise TensorscaleError(f"{where}: size and target must be >= 0 and unit >= 1 (got {size}, {target}, {unit})")
+        if size % unit or target % unit:
+            raise TensorscaleError(f"{where}: sizes {size} -> {target} are not multiples of its unit {unit}")
+        spaces[name] = Space(name, size, target, unit, spec.clone, spec.per, spec.scaled, spec.equal, spec.within,
+                             spec.clusters_of)
     return spaces
 
 
 def compile_transform(
-    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str
+    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str, folds=None
 ) -> list[Op]:
+    """The ops for one tensor. With `folds` (cluster assignments from the `down` analysis) roles become
+    merges; without, they become `up`'s tiles."""
     ops: list[Op] = []
     if transform.scale is not None:
         factor = transform.scale.evaluate(env)
@@ -71,8 +103,13 @@ def compile_transform(
                 "the checkpoint does not match its config or the rules"
             )
         for axis, label in enumerate(transform.axes):
-            ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where))
+            if folds is None:
+                ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where))
+            else:
+                ops.extend(_fold_ops(axis, label, shape[axis], spaces, env, where, folds))
     if transform.ops is not None:
+        if folds is not None:
+            raise TensorscaleError(f"{where}: down derives its ops from axis roles; this rule has an explicit op chain")
         ops.extend(build_chain(transform.ops, env, where))
     return ops
 
@@ -100,22 +137,47 @@ def _axis_ops(axis, label, size, spaces, env, where) -> list[Op]:
             f"{where}: axis {axis} ({label}) has size {size} but config.json implies {expected}; "
             "the checkpoint does not match its config"
         )
-    reads = label.endswith(IN_SUFFIX)
-    space = spaces[label[: -len(IN_SUFFIX)] if reads else label]
+    name, role = split_role(label)
+    space = spaces[name]
     if space.grow == 1:
         return []
-    if reads:
+    if role == "in":
         return [TileDivide(axis, space.grow, env.get("snr_db"))]
     if space.clone == "interleave":
         return [Interleave(axis, space.grow, space.unit)]
     return [Tile(axis, space.grow)]
 
 
+def _fold_ops(axis, label, size, spaces, env, where, folds) -> list[Op]:
+    if label == "-":
+        return []
+    if isinstance(label, list):
+        parts, sizes = [], []
+        for part in label:
+            part_size = _label_size(part, spaces)
+            sizes.append(part_size)
+            parts.append(_fold_ops(axis, part, part_size, spaces, env, where, folds))
+        if sum(sizes) != size:
+            raise TensorscaleError(f"{where}: fused axis {axis} has size {size} but its parts {label} add up to {sum(sizes)}")
+        return [Fused(axis, sizes, parts)] if any(parts) else []
+    expected = _label_size(label, spaces)
+    if expected != size:
+        raise TensorscaleError(
+            f"{where}: axis {axis} ({label}) has size {size} but config.json implies {expected}; "
+            "the checkpoint does not match its config"
+        )
+    name, role = split_role(label)
+    space = spaces[name]
+    if space.target == space.size:
+        return []
+    fold = folds.lookup(space, env, where)
+    return [fold.merge_op(axis, role, space)]
+
+
 def _label_size(label, spaces) -> int:
     if label == "-":
         raise TensorscaleError("'-' cannot be part of a fused axis; name the part's space")
-    name = label[: -len(IN_SUFFIX)] if label.endswith(IN_SUFFIX) else label
-    return spaces[name].size
+    return spaces[split_role(label)[0]].size
 
 
 def build_chain(specs: list[OpSpec], env, where) -> list[Op]:

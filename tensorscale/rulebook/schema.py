@@ -26,8 +26,10 @@ from .expr import Expression, ExpressionError
 KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched"}
 KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note"}
 KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
-KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "note"}
+KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "note"}
 IN_SUFFIX = ".in"
+NORM_SUFFIX = ".norm"
+ROLE_SUFFIXES = (IN_SUFFIX, NORM_SUFFIX)
 COMPONENTS = {"embeddings", "attention", "mlp", "norms", "head", "other"}
 
 
@@ -42,6 +44,12 @@ class SpaceSpec:
     grow: Expression
     unit: Expression
     clone: str  # "tile" ([a, b, a, b]) or "interleave" ([a, a, b, b] at unit granularity)
+    # For `down` (folding units into clusters):
+    per: str | None = None  # a regex group (e.g. layer): one clustering per value, not one for the model
+    scaled: bool = False  # a space that an RMSNorm normalises: merged units carry S = sqrt(N·m/n)
+    equal: bool = False  # clusters must have equal sizes (LayerNorm centring, full-projection q/k norms)
+    within: str | None = None  # units are grouped under this space's units (q heads under kv heads)
+    clusters_of: str | None = None  # clustered exactly like that space (a second view of the same units)
 
 
 @dataclass
@@ -196,9 +204,21 @@ def _build(data, path: str) -> RuleSet:
             raise RulesError(f"{where}: clone must be 'tile' or 'interleave'")
         if "." in str(key) or str(key) == "-":
             raise RulesError(f"{where}: space names may not contain '.' or be '-'")
+        for flag in ("scaled", "equal"):
+            if not isinstance(value.get(flag, False), bool):
+                raise RulesError(f"{where}: {flag} must be true or false")
+        for ref in ("per", "within", "clusters_of"):
+            if value.get(ref) is not None and not isinstance(value.get(ref), str):
+                raise RulesError(f"{where}: {ref} must be a name")
         spaces[str(key)] = SpaceSpec(
-            str(key), _expr(value["size"], where), _expr(value.get("grow", 1), where), _expr(value.get("unit", 1), where), clone
+            str(key), _expr(value["size"], where), _expr(value.get("grow", 1), where), _expr(value.get("unit", 1), where),
+            clone, value.get("per"), value.get("scaled", False), value.get("equal", False), value.get("within"),
+            value.get("clusters_of"),
         )
+    for key, spec in spaces.items():
+        for ref in (spec.within, spec.clusters_of):
+            if ref is not None and ref not in spaces:
+                raise RulesError(f"{path}: spaces.{key} refers to space {ref!r}, which is not declared")
 
     config = [(str(k), _expr(v, f"{path}: config.{k}")) for k, v in _mapping(data.get("config"), f"{path}: config").items()]
 
@@ -303,11 +323,19 @@ def _axis_label(label, where, spaces):
     if label is None or label == "-":
         return "-"
     if not isinstance(label, str):
-        raise RulesError(f"{where}: axis role {label!r} must be a space name, 'space.in', '-' or a list of them")
-    space = label[: -len(IN_SUFFIX)] if label.endswith(IN_SUFFIX) else label
+        raise RulesError(f"{where}: axis role {label!r} must be a space name, 'space.in', 'space.norm', '-' or a list of them")
+    space = split_role(label)[0]
     if space not in spaces:
         raise RulesError(f"{where}: axis role {label!r} names no space (spaces: {', '.join(spaces) or 'none'})")
     return label
+
+
+def split_role(label: str) -> tuple[str, str]:
+    """'hidden.in' -> ('hidden', 'in'); 'hidden.norm' -> ('hidden', 'norm'); 'hidden' -> ('hidden', 'out')."""
+    for suffix in ROLE_SUFFIXES:
+        if label.endswith(suffix):
+            return label[: -len(suffix)], suffix[1:]
+    return label, "out"
 
 
 def _op_chain(ops, where) -> list[OpSpec]:

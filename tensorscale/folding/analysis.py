@@ -1,0 +1,216 @@
+"""The `down` analysis pass: read the weights once, describe every unit by a sketch of its weights, and
+cluster each space's units. Only the sketches (a few hundred numbers per unit) stay in memory.
+
+Order matters, and follows the cluster-fold recipe:
+1. global spaces (the residual stream): every tensor with an axis in that space adds to the units'
+   sketches. Noise-free tensors (no axis that reads a tiled space: embeddings, norms, biases) are also
+   sketched on their own: on a HyperCloned model they show the copies exactly.
+2. per-layer spaces, one instance (layer) at a time: the producers of the space (rows that write it, plus
+   biases and norm gains) are first lifted by the residual unmerge U, which cancels HyperCloning's noise
+   exactly, then sketched. Spaces named by another's `within` (kv heads) go first; q heads are then
+   clustered inside each kv cluster, so a small q head never spans two kv heads (GQA stays valid).
+Sketches are random projections with fixed seeds (Johnson-Lindenstrauss): distances between units are
+kept, so copies stay copies and k-means sees the real geometry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TensorscaleError
+from ..planning.plan import match_rule
+from ..reading.source import ModelSource
+from ..reading.tensor_reader import ShardReader
+from ..rulebook.compile import Space
+from ..rulebook.schema import RuleSet, split_role
+from .clustering import cluster_units
+from .fold import Fold, Folds
+
+SKETCH = 256  # dimensions of a unit's sketch
+MAX_SAMPLES = 4096  # rows (or columns) of one tensor that a sketch looks at
+
+
+@dataclass
+class Match:
+    name: str
+    info: object
+    rule: object
+    env: dict
+
+    def roles(self):
+        """(axis, space name, role) for every plain (not fused, not '-') axis label."""
+        axes = self.rule.transform.axes or []
+        return [(axis, *split_role(label)) for axis, label in enumerate(axes) if isinstance(label, str) and label != "-"]
+
+
+def _generator(*parts) -> torch.Generator:
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _projection(features: int, key) -> torch.Tensor:
+    return torch.randn(features, SKETCH, generator=_generator("sketch", key)) / math.sqrt(SKETCH)
+
+
+def _sample(count: int) -> torch.Tensor:
+    """A fixed, evenly spread subset of at most MAX_SAMPLES indices."""
+    if count <= MAX_SAMPLES:
+        return torch.arange(count)
+    return torch.linspace(0, count - 1, MAX_SAMPLES).round().long()
+
+
+def _unit_rows(tensor: torch.Tensor, axis: int, unit: int) -> torch.Tensor:
+    """[units, features]: the axis's units as rows, everything else (unit entries included) as columns."""
+    moved = tensor.movedim(axis, 0)
+    units = moved.shape[0] // unit
+    return moved.reshape(units, -1)
+
+
+def _sketch(rows: torch.Tensor, key) -> torch.Tensor:
+    """Normalise a tensor's unit rows to unit Frobenius norm and project them to SKETCH dimensions."""
+    columns = _sample(rows.shape[1])
+    sampled = rows[:, columns].float()
+    norm = sampled.norm()
+    if norm == 0:
+        return torch.zeros(rows.shape[0], SKETCH)
+    return (sampled / norm) @ _projection(len(columns), key)
+
+
+def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
+    matches = []
+    for name, info in source.tensors.items():
+        rule, rule_env = match_rule(rule_set, name, env)
+        if rule is None or rule.drop or rule.transform.axes is None:
+            continue
+        if rule.replicate_count is not None:
+            raise TensorscaleError(
+                f"down cannot fold tensors written per head index ({rule.label}, e.g. StableLM qk_layernorm) yet"
+            )
+        matches.append(Match(name, info, rule, rule_env))
+    return matches
+
+
+def _check_fused(matches: list[Match], folded: set[str]) -> None:
+    for match in matches:
+        for label in match.rule.transform.axes or []:
+            if isinstance(label, list) and any(split_role(part)[0] in folded for part in label):
+                raise TensorscaleError(f"down cannot fold a fused axis yet ({match.rule.label}); only `up` supports it")
+
+
+def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
+            progress=None) -> Folds:
+    matches = match_all(source, rule_set, env)
+    folded = {name for name, space in spaces.items() if space.target != space.size}
+    _check_fused(matches, folded)
+    folds = Folds()
+    with ShardReader() as reader:
+        for space in spaces.values():
+            if space.name in folded and space.per is None and space.clusters_of is None:
+                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, seed)
+        per_layer = [s for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None]
+        # Spaces others are `within` go first (kv heads before q heads).
+        parents = {s.within for s in per_layer}
+        per_layer.sort(key=lambda s: 0 if s.name in parents else 1)
+        for referenced in (s.clusters_of for s in spaces.values() if s.name in folded and s.clusters_of):
+            if referenced not in folded:
+                raise TensorscaleError(f"space {referenced} must fold with the spaces clustered like it")
+        instances = sorted({m.env.get(s.per) for s in per_layer for m in matches if s.per in m.env},
+                           key=lambda v: (str(type(v)), v))
+        for instance in instances:
+            for space in per_layer:
+                folds.by_key[(space.name, instance)] = _fold_instance(space, instance, matches, reader, spaces, folds, seed)
+            if progress:
+                progress(instance)
+    return folds
+
+
+def _fold_global(space: Space, matches: list[Match], reader: ShardReader, seed: int) -> Fold:
+    everything = torch.zeros(space.units, SKETCH)
+    noise_free = torch.zeros(space.units, SKETCH)
+    clean_count = 0
+    for match in matches:
+        roles = match.roles()
+        axes = [axis for axis, name, _ in roles if name == space.name]
+        if not axes:
+            continue
+        tensor = reader.read(match.info).float()
+        reads_tiled = any(role == "in" for _, _, role in roles)
+        for axis in axes:
+            sketch = _sketch(_unit_rows(tensor, axis, space.unit), (match.name, axis))
+            everything += sketch
+            if not reads_tiled:
+                noise_free += sketch
+                clean_count += 1
+        del tensor
+    what = f"space {space.name}"
+    labels, exact = cluster_units(noise_free if clean_count else everything, space.target_units, equal=space.equal,
+                                  what=what, seed=seed)
+    if not exact and clean_count:
+        labels, exact = cluster_units(everything, space.target_units, equal=space.equal, what=what, seed=seed)
+    return Fold(labels, space.target_units, exact)
+
+
+def _lift(tensor: torch.Tensor, match: Match, spaces: dict[str, Space], folds: Folds) -> torch.Tensor:
+    """Apply the global spaces' consumer merges (U) to the axes that read them: noise cancels here."""
+    for axis, name, role in match.roles():
+        space = spaces[name]
+        if role == "in" and space.per is None and (name, None) in folds.by_key:
+            merge = folds.by_key[(name, None)].merge_op(axis, "in", space)
+            tensor = merge.apply(tensor, None, 0)
+    return tensor
+
+
+def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds, seed: int) -> Fold:
+    features = torch.zeros(space.units, SKETCH)
+    found = False
+    for match in matches:
+        if match.env.get(space.per) != instance:
+            continue
+        for axis, name, role in match.roles():
+            if role == "in":
+                continue
+            linked = spaces[name].clusters_of == space.name
+            if name != space.name and not linked:
+                continue
+            unit = spaces[name].unit
+            tensor = _lift(reader.read(match.info).float(), match, spaces, folds)
+            features += _sketch(_unit_rows(tensor, axis, unit), (match.name, axis))
+            found = True
+    what = f"space {space.name} ({space.per} {instance})"
+    if not found:
+        raise TensorscaleError(f"{what}: no tensor writes this space, so its units cannot be compared")
+    if space.within is None:
+        labels, exact = cluster_units(features, space.target_units, equal=space.equal, what=what, seed=seed)
+        return Fold(labels, space.target_units, exact)
+    return _fold_within(space, instance, features, spaces[space.within], folds, what, seed)
+
+
+def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, what: str, seed: int) -> Fold:
+    """Cluster q heads inside each kv cluster: small q head j = c·G' + t uses small kv head c."""
+    parent_fold = folds.by_key.get((parent.name, instance))
+    if parent.target == parent.size or parent_fold is None:
+        parent_fold = Fold(list(range(parent.units)), parent.units, True)
+    if space.units % parent.units or space.target_units % parent_fold.clusters:
+        raise TensorscaleError(
+            f"{what}: {space.target_units} heads cannot be shared evenly by {parent_fold.clusters} kv heads; "
+            "choose a head count that is a multiple of the kv head count"
+        )
+    group = space.units // parent.units
+    per_cluster = space.target_units // parent_fold.clusters
+    members = defaultdict(list)
+    for unit in range(space.units):
+        members[parent_fold.cluster[unit // group]].append(unit)
+    labels = [0] * space.units
+    exact = parent_fold.exact
+    for cluster, units in sorted(members.items()):
+        local, local_exact = cluster_units(features[units], per_cluster, equal=space.equal,
+                                           what=f"{what}, kv cluster {cluster}", seed=seed)
+        exact = exact and local_exact
+        for unit, label in zip(units, local):
+            labels[unit] = cluster * per_cluster + label
+    return Fold(labels, space.target_units, exact)

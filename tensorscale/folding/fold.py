@@ -1,0 +1,70 @@
+"""A clustering of one space's units, and the merge ops it implies for each axis role.
+
+Cluster-fold (see the project's downscaling notes): units of a space are assigned to clusters; merge is
+P = SΩ and unmerge U = AS⁻¹, so PU = I. Producers (rows that write the space) are averaged and scaled by
+S, norm gains are averaged, consumers (columns that read the space) are summed and divided by S. S is
+sqrt(N_c·m/n) for spaces an RMSNorm normalises (it keeps the RMS of a merged vector equal to the original
+one's) and 1 elsewhere. On a HyperCloned model, whose clusters hold exact copies, this inverts `up`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import TensorscaleError
+from ..ops.library import Merge
+
+
+@dataclass
+class Fold:
+    cluster: list[int]  # unit -> cluster
+    clusters: int
+    exact: bool = False  # True when every cluster held identical units (an exact inverse)
+
+    def sizes(self) -> list[int]:
+        counts = [0] * self.clusters
+        for c in self.cluster:
+            counts[c] += 1
+        return counts
+
+    def merge_op(self, axis: int, role: str, space) -> Merge:
+        sizes = self.sizes()
+        if any(count == 0 for count in sizes):
+            raise TensorscaleError(f"space {space.name}: a cluster is empty; this is a bug in the clustering")
+        n, m = len(self.cluster), self.clusters
+        scale_s = [math.sqrt(count * m / n) if space.scaled else 1.0 for count in sizes]
+        if role == "in":
+            weight = [1.0] * n
+            scale = [1.0 / s for s in scale_s]
+        else:
+            weight = [1.0 / sizes[c] for c in self.cluster]
+            scale = scale_s if role == "out" else [1.0] * m
+        return Merge(axis, list(self.cluster), weight, scale, space.unit, label=f"{space.name}.{role}")
+
+
+@dataclass
+class Folds:
+    """Every clustering of a run, keyed by space and instance (e.g. the layer index for per-layer spaces)."""
+
+    by_key: dict[tuple[str, object], Fold] = field(default_factory=dict)
+
+    @staticmethod
+    def key(space, env) -> tuple[str, object]:
+        if space.per is None:
+            return (space.name, None)
+        if space.per not in env:
+            raise TensorscaleError(
+                f"space {space.name} is clustered per {space.per!r}, but the rule's regex has no group (?P<{space.per}>...)"
+            )
+        return (space.name, env[space.per])
+
+    def lookup(self, space, env, where: str) -> Fold:
+        source = space.clusters_of or space.name
+        key = (source, self.key(space, env)[1])
+        fold = self.by_key.get(key)
+        if fold is None:
+            raise TensorscaleError(f"{where}: no clustering for space {source} {key[1] if key[1] is not None else ''}".rstrip())
+        if len(fold.cluster) * space.unit != space.size:
+            raise TensorscaleError(f"{where}: space {space.name} has {space.units} units but its clustering has {len(fold.cluster)}")
+        return fold
