@@ -8,7 +8,6 @@ need them, so `desc` and `--help` stay instant.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sys
@@ -44,6 +43,11 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
         except BrokenPipeError:
             sys.exit(0)
+        except Exception:
+            if _interrupted:  # e.g. an import cut short by Ctrl-C fails on its retry: still an interrupt
+                click.echo("tensorscale: interrupted; nothing was written", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,24 +65,22 @@ def cli():
     """
 
 
-@contextlib.contextmanager
-def _signals_interrupt():
-    """SIGTERM and SIGHUP interrupt like Ctrl-C, so the temporary output is removed before we exit."""
+_interrupted = False
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+def _interrupt(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _install_signal_handlers():
+    """SIGINT, SIGTERM and SIGHUP all unwind like Ctrl-C, so a temporary output is removed before exit."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
-            previous[signum] = signal.signal(signum, interrupt)
+            signal.signal(signum, _interrupt)
         except (ValueError, OSError):  # not the main thread, or not supported here
             pass
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _input_option(func):
@@ -139,9 +141,8 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     from ..convert import execute_plan, plan_conversion
 
     plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size), rules_path)
-    with _signals_interrupt():
-        result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
-                              verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]])
+    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
+                          verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]])
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()
@@ -244,6 +245,7 @@ cli.add_command(batch)
 
 
 def main():
+    _install_signal_handlers()
     cli(prog_name="tensorscale")
 
 
