@@ -17,6 +17,7 @@ import click
 from .. import __version__
 from ..errors import TensorscaleError
 from . import render
+from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -57,6 +58,7 @@ def cli():
 
     \b
     up     widen a model by HyperCloning; the wider model computes the same logits
+    down   narrow a model by folding units into clusters; exactly undoes up
     plan   show what `up` would do, writing nothing
     desc   describe a checkpoint from its config and headers
     rules  list, show and check the architecture rules files
@@ -167,12 +169,22 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
 
 @cli.command()
 @_up_options
-def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json):
-    """Dry run of `up`: every tensor's rule, op chain, shapes and dtypes, and the shard layout. Writes nothing."""
-    from ..convert import default_output, plan_conversion
+@down_target_options
+def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
+         edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads):
+    """Dry run of `up` (or of `down`, given its divisors or targets): every tensor's rule, op chain, shapes
+    and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read the
+    weights once, since its clusters depend on them."""
+    from ..convert import default_output, plan_conversion, plan_down
 
-    the_plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size),
-                               rules_path, headers_only=True)
+    targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    if wants_down(edd, upd, targets):
+        if edm != 1 or upm != 1 or snr_db is not None or untie_embeddings:
+            raise TensorscaleError("up options (-edm, -upm, --snr-db, --untie-embeddings) do not combine with down's")
+        the_plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path)
+    else:
+        the_plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size),
+                                   rules_path, headers_only=True)
     data = render.plan_data(the_plan, output or default_output(the_plan.source, the_plan))
     click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
 
@@ -240,6 +252,7 @@ from .inference_commands import gen, verify  # noqa: E402  (torch and transforme
 from .batch_command import batch  # noqa: E402  (the engine and Ray load inside it)
 
 cli.add_command(gen)
+cli.add_command(down)
 cli.add_command(verify)
 cli.add_command(batch)
 

@@ -56,6 +56,7 @@ def plan_data(plan, output: str) -> dict:
         "input": plan.source.label,
         "output": output,
         "rules": plan.rules.name,
+        "mode": plan.options.mode,
         "embed_dim_multiplier": plan.options.embed_dim_multiplier,
         "up_proj_multiplier": plan.options.up_proj_multiplier,
         "snr_db": plan.options.snr_db,
@@ -91,10 +92,10 @@ def plan_text(data: dict) -> str:
         shape = f"{tensor['in_shape']} -> {tensor['out_shape']}"
         dtype = tensor["in_dtype"] if tensor["in_dtype"] == tensor["out_dtype"] else f"{tensor['in_dtype']}->{tensor['out_dtype']}"
         rows.append((name, shape, dtype, " -> ".join(tensor["ops"]) or "copy", tensor["rule"]))
+    how = (f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}"
+           + (f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else "")) if data.get("mode") != "down" else "down"
     lines = [
-        f"plan: {data['input']} -> {data['output']} (rules {data['rules']}, "
-        f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}"
-        + (f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else "") + ")",
+        f"plan: {data['input']} -> {data['output']} (rules {data['rules']}, {how})",
         "",
         _table(rows, ("tensor", "shape", "dtype", "ops", "rule")),
         "",
@@ -118,6 +119,16 @@ def up_summary(summary: dict) -> str:
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
         f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}, "
         f"n={summary['embed_dim_multiplier']}, m={summary['up_proj_multiplier']})"
+    )
+
+
+def down_summary(summary: dict) -> str:
+    exact = f"{summary['exact_copies']}/{summary['clusterings']} clusterings merged exact copies"
+    retied = f"; {summary['retied']} equals the embedding again, so the output is tied" if summary.get("retied") else ""
+    return (
+        f"wrote {summary['output']}: {human_count(summary['source_parameters'])} -> "
+        f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
+        f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}); {exact}{retied}"
     )
 
 

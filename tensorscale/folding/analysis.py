@@ -105,13 +105,16 @@ def _check_fused(matches: list[Match], folded: set[str]) -> None:
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
             progress=None) -> Folds:
     matches = match_all(source, rule_set, env)
+    # The coarsest float dtype of the checkpoint sets how far apart copies may be after rounding.
+    coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
+    dtype = "BF16" if "BF16" in coarse else (coarse[0] if coarse else "F32")
     folded = {name for name, space in spaces.items() if space.target != space.size}
     _check_fused(matches, folded)
     folds = Folds()
     with ShardReader() as reader:
         for space in spaces.values():
             if space.name in folded and space.per is None and space.clusters_of is None:
-                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, seed)
+                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, seed, dtype)
         per_layer = [s for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None]
         # Spaces others are `within` go first (kv heads before q heads).
         parents = {s.within for s in per_layer}
@@ -123,13 +126,13 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
                            key=lambda v: (str(type(v)), v))
         for instance in instances:
             for space in per_layer:
-                folds.by_key[(space.name, instance)] = _fold_instance(space, instance, matches, reader, spaces, folds, seed)
+                folds.by_key[(space.name, instance)] = _fold_instance(space, instance, matches, reader, spaces, folds, seed, dtype)
             if progress:
                 progress(instance)
     return folds
 
 
-def _fold_global(space: Space, matches: list[Match], reader: ShardReader, seed: int) -> Fold:
+def _fold_global(space: Space, matches: list[Match], reader: ShardReader, seed: int, dtype: str) -> Fold:
     everything = torch.zeros(space.units, SKETCH)
     noise_free = torch.zeros(space.units, SKETCH)
     clean_count = 0
@@ -149,9 +152,9 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, seed: 
         del tensor
     what = f"space {space.name}"
     labels, exact = cluster_units(noise_free if clean_count else everything, space.target_units, equal=space.equal,
-                                  what=what, seed=seed)
+                                  what=what, seed=seed, dtype=dtype)
     if not exact and clean_count:
-        labels, exact = cluster_units(everything, space.target_units, equal=space.equal, what=what, seed=seed)
+        labels, exact = cluster_units(everything, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype)
     return Fold(labels, space.target_units, exact)
 
 
@@ -165,7 +168,7 @@ def _lift(tensor: torch.Tensor, match: Match, spaces: dict[str, Space], folds: F
     return tensor
 
 
-def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds, seed: int) -> Fold:
+def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds, seed: int, dtype: str) -> Fold:
     features = torch.zeros(space.units, SKETCH)
     found = False
     for match in matches:
@@ -185,12 +188,12 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
     if not found:
         raise TensorscaleError(f"{what}: no tensor writes this space, so its units cannot be compared")
     if space.within is None:
-        labels, exact = cluster_units(features, space.target_units, equal=space.equal, what=what, seed=seed)
+        labels, exact = cluster_units(features, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype)
         return Fold(labels, space.target_units, exact)
-    return _fold_within(space, instance, features, spaces[space.within], folds, what, seed)
+    return _fold_within(space, instance, features, spaces[space.within], folds, what, seed, dtype)
 
 
-def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, what: str, seed: int) -> Fold:
+def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, what: str, seed: int, dtype: str) -> Fold:
     """Cluster q heads inside each kv cluster: small q head j = c·G' + t uses small kv head c."""
     parent_fold = folds.by_key.get((parent.name, instance))
     if parent.target == parent.size or parent_fold is None:
@@ -209,7 +212,7 @@ def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, 
     exact = parent_fold.exact
     for cluster, units in sorted(members.items()):
         local, local_exact = cluster_units(features[units], per_cluster, equal=space.equal,
-                                           what=f"{what}, kv cluster {cluster}", seed=seed)
+                                           what=f"{what}, kv cluster {cluster}", seed=seed, dtype=dtype)
         exact = exact and local_exact
         for unit, label in zip(units, local):
             labels[unit] = cluster * per_cluster + label

@@ -12,12 +12,14 @@ import torch
 
 from ..errors import TensorscaleError
 
-DUPLICATE_TOLERANCE = 1e-4  # relative to the typical feature norm; clone rows differ by ~1e-7
+# How close two units' sketches must be (relative to the typical sketch norm) to count as copies. Copies
+# differ only by rounding: ~1e-7 in float32, but a noisy bf16 `up` rounds each block to 8 bits.
+DUPLICATE_TOLERANCE = {"F64": 1e-4, "F32": 1e-4, "F16": 5e-3, "BF16": 3e-2}
 KMEANS_ITERATIONS = 25
 
 
-def duplicate_groups(features: torch.Tensor) -> list[int]:
-    """Group id per row: rows within DUPLICATE_TOLERANCE of each other share one (union-find)."""
+def duplicate_groups(features: torch.Tensor, relative_tolerance: float = 1e-4) -> list[int]:
+    """Group id per row: rows within the tolerance of each other share one (union-find)."""
     n = features.shape[0]
     parent = list(range(n))
 
@@ -29,7 +31,7 @@ def duplicate_groups(features: torch.Tensor) -> list[int]:
 
     norms = features.norm(dim=1)
     scale = float(norms.median()) if n else 0.0
-    tolerance = DUPLICATE_TOLERANCE * max(scale, 1e-30)
+    tolerance = relative_tolerance * max(scale, 1e-30)
     block = 1024
     for begin in range(0, n, block):
         rows = features[begin:begin + block]
@@ -145,7 +147,8 @@ def _fill_empty(labels: torch.Tensor, distances: torch.Tensor, k: int) -> torch.
     return labels
 
 
-def cluster_units(features: torch.Tensor, k: int, *, equal: bool, what: str, seed: int = 0) -> tuple[list[int], bool]:
+def cluster_units(features: torch.Tensor, k: int, *, equal: bool, what: str, seed: int = 0,
+                  dtype: str = "F32") -> tuple[list[int], bool]:
     """Labels (unit -> cluster in 0..k-1) and whether every cluster holds exact copies."""
     n = features.shape[0]
     if not 1 <= k <= n:
@@ -154,7 +157,7 @@ def cluster_units(features: torch.Tensor, k: int, *, equal: bool, what: str, see
         raise TensorscaleError(f"{what}: {n} units cannot fold into {k} equal clusters; choose a divisor of {n}")
     if k == n:
         return list(range(n)), True
-    groups = duplicate_groups(features)
+    groups = duplicate_groups(features, DUPLICATE_TOLERANCE.get(dtype, 1e-4))
     count = max(groups) + 1
     if count <= k:
         split = _split_groups(groups, k, equal)

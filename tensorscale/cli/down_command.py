@@ -1,0 +1,98 @@
+"""`tensorscale down`: fold a model into a narrower one of the same architecture (cluster-fold)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import TensorscaleError
+from . import render
+
+TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def down_target_options(func):
+    """The ways to say how small: divisors (the mirror of up's multipliers) or target sizes."""
+    options = [
+        click.option("--embed-dim-divisor", "-edd", "edd", type=int, default=None,
+                     help="N: hidden size and head counts ÷N (the mirror of -edm)."),
+        click.option("--up-proj-divisor", "-upd", "upd", type=int, default=None,
+                     help="M: FFN size ÷M (the mirror of -upm)."),
+        click.option("--hidden-size", type=int, default=None, help="Target hidden size (any the architecture allows)."),
+        click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
+        click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
+        click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count (divides the heads)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def wants_down(edd, upd, targets: dict) -> bool:
+    return edd is not None or upd is not None or any(v is not None for v in targets.values())
+
+
+def down_options(edd, upd, targets: dict, seed, dtype, max_shard_size):
+    from ..planning.plan import Options, parse_size
+
+    chosen = {key: value for key, value in targets.items() if value is not None}
+    if not chosen and edd is None and upd is None:
+        raise TensorscaleError(
+            "say how small: --embed-dim-divisor/--up-proj-divisor, or --hidden-size/--intermediate-size/"
+            "--num-attention-heads/--num-key-value-heads"
+        )
+    return Options(seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size), mode="down",
+                   embed_dim_divisor=edd, up_proj_divisor=upd, targets=chosen)
+
+
+def fold_summary(plan) -> dict:
+    folds = plan.folds.by_key.values() if plan.folds else []
+    return {
+        "clusterings": len(folds),
+        "exact_copies": sum(1 for fold in folds if fold.exact),
+        "retied": plan.retied,
+    }
+
+
+@click.command()
+@click.option("--input", "-i", "source", required=True, metavar="SRC", help="Model folder, or a hub id (org/name).")
+@click.option("--output", "-o", "output", default=None, metavar="OUT",
+              help="Output folder (default: <source name>-<size> in the current folder).")
+@down_target_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering (k-means, sketches).")
+@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep", show_default=True)
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
+@click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, seed,
+         dtype, rules_path, max_shard_size, force, verify_files, manifest, as_json, quiet):
+    """Make a narrower model of the same architecture by folding units into clusters.
+
+    Exactly undoes `up` (a HyperCloned model's copies are found and merged), and works on any model:
+    units whose weights are most alike are merged. Data-free.
+
+    \b
+    Example:
+      tensorscale down -i tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
+      tensorscale down -i my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
+    """
+    from ..convert import execute_plan, plan_down
+
+    targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path)
+    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json, verify_files=verify_files,
+                          manifest=manifest, command=["tensorscale", *sys.argv[1:]])
+    for name in result.stale_removed:
+        click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
+    summary = result.summary()
+    summary.update(fold_summary(plan))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(render.down_summary(summary))
