@@ -207,6 +207,7 @@ class History:
     train_loss: list = field(default_factory=list)   # mean train loss since the previous evaluation
     extra: dict = field(default_factory=dict)        # name -> list, one value per evaluation
     seconds: float = 0.0
+    cpu_seconds: float = 0.0                         # this process, all threads: ~threads x seconds if alone
 
 
 def train(model, stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, schedule: Schedule,
@@ -234,7 +235,7 @@ def train(model, stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: 
         log(f"{label}step {step:5d}/{steps}  tokens {hist.tokens[-1]:>9,}  train {hist.train_loss[-1]:.3f}  "
             f"val {hist.val_loss[-1]:.3f}{extra}  ({time.time() - t0:.0f} s)")
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     model.train()
     record(0)
     for step in range(steps):
@@ -252,6 +253,7 @@ def train(model, stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: 
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             record(step + 1)
     hist.seconds = time.time() - t0
+    hist.cpu_seconds = time.process_time() - c0
     return hist
 
 

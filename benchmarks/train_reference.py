@@ -181,6 +181,18 @@ Greedy (repetition penalty 1.3), 40 new tokens:
         f.write(text)
 
 
+def portable_tokenizer_config(out):
+    """transformers 5 names the class `TokenizersBackend`, which 4.x does not know; both load
+    `PreTrainedTokenizerFast` (5.x maps it to the same backend), so write that."""
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -212,6 +224,7 @@ def main(argv=None):
         do_sample=True, temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3, max_new_tokens=64)
     model.to(getattr(torch, args.dtype)).save_pretrained(args.out, safe_serialization=True)
     tok.save_pretrained(args.out)
+    portable_tokenizer_config(args.out)
 
     reloaded_tok = AutoTokenizer.from_pretrained(args.out)
     reloaded = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
@@ -225,7 +238,7 @@ def main(argv=None):
         "train_docs": data.n_train_docs, "val_docs": data.n_val_docs, "train_chars": data.train_chars,
         "train_tokens": len(data.train), "val_tokens": len(data.val), "steps": args.steps, "batch": args.batch,
         "seq_len": args.seq_len, "tokens_seen": args.steps * args.batch * args.seq_len, "lr": args.lr,
-        "warmup": args.warmup, "seed": args.seed, "train_seconds": hist.seconds,
+        "warmup": args.warmup, "seed": args.seed, "train_seconds": hist.seconds, "train_cpu_seconds": hist.cpu_seconds,
         "val_loss_fp32": val_fp32, "val_ppl_fp32": float(torch.tensor(val_fp32).exp()),
         "val_loss_saved": val_saved, "val_ppl_saved": float(torch.tensor(val_saved).exp()),
         "val_windows": len(full_val), "machine": corpus.machine(), "python": sys.version.split()[0],
