@@ -23,7 +23,8 @@ def plan_conversion(source_label: str, options: Options, rules_path: str | None 
     return build_plan(source, rules, options)
 
 
-def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None) -> Plan:
+def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None,
+              calibration: tuple[str, int] | None = None) -> Plan:
     """Plan `down`: read the weights once to cluster every space's units, then plan the merges.
 
     Unlike `up`, this reads tensor data (the clustering needs it), so even `plan` takes a full read."""
@@ -37,7 +38,8 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     source = open_source(source_label)
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
-    folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress)
+    folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress,
+                    calibration=calibration)
     plan = build_plan(source, rules, options, folds)
     retie = find_retie(plan)
     if retie:

@@ -201,3 +201,43 @@ def test_impossible_targets(tmp_path, model_type, options, message):
     with pytest.raises(TensorscaleError, match=message):
         down(source, tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+def test_calibration_keeps_the_inverse_exact_and_changes_ordinary_folds(tmp_path):
+    from test_inference import SENTENCES, save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    save_tokenizer(source)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(SENTENCES * 4))
+    run_up(source, str(tmp_path / "up"), Options(2, 2, snr_db=20.0), show_progress=False)
+    plan = plan_down(str(tmp_path / "up"), Options(embed_dim_divisor=2, up_proj_divisor=2),
+                     calibration=(text.read_text(), 512))
+    assert any(fold.importance for fold in plan.folds.by_key.values())
+    execute_plan(plan, str(tmp_path / "down"), show_progress=False)
+    assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
+    # On an ordinary model the importance weights change the merged weights.
+    down(source, tmp_path / "plain", embed_dim_divisor=2, up_proj_divisor=2)
+    calibrated = plan_down(source, Options(embed_dim_divisor=2, up_proj_divisor=2), calibration=(text.read_text(), 512))
+    execute_plan(calibrated, str(tmp_path / "calibrated"), show_progress=False)
+    plain, weighted = tensors(tmp_path / "plain"), tensors(tmp_path / "calibrated")
+    assert any(not torch.equal(plain[name], weighted[name]) for name in plain)
+
+
+def test_calibration_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  ")
+    for text, message in ((str(empty), "is empty"), (str(tmp_path / "missing.txt"), "cannot read calibration text")):
+        result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o",
+                                 str(tmp_path / "out"), "-edd", "2", "--calibration", text], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    no_tokenizer = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o",
+                                   str(tmp_path / "out"), "-edd", "2", "--calibration", __file__], capture_output=True, text=True)
+    assert no_tokenizer.returncode == 2 and "no tokenizer" in no_tokenizer.stderr
+    assert not (tmp_path / "out").exists()

@@ -61,6 +61,9 @@ def fold_summary(plan) -> dict:
 @click.option("--output", "-o", "output", default=None, metavar="OUT",
               help="Output folder (default: <source name>-<size> in the current folder).")
 @down_target_options
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Text to run the model on: activation statistics weight the merges (needs transformers).")
+@click.option("--calibration-tokens", type=int, default=8192, show_default=True, help="Tokens of FILE to use.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering (k-means, sketches).")
 @click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep", show_default=True)
 @click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE")
@@ -70,12 +73,14 @@ def fold_summary(plan) -> dict:
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, seed,
-         dtype, rules_path, max_shard_size, force, verify_files, manifest, as_json, quiet):
+def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
+         calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
+         as_json, quiet):
     """Make a narrower model of the same architecture by folding units into clusters.
 
     Exactly undoes `up` (a HyperCloned model's copies are found and merged), and works on any model:
-    units whose weights are most alike are merged. Data-free.
+    units whose weights are most alike are merged. Data-free by default; --calibration weights the merges
+    by how much each unit is used on a sample of text.
 
     \b
     Example:
@@ -85,7 +90,13 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
     from ..convert import execute_plan, plan_down
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
-    plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path)
+    calibration_data = None
+    if calibration is not None:
+        from ..folding.calibration import read_calibration_text
+
+        calibration_data = (read_calibration_text(calibration), calibration_tokens)
+    plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
+                     calibration=calibration_data)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json, verify_files=verify_files,
                           manifest=manifest, command=["tensorscale", *sys.argv[1:]])
     for name in result.stale_removed:

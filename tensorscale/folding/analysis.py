@@ -103,7 +103,8 @@ def _check_fused(matches: list[Match], folded: set[str]) -> None:
 
 
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
-            progress=None) -> Folds:
+            progress=None, calibration: tuple[str, int] | None = None) -> Folds:
+    """Cluster every folded space. `calibration` = (text, tokens) adds activation statistics."""
     matches = match_all(source, rule_set, env)
     # The coarsest float dtype of the checkpoint sets how far apart copies may be after rounding.
     coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
@@ -129,6 +130,13 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
                 folds.by_key[(space.name, instance)] = _fold_instance(space, instance, matches, reader, spaces, folds, seed, dtype)
             if progress:
                 progress(instance)
+    if calibration is not None:
+        from .calibration import importance
+
+        text, tokens = calibration
+        for key, values in importance(source.folder, source.label, text, tokens, matches, spaces).items():
+            if key in folds.by_key:
+                folds.by_key[key].importance = values.tolist()
     return folds
 
 

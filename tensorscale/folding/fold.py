@@ -21,6 +21,7 @@ class Fold:
     cluster: list[int]  # unit -> cluster
     clusters: int
     exact: bool = False  # True when every cluster held identical units (an exact inverse)
+    importance: list[float] | None = None  # per unit, from calibration: weights the averages
 
     def sizes(self) -> list[int]:
         counts = [0] * self.clusters
@@ -38,9 +39,20 @@ class Fold:
             weight = [1.0] * n
             scale = [1.0 / s for s in scale_s]
         else:
-            weight = [1.0 / sizes[c] for c in self.cluster]
+            weight = self.averaging_weights(sizes)
             scale = scale_s if role == "out" else [1.0] * m
         return Merge(axis, list(self.cluster), weight, scale, space.unit, label=f"{space.name}.{role}")
+
+
+    def averaging_weights(self, sizes: list[int]) -> list[float]:
+        """Ω: the uniform mean, or with calibration the importance-weighted mean, within each cluster."""
+        if self.importance is None:
+            return [1.0 / sizes[c] for c in self.cluster]
+        totals = [0.0] * self.clusters
+        for unit, c in enumerate(self.cluster):
+            totals[c] += self.importance[unit]
+        return [self.importance[unit] / totals[c] if totals[c] > 0 else 1.0 / sizes[c]
+                for unit, c in enumerate(self.cluster)]
 
 
 @dataclass
