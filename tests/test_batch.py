@@ -310,3 +310,44 @@ def test_address_without_ray_executor_is_a_mistake(tmp_path, sources):
     path = _write_jobs(str(tmp_path), _jobs(sources)[:1])
     result = CliRunner().invoke(cli, ["batch", path, "--address", "auto"])
     assert result.exit_code == 2 and "--address is for --executor ray" in result.output
+
+
+def _slow_task(spec, index, path, fingerprint, verify_files):
+    """A shard that takes a minute, so the batch can be interrupted while workers are busy."""
+    import time
+
+    open(path, "wb").close()
+    time.sleep(60)
+
+
+_INTERRUPT_SCRIPT = """
+import os, signal, sys, threading
+sys.path.insert(0, {tests!r})
+from test_batch import _slow_task
+from tensorscale.batch.jobs import load_jobs
+from tensorscale.batch.local_executor import LocalExecutor
+from tensorscale.batch.overview import Overview
+from tensorscale.batch.runner import run_batch
+
+jobs = load_jobs({path!r})
+executor = LocalExecutor(2, task=_slow_task)
+threading.Timer(4, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    run_batch(jobs, executor, Overview(jobs, enabled=False), {path!r})
+except KeyboardInterrupt:
+    print("interrupted", sorted(os.listdir({out!r})))
+    sys.exit(130)
+"""
+
+
+def test_interrupt_stops_workers_and_leaves_nothing(tmp_path, sources):
+    import subprocess
+    import sys
+
+    jobs = [{"command": "up", "input": sources["llama"], "output": f"out/slow-{i}", "embed_dim_multiplier": 2}
+            for i in range(4)]
+    path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD})
+    script = _INTERRUPT_SCRIPT.format(tests=os.path.dirname(__file__), path=path, out=str(tmp_path / "out"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stdout.strip() == "interrupted []"  # no OUT, no temporary folder, well before the shards' minute

@@ -126,7 +126,10 @@ class LocalExecutor:
                 running[future] = (index, args, 0, pool)
             try:
                 while running:
-                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    # Short waits: after cancel() terminated the workers, their futures may never complete.
+                    done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
+                    if self.cancelled:
+                        raise TensorscaleError("the batch was interrupted")
                     for future in done:
                         index, args, attempt, pool = running.pop(future)
                         try:
@@ -145,10 +148,13 @@ class LocalExecutor:
                         future, pool = self._submit(args)
                         running[future] = (index, args, attempt + 1, pool)
             finally:
-                # Let the job's other shards stop before execute_plan removes their folder.
+                # Let the job's other shards stop before execute_plan removes their folder (after
+                # cancel() the workers are already dead).
                 for future in running:
                     future.cancel()
-                wait(list(running))
+                while running and not self.cancelled:
+                    _, still = wait(list(running), timeout=0.5)
+                    running = {f: running[f] for f in still}
 
         return run
 
@@ -158,8 +164,11 @@ class LocalExecutor:
             self.cancelled = True
             pool = self._pool
         if isinstance(pool, ProcessPoolExecutor):
-            for process in list(getattr(pool, "_processes", {}).values()):
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            for process in processes:
                 process.terminate()
+            for process in processes:  # dead before the job threads remove their temporary folders
+                process.join(timeout=10)
             pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:

@@ -85,18 +85,24 @@ def run_job(job: Job, executor, overview, command: list[str]) -> dict:
 def run_batch(jobs: list[Job], executor, overview, jobs_path: str) -> list[dict]:
     """Run every job; return their summary entries in jobs-file order. Ctrl-C stops the workers, lets each
     running job remove its temporary folder, and re-raises."""
-    threads = ThreadPoolExecutor(max(1, min(executor.job_slots, len(jobs))), thread_name_prefix="tensorscale-job")
+    commands = {job.index: ["tensorscale", "batch", os.path.abspath(jobs_path), f"--job={job.index}"] for job in jobs}
+    slots = max(1, min(executor.job_slots, len(jobs)))
+    if slots == 1:
+        # One job at a time runs in this thread, so Ctrl-C interrupts the running job itself (which removes
+        # its temporary folder) instead of waiting for it to finish.
+        return [run_job(job, executor, overview, commands[job.index]) for job in jobs]
+    threads = ThreadPoolExecutor(slots, thread_name_prefix="tensorscale-job")
     futures = []
     try:
         for job in jobs:
-            command = ["tensorscale", "batch", os.path.abspath(jobs_path), f"--job={job.index}"]
-            futures.append(threads.submit(run_job, job, executor, overview, command))
+            futures.append(threads.submit(run_job, job, executor, overview, commands[job.index]))
         pending = set(futures)
         while pending:  # short waits keep the main thread responsive to signals
             _, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
     except BaseException:
+        threads.shutdown(wait=False, cancel_futures=True)  # jobs not started yet never start
         executor.cancel()
-        threads.shutdown(wait=True, cancel_futures=True)
+        threads.shutdown(wait=True)
         raise
     threads.shutdown(wait=True)
     return [future.result() for future in futures]
