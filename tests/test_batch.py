@@ -85,8 +85,14 @@ def _leftovers(folder):
     ({"command": "up", "input": "m", "output": "o", "seed": 1, "edm": 2}, "job 2: unknown key 'edm'"),
     ({"command": "up", "input": "m", "output": "o", "embed-dim-multiplier": 2}, "did you mean 'embed_dim_multiplier'"),
     ({"command": "up", "input": "m"}, "job 2: missing `output`"),
-    ({"command": "down", "input": "m", "output": "o"}, "job 2: command `down` is not implemented yet"),
-    ({"command": "sideways", "input": "m", "output": "o"}, "job 2: command must be `up`"),
+    ({"command": "down", "input": "m", "output": "o"}, "job 2: say how small"),
+    ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "snr_db": 20},
+     "job 2: `snr_db` is not an option of `down`"),
+    ({"command": "up", "input": "m", "output": "o", "hidden_size": 16}, "job 2: `hidden_size` is not an option of `up`"),
+    ({"command": "down", "input": "m", "output": "o", "hidden_size": 0}, "job 2: `hidden_size` must be a whole number >= 1"),
+    ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "calibration": "none.txt"},
+     "job 2: calibration text"),
+    ({"command": "sideways", "input": "m", "output": "o"}, "job 2: command must be `up` or `down`"),
     ({"command": "up", "input": "m", "output": "o", "embed_dim_multiplier": 0}, "job 2: `embed_dim_multiplier` must be a whole number >= 1"),
     ({"command": "up", "input": "m", "output": "o", "untie_embeddings": "yes"}, "job 2: `untie_embeddings` must be true or false"),
     ({"command": "up", "input": "m", "output": "o", "dtype": "int8"}, "job 2: `dtype` must be one of"),
@@ -126,6 +132,16 @@ def test_defaults_apply_and_paths_are_relative_to_the_jobs_file(tmp_path):
     [job] = load_jobs(path)
     assert job.options["seed"] == 3 and job.options["embed_dim_multiplier"] == 2
     assert job.output == str(tmp_path / "o") and job.input == str(tmp_path / "m")
+
+
+def test_manifest_records_the_equivalent_command(tmp_path):
+    path = _write_jobs(str(tmp_path), [{"command": "up", "input": "m", "output": "o", "embed_dim_multiplier": 2,
+                                        "snr_db": 20, "untie_embeddings": True, "force": True}])
+    [job] = load_jobs(path)
+    assert job.command_line() == [
+        "tensorscale", "up", "--input", str(tmp_path / "m"), "--output", str(tmp_path / "o"),
+        "--embed-dim-multiplier", "2", "--up-proj-multiplier", "1", "--snr-db", "20.0", "--untie-embeddings",
+        "--seed", "0", "--dtype", "keep", "--max-shard-size", "5GB", "--manifest"]
 
 
 def test_cli_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path, sources):
@@ -204,7 +220,7 @@ def test_failed_shards_are_retried_then_the_job_fails_cleanly(tmp_path, sources,
     job_list = load_jobs(path)
     executor = LocalExecutor(workers, retries=2, task=_flaky_task)
     try:
-        entries = run_batch(job_list, executor, Overview(job_list, enabled=False), path)
+        entries = run_batch(job_list, executor, Overview(job_list, enabled=False))
     finally:
         executor.close()
     recovered, failed = entries
@@ -266,6 +282,25 @@ def test_existing_folder_without_manifest_needs_force(tmp_path, sources):
     assert not os.path.exists(tmp_path / "out" / "llama-x2" / "precious.txt")
 
 
+def test_down_jobs_run_and_resume(tmp_path, sources):
+    from tensorscale.convert import execute_plan, plan_down
+
+    wide = tmp_path / "wide"
+    run_up(sources["llama"], str(wide), Options(2, 2, max_shard_size=parse_size(SHARD)), show_progress=False)
+    jobs = [{"command": "down", "input": str(wide), "output": "out/narrow", "embed_dim_divisor": 2, "up_proj_divisor": 2},
+            {"command": "up", "input": sources["llama"], "output": "out/llama-x2", "embed_dim_multiplier": 2}]
+    path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD, "seed": 3})
+    assert _batch(path, "--jobs", "1").exit_code == 0
+    entry = _summary(path)["jobs"][0]
+    assert entry["status"] == "done" and entry["shards"] > 1
+    [job] = load_jobs(path)[:1]
+    plain = tmp_path / "plain"
+    execute_plan(plan_down(str(wide), job.engine_options()), str(plain), show_progress=False)
+    assert _hashes(entry["output"]) == _hashes(plain)
+    assert _batch(path, "--jobs", "1").exit_code == 0
+    assert [e["status"] for e in _summary(path)["jobs"]] == ["skipped", "skipped"]
+
+
 def test_ray_writes_the_same_bytes_as_local(tmp_path, sources):
     ray = pytest.importorskip("ray")
     jobs = _jobs(sources)[1:]
@@ -273,7 +308,7 @@ def test_ray_writes_the_same_bytes_as_local(tmp_path, sources):
     remote = tmp_path / "ray"
     local_path = _write_jobs(str(local), jobs, defaults={"max_shard_size": SHARD})
     ray_path = _write_jobs(str(remote), jobs, defaults={"max_shard_size": SHARD})
-    assert _batch(local_path, "--jobs", "2").exit_code == 0
+    assert _batch(local_path, "--jobs", "1").exit_code == 0  # in-process: the same engine as the workers, no spawn
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         result = _batch(ray_path, "--executor", "ray")
@@ -331,9 +366,9 @@ from tensorscale.batch.runner import run_batch
 
 jobs = load_jobs({path!r})
 executor = LocalExecutor(2, task=_slow_task)
-threading.Timer(4, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+threading.Timer(3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
 try:
-    run_batch(jobs, executor, Overview(jobs, enabled=False), {path!r})
+    run_batch(jobs, executor, Overview(jobs, enabled=False))
 except KeyboardInterrupt:
     print("interrupted", sorted(os.listdir({out!r})))
     sys.exit(130)

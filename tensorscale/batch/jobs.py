@@ -2,7 +2,8 @@
 
 A typo in job 37 must not surface after 36 conversions have run, so every key and value is checked up
 front and the first problem is reported in one line naming the job and the key. Options use the CLI's long
-names with underscores, so a command line translates into a job by replacing dashes.
+names with underscores, so a command line translates into a job by replacing dashes; each job's options
+are checked against its own command (`snr_db` in a `down` job is a mistake, not ignored).
 """
 
 from __future__ import annotations
@@ -18,20 +19,34 @@ from ..reading.source import looks_like_hub_id
 
 COMMANDS = ("up", "down")
 REQUIRED = ("command", "input", "output")
-# Options of `up`, by the CLI's long names with underscores, and their defaults.
-UP_OPTIONS = {
-    "embed_dim_multiplier": 1,
-    "up_proj_multiplier": 1,
-    "snr_db": None,
+# Options shared by both commands, by the CLI's long names with underscores, and their defaults.
+COMMON_OPTIONS = {
     "seed": 0,
-    "untie_embeddings": False,
     "dtype": "keep",
     "rules": None,
     "max_shard_size": "5GB",
     "force": False,
     "verify_files": False,
 }
-KNOWN_KEYS = (*REQUIRED, *UP_OPTIONS)
+UP_OPTIONS = {
+    "embed_dim_multiplier": 1,
+    "up_proj_multiplier": 1,
+    "snr_db": None,
+    "untie_embeddings": False,
+    **COMMON_OPTIONS,
+}
+DOWN_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+DOWN_OPTIONS = {
+    "embed_dim_divisor": None,
+    "up_proj_divisor": None,
+    **{key: None for key in DOWN_TARGETS},
+    "calibration": None,
+    "calibration_tokens": 8192,
+    **COMMON_OPTIONS,
+}
+OPTIONS = {"up": UP_OPTIONS, "down": DOWN_OPTIONS}
+ALL_OPTIONS = {**UP_OPTIONS, **DOWN_OPTIONS}
+KNOWN_KEYS = (*REQUIRED, *ALL_OPTIONS)
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 
 
@@ -43,7 +58,7 @@ class Job:
     command: str
     input: str
     output: str
-    options: dict = field(default_factory=dict)  # the UP_OPTIONS keys, defaults filled in
+    options: dict = field(default_factory=dict)  # the command's option keys, defaults filled in
     rules: str | None = None
 
     @property
@@ -59,8 +74,28 @@ class Job:
         from ..planning.plan import Options, parse_size
 
         o = self.options
+        if self.command == "down":
+            targets = {key: o[key] for key in DOWN_TARGETS if o[key] is not None}
+            return Options(seed=o["seed"], dtype=o["dtype"], max_shard_size=parse_size(o["max_shard_size"]), mode="down",
+                           embed_dim_divisor=o["embed_dim_divisor"], up_proj_divisor=o["up_proj_divisor"], targets=targets)
         return Options(o["embed_dim_multiplier"], o["up_proj_multiplier"], o["snr_db"], o["seed"],
                        o["untie_embeddings"], o["dtype"], parse_size(o["max_shard_size"]))
+
+    def command_line(self) -> list[str]:
+        """The equivalent single command, recorded in the output's manifest: it names every option that
+        shapes the bytes (not --force), so a rerun can tell an edited job from a finished one, and a
+        person can rerun one job by hand."""
+        args = ["tensorscale", self.command, "--input", self.input, "--output", self.output]
+        for key, value in self.options.items():
+            if key in ("force", "verify_files") or value is None or value is False:
+                continue
+            if key == "calibration_tokens" and self.options.get("calibration") is None:
+                continue
+            flag = "--" + key.replace("_", "-")
+            args += [flag] if value is True else [flag, str(value)]
+        if self.rules:
+            args += ["--rules", self.rules]
+        return args + ["--manifest"]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -112,8 +147,8 @@ def parse_jobs(data, path: str = "<jobs>") -> list[Job]:
     if not isinstance(defaults, dict):
         raise TensorscaleError(f"{path}: `defaults:` must be a mapping of options shared by every job")
     for key in defaults:
-        if key not in UP_OPTIONS:
-            raise TensorscaleError(f"{path}: defaults: unknown key {key!r}; defaults hold options ({', '.join(UP_OPTIONS)})")
+        if key not in ALL_OPTIONS:
+            raise TensorscaleError(f"{path}: defaults: unknown key {key!r}; defaults hold options ({', '.join(ALL_OPTIONS)})")
     entries = data["jobs"]
     if not isinstance(entries, list) or not entries:
         raise TensorscaleError(f"{path}: `jobs:` must be a non-empty list of mappings")
@@ -137,34 +172,61 @@ def _parse_job(index: int, entry, defaults: dict, base: str, path: str) -> Job:
             raise TensorscaleError(f"{where}: missing `{key}`")
     command = entry["command"]
     if command not in COMMANDS:
-        raise TensorscaleError(f"{where}: command must be `up`, got {command!r}")
+        raise TensorscaleError(f"{where}: command must be `up` or `down`, got {command!r}")
     if command == "down":
-        raise TensorscaleError(f"{where}: command `down` is not implemented yet; only `up` jobs can run in a batch")
+        _require_down()
+    known = OPTIONS[command]
+    for key in entry:
+        if key not in REQUIRED and key not in known:
+            raise TensorscaleError(f"{where}: `{key}` is not an option of `{command}`; {command} takes {', '.join(known)}")
     for key in ("input", "output"):
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise TensorscaleError(f"{where}: `{key}` must be a path (or, for input, a hub id like org/name)")
-    options = dict(UP_OPTIONS)
-    options.update(defaults)
-    options.update({k: v for k, v in entry.items() if k in UP_OPTIONS})
+    options = dict(known)
+    options.update({k: v for k, v in defaults.items() if k in known})  # a default for the other command is skipped
+    options.update({k: v for k, v in entry.items() if k in known})
     for key, value in options.items():
         problem = _check_value(key, value)
         if problem:
             raise TensorscaleError(f"{where}: `{key}` {problem}")
-    options["snr_db"] = None if options["snr_db"] is None else float(options["snr_db"])
+    if "snr_db" in options and options["snr_db"] is not None:
+        options["snr_db"] = float(options["snr_db"])
     options["max_shard_size"] = str(options["max_shard_size"])
     rules = options.pop("rules")
     if rules is not None:
-        rules = os.path.join(base, os.path.expanduser(rules))
+        rules = _resolve(rules, base)
         if not os.path.isfile(rules):
             raise TensorscaleError(f"{where}: rules file {rules} does not exist")
+    if command == "down":
+        if not any(options[key] is not None for key in ("embed_dim_divisor", "up_proj_divisor", *DOWN_TARGETS)):
+            raise TensorscaleError(f"{where}: say how small: embed_dim_divisor/up_proj_divisor, or "
+                                   f"{'/'.join(DOWN_TARGETS)}")
+        if options["calibration"] is not None:
+            options["calibration"] = _resolve(options["calibration"], base)
+            if not os.path.isfile(options["calibration"]):
+                raise TensorscaleError(f"{where}: calibration text {options['calibration']} does not exist")
     return Job(index, command, _resolve_input(entry["input"], base), _resolve(entry["output"], base), options, rules)
+
+
+def _require_down() -> None:
+    """`down` runs only where the engine has it (it landed after batch was written)."""
+    from .. import convert
+
+    if not hasattr(convert, "plan_down"):
+        raise TensorscaleError("command `down` is not available in this version; only `up` jobs can run")
 
 
 def _check_value(key: str, value) -> str | None:
     """What is wrong with an option value, in words; None when it is fine."""
-    if key in ("embed_dim_multiplier", "up_proj_multiplier"):
+    if key in ("embed_dim_multiplier", "up_proj_multiplier", "calibration_tokens"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"must be a whole number >= 1, got {value!r}"
+    elif key in ("embed_dim_divisor", "up_proj_divisor", *DOWN_TARGETS):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"must be a whole number >= 1, got {value!r}"
+    elif key == "calibration":
+        if value is not None and not isinstance(value, str):
+            return f"must be a path to a text file, got {value!r}"
     elif key == "seed":
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be a whole number, got {value!r}"

@@ -1,10 +1,11 @@
 """Is an existing output the finished result of this very job? Decides skip, redo or refuse on a rerun.
 
-An output counts as done only if its manifest (written by every batch job) names the same options and the
-same source shard hashes as the job now, and every output file still hashes to what the manifest recorded:
-a folder whose input was re-downloaded, whose options were edited, or whose shards were touched is redone.
-Everything is hashed again, so a rerun reads each finished output once; that is the price of never
-skipping a wrong folder.
+An output counts as done only if its manifest (written by every batch job) records the job's own command
+line (every option that shapes the bytes, see Job.command_line), the same input shard hashes as the input
+has now, and every output file still hashes to what the manifest recorded: a folder whose input was
+re-downloaded, whose job was edited, or whose shards were touched is redone. The check needs no plan
+(a `down` plan reads the whole model), but everything is hashed again: a rerun reads each finished output
+and its input once, the price of never skipping a wrong folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..writing.integrity import MANIFEST_NAME, build_manifest
+from ..writing.integrity import MANIFEST_NAME, file_sha256
 
 
 @dataclass
@@ -23,27 +24,32 @@ class Verdict:
     reason: str  # why it does not match (empty when it does)
 
 
-def check_existing(plan, output: str) -> Verdict:
-    path = os.path.join(output, MANIFEST_NAME)
+def output_hashes(folder: str) -> dict[str, str]:
+    """The files a manifest lists (as build_manifest lists them), with their sha256."""
+    return {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME}
+
+
+def check_existing(job, source, output: str) -> Verdict:
     if not os.path.isdir(output):
-        return Verdict(False, False, f"{output} exists and is not a folder")
+        return Verdict(False, False, "is not a folder")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(os.path.join(output, MANIFEST_NAME), encoding="utf-8") as handle:
             recorded = json.load(handle)
     except FileNotFoundError:
-        return Verdict(False, False, "it has no tensorscale manifest")
+        return Verdict(False, False, "has no tensorscale manifest")
     except (OSError, ValueError) as exc:
-        return Verdict(False, False, f"its manifest cannot be read ({exc})")
+        return Verdict(False, False, f"has a manifest that cannot be read ({exc})")
     if not isinstance(recorded, dict) or recorded.get("tool") != "tensorscale":
-        return Verdict(False, False, "its manifest was not written by tensorscale")
-    current = build_manifest(plan, output, command=[])  # hashes the source and the output as they are now
-    if recorded.get("options") != current["options"]:
+        return Verdict(False, False, "has a manifest not written by tensorscale")
+    if recorded.get("command") != job.command_line():
         return Verdict(False, True, "the job's options differ from the manifest's")
-    if (recorded.get("source") or {}).get("shards") != current["source"]["shards"]:
+    shards = {os.path.basename(path): file_sha256(path) for path in source.shards}
+    if (recorded.get("source") or {}).get("shards") != shards:
         return Verdict(False, True, "the input's shards differ from the manifest's")
-    files = (recorded.get("output") or {}).get("files")
-    if files != current["output"]["files"]:
-        changed = sorted(set(files or {}) ^ set(current["output"]["files"])) or sorted(
-            name for name in files if files[name] != current["output"]["files"].get(name))
+    files = (recorded.get("output") or {}).get("files") or {}
+    current = output_hashes(output)
+    if files != current:
+        changed = sorted(set(files) ^ set(current)) or sorted(name for name in files if files[name] != current[name])
         return Verdict(False, True, f"output file {changed[0]} differs from the manifest")
     return Verdict(True, True, "")

@@ -38,8 +38,9 @@ class JobState:
     def shard_done(self, info: dict) -> None:
         with self.lock:
             self.done += 1
-            key = f"{info['host']}:{info['pid']}"
-            self.workers[key] = max(self.workers.get(key, 0.0), round(info["peak_rss_kib"] / 1024, 1))
+            if info is not None:  # None: written in the driver (down)
+                key = f"{info['host']}:{info['pid']}"
+                self.workers[key] = max(self.workers.get(key, 0.0), round(info["peak_rss_kib"] / 1024, 1))
             done = self.done
         self.overview.shard_done(self.job.index, done, self.shards)
 
@@ -48,17 +49,16 @@ class JobState:
             self.retries += 1
 
 
-def run_job(job: Job, executor, overview, command: list[str]) -> dict:
-    from ..convert import execute_plan, plan_conversion
+def run_job(job: Job, executor, overview) -> dict:
+    from ..reading.source import open_source
     from .resume import check_existing
 
     started = time.perf_counter()
     state = JobState(job, overview)
     entry = {"index": job.index, "command": job.command, "input": job.input, "output": job.output}
     try:
-        plan = plan_conversion(job.input, job.engine_options(), job.rules)
         if os.path.lexists(job.output):
-            verdict = check_existing(plan, job.output)
+            verdict = check_existing(job, open_source(job.input), job.output)
             if verdict.matches:
                 entry.update(status="skipped", seconds=round(time.perf_counter() - started, 3),
                              note="output exists and matches its manifest")
@@ -68,8 +68,11 @@ def run_job(job: Job, executor, overview, command: list[str]) -> dict:
                 raise TensorscaleError(f"output {job.output} exists and {verdict.reason}; set `force: true` in this job "
                                        "to replace it, or choose another output")
             entry["note"] = f"redone: {verdict.reason}"
+        plan, runner = _plan(job, executor, state)
+        from ..convert import execute_plan
+
         result = execute_plan(plan, job.output, force=True, show_progress=False, verify_files=job.verify_files,
-                              manifest=True, command=command, shard_runner=executor.shard_runner(job.rules, state))
+                              manifest=True, command=job.command_line(), shard_runner=runner)
         entry.update(status="done", seconds=round(time.perf_counter() - started, 3), shards=len(plan.shards),
                      total_bytes=plan.total_bytes, manifest=result.manifest)
     except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the batch goes on
@@ -82,20 +85,48 @@ def run_job(job: Job, executor, overview, command: list[str]) -> dict:
     return entry
 
 
-def run_batch(jobs: list[Job], executor, overview, jobs_path: str) -> list[dict]:
+def _plan(job: Job, executor, state: JobState):
+    """The job's plan and its shard runner. `up` shards go to the executor's workers, which rebuild the
+    plan from headers; a `down` plan clusters every unit from a full read of the weights, too costly to
+    redo per shard, so `down` jobs write their shards here, in this job's thread (in parallel with other
+    jobs, not within the job)."""
+    from ..convert import plan_conversion
+
+    if job.command == "down":
+        from ..convert import plan_down
+
+        calibration = None
+        if job.options["calibration"] is not None:
+            from ..folding.calibration import read_calibration_text
+
+            calibration = (read_calibration_text(job.options["calibration"]), job.options["calibration_tokens"])
+        plan = plan_down(job.input, job.engine_options(), job.rules, calibration=calibration)
+
+        def in_this_thread(plan, folder, verify_files, progress):
+            from ..convert import run_shards_in_order
+
+            state.started(len(plan.shards))
+            run_shards_in_order(plan, folder, verify_files, None)
+            for _ in plan.shards:
+                state.shard_done(None)
+
+        return plan, in_this_thread
+    return plan_conversion(job.input, job.engine_options(), job.rules), executor.shard_runner(job.rules, state)
+
+
+def run_batch(jobs: list[Job], executor, overview) -> list[dict]:
     """Run every job; return their summary entries in jobs-file order. Ctrl-C stops the workers, lets each
     running job remove its temporary folder, and re-raises."""
-    commands = {job.index: ["tensorscale", "batch", os.path.abspath(jobs_path), f"--job={job.index}"] for job in jobs}
     slots = max(1, min(executor.job_slots, len(jobs)))
     if slots == 1:
         # One job at a time runs in this thread, so Ctrl-C interrupts the running job itself (which removes
         # its temporary folder) instead of waiting for it to finish.
-        return [run_job(job, executor, overview, commands[job.index]) for job in jobs]
+        return [run_job(job, executor, overview) for job in jobs]
     threads = ThreadPoolExecutor(slots, thread_name_prefix="tensorscale-job")
     futures = []
     try:
         for job in jobs:
-            futures.append(threads.submit(run_job, job, executor, overview, commands[job.index]))
+            futures.append(threads.submit(run_job, job, executor, overview))
         pending = set(futures)
         while pending:  # short waits keep the main thread responsive to signals
             _, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)

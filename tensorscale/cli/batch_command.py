@@ -41,6 +41,7 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
         - {command: up, input: models/pythia-70m, output: out/pythia-70m-x2, embed_dim_multiplier: 2}
         - {command: up, input: EleutherAI/pythia-160m, output: out/pythia-160m-x2, embed_dim_multiplier: 2,
            up_proj_multiplier: 2, snr_db: 20, seed: 1}
+        - {command: down, input: models/pythia-410m, output: out/pythia-410m-half, embed_dim_divisor: 2}
 
     Jobs whose output exists and matches its manifest are skipped; failed jobs do not stop the others.
     """
@@ -80,7 +81,7 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
     overview = Overview(job_list, enabled=not quiet and not as_json)
     started = time.perf_counter()
     try:
-        entries = run_batch(job_list, runner, overview, jobs_file)
+        entries = run_batch(job_list, runner, overview)
     finally:
         runner.close()
     summary = build_summary(jobs_file, runner, entries, time.perf_counter() - started)
