@@ -90,12 +90,13 @@ def compile_transform(
     """The ops for one tensor. With `folds` (cluster assignments from the `down` analysis) roles become
     merges; without, they become `up`'s tiles."""
     ops: list[Op] = []
-    if transform.scale is not None:
-        factor = transform.scale.evaluate(env)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-            raise TensorscaleError(f"{where}: scale must be a number, got {factor!r}")
-        if factor != 1:
-            ops.append(Scale(float(factor)))
+    if transform.scale is not None or transform.scale_offset is not None:
+        factor = _number(transform.scale, 1, env, f"{where}: scale")
+        offset = _number(transform.scale_offset, 0, env, f"{where}: scale offset")
+        if factor != 1 or offset != 0:
+            # Elementwise, so under `down` it commutes with the merges: their weights sum to 1 per cluster,
+            # so merge(x·c + o) = merge(x)·c + o for norm gains.
+            ops.append(Scale(float(factor), float(offset)))
     if transform.axes is not None:
         if len(transform.axes) != len(shape):
             raise TensorscaleError(
@@ -112,6 +113,18 @@ def compile_transform(
             raise TensorscaleError(f"{where}: down derives its ops from axis roles; this rule has an explicit op chain")
         ops.extend(build_chain(transform.ops, env, where))
     return ops
+
+
+def _number(expression, default, env, where):
+    if expression is None:
+        return default
+    try:
+        value = expression.evaluate(env)
+    except ExpressionError as exc:
+        raise TensorscaleError(f"{where}: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TensorscaleError(f"{where} must be a number, got {value!r}")
+    return value
 
 
 def _axis_ops(axis, label, size, spaces, env, where) -> list[Op]:

@@ -66,10 +66,11 @@ class Transform:
 
     axes: list | None = None
     ops: list[OpSpec] | None = None
-    scale: Expression | None = None
+    scale: Expression | None = None  # y = x · scale + scale_offset, before the axis ops
+    scale_offset: Expression | None = None  # e.g. (1+w) norms: scaling the gain by c is w' = w·c + (c − 1)
 
     def is_copy(self) -> bool:
-        return self.axes is None and not self.ops and self.scale is None
+        return self.axes is None and not self.ops and self.scale is None and self.scale_offset is None
 
 
 @dataclass
@@ -308,7 +309,16 @@ def _transform(item, where, spaces) -> Transform:
     if ops is not None:
         transform.ops = _op_chain(ops, where)
     if "scale" in item:
-        transform.scale = _expr(item["scale"], where)
+        scale = item["scale"]
+        if isinstance(scale, dict):
+            # {factor: expr, offset: expr}: y = x · factor + offset (a (1+w) norm gain scaled by c is
+            # factor c, offset c − 1).
+            _unknown(scale, {"factor", "offset"}, f"{where}: scale")
+            transform.scale = _expr(scale.get("factor", 1), f"{where}: scale.factor")
+            if "offset" in scale:
+                transform.scale_offset = _expr(scale["offset"], f"{where}: scale.offset")
+        else:
+            transform.scale = _expr(scale, where)
     return transform
 
 
