@@ -11,6 +11,9 @@ Order matters, and follows the cluster-fold recipe:
    clustered inside each kv cluster, so a small q head never spans two kv heads (GQA stays valid).
 Sketches are random projections with fixed seeds (Johnson-Lindenstrauss): distances between units are
 kept, so copies stay copies and k-means sees the real geometry.
+Fused axes ([q, k, v], [gate, up]) are read part by part: each part is a block of the axis in its own
+space, sketched (or lifted) like a plain axis of that space. Parts in the same space (k and v, gate and up)
+are two views of the same units, so their sketches add up and both fold with the one clustering.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TensorscaleError
+from ..ops.library import Fused, OpContext
 from ..planning.plan import match_rule
 from ..reading.source import ModelSource
 from ..reading.tensor_reader import ShardReader
@@ -47,6 +51,22 @@ class Match:
         axes = self.rule.transform.axes or []
         return [(axis, *split_role(label)) for axis, label in enumerate(axes) if isinstance(label, str) and label != "-"]
 
+    def blocks(self, spaces: dict[str, Space]):
+        """(axis, start, length, space name, role) for every labelled block: a plain axis is one block, a
+        fused axis one block per part (its parts lie one after another, each its space's size long)."""
+        found = []
+        for axis, label in enumerate(self.rule.transform.axes or []):
+            if isinstance(label, list):
+                start = 0
+                for part in label:
+                    name, role = split_role(part)
+                    found.append((axis, start, spaces[name].size, name, role))
+                    start += spaces[name].size
+            elif label != "-":
+                name, role = split_role(label)
+                found.append((axis, 0, None, name, role))
+        return found
+
 
 def _generator(*parts) -> torch.Generator:
     digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
@@ -64,11 +84,19 @@ def _sample(count: int) -> torch.Tensor:
     return torch.linspace(0, count - 1, MAX_SAMPLES).round().long()
 
 
-def _unit_rows(tensor: torch.Tensor, axis: int, unit: int) -> torch.Tensor:
-    """[units, features]: the axis's units as rows, everything else (unit entries included) as columns."""
+def _unit_rows(tensor: torch.Tensor, axis: int, unit: int, start: int = 0, length: int | None = None) -> torch.Tensor:
+    """[units, features]: the axis's units as rows, everything else (unit entries included) as columns.
+    `start`/`length` pick one part of a fused axis."""
+    if length is not None:
+        tensor = tensor.narrow(axis, start, length)
     moved = tensor.movedim(axis, 0)
     units = moved.shape[0] // unit
     return moved.reshape(units, -1)
+
+
+def _key(name: str, axis: int, start: int, length: int | None):
+    """A projection's seed key: plain axes keep the historical (name, axis); fused parts add their start."""
+    return (name, axis) if length is None else (name, axis, start)
 
 
 def _sketch(rows: torch.Tensor, key) -> torch.Tensor:
@@ -95,13 +123,6 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
     return matches
 
 
-def _check_fused(matches: list[Match], folded: set[str]) -> None:
-    for match in matches:
-        for label in match.rule.transform.axes or []:
-            if isinstance(label, list) and any(split_role(part)[0] in folded for part in label):
-                raise TensorscaleError(f"down cannot fold a fused axis yet ({match.rule.label}); only `up` supports it")
-
-
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
             progress=None, calibration: tuple[str, int] | None = None) -> Folds:
     """Cluster every folded space. `calibration` = (text, tokens) adds activation statistics."""
@@ -110,12 +131,11 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
     coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
     dtype = "BF16" if "BF16" in coarse else (coarse[0] if coarse else "F32")
     folded = {name for name, space in spaces.items() if space.target != space.size}
-    _check_fused(matches, folded)
     folds = Folds()
     with ShardReader() as reader:
         for space in spaces.values():
             if space.name in folded and space.per is None and space.clusters_of is None:
-                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, seed, dtype)
+                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, spaces, seed, dtype)
         per_layer = [s for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None]
         # Spaces others are `within` go first (kv heads before q heads).
         parents = {s.within for s in per_layer}
@@ -140,19 +160,20 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
     return folds
 
 
-def _fold_global(space: Space, matches: list[Match], reader: ShardReader, seed: int, dtype: str) -> Fold:
+def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces: dict[str, Space], seed: int,
+                 dtype: str) -> Fold:
     everything = torch.zeros(space.units, SKETCH)
     noise_free = torch.zeros(space.units, SKETCH)
     clean_count = 0
     for match in matches:
-        roles = match.roles()
-        axes = [axis for axis, name, _ in roles if name == space.name]
-        if not axes:
+        blocks = match.blocks(spaces)
+        mine = [(axis, start, length) for axis, start, length, name, _ in blocks if name == space.name]
+        if not mine:
             continue
         tensor = reader.read(match.info).float()
-        reads_tiled = any(role == "in" for _, _, role in roles)
-        for axis in axes:
-            sketch = _sketch(_unit_rows(tensor, axis, space.unit), (match.name, axis))
+        reads_tiled = any(role == "in" for *_, role in blocks)
+        for axis, start, length in mine:
+            sketch = _sketch(_unit_rows(tensor, axis, space.unit, start, length), _key(match.name, axis, start, length))
             everything += sketch
             if not reads_tiled:
                 noise_free += sketch
@@ -167,12 +188,26 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, seed: 
 
 
 def _lift(tensor: torch.Tensor, match: Match, spaces: dict[str, Space], folds: Folds) -> torch.Tensor:
-    """Apply the global spaces' consumer merges (U) to the axes that read them: noise cancels here."""
-    for axis, name, role in match.roles():
+    """Apply the global spaces' consumer merges (U) to the axes that read them: noise cancels here. A
+    fused axis is lifted part by part (parts in other spaces are kept), which changes only that axis."""
+
+    def unmerge(axis, label):
+        name, role = split_role(label)
         space = spaces[name]
         if role == "in" and space.per is None and (name, None) in folds.by_key:
-            merge = folds.by_key[(name, None)].merge_op(axis, "in", space)
-            tensor = merge.apply(tensor, None, 0)
+            return [folds.by_key[(name, None)].merge_op(axis, "in", space)]
+        return []
+
+    for axis, label in enumerate(match.rule.transform.axes or []):
+        if label == "-":
+            continue
+        if isinstance(label, list):
+            parts = [unmerge(axis, part) for part in label]
+            ops = [Fused(axis, [spaces[split_role(part)[0]].size for part in label], parts)] if any(parts) else []
+        else:
+            ops = unmerge(axis, label)
+        for op in ops:
+            tensor = op.apply(tensor, OpContext(torch.float32), 0).float()
     return tensor
 
 
@@ -182,15 +217,13 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
     for match in matches:
         if match.env.get(space.per) != instance:
             continue
-        for axis, name, role in match.roles():
-            if role == "in":
-                continue
-            linked = spaces[name].clusters_of == space.name
-            if name != space.name and not linked:
-                continue
-            unit = spaces[name].unit
-            tensor = _lift(reader.read(match.info).float(), match, spaces, folds)
-            features += _sketch(_unit_rows(tensor, axis, unit), (match.name, axis))
+        mine = [(axis, start, length, name) for axis, start, length, name, role in match.blocks(spaces)
+                if role != "in" and (name == space.name or spaces[name].clusters_of == space.name)]
+        if not mine:
+            continue
+        tensor = _lift(reader.read(match.info).float(), match, spaces, folds)
+        for axis, start, length, name in mine:
+            features += _sketch(_unit_rows(tensor, axis, spaces[name].unit, start, length), _key(match.name, axis, start, length))
             found = True
     what = f"space {space.name} ({space.per} {instance})"
     if not found:
