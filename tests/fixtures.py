@@ -2,7 +2,7 @@
 
 Default initialisation gives near-uniform attention, under which a wrong head order changes the logits by
 only ~0.01: a weak test. We redraw every weight at a scale where attention is peaked (std 2/sqrt(fan_in),
-norm weights 1±0.3, biases nonzero), so ordering bugs show errors of 20-50 while correct rewrites stay at
+norm weights 1±0.3 — gains 1±0.3 for (1+w) norms —, biases nonzero), so ordering bugs show errors of 20-50 while correct rewrites stay at
 float32 rounding.
 """
 
@@ -31,21 +31,42 @@ TINY = {
     # No GQA in GPT-NeoX; parallel residual is its default.
     "gpt_neox": dict(_BASE_MHA, bos_token_id=0, eos_token_id=1),
     "stablelm": dict(_BASE),
+    "mistral": dict(_BASE),
+    # Gemma's head_dim defaults to 256: give it. Tied by default, (1+w) norms, embedding × sqrt(hidden).
+    "gemma": dict(_BASE, head_dim=8),
+    # Gemma 2 softcaps attention scores (50) and logits (30) by default; layer 0 sliding, layer 1 full.
+    "gemma2": dict(_BASE, head_dim=8),
+    "gemma3_text": dict(_BASE, head_dim=8),
+    "phi3": dict(_BASE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # GPT-2 and OPT: no GQA. GPT-2's n_inner stays null (4·n_embd = 128); its default token ids (50256)
+    # are outside a 96-token vocabulary.
+    "gpt2": dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1),
+    "opt": dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, word_embed_proj_dim=32),
 }
+
+# Architectures whose RMSNorm computes x̂·(1 + w): their norm weights are drawn around 0, not 1.
+ONE_PLUS_W_NORMS = {"gemma", "gemma2", "gemma3_text"}
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    from transformers.pytorch_utils import Conv1D
+
     generator = torch.Generator().manual_seed(seed)
+    # GPT-2's Conv1D stores [in, out]: its fan-in is the first axis.
+    transposed = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    # (1+w) norms (Gemma): gains 1±0.3 means weights 0±0.3.
+    norm_centre = 0.0 if model.config.model_type in ONE_PLUS_W_NORMS else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() >= 2:
-                fan_in = param.shape[-1]
+                fan_in = param.shape[0] if name in transposed else param.shape[-1]
                 std = 1.0 if "embed" in name or "wte" in name or "wpe" in name else 2.0 / fan_in**0.5
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
             elif name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
             else:  # norm weights
-                param.copy_(1.0 + (torch.rand(param.shape, generator=generator) - 0.5) * 0.6)
+                param.copy_(norm_centre + (torch.rand(param.shape, generator=generator) - 0.5) * 0.6)
 
 
 def build_checkpoint(folder, model_type: str, *, dtype=torch.float32, max_shard_size=None, seed=0, **overrides):
