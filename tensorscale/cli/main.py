@@ -257,8 +257,25 @@ cli.add_command(verify)
 cli.add_command(batch)
 
 
+def _keep_freed_chunks():
+    """Chunk buffers of tens of MiB are freed and reallocated for every chunk. By default glibc maps each one
+    fresh and unmaps it on free, so every chunk page-faults its memory back in (about a million minor
+    faults per GB written, measured). Raising the mmap and trim thresholds keeps freed chunks in the heap
+    for the next one; the peak stays the same, since it is the same working set."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 256 * 2**20)
+        libc.mallopt(m_trim_threshold, 1024 * 2**20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main():
     _install_signal_handlers()
+    _keep_freed_chunks()
     cli(prog_name="tensorscale")
 
 

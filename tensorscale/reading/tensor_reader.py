@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 
@@ -35,16 +36,18 @@ class ShardReader:
 
     def __init__(self):
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # shards are written by several threads sharing one reader
 
     def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise TensorscaleError(f"cannot open {path}: {exc.strerror}") from None
-            self._fds[path] = fd
-        return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise TensorscaleError(f"cannot open {path}: {exc.strerror}") from None
+                self._fds[path] = fd
+            return fd
 
     def read_rows(self, info: TensorInfo, row_start: int, row_stop: int) -> torch.Tensor:
         """Rows [row_start, row_stop) along axis 0, as a tensor of the stored dtype."""

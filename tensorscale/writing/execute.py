@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -30,21 +33,57 @@ def shard_header(shard: ShardPlan) -> bytes:
 
 
 def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, progress: Progress | None = None,
-                hashes: dict[str, str] | None = None) -> None:
-    """Write one shard. With `hashes`, record each tensor's sha256 as streamed (for --verify-files)."""
-    torch.set_grad_enabled(False)
+                hashes: dict[str, str] | None = None, workers: int | None = None) -> None:
+    """Write one shard. With `hashes`, record each tensor's sha256 as streamed (for --verify-files).
+
+    Tensors are produced by `workers` threads at once (default: one per core, at most WORKERS): torch ops,
+    pread and pwrite all release the GIL, so one thread computes while another waits on the disk, and each
+    writes its tensor at its own offset. The bytes do not depend on the number of workers."""
+    workers = workers or default_workers()
     out = ShardFile(path, shard_header(shard), shard.nbytes)
-    try:
-        for tensor in shard.tensors:
+    lock = threading.Lock()
+
+    def one(tensor: TensorPlan) -> None:
+        with torch.inference_mode():
             digest = hashlib.sha256() if hashes is not None else None
-            write_tensor(plan, tensor, out, reader, progress, digest)
+            write_tensor(plan, tensor, out, reader, _locked(progress, lock), digest)
             if digest is not None:
                 hashes[tensor.name] = digest.hexdigest()
             if progress:
-                progress(0, 1)
+                with lock:
+                    progress(0, 1)
+
+    try:
+        if workers == 1 or len(shard.tensors) == 1:
+            for tensor in shard.tensors:
+                one(tensor)
+        else:
+            # Largest tensors first, so the last one to finish is a small one and both threads stay busy.
+            order = sorted(shard.tensors, key=lambda t: -t.nbytes)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for future in [pool.submit(one, tensor) for tensor in order]:
+                    future.result()
         out.finish()
     finally:
         out.close()
+
+
+WORKERS = 2  # more threads than this only add memory: two keep a 2-core machine's CPU and disk busy
+
+
+def default_workers() -> int:
+    return max(1, min(WORKERS, os.cpu_count() or 1))
+
+
+def _locked(progress, lock):
+    if progress is None:
+        return None
+
+    def report(nbytes, tensors):
+        with lock:
+            progress(nbytes, tensors)
+
+    return report
 
 
 def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,8 +91,8 @@ def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _run_ops(ops, x, ctx, compute_float):
-    if compute_float and x.dtype != torch.float32 and x.is_floating_point():
-        x = x.float()
+    # Each arithmetic op converts to float32 itself, as late as it can: copies and tiles stay in the
+    # stored dtype, and tile_divide by 2 works on bf16 directly (see TileDivide).
     for index, op in enumerate(ops):
         x = op.apply(x, ctx, index)
     return x
