@@ -124,13 +124,22 @@ def split_shards(tensors, itemsize: int, shard_size: int) -> list[list[tuple[str
     return shards
 
 
-def write_shard(path: str, tensors, st_dtype: str, dtype: torch.dtype, pool: torch.Tensor, rng: random.Random) -> int:
+def write_shard(path: str, tensors, st_dtype: str, dtype: torch.dtype, pool: torch.Tensor, rng: random.Random,
+                header_only: bool = False) -> int:
     itemsize = torch.tensor([], dtype=dtype).element_size()
     entries, offset = [], 0
     for name, shape in tensors:
         nbytes = math.prod(shape) * itemsize
         entries.append((name, st_dtype, shape, offset, offset + nbytes))
         offset += nbytes
+    if header_only:
+        # A correct header over unwritten (sparse) data: full-size files that cost no disk, for timing
+        # desc and plan on 12B-shaped checkpoints. Reading their data gives zeros.
+        header = header_bytes(entries)
+        with open(path, "wb") as handle:
+            handle.write(header)
+            handle.truncate(len(header) + offset)
+        return len(header) + offset
     out = ShardFile(path, header_bytes(entries), offset)
     ones = None
     try:
@@ -153,7 +162,7 @@ def write_shard(path: str, tensors, st_dtype: str, dtype: torch.dtype, pool: tor
 
 
 def make_checkpoint(params: float, out_dir: str, dtype: str = "bf16", shard_size: int = 2 * 10**9, seed: int = 0,
-                    quiet: bool = False) -> dict:
+                    quiet: bool = False, header_only: bool = False) -> dict:
     st_dtype, torch_dt = DTYPES[dtype]
     itemsize = torch.tensor([], dtype=torch_dt).element_size()
     shape = choose_shape(params)
@@ -171,7 +180,7 @@ def make_checkpoint(params: float, out_dir: str, dtype: str = "bf16", shard_size
     started = time.perf_counter()
     file_bytes = 0
     for filename, shard in zip(names, shards):
-        file_bytes += write_shard(os.path.join(out_dir, filename), shard, st_dtype, torch_dt, pool, rng)
+        file_bytes += write_shard(os.path.join(out_dir, filename), shard, st_dtype, torch_dt, pool, rng, header_only)
     total = sum(math.prod(s) for _, s in tensors)
     data_bytes = total * itemsize
     if len(shards) > 1:
@@ -205,8 +214,11 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--header-only", action="store_true",
+                        help="correct headers over sparse, unwritten data: full-size files that use no disk")
     args = parser.parse_args(argv)
-    info = make_checkpoint(args.params, args.out, args.dtype, parse_size(args.shard_size), args.seed, quiet=args.json)
+    info = make_checkpoint(args.params, args.out, args.dtype, parse_size(args.shard_size), args.seed, quiet=args.json,
+                           header_only=args.header_only)
     if args.json:
         print(json.dumps(info, indent=2))
     return 0

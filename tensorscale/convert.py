@@ -10,9 +10,7 @@ from typing import Callable, Optional
 from .errors import TensorscaleError
 from .planning.plan import Options, Plan, ShardPlan, build_plan
 from .reading.source import INDEX_NAME, ModelSource, open_source
-from .reading.tensor_reader import ShardReader
 from .rulebook.registry import resolve_rules
-from .writing.execute import write_shard
 from .writing.integrity import MANIFEST_NAME, build_manifest, check_shard_file, verify_tensor_hashes
 from .writing.output_folder import OutputFolder, check_output_path
 
@@ -99,9 +97,12 @@ ShardRunner = Callable[[Plan, str, bool, Optional[Callable[[int, int], None]]], 
 
 
 def produce_shard(plan: Plan, shard: ShardPlan, path: str, *, verify_files: bool = False, progress=None,
-                  reader: ShardReader | None = None) -> None:
+                  reader=None) -> None:
     """Write one output shard and check it. Needs nothing but the plan: shards can run in any order,
     in other processes, or on other machines that see the same input files."""
+    from .reading.tensor_reader import ShardReader  # torch loads here, with the first shard, not for plans
+    from .writing.execute import write_shard
+
     hashes = {} if verify_files else None
     if reader is None:
         with ShardReader() as own_reader:
@@ -115,6 +116,8 @@ def produce_shard(plan: Plan, shard: ShardPlan, path: str, *, verify_files: bool
 
 def run_shards_in_order(plan: Plan, folder: str, verify_files: bool, progress) -> None:
     """The default shard runner: every shard in this process, one after another."""
+    from .reading.tensor_reader import ShardReader
+
     with ShardReader() as reader:
         for shard in plan.shards:
             produce_shard(plan, shard, os.path.join(folder, shard.filename), verify_files=verify_files,

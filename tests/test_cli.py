@@ -219,3 +219,15 @@ def test_hub_id_offline_is_one_line(tmp_path):
     assert result.returncode == 2 and "offline" in result.stderr and "Traceback" not in result.stderr
     desc = run_process("desc", "-i", "some-org/some-model", cwd=tmp_path)
     assert desc.returncode == 2 and "offline" in desc.stderr
+
+
+def test_plan_does_not_import_torch(llama):
+    """plan reads headers only; torch (over a second to import) must not load for it."""
+    code = (
+        "import sys\nfrom tensorscale.cli.main import cli\n"
+        f"try:\n    cli.main(['plan', '-i', {llama!r}, '-edm', '2'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'plan imported torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "nothing was written" in result.stdout

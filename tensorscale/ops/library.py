@@ -15,10 +15,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from ..errors import TensorscaleError
 from .rowmap import RowMap, Segment
+
+
+class _LazyTorch:
+    """torch, imported on first use: planning (`plan`, `desc`, `rules`) builds ops without computing, and
+    importing torch would cost it more than a second."""
+
+    def __getattr__(self, name):
+        import torch as real
+
+        return getattr(real, name)
+
+
+torch = _LazyTorch()
 
 
 @dataclass
