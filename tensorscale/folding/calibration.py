@@ -1,12 +1,12 @@
 """Activation statistics for `down --calibration FILE`: how much each unit of each space is used.
 
-Every tensor whose input axis reads a space (role `space.in` on axis 1, i.e. an nn.Linear consuming it)
-sees that space's activations. A forward pre-hook on its module accumulates the mean square of each input
-feature over the calibration tokens: per residual dimension (the normalised residual, at every reader),
-per FFN neuron (the down projection's input), per head (the output projection's input, summed over the
-head's dimensions). Merges then average producers weighted by that importance instead of uniformly, so a
-merged unit looks most like the unit that carries the signal. Copies of one unit have equal importance, so
-an exact inverse of `up` stays exact.
+Every tensor whose input axis reads a space (role `space.in` on axis 1, i.e. an nn.Linear consuming it, or
+on axis 0 for a Conv1D stored [in, out]) sees that space's activations. A forward pre-hook on its module
+accumulates the mean square of each input feature over the calibration tokens: per residual dimension (the
+normalised residual, at every reader), per FFN neuron (the down projection's input), per head (the output
+projection's input, summed over the head's dimensions). Merges then average producers weighted by that
+importance instead of uniformly, so a merged unit looks most like the unit that carries the signal. Copies
+of one unit have equal importance, so an exact inverse of `up` stays exact.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def importance(folder: str, label: str, text: str, tokens: int, matches: list[Ma
     handles = []
     for match in matches:
         roles = match.roles()
-        reads = [(axis, name) for axis, name, role in roles if role == "in" and axis == 1]
+        # A 2-D weight reads its space on axis 1 (nn.Linear, [out, in]) or on axis 0 (GPT-2's Conv1D,
+        # [in, out]); either way the module's input has that space as its last dimension, which the hook
+        # checks. Fused input axes are not hooked (their parts are not separate inputs).
+        reads = [(axis, name) for axis, name, role in roles if role == "in" and axis in (0, 1)]
         if not reads or not match.name.endswith(".weight") or len(match.info.shape) != 2:
             continue
         space = spaces[reads[0][1]]
@@ -66,8 +69,11 @@ def importance(folder: str, label: str, text: str, tokens: int, matches: list[Ma
     if not handles:
         raise TensorscaleError("found no layer to collect activation statistics from; run down without --calibration")
     with torch.no_grad():
-        for begin in range(0, ids.numel(), SEQUENCE):
-            chunk = ids[begin:begin + SEQUENCE]
+        # Learned position tables (GPT-2, OPT) have no row past max_position_embeddings.
+        positions = getattr(model.config, "max_position_embeddings", None)
+        sequence = min(SEQUENCE, positions) if isinstance(positions, int) and positions > 0 else SEQUENCE
+        for begin in range(0, ids.numel(), sequence):
+            chunk = ids[begin:begin + sequence]
             if chunk.numel():
                 model(chunk.unsqueeze(0))
     for handle in handles:
