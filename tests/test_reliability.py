@@ -123,9 +123,7 @@ def test_input_changing_during_the_run(tmp_path, monkeypatch):
         real(*args, **kwargs)
         os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))
 
-    import tensorscale.convert as convert
-
-    monkeypatch.setattr(convert, "write_shard", write_then_touch)
+    monkeypatch.setattr(execute, "write_shard", write_then_touch)  # produce_shard looks it up at call time
     with pytest.raises(TensorscaleError, match="changed during the run"):
         run_up(source, str(tmp_path / "out"), Options(2, 2), show_progress=False)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)

@@ -32,16 +32,19 @@ def duplicate_groups(features: torch.Tensor, relative_tolerance: float = 1e-4) -
     norms = features.norm(dim=1)
     scale = float(norms.median()) if n else 0.0
     tolerance = relative_tolerance * max(scale, 1e-30)
+    # The matrix-product form of the distance loses ~sqrt(eps) of the norm to cancellation, so it only
+    # proposes candidates (within that error of the tolerance); each candidate is then measured directly.
+    # Its error grows with the larger norm of the pair, so bound it by the largest norm.
+    proposal = tolerance + 1e-3 * max(float(norms.max()) if n else 0.0, 1e-30)
     block = 1024
     for begin in range(0, n, block):
         rows = features[begin:begin + block]
-        # The matrix-product form of the distance loses ~sqrt(eps) of the norm to cancellation, so it only
-        # proposes candidates; each candidate pair is then measured directly.
-        distances = torch.cdist(rows, features)
-        candidates = (distances <= max(100 * tolerance, 1e-2 * max(scale, 1e-30))).nonzero().tolist()
-        for i, j in candidates:
-            if begin + i == j or float((features[begin + i] - features[j]).norm()) > tolerance:
-                continue
+        pairs = (torch.cdist(rows, features) <= proposal).nonzero()
+        pairs = pairs[pairs[:, 0] + begin < pairs[:, 1]]
+        if not len(pairs):
+            continue
+        exact = (features[pairs[:, 0] + begin] - features[pairs[:, 1]]).norm(dim=1) <= tolerance
+        for i, j in pairs[exact].tolist():
             a, b = find(begin + i), find(j)
             if a != b:
                 parent[max(a, b)] = min(a, b)
@@ -88,35 +91,46 @@ def kmeans(features: torch.Tensor, k: int, *, equal: bool, seed: int = 0) -> lis
         return list(range(n))
     generator = torch.Generator().manual_seed(seed)
     x = features.float()
-    # k-means++ seeding
-    centres = [int(torch.randint(n, (1,), generator=generator))]
-    closest = torch.cdist(x, x[centres[-1]:centres[-1] + 1]).squeeze(1) ** 2
-    for _ in range(1, k):
-        total = float(closest.sum())
-        if total <= 0:
-            remaining = [i for i in range(n) if i not in set(centres)]
-            centres.append(remaining[0])
-        else:
-            centres.append(int(torch.multinomial(closest / total, 1, generator=generator)))
-        closest = torch.minimum(closest, torch.cdist(x, x[centres[-1]:centres[-1] + 1]).squeeze(1) ** 2)
-    centre_x = x[centres].clone()
-    labels = torch.zeros(n, dtype=torch.long)
-    for _ in range(KMEANS_ITERATIONS):
-        distances = torch.cdist(x, centre_x)
-        new_labels = _balanced_assign(distances, k) if equal else distances.argmin(dim=1)
-        if not equal:
-            new_labels = _fill_empty(new_labels, distances, k)
-        if torch.equal(new_labels, labels) and _ > 0:
+    squared = x.pow(2).sum(dim=1)
+    centre_x = _initial_centres(x, squared, k, generator)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for iteration in range(KMEANS_ITERATIONS):
+        # Squared distances by the matrix-product form: fast, and exact enough to pick the nearest centre.
+        distances = (squared[:, None] + centre_x.pow(2).sum(dim=1)[None, :] - 2 * x @ centre_x.T).clamp_min(0)
+        new_labels = _balanced_assign(distances, k) if equal else _fill_empty(distances.argmin(dim=1), distances, k)
+        if torch.equal(new_labels, labels):
             break
         labels = new_labels
-        for c in range(k):
-            mask = labels == c
-            centre_x[c] = x[mask].mean(dim=0)
+        sums = torch.zeros_like(centre_x).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).clamp_min(1).to(x.dtype)
+        centre_x = sums / counts[:, None]
     # Number clusters by their first unit, so the output order follows the input order.
     order = {}
-    for unit in range(n):
-        order.setdefault(int(labels[unit]), len(order))
-    return [order[int(label)] for label in labels]
+    for label in labels.tolist():
+        order.setdefault(label, len(order))
+    return [order[label] for label in labels.tolist()]
+
+
+KMEANS_PLUS_PLUS_MAX = 1024  # beyond this many clusters, seeding one centre at a time costs more than it helps
+
+
+def _initial_centres(x, squared, k, generator):
+    """k-means++ seeding (spread-out centres), or an even random sample of units when k is large."""
+    n = x.shape[0]
+    if k > KMEANS_PLUS_PLUS_MAX:
+        return x[torch.randperm(n, generator=generator)[:k]].clone()
+    chosen = [int(torch.randint(n, (1,), generator=generator))]
+    closest = (squared + squared[chosen[0]] - 2 * (x @ x[chosen[0]])).clamp_min(0)
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total > 0:
+            pick = int(torch.multinomial(closest, 1, generator=generator))
+        else:
+            taken = set(chosen)
+            pick = next(i for i in range(n) if i not in taken)
+        chosen.append(pick)
+        torch.minimum(closest, (squared + squared[pick] - 2 * (x @ x[pick])).clamp_min(0), out=closest)
+    return x[chosen].clone()
 
 
 def _balanced_assign(distances: torch.Tensor, k: int) -> torch.Tensor:
