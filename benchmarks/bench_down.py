@@ -1,0 +1,723 @@
+#!/usr/bin/env python
+"""Benchmark `tensorscale down`: quality on a trained model against pruning baselines, then speed and memory.
+
+    python benchmarks/bench_down.py                      # both parts (~15 min on 2 CPUs, most of it speed)
+    python benchmarks/bench_down.py --skip-speed         # quality only
+    python benchmarks/bench_down.py --skip-quality --down-timeout 600 --profile
+
+Quality (examples/pydoc-llama, a 2.4M-param Llama trained on the stdlib docs, tied embeddings, GQA 4/2).
+At four targets of about 10/25/40/50% fewer parameters, every method writes a standard checkpoint that
+stock transformers loads, and all are evaluated the same way on the held-out split of benchmarks/corpus.py
+(fixed non-overlapping 128-token windows, never used for training or calibration), in float32:
+
+* ppl ratio   exp(loss_small - loss_original): 1.00 means no loss;
+* KL          KL(original || small) in nats, mean over predicted positions;
+* top-1       share of positions where both models predict the same next token.
+
+Methods (the baselines are weight surgery in this script, written generically from the rules' axis roles,
+as tests/test_down.py does; they know nothing about Llama beyond what the rules say):
+
+* down             `tensorscale down --hidden-size D ...` (data-free cluster-fold);
+* down+calib       the same with `--calibration FILE --calibration-tokens 8192` (a sample of training docs);
+* slice            keep the first units of every folded axis (residual dims, FFN neurons, kv heads, q heads);
+* slice+rescale    the same, readers multiplied by size/target (the expected sum over fewer inputs), and for
+                   tied embeddings the final norm gain by D/d (the head is the embedding and cannot be scaled);
+* magnitude        keep the units with the largest L2 weight norm: each matrix touching the space adds its
+                   per-unit squared norms, divided by its mean (so every matrix counts equally);
+* activation       keep the units with the largest mean-square activation on the same 8192 calibration tokens
+                   as down+calib (forward pre-hooks on every reader, as tensorscale/folding/calibration.py):
+                   residual dims from the normalised inputs of q/k/v/gate/up, FFN neurons from down_proj's
+                   input, q heads from o_proj's input; no distillation, no retraining.
+For both pruning baselines a kv head scores its own weights (magnitude) plus its q heads; kv heads are
+chosen first and q heads inside the kept groups, so GQA stays valid (targets keep heads/kv <= the original
+group size).
+
+Speed (a generated ~1B bf16 checkpoint, make_checkpoint.py): `tensorscale up -edm 2 -upm 2` and
+`tensorscale down -edd 2 -upd 2` on the same input, under /usr/bin/time -v (wall, peak RSS), with
+/proc/PID/status sampled for the peak RssAnon (bench_up.py's Sampler). `down` gets --down-timeout seconds;
+with --profile, py-spy samples it for --profile-seconds and the hottest functions are printed.
+
+Writes results/bench_down.json (everything) and results/bench_down.png (ppl ratio vs reduction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+MiB = 2**20
+GiB = 2**30
+MODEL = os.path.join(REPO, "examples", "pydoc-llama")
+SEQ_LEN = 128            # as train_reference.py evaluates
+CALIB_TOKENS = 8192
+CALIB_SEQUENCE = 256     # tensorscale/folding/calibration.py's SEQUENCE: same chunks for the activation baseline
+
+# (label, hidden, intermediate, heads, kv heads) for pydoc-llama (192, 512, 4, 2; head_dim 48).
+TARGETS = [
+    ("~10%", 176, 496, 4, 2),
+    ("~25%", 160, 416, 4, 2),
+    ("~40%", 144, 368, 2, 2),
+    ("~50%", 128, 352, 2, 1),
+]
+METHODS = ["down", "down+calib", "slice", "slice+rescale", "magnitude", "activation"]
+TARGET_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def tool() -> str:
+    """The console script next to this interpreter (not a version-manager shim)."""
+    path = os.path.join(os.path.dirname(sys.executable), "tensorscale")
+    return path if os.access(path, os.X_OK) else (shutil.which("tensorscale") or "tensorscale")
+
+
+# -------------------------------------------------------------------------------------- checkpoint I/O
+
+def tensors(folder: str) -> dict:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def parameters(folder: str) -> int:
+    """Stored parameters (a tied embedding is stored, and counted, once), as `tensorscale desc` counts."""
+    return sum(t.numel() for t in tensors(folder).values())
+
+
+def read_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as fh:
+        return json.load(fh)
+
+
+def save_like(source: str, output: str, weights: dict, config_updates: dict) -> str:
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.makedirs(output)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(output, "model.safetensors"),
+              metadata={"format": "pt"})
+    for side in os.listdir(source):
+        if side.endswith(".json") and side not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(os.path.join(source, side), os.path.join(output, side))
+    config = read_config(source)
+    config.update(config_updates)
+    with open(os.path.join(output, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    return output
+
+
+# ------------------------------------------------------------------------------ generic surgery from rules
+
+class Layout:
+    """Every tensor's axis roles and every space's sizes, from tensorscale's rules for this model and target."""
+
+    def __init__(self, folder: str, targets: dict):
+        from tensorscale.folding.analysis import match_all
+        from tensorscale.planning.plan import Options, evaluate_env
+        from tensorscale.reading.source import open_source
+        from tensorscale.rulebook.compile import resolve_spaces
+        from tensorscale.rulebook.registry import resolve_rules
+
+        source = open_source(folder)
+        rules = resolve_rules(source.config, None)
+        options = Options(mode="down", targets=dict(targets))
+        options.validate()
+        env = evaluate_env(rules, source.config, options)
+        self.spaces = resolve_spaces(rules, env)
+        self.matches = {m.name: m for m in match_all(source, rules, env)}
+        self.config = source.config
+        self.tied = bool(source.config.get("tie_word_embeddings"))
+
+    def folded(self):
+        return {name: s for name, s in self.spaces.items() if s.target != s.size}
+
+    def instance(self, match, space):
+        return match.env.get(space.per) if space.per else None
+
+    def roles(self, name):
+        return self.matches[name].roles() if name in self.matches else []
+
+    def tie_compensator(self, name) -> bool:
+        """The final norm of a tied model: the tensor the rules scale to stand in for the shared head."""
+        match = self.matches.get(name)
+        return bool(self.tied and match is not None and match.rule.transform.scale is not None
+                    and any(role == "norm" for _, _, role in match.roles()))
+
+
+def apply_selection(layout: Layout, weights: dict, keep: dict, rescale: bool) -> dict:
+    """keep[(space, instance)] = sorted unit indices to keep. Rows/columns of every tensor follow its roles."""
+    out = {}
+    spaces = layout.spaces
+    for name, tensor in weights.items():
+        tensor = tensor.float()
+        for axis, space_name, role in layout.roles(name):
+            space = spaces[space_name]
+            if space.target == space.size:
+                continue
+            units = keep[(space_name, layout.instance(layout.matches[name], space))]
+            index = (torch.tensor(units)[:, None] * space.unit + torch.arange(space.unit)[None, :]).reshape(-1)
+            tensor = tensor.index_select(axis, index)
+            if rescale and role == "in":
+                tensor = tensor * (space.size / space.target)
+        if rescale and layout.tie_compensator(name):
+            hidden = next(spaces[s] for _, s, _ in layout.roles(name))
+            tensor = tensor * (hidden.size / hidden.target)
+        out[name] = tensor.to(weights[name].dtype)
+    return out
+
+
+def select_units(layout: Layout, scores: dict | None) -> dict:
+    """Units to keep per (space, instance): the first ones (scores None) or the highest-scoring ones.
+    A space `within` another (q heads within kv heads) picks inside the kept parent groups."""
+    folded = layout.folded()
+    instances = defaultdict(set)
+    for match in layout.matches.values():
+        for _, space_name, _ in match.roles():
+            if space_name in folded:
+                instances[space_name].add(layout.instance(match, layout.spaces[space_name]))
+    keep = {}
+    order = sorted(folded, key=lambda s: 1 if folded[s].within else 0)   # parents (kv heads) first
+    for space_name in order:
+        space = folded[space_name]
+        for inst in sorted(instances[space_name], key=lambda v: (str(type(v)), v)):
+            score = None if scores is None else scores[(space_name, inst)]
+            if space.within is None:
+                chosen = list(range(space.target_units)) if score is None else \
+                    sorted(torch.topk(score, space.target_units).indices.tolist())
+            else:
+                parent = layout.spaces[space.within]
+                group = space.units // parent.units
+                kept_parents = keep.get((space.within, inst), list(range(parent.units)))
+                per_parent = space.target_units // len(kept_parents)
+                if per_parent > group:
+                    raise SystemExit(f"{space_name}: {space.target_units} heads over {len(kept_parents)} kv heads "
+                                     f"needs more than the {group} heads a kv group has; pruning cannot do that")
+                chosen = []
+                for p in kept_parents:
+                    members = list(range(p * group, (p + 1) * group))
+                    if score is None:
+                        chosen += members[:per_parent]
+                    else:
+                        local = torch.topk(score[members], per_parent).indices.tolist()
+                        chosen += sorted(members[i] for i in local)
+            keep[(space_name, inst)] = chosen
+    return keep
+
+
+def add_children(layout: Layout, scores: dict) -> dict:
+    """A parent unit (kv head) also scores the sum of its children's (q heads') scores."""
+    out = dict(scores)
+    for name, space in layout.folded().items():
+        if space.within and space.within in layout.folded():
+            parent = layout.spaces[space.within]
+            group = space.units // parent.units
+            for (s, inst), score in scores.items():
+                if s == name:
+                    key = (space.within, inst)
+                    child = score.reshape(parent.units, group).sum(dim=1)
+                    child = child / child.mean().clamp_min(1e-30)
+                    out[key] = out[key] / out[key].mean().clamp_min(1e-30) + child if key in out else child
+    return out
+
+
+def magnitude_scores(layout: Layout, weights: dict) -> dict:
+    scores = {}
+    for name, tensor in weights.items():
+        if tensor.dim() != 2:
+            continue
+        for axis, space_name, _ in layout.roles(name):
+            space = layout.spaces[space_name]
+            if space.target == space.size:
+                continue
+            rows = tensor.float().movedim(axis, 0).reshape(space.units, -1)
+            energy = rows.pow(2).sum(dim=1)
+            energy = energy / energy.mean().clamp_min(1e-30)
+            key = (space_name, layout.instance(layout.matches[name], space))
+            scores[key] = scores[key] + energy if key in scores else energy
+    return add_children(layout, scores)
+
+
+def activation_scores(layout: Layout, model, ids: torch.Tensor) -> dict:
+    """Mean square of each reader's input per unit, summed over the readers of a space (pre-hooks)."""
+    sums, handles = {}, []
+    for name, match in layout.matches.items():
+        reads = [(axis, s) for axis, s, role in match.roles() if role == "in" and axis == 1]
+        if not reads or not name.endswith(".weight"):
+            continue
+        space = layout.spaces[reads[0][1]]
+        if space.target == space.size:
+            continue
+        try:
+            module = model.get_submodule(name[: -len(".weight")])
+        except AttributeError:
+            continue
+        key = (space.name, layout.instance(match, space))
+
+        def hook(module, inputs, key=key, space=space):
+            x = inputs[0].detach().float().reshape(-1, space.size)
+            energy = x.pow(2).mean(dim=0).reshape(space.units, space.unit).sum(dim=1)
+            sums[key] = sums[key] + energy if key in sums else energy
+
+        handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for begin in range(0, ids.numel(), CALIB_SEQUENCE):
+            model(ids[begin:begin + CALIB_SEQUENCE].unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    return add_children(layout, sums)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def load_model(folder: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def reference_logprobs(model, windows: torch.Tensor, batch: int = 16) -> list[torch.Tensor]:
+    return [torch.log_softmax(model(input_ids=windows[b:b + batch]).logits[:, :-1].float(), dim=-1)
+            for b in range(0, len(windows), batch)]
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, reference: list[torch.Tensor], batch: int = 16) -> dict:
+    nll = kl = agree = count = 0.0
+    for i, b in enumerate(range(0, len(windows), batch)):
+        x = windows[b:b + batch]
+        logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+        ref = reference[i]
+        target = x[:, 1:]
+        nll += float(-logp.gather(-1, target[..., None]).sum())
+        kl += float((ref.exp() * (ref - logp)).sum())
+        agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        count += target.numel()
+    return {"loss": nll / count, "kl": kl / count, "top1": agree / count, "positions": int(count)}
+
+
+# ------------------------------------------------------------------------------------------------ quality
+
+def calibration_text(tokenizer, train_docs: list[str], tokens: int, seed: int = 0) -> tuple[str, torch.Tensor]:
+    """A seeded sample of *training* documents joined by BOS, until it gives at least `tokens` tokens,
+    tokenised the way `down --calibration` does (the whole text, no added BOS, first `tokens`)."""
+    import corpus
+
+    docs = list(train_docs)
+    random.Random(seed).shuffle(docs)
+    parts, total = [], 0
+    for doc in docs:
+        parts.append(doc)
+        total += len(tokenizer(doc, add_special_tokens=False)["input_ids"]) + 1
+        if total >= tokens + 64:
+            break
+    text = corpus.BOS.join(parts)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
+    return text, ids
+
+
+def run_down_cli(source: str, output: str, targets: dict, calibration: str | None) -> float:
+    cmd = [tool(), "down", "-i", source, "-o", output, "--force", "--quiet"]
+    for key in TARGET_KEYS:
+        cmd += [f"--{key.replace('_', '-')}", str(targets[key])]
+    if calibration:
+        cmd += ["--calibration", calibration, "--calibration-tokens", str(CALIB_TOKENS)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return time.perf_counter() - started
+
+
+def quality(args) -> dict:
+    import corpus
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    work = os.path.join(args.work, "down-quality")
+    os.makedirs(work, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train_docs, val_docs = corpus.split_documents(corpus.stdlib_documents())
+    val_stream = corpus.encode_stream(tokenizer, val_docs)
+    windows = corpus.val_windows(val_stream, SEQ_LEN)
+    calib_path = os.path.join(work, "calibration.txt")
+    text, calib_ids = calibration_text(tokenizer, train_docs, CALIB_TOKENS)
+    with open(calib_path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    assert not set(val_docs) & set(train_docs)
+    print(f"held-out: {len(val_docs)} documents, {len(windows)} windows x {SEQ_LEN} tokens; "
+          f"calibration: {calib_ids.numel()} tokens of training documents ({len(text):,} characters)", flush=True)
+
+    original = load_model(args.model)
+    reference = reference_logprobs(original, windows)
+    base = evaluate(original, windows, reference)
+    base_params = parameters(args.model)
+    print(f"original: {base_params:,} parameters, held-out ppl {math.exp(base['loss']):.1f} "
+          f"(self-check KL {base['kl']:.1e}, top-1 {base['top1']:.3f})", flush=True)
+    source_weights = tensors(args.model)
+
+    rows = []
+    for label, hidden, inter, heads, kv in TARGETS:
+        targets = dict(zip(TARGET_KEYS, (hidden, inter, heads, kv)))
+        layout = Layout(args.model, targets)
+        updates = {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
+                   "num_key_value_heads": kv}
+        outputs, seconds = {}, {}
+        for method in METHODS:
+            out = os.path.join(work, f"{method}-{hidden}-{inter}-{heads}-{kv}")
+            t0 = time.perf_counter()
+            if method == "down":
+                run_down_cli(args.model, out, targets, None)
+            elif method == "down+calib":
+                run_down_cli(args.model, out, targets, calib_path)
+            elif method in ("slice", "slice+rescale"):
+                keep = select_units(layout, None)
+                save_like(args.model, out, apply_selection(layout, source_weights, keep, method == "slice+rescale"), updates)
+            elif method == "magnitude":
+                keep = select_units(layout, magnitude_scores(layout, source_weights))
+                save_like(args.model, out, apply_selection(layout, source_weights, keep, False), updates)
+            elif method == "activation":
+                keep = select_units(layout, activation_scores(layout, original, calib_ids))
+                save_like(args.model, out, apply_selection(layout, source_weights, keep, False), updates)
+            seconds[method] = time.perf_counter() - t0
+            outputs[method] = out
+        for method in METHODS:
+            out = outputs[method]
+            config = read_config(out)
+            got = tuple(config[k] for k in TARGET_KEYS)
+            assert got == (hidden, inter, heads, kv), (method, got)
+            model = load_model(out)   # stock transformers: a missing or misshaped tensor fails here
+            result = evaluate(model, windows, reference)
+            params = parameters(out)
+            row = {"level": label, "method": method, "hidden_size": hidden, "intermediate_size": inter,
+                   "num_attention_heads": heads, "num_key_value_heads": kv, "parameters": params,
+                   "reduction": 1 - params / base_params, "ppl": math.exp(result["loss"]),
+                   "ppl_ratio": math.exp(result["loss"] - base["loss"]), "kl": result["kl"], "top1": result["top1"],
+                   "seconds": round(seconds[method], 2)}
+            rows.append(row)
+            print(f"{label} {method:14s} ppl ratio {row['ppl_ratio']:8.3f}  KL {row['kl']:.3f}  top-1 {row['top1']:.3f}"
+                  f"  ({row['reduction']:.1%} fewer params, {row['seconds']:.1f} s)", flush=True)
+            del model
+        if not args.keep:
+            for out in outputs.values():
+                shutil.rmtree(out, ignore_errors=True)
+    return {"model": os.path.relpath(args.model, REPO), "original_parameters": base_params,
+            "original_ppl": math.exp(base["loss"]), "windows": len(windows), "seq_len": SEQ_LEN,
+            "positions": base["positions"], "calibration_tokens": int(calib_ids.numel()),
+            "calibration_source": "seeded sample of training-split documents (benchmarks/corpus.py), joined by BOS",
+            "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def quality_table(result: dict) -> str:
+    head = ["level", "target (hidden, FFN, heads/kv)", "params", "reduction"] + \
+           [f"{m} ppl ratio" for m in METHODS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    by = {(r["level"], r["method"]): r for r in result["rows"]}
+    for label, hidden, inter, heads, kv in TARGETS:
+        first = by[(label, "down")]
+        best = min(by[(label, m)]["ppl_ratio"] for m in METHODS)
+        cells = [label, f"{hidden}, {inter}, {heads}/{kv}", f"{first['parameters']:,}", f"{first['reduction']:.1%}"]
+        for m in METHODS:
+            v = by[(label, m)]["ppl_ratio"]
+            cells.append(f"**{v:.3f}**" if v == best else f"{v:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(result: dict) -> str:
+    head = ["level", "method", "ppl", "ppl ratio", "KL(orig‖small) nats", "top-1 agreement"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['level']} | {r['method']} | {r['ppl']:.1f} | {r['ppl_ratio']:.3f} | {r['kl']:.3f} | {r['top1']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not importable; no plot")
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    styles = {"down": ("C0", "o", "-"), "down+calib": ("C1", "o", "-"), "slice": ("C7", "x", ":"),
+              "slice+rescale": ("C2", "x", "--"), "magnitude": ("C3", "s", "--"), "activation": ("C4", "^", "--")}
+    for method in METHODS:
+        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["reduction"])
+        x = [100 * r["reduction"] for r in rows]
+        color, marker, line = styles[method]
+        for ax, key in zip(axes, ("ppl_ratio", "kl", "top1")):
+            ax.plot(x, [r[key] for r in rows], color=color, marker=marker, linestyle=line, label=method)
+    axes[0].set_yscale("log")
+    axes[0].set(xlabel="parameter reduction (%)", ylabel="held-out ppl small / original (log)",
+                title=f"pydoc-llama ({result['original_parameters'] / 1e6:.2f}M, ppl {result['original_ppl']:.0f})")
+    axes[1].set_yscale("log")
+    axes[1].set(xlabel="parameter reduction (%)", ylabel="KL(original ‖ small), nats/token", title="KL")
+    axes[2].set(xlabel="parameter reduction (%)", ylabel="top-1 agreement with original", title="top-1 agreement")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------------------------------- speed
+
+def timed(cmd: list[str], timeout: float | None, profile_seconds: float = 0, profile_path: str | None = None) -> dict:
+    """Run `cmd` under /usr/bin/time -v; sample the child's memory; optionally py-spy it; kill at timeout."""
+    import bench_up
+
+    full = ["/usr/bin/time", "-v"] + cmd
+    busy_before = bench_up.cpu_busy_seconds()
+    started = time.perf_counter()
+    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    sampler = bench_up.Sampler(proc.pid)
+    sampler.start()
+    spy = None
+    if profile_seconds and shutil.which("py-spy"):
+        child = None
+        for _ in range(100):
+            child = sampler._child()
+            if child:
+                break
+            time.sleep(0.05)
+        if child:
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(child), "-d", str(int(profile_seconds)), "-r", "20",
+                                    "-f", "raw", "-o", profile_path, "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGTERM)   # the session we started: /usr/bin/time and tensorscale
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - started
+    sampler.stop.set()
+    sampler.join()
+    if spy is not None:
+        try:
+            spy.wait(timeout=max(10, profile_seconds + 30))
+        except subprocess.TimeoutExpired:
+            spy.kill()
+    busy = bench_up.cpu_busy_seconds() - busy_before
+    result = bench_up.parse_time_v(stderr)
+    result.update(returncode=proc.returncode, timed_out=timed_out, wall=wall,
+                  peak_anon=sampler.peak["RssAnon"], vm_hwm=sampler.peak["VmHWM"],
+                  command=" ".join(["tensorscale"] + cmd[1:]) if cmd[0] != sys.executable
+                  else "tensorscale (duplicate_groups patched) " + " ".join(cmd[3:]))
+    if timed_out:
+        result["elapsed"] = wall
+        result["max_rss"] = max(result.get("max_rss", 0), sampler.peak["VmHWM"])
+    elif proc.returncode:
+        raise SystemExit(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{stdout}\n{stderr[-3000:]}")
+    result["other_cpu_s"] = max(0.0, busy - result.get("user", 0.0) - result.get("sys", 0.0)) if not timed_out else None
+    return result
+
+
+def hot_functions(raw_path: str, top: int = 12) -> list[dict]:
+    """Inclusive and own sample shares per function from py-spy's raw (collapsed) output."""
+    inclusive, own, total = defaultdict(int), defaultdict(int), 0
+    try:
+        with open(raw_path) as fh:
+            for line in fh:
+                stack, _, count = line.rstrip().rpartition(" ")
+                if not stack:
+                    continue
+                n = int(count)
+                total += n
+                frames = stack.split(";")
+                for frame in set(frames):
+                    inclusive[frame] += n
+                own[frames[-1]] += n
+    except OSError:
+        return []
+    if not total:
+        return []
+    ranked = sorted(inclusive, key=lambda f: -inclusive[f])
+    interesting = [f for f in ranked if "tensorscale" in f or own[f] > 0.02 * total][:top]
+    return [{"frame": f, "inclusive": inclusive[f] / total, "own": own[f] / total} for f in interesting]
+
+
+# A drop-in for tensorscale.folding.clustering.duplicate_groups with the same result (pairs whose exact
+# distance is within the tolerance, grouped by union-find), but candidates only within tolerance + a
+# cancellation margin and verified in one vectorised step. Used by --patched only, inside the benchmark's
+# own process: the engine is not edited.
+PATCH = r"""
+import sys, torch
+from tensorscale.folding import clustering
+
+def duplicate_groups(features, relative_tolerance=1e-4):
+    n = features.shape[0]
+    parent = list(range(n))
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    norms = features.norm(dim=1)
+    scale = float(norms.median()) if n else 0.0
+    tolerance = relative_tolerance * max(scale, 1e-30)
+    margin = tolerance + 1e-2 * max(scale, 1e-30)   # cdist's cancellation error is ~3e-4 of the norm
+    for begin in range(0, n, 1024):
+        rows = features[begin:begin + 1024]
+        i, j = (torch.cdist(rows, features) <= margin).nonzero(as_tuple=True)
+        i = i + begin
+        keep = i != j
+        i, j = i[keep], j[keep]
+        if i.numel():
+            exact = (features[i] - features[j]).norm(dim=1) <= tolerance
+            for a, b in zip(i[exact].tolist(), j[exact].tolist()):
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    roots = {}
+    return [roots.setdefault(find(k), len(roots)) for k in range(n)]
+
+clustering.duplicate_groups = duplicate_groups
+from tensorscale.cli.main import main
+sys.argv = ["tensorscale"] + sys.argv[1:]
+sys.exit(main())
+"""
+
+
+def speed(args) -> dict:
+    import bench_up
+
+    work = args.work
+    os.makedirs(work, exist_ok=True)
+    bench_up.check_space(work, int(args.params * 2 * 6))
+    src = bench_up.ensure_checkpoint(work, args.params, "2GB")
+    in_bytes = bench_up.folder_bytes(src)
+    config = read_config(src)
+    startup = bench_up.startup_seconds()
+    rows = {}
+    for what in ("up", "down") + (("down-patched",) if args.patched else ()):
+        out = os.path.join(work, f"speed-{what}")
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        verb = what.split("-")[0]
+        sizes = ["-edm", "2", "-upm", "2"] if verb == "up" else ["-edd", "2", "-upd", "2"]
+        launcher = [tool()] if what != "down-patched" else [sys.executable, "-c", PATCH]
+        cmd = launcher + [verb, "-i", src, "-o", out, "--quiet"] + sizes
+        profile_path = os.path.join(work, "down-profile.txt")
+        r = timed(cmd, None if verb == "up" else args.down_timeout,
+                  args.profile_seconds if (what == "down" and args.profile) else 0, profile_path)
+        r["out_bytes"] = bench_up.folder_bytes(out) if os.path.isdir(out) and not r["timed_out"] else None
+        if what == "down" and args.profile:
+            r["profile"] = hot_functions(profile_path)
+        shutil.rmtree(out, ignore_errors=True)
+        for stale in os.listdir(work):   # the temporary folder a killed run leaves beside OUT
+            if stale.startswith(f".speed-{what}.tensorscale-tmp"):
+                shutil.rmtree(os.path.join(work, stale), ignore_errors=True)
+        rows[what] = r
+        print(f"{what}: {'TIMED OUT after ' if r['timed_out'] else ''}{r['elapsed']:.1f} s, user {r.get('user')} sys {r.get('sys')}, "
+              f"peak RSS {r['max_rss'] / MiB:.0f} MiB, peak anon {r['peak_anon'] / MiB:.0f} MiB", flush=True)
+    if args.clean:
+        shutil.rmtree(src, ignore_errors=True)
+    up, down = rows["up"], rows["down"]
+    return {"patched": rows.get("down-patched"), "input": os.path.relpath(src, REPO), "params": args.params, "in_bytes": in_bytes,
+            "shape": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                              "num_key_value_heads", "num_hidden_layers")},
+            "startup_s": startup, "up": up, "down": down, "down_timeout_s": args.down_timeout,
+            "ratio": down["elapsed"] / up["elapsed"], "ratio_is_lower_bound": down["timed_out"]}
+
+
+def speed_table(result: dict) -> str:
+    head = ["command", "wall s", "user+sys s", "peak RSS MiB", "peak anon MiB", "output GB", "others' CPU s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for what in ("up", "down", "patched"):
+        r = result.get(what)
+        if r is None:
+            continue
+        wall = f"{'>' if r['timed_out'] else ''}{r['elapsed']:.1f}" + (" (killed)" if r["timed_out"] else "")
+        cpu = f"{(r.get('user') or 0) + (r.get('sys') or 0):.1f}" if r.get("user") is not None else "n/a"
+        out = f"{r['out_bytes'] / 1e9:.2f}" if r.get("out_bytes") else "n/a"
+        other = f"{r['other_cpu_s']:.1f}" if r.get("other_cpu_s") is not None else "n/a"
+        lines.append(f"| `{r['command']}` | {wall} | {cpu} | {r['max_rss'] / MiB:.0f} | {r['peak_anon'] / MiB:.0f} | {out} | {other} |")
+    ratio = result["ratio"]
+    lines.append("")
+    lines.append(f"down/up wall: {'>' if result['ratio_is_lower_bound'] else ''}{ratio:.1f}x (target <= 3x: "
+                 f"{'MISS' if ratio > 3 else 'PASS'}); down peak RSS {result['down']['max_rss'] / MiB:.0f} MiB "
+                 f"(target <= 1 GiB: {'PASS' if result['down']['max_rss'] <= GiB else 'MISS'})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=MODEL, help="trained checkpoint for the quality part (default examples/pydoc-llama)")
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--params", type=float, default=1e9, help="size of the generated checkpoint for the speed part")
+    p.add_argument("--down-timeout", type=float, default=900, help="kill `down` after this many seconds (speed part)")
+    p.add_argument("--profile", action="store_true", help="py-spy the speed part's `down` run")
+    p.add_argument("--profile-seconds", type=float, default=120)
+    p.add_argument("--patched", action="store_true",
+                   help="also time down with a vectorised duplicate_groups (same result) patched in, in this benchmark only")
+    p.add_argument("--keep", action="store_true", help="keep the quality part's small checkpoints")
+    p.add_argument("--clean", action="store_true", help="delete the generated speed checkpoint at the end")
+    p.add_argument("--work", default=os.path.join(HERE, "work"))
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    args = p.parse_args(argv)
+    os.makedirs(args.results, exist_ok=True)
+    torch.manual_seed(0)
+    meta = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "argv": sys.argv}
+    json_path = os.path.join(args.results, "bench_down.json")
+    if os.path.exists(json_path):   # keep the other part's numbers when only one part is rerun
+        with open(json_path) as fh:
+            previous = json.load(fh)
+        meta.update({k: previous[k] for k in ("quality", "speed") if k in previous})
+    if not args.skip_quality:
+        meta["quality"] = quality(args)
+        print()
+        print(quality_table(meta["quality"]))
+        print()
+        print(detail_table(meta["quality"]))
+        if plot(meta["quality"], os.path.join(args.results, "bench_down.png")):
+            print(f"plot: {os.path.join(args.results, 'bench_down.png')}")
+        with open(json_path, "w") as fh:
+            json.dump(meta, fh, indent=2)
+    if not args.skip_speed:
+        meta["speed"] = speed(args)
+        print()
+        print(speed_table(meta["speed"]))
+        for hot in meta["speed"]["down"].get("profile") or []:
+            print(f"  {hot['inclusive']:6.1%} incl  {hot['own']:6.1%} own  {hot['frame']}")
+    with open(json_path, "w") as fh:
+        json.dump(meta, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
