@@ -99,14 +99,14 @@ def _key(name: str, axis: int, start: int, length: int | None):
     return (name, axis) if length is None else (name, axis, start)
 
 
-def _sketch(rows: torch.Tensor, key) -> torch.Tensor:
+def _sketch(rows: torch.Tensor, key, presampled: bool = False) -> torch.Tensor:
     """Normalise a tensor's unit rows to unit Frobenius norm and project them to SKETCH dimensions."""
-    columns = _sample(rows.shape[1])
-    sampled = rows[:, columns].float()
+    sampled = rows.float() if presampled else rows[:, _sample(rows.shape[1])].float()
+    columns = sampled.shape[1]
     norm = sampled.norm()
     if norm == 0:
         return torch.zeros(rows.shape[0], SKETCH)
-    return (sampled / norm) @ _projection(len(columns), key)
+    return (sampled / norm) @ _projection(columns, key)
 
 
 def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
@@ -170,8 +170,20 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces
         mine = [(axis, start, length) for axis, start, length, name, _ in blocks if name == space.name]
         if not mine:
             continue
-        tensor = reader.read(match.info).float()
         reads_tiled = any(role == "in" for *_, role in blocks)
+        shape = match.info.shape
+        if len(shape) == 2 and space.unit == 1 and all(axis == 1 and length is None for axis, _, length in mine):
+            # Units are columns (an embedding, a reader): the sketch samples rows, so read only those.
+            # This keeps a 150k-token embedding out of memory; the numbers are the same as a full read.
+            rows = _sample(shape[0])
+            sampled = torch.cat([reader.read_rows(match.info, i, i + 1) for i in rows.tolist()]).T
+            sketch = _sketch(sampled, _key(match.name, 1, 0, None), presampled=True)
+            everything += sketch
+            if not reads_tiled:
+                noise_free += sketch
+                clean_count += 1
+            continue
+        tensor = reader.read(match.info)
         for axis, start, length in mine:
             sketch = _sketch(_unit_rows(tensor, axis, space.unit, start, length), _key(match.name, axis, start, length))
             everything += sketch
