@@ -103,11 +103,9 @@ def compile_transform(
                 f"{where}: the rule gives {len(transform.axes)} axis roles but the tensor has shape {list(shape)}; "
                 "the checkpoint does not match its config or the rules"
             )
+        leaf = _tile_leaf(env) if folds is None else _merge_leaf(env, where, folds)
         for axis, label in enumerate(transform.axes):
-            if folds is None:
-                ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where))
-            else:
-                ops.extend(_fold_ops(axis, label, shape[axis], spaces, env, where, folds))
+            ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where, leaf))
     if transform.ops is not None:
         if folds is not None:
             raise TensorscaleError(f"{where}: down derives its ops from axis roles; this rule has an explicit op chain")
@@ -127,7 +125,9 @@ def _number(expression, default, env, where):
     return value
 
 
-def _axis_ops(axis, label, size, spaces, env, where) -> list[Op]:
+def _axis_ops(axis, label, size, spaces, env, where, leaf) -> list[Op]:
+    """Ops for one axis label: checks sizes, splits fused axes into parts, and asks `leaf(space, role,
+    axis)` for the ops of each plain part (`up` tiles, `down` merges)."""
     if label == "-":
         return []
     if isinstance(label, list):
@@ -135,43 +135,12 @@ def _axis_ops(axis, label, size, spaces, env, where) -> list[Op]:
         for part in label:
             part_size = _label_size(part, spaces)
             sizes.append(part_size)
-            parts.append(_axis_ops(axis, part, part_size, spaces, env, where))
+            parts.append(_axis_ops(axis, part, part_size, spaces, env, where, leaf))
         if sum(sizes) != size:
             raise TensorscaleError(
                 f"{where}: fused axis {axis} has size {size} but its parts {label} add up to {sum(sizes)}; "
                 "the checkpoint does not match its config"
             )
-        if not any(parts):
-            return []
-        return [Fused(axis, sizes, parts)]
-    expected = _label_size(label, spaces)
-    if expected != size:
-        raise TensorscaleError(
-            f"{where}: axis {axis} ({label}) has size {size} but config.json implies {expected}; "
-            "the checkpoint does not match its config"
-        )
-    name, role = split_role(label)
-    space = spaces[name]
-    if space.grow == 1:
-        return []
-    if role == "in":
-        return [TileDivide(axis, space.grow, env.get("snr_db"))]
-    if space.clone == "interleave":
-        return [Interleave(axis, space.grow, space.unit)]
-    return [Tile(axis, space.grow)]
-
-
-def _fold_ops(axis, label, size, spaces, env, where, folds) -> list[Op]:
-    if label == "-":
-        return []
-    if isinstance(label, list):
-        parts, sizes = [], []
-        for part in label:
-            part_size = _label_size(part, spaces)
-            sizes.append(part_size)
-            parts.append(_fold_ops(axis, part, part_size, spaces, env, where, folds))
-        if sum(sizes) != size:
-            raise TensorscaleError(f"{where}: fused axis {axis} has size {size} but its parts {label} add up to {sum(sizes)}")
         return [Fused(axis, sizes, parts)] if any(parts) else []
     expected = _label_size(label, spaces)
     if expected != size:
@@ -180,11 +149,33 @@ def _fold_ops(axis, label, size, spaces, env, where, folds) -> list[Op]:
             "the checkpoint does not match its config"
         )
     name, role = split_role(label)
-    space = spaces[name]
-    if space.target == space.size:
-        return []
-    fold = folds.lookup(space, env, where)
-    return [fold.merge_op(axis, role, space)]
+    return leaf(spaces[name], role, axis)
+
+
+def _tile_leaf(env):
+    """`up`: producers are cloned (tile or interleave), readers tiled into blocks that sum back (÷grow)."""
+
+    def leaf(space, role, axis):
+        if space.grow == 1:
+            return []
+        if role == "in":
+            return [TileDivide(axis, space.grow, env.get("snr_db"))]
+        if space.clone == "interleave":
+            return [Interleave(axis, space.grow, space.unit)]
+        return [Tile(axis, space.grow)]
+
+    return leaf
+
+
+def _merge_leaf(env, where, folds):
+    """`down`: every role becomes a merge with the space's clustering (see folding.fold)."""
+
+    def leaf(space, role, axis):
+        if space.target == space.size:
+            return []
+        return [folds.lookup(space, env, where).merge_op(axis, role, space)]
+
+    return leaf
 
 
 def _label_size(label, spaces) -> int:
