@@ -233,6 +233,12 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
                 if role != "in" and (name == space.name or spaces[name].clusters_of == space.name)]
         if not mine:
             continue
+        if len(match.info.shape) == 2 and len(mine) == 1 and mine[0][0] == 0 and mine[0][2] is None:
+            # The usual producer, units along rows: stream it in row chunks so a large FFN matrix is
+            # never whole in float32 (its lifted copy and sketch inputs came to ~0.5 GiB at 1B).
+            features += _sketch_streamed(reader, match, spaces[mine[0][3]].unit, spaces, folds)
+            found = True
+            continue
         tensor = _lift(reader.read(match.info).float(), match, spaces, folds)
         for axis, start, length, name in mine:
             features += _sketch(_unit_rows(tensor, axis, spaces[name].unit, start, length), _key(match.name, axis, start, length))
@@ -244,6 +250,26 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
         labels, exact = cluster_units(features, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype)
         return Fold(labels, space.target_units, exact)
     return _fold_within(space, instance, features, spaces[space.within], folds, what, seed, dtype)
+
+
+def _sketch_streamed(reader, match: Match, unit: int, spaces, folds: Folds) -> torch.Tensor:
+    """_sketch(_unit_rows(_lift(W), 0, unit)) computed a few MiB of rows at a time: the projection is
+    linear, so chunk sketches are stacked and the whole is divided by the norm summed over chunks."""
+    rows_total, columns_in = match.info.shape
+    step = max(unit, (2**21 // max(1, columns_in)) // unit * unit)
+    out, columns, projection, squares = None, None, None, 0.0
+    for begin in range(0, rows_total, step):
+        end = min(rows_total, begin + step)
+        rows = _unit_rows(_lift(reader.read_rows(match.info, begin, end).float(), match, spaces, folds), 0, unit)
+        if out is None:
+            columns = _sample(rows.shape[1])
+            projection = _projection(len(columns), _key(match.name, 0, 0, None))
+            out = torch.zeros(rows_total // unit, SKETCH)
+        sampled = rows[:, columns]
+        squares += float(sampled.pow(2).sum())
+        out[begin // unit:end // unit] = sampled @ projection
+    norm = squares ** 0.5
+    return out / norm if norm > 0 else torch.zeros_like(out)
 
 
 def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, what: str, seed: int, dtype: str) -> Fold:
