@@ -27,6 +27,7 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
 
     Unlike `up`, this reads tensor data (the clustering needs it), so even `plan` takes a full read."""
     from .folding.analysis import analyse
+    from .heap import release_free_memory
     from .folding.retie import find_retie
     from .planning.plan import evaluate_env
     from .rulebook.compile import resolve_spaces
@@ -38,6 +39,7 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     env = evaluate_env(rules, source.config, options)
     folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress,
                     calibration=calibration)
+    release_free_memory()  # the analysis's buffers are gone; do not let writing stack on them
     plan = build_plan(source, rules, options, folds)
     retie = find_retie(plan)
     if retie:

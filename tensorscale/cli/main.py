@@ -257,28 +257,11 @@ cli.add_command(verify)
 cli.add_command(batch)
 
 
-def _keep_freed_chunks():
-    """Chunk buffers of tens of MiB are freed and reallocated for every chunk. By default glibc maps each one
-    fresh and unmaps it on free, so every chunk page-faults its memory back in (about a million minor
-    faults per GB written, measured). Raising the mmap and trim thresholds keeps freed chunks in the heap
-    for the next one, and capping the arenas keeps that reuse from multiplying per thread."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        libc.mallopt(m_mmap_threshold, 256 * 2**20)
-        libc.mallopt(m_trim_threshold, 1024 * 2**20)
-        # One arena per worker thread: glibc's default (8 per core) lets each thread's arena keep its own
-        # high-water mark of freed chunks, which measured 1.1 GiB peak RSS for down on 0.5B instead of 0.5.
-        libc.mallopt(m_arena_max, 2)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
 def main():
     _install_signal_handlers()
-    _keep_freed_chunks()
+    from ..heap import keep_freed_chunks
+
+    keep_freed_chunks()
     cli(prog_name="tensorscale")
 
 

@@ -95,9 +95,12 @@ def kmeans(features: torch.Tensor, k: int, *, equal: bool, seed: int = 0) -> lis
     centre_x = _initial_centres(x, squared, k, generator)
     labels = torch.full((n,), -1, dtype=torch.long)
     for iteration in range(KMEANS_ITERATIONS):
-        # Squared distances by the matrix-product form: fast, and exact enough to pick the nearest centre.
-        distances = (squared[:, None] + centre_x.pow(2).sum(dim=1)[None, :] - 2 * x @ centre_x.T).clamp_min(0)
-        new_labels = _balanced_assign(distances, k) if equal else _fill_empty(distances.argmin(dim=1), distances, k)
+        if equal:  # the balanced assignment ranks every centre for every unit: it needs the whole matrix
+            distances = _distances(x, squared, centre_x)
+            new_labels = _balanced_assign(distances, k)
+            del distances
+        else:
+            new_labels = _fill_empty(_nearest(x, centre_x), x, centre_x, k)
         if torch.equal(new_labels, labels):
             break
         labels = new_labels
@@ -150,12 +153,33 @@ def _balanced_assign(distances: torch.Tensor, k: int) -> torch.Tensor:
     return labels
 
 
-def _fill_empty(labels: torch.Tensor, distances: torch.Tensor, k: int) -> torch.Tensor:
+def _distances(x, squared, centres):
+    """Squared distances by the matrix-product form, built in one buffer (no n·k temporaries)."""
+    distances = torch.mm(x, centres.T).mul_(-2).add_(squared[:, None]).add_(centres.pow(2).sum(dim=1)[None, :])
+    return distances.clamp_min_(0)
+
+
+NEAREST_BLOCK = 2048  # units per block: memory stays at block·k floats, however many units a space has
+
+
+def _nearest(x, centres) -> torch.Tensor:
+    """The nearest centre of every unit, a block of units at a time (|x|² is the same for every centre)."""
+    centre_squared = centres.pow(2).sum(dim=1)[None, :]
+    labels = torch.empty(x.shape[0], dtype=torch.long)
+    for begin in range(0, x.shape[0], NEAREST_BLOCK):
+        block = torch.mm(x[begin:begin + NEAREST_BLOCK], centres.T).mul_(-2).add_(centre_squared)
+        labels[begin:begin + NEAREST_BLOCK] = block.argmin(dim=1)
+    return labels
+
+
+def _fill_empty(labels: torch.Tensor, x: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:
+    """Give every empty cluster the nearest unit of a cluster that has more than one."""
     counts = torch.bincount(labels, minlength=k)
     for c in (counts == 0).nonzero().flatten().tolist():
         counts = torch.bincount(labels, minlength=k)
         donors = counts[labels] > 1
-        candidate_d = torch.where(donors, distances[:, c], torch.full_like(distances[:, c], float("inf")))
+        column = (x - centres[c]).pow(2).sum(dim=1)
+        candidate_d = torch.where(donors, column, torch.full_like(column, float("inf")))
         unit = int(candidate_d.argmin())
         labels[unit] = c
     return labels
