@@ -532,8 +532,7 @@ def timed(cmd: list[str], timeout: float | None, profile_seconds: float = 0, pro
     result = bench_up.parse_time_v(stderr)
     result.update(returncode=proc.returncode, timed_out=timed_out, wall=wall,
                   peak_anon=sampler.peak["RssAnon"], vm_hwm=sampler.peak["VmHWM"],
-                  command=" ".join(["tensorscale"] + cmd[1:]) if cmd[0] != sys.executable
-                  else "tensorscale (duplicate_groups patched) " + " ".join(cmd[3:]))
+                  command=" ".join(["tensorscale"] + cmd[1:]))
     if timed_out:
         result["elapsed"] = wall
         result["max_rss"] = max(result.get("max_rss", 0), sampler.peak["VmHWM"])
@@ -567,48 +566,6 @@ def hot_functions(raw_path: str, top: int = 12) -> list[dict]:
     return [{"frame": f, "inclusive": inclusive[f] / total, "own": own[f] / total} for f in interesting]
 
 
-# A drop-in for tensorscale.folding.clustering.duplicate_groups with the same result (pairs whose exact
-# distance is within the tolerance, grouped by union-find), but candidates only within tolerance + a
-# cancellation margin and verified in one vectorised step. Used by --patched only, inside the benchmark's
-# own process: the engine is not edited.
-PATCH = r"""
-import sys, torch
-from tensorscale.folding import clustering
-
-def duplicate_groups(features, relative_tolerance=1e-4):
-    n = features.shape[0]
-    parent = list(range(n))
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    norms = features.norm(dim=1)
-    scale = float(norms.median()) if n else 0.0
-    tolerance = relative_tolerance * max(scale, 1e-30)
-    margin = tolerance + 1e-2 * max(scale, 1e-30)   # cdist's cancellation error is ~3e-4 of the norm
-    for begin in range(0, n, 1024):
-        rows = features[begin:begin + 1024]
-        i, j = (torch.cdist(rows, features) <= margin).nonzero(as_tuple=True)
-        i = i + begin
-        keep = i != j
-        i, j = i[keep], j[keep]
-        if i.numel():
-            exact = (features[i] - features[j]).norm(dim=1) <= tolerance
-            for a, b in zip(i[exact].tolist(), j[exact].tolist()):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    roots = {}
-    return [roots.setdefault(find(k), len(roots)) for k in range(n)]
-
-clustering.duplicate_groups = duplicate_groups
-from tensorscale.cli.main import main
-sys.argv = ["tensorscale"] + sys.argv[1:]
-sys.exit(main())
-"""
-
-
 def speed(args) -> dict:
     import bench_up
 
@@ -620,14 +577,13 @@ def speed(args) -> dict:
     config = read_config(src)
     startup = bench_up.startup_seconds()
     rows = {}
-    for what in ("up", "down") + (("down-patched",) if args.patched else ()):
+    for what in ("up", "down"):
         out = os.path.join(work, f"speed-{what}")
         if os.path.exists(out):
             shutil.rmtree(out)
-        verb = what.split("-")[0]
+        verb = what
         sizes = ["-edm", "2", "-upm", "2"] if verb == "up" else ["-edd", "2", "-upd", "2"]
-        launcher = [tool()] if what != "down-patched" else [sys.executable, "-c", PATCH]
-        cmd = launcher + [verb, "-i", src, "-o", out, "--quiet"] + sizes
+        cmd = [tool(), verb, "-i", src, "-o", out, "--quiet"] + sizes
         profile_path = os.path.join(work, "down-profile.txt")
         r = timed(cmd, None if verb == "up" else args.down_timeout,
                   args.profile_seconds if (what == "down" and args.profile) else 0, profile_path)
@@ -644,7 +600,7 @@ def speed(args) -> dict:
     if args.clean:
         shutil.rmtree(src, ignore_errors=True)
     up, down = rows["up"], rows["down"]
-    return {"patched": rows.get("down-patched"), "input": os.path.relpath(src, REPO), "params": args.params, "in_bytes": in_bytes,
+    return {"input": os.path.relpath(src, REPO), "params": args.params, "in_bytes": in_bytes,
             "shape": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                               "num_key_value_heads", "num_hidden_layers")},
             "startup_s": startup, "up": up, "down": down, "down_timeout_s": args.down_timeout,
@@ -654,7 +610,7 @@ def speed(args) -> dict:
 def speed_table(result: dict) -> str:
     head = ["command", "wall s", "user+sys s", "peak RSS MiB", "peak anon MiB", "output GB", "others' CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for what in ("up", "down", "patched"):
+    for what in ("up", "down"):
         r = result.get(what)
         if r is None:
             continue
@@ -682,8 +638,6 @@ def main(argv=None) -> int:
     p.add_argument("--down-timeout", type=float, default=900, help="kill `down` after this many seconds (speed part)")
     p.add_argument("--profile", action="store_true", help="py-spy the speed part's `down` run")
     p.add_argument("--profile-seconds", type=float, default=120)
-    p.add_argument("--patched", action="store_true",
-                   help="also time down with a vectorised duplicate_groups (same result) patched in, in this benchmark only")
     p.add_argument("--keep", action="store_true", help="keep the quality part's small checkpoints")
     p.add_argument("--clean", action="store_true", help="delete the generated speed checkpoint at the end")
     p.add_argument("--work", default=os.path.join(HERE, "work"))
