@@ -173,7 +173,9 @@ def test_local_parallel_run_equals_plain_up_byte_for_byte(tmp_path, sources):
     assert result.exit_code == 0, result.output
     summary = _summary(path)
     assert summary["workers"] == 2 and summary["counts"] == {"done": 3, "skipped": 0, "failed": 0}
-    assert len(summary["worker_peak_rss_mib"]) == 2  # both worker processes wrote shards
+    # Peaks are reported per worker that wrote a shard. Which of the two spawned workers gets shards is up
+    # to the pool: a worker still importing torch when the other has drained the queue gets none.
+    assert 1 <= len(summary["worker_peak_rss_mib"]) <= 2
     for job, entry in zip(jobs, summary["jobs"]):
         assert entry["status"] == "done" and entry["shards"] > 1
         options = Options(job.get("embed_dim_multiplier", 1), job.get("up_proj_multiplier", 1), job.get("snr_db"),
