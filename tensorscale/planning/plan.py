@@ -136,11 +136,15 @@ class Plan:
 
 def base_env(config: dict, options: Options, ratios: dict | None = None) -> dict:
     """Config fields plus the options rules see: n (hidden), m (FFN), nh (heads), nkv (kv heads) as growth
-    ratios (whole for `up`, fractions for `down`), snr_db and untie_embeddings."""
+    ratios (new size / old size), n_tiles, snr_db and untie_embeddings."""
     env = {key: value for key, value in config.items() if isinstance(value, (int, float, str, bool, list)) or value is None}
     if ratios is None:
         n = options.embed_dim_multiplier
         ratios = {"n": n, "m": options.up_proj_multiplier, "nh": n, "nkv": n}
+    ratios = dict(ratios)
+    # n_tiles: how many whole copies of the source hidden state the new one holds (a tied head sums them).
+    # Tiling: n. Down: n too (a fraction). Zero-padding: 1; any width: the whole part of n, the rest padded.
+    ratios.setdefault("n_tiles", ratios["n"])
     env.update(ratios, snr_db=options.snr_db, untie_embeddings=options.untie_embeddings)
     return env
 

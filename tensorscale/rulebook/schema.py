@@ -26,7 +26,9 @@ from .expr import Expression, ExpressionError
 KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched"}
 KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note"}
 KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
-KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "note"}
+KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "norm", "note"}
+# How a space is normalised, where something normalises it as a whole (see SpaceSpec.norm).
+NORM_KINDS = ("rms", "rms_one_plus", "layer")
 IN_SUFFIX = ".in"
 NORM_SUFFIX = ".norm"
 ROLE_SUFFIXES = (IN_SUFFIX, NORM_SUFFIX)
@@ -50,6 +52,12 @@ class SpaceSpec:
     equal: bool = False  # clusters must have equal sizes (LayerNorm centring, full-projection q/k norms)
     within: str | None = None  # units are grouped under this space's units (q heads under kv heads)
     clusters_of: str | None = None  # clustered exactly like that space (a second view of the same units)
+    # For growth that is not a whole multiple (zero-padding, any target width): how the space is normalised.
+    # "rms": an RMSNorm x/rms(x)·w, so zero-padding is exact once the gains are rescaled; "rms_one_plus":
+    # the same with gains stored as w in (1+w) (Gemma); "layer": a LayerNorm, whose mean changes when zeros
+    # are added, so only whole-multiple tiling is exact. None: nothing normalises the space as a whole, so
+    # units may be cloned unevenly (Net2Net).
+    norm: str | None = None
 
 
 @dataclass
@@ -211,10 +219,12 @@ def _build(data, path: str) -> RuleSet:
         for ref in ("per", "within", "clusters_of"):
             if value.get(ref) is not None and not isinstance(value.get(ref), str):
                 raise RulesError(f"{where}: {ref} must be a name")
+        if value.get("norm") is not None and value.get("norm") not in NORM_KINDS:
+            raise RulesError(f"{where}: norm must be one of {', '.join(NORM_KINDS)}")
         spaces[str(key)] = SpaceSpec(
             str(key), _expr(value["size"], where), _expr(value.get("grow", 1), where), _expr(value.get("unit", 1), where),
             clone, value.get("per"), value.get("scaled", False), value.get("equal", False), value.get("within"),
-            value.get("clusters_of"),
+            value.get("clusters_of"), value.get("norm"),
         )
     for key, spec in spaces.items():
         for ref in (spec.within, spec.clusters_of):
