@@ -21,6 +21,19 @@ def plan_conversion(source_label: str, options: Options, rules_path: str | None 
     return build_plan(source, rules, options)
 
 
+def targets_grow(source_label: str, targets: dict, rules_path: str | None = None) -> bool:
+    """True when every given target size is at least the model's (so `plan` previews `up`, not `down`)."""
+    from .planning.plan import current_units
+
+    chosen = {key: value for key, value in targets.items() if value is not None}
+    if not chosen:
+        return True
+    source = open_source(source_label, headers_only=True)
+    rules = resolve_rules(source.config, rules_path)
+    current = current_units(rules, source.config, Options())
+    return all(current.get(key) is None or value >= current[key] for key, value in chosen.items())
+
+
 def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None,
               calibration: tuple[str, int] | None = None) -> Plan:
     """Plan `down`: read the weights once to cluster every space's units, then plan the merges.

@@ -109,31 +109,66 @@ def _up_options(func):
         click.option("--output", "-o", "output", default=None, metavar="OUT",
                      help="Output folder (default: <source name>-<size> in the current folder)."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts."),
+        click.option("--strategy", type=click.Choice(["clone", "pad"]), default="clone", show_default=True,
+                     help="clone: HyperCloning (copies; any width by cloning a subset of units). pad: the source in "
+                          "the top-left block, zeros elsewhere (RMSNorm models; gains rescaled)."),
+        click.option("--add-layers", type=int, default=0, metavar="K",
+                     help="Insert K identity layers (residual writers zeroed): same function, deeper model."),
+        click.option("--at", "insert_at", default=None, metavar="POSITIONS",
+                     help="Where --add-layers inserts, as source layer indices (e.g. 4,8): before that layer; "
+                          "default: spread evenly."),
+        click.option("--duplicate-layers", default=None, metavar="START:END",
+                     help="Copy source layers START..END-1 after END (SOLAR-style depth up-scaling; not "
+                          "function-preserving)."),
     ]
     for option in reversed(options):
         func = option(func)
     return _input_option(func)
 
 
-def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size):
+def _width_target_options(func):
+    """Any target width for `up`, in place of (or on top of) the multipliers."""
+    options = [
+        click.option("--hidden-size", type=int, default=None, help="Target hidden size (any larger value)."),
+        click.option("--intermediate-size", type=int, default=None, help="Target FFN size (any larger value)."),
+        click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
+        click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy="clone", add_layers=0,
+             insert_at=None, duplicate_layers=None, targets=None):
     from ..planning.plan import Options, parse_size
 
     for flag, value in (("--embed-dim-multiplier", edm), ("--up-proj-multiplier", upm)):
         if value < 1:
             raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value}")
-    return Options(edm, upm, snr_db, seed, untie_embeddings, dtype, parse_size(max_shard_size))
+    positions = None
+    if insert_at is not None:
+        try:
+            positions = tuple(int(part) for part in str(insert_at).split(",") if part.strip())
+        except ValueError:
+            raise TensorscaleError(f"--at takes layer indices separated by commas (e.g. 4,8), got {insert_at!r}") from None
+    chosen = {key: value for key, value in (targets or {}).items() if value is not None}
+    return Options(edm, upm, snr_db, seed, untie_embeddings, dtype, parse_size(max_shard_size), targets=chosen,
+                   strategy=strategy, add_layers=add_layers, insert_at=positions, duplicate_layers=duplicate_layers)
 
 
 @cli.command()
 @_up_options
+@_width_target_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json: source and output hashes, command, version.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verify", "verify_logits", is_flag=True,
               help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails.")
-def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json, force,
-       verify_files, manifest, quiet, verify_logits):
+def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
+       strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
+       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -142,7 +177,10 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     """
     from ..convert import execute_plan, plan_conversion
 
-    plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size), rules_path)
+    targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
+                       duplicate_layers, targets)
+    plan = plan_conversion(source, options, rules_path)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
                           verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]])
     for name in result.stale_removed:
@@ -171,20 +209,25 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
 @_up_options
 @down_target_options
 def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
-         edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads):
+         strategy, add_layers, insert_at, duplicate_layers, edd, upd, hidden_size, intermediate_size,
+         num_attention_heads, num_key_value_heads):
     """Dry run of `up` (or of `down`, given its divisors or targets): every tensor's rule, op chain, shapes
     and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read the
     weights once, since its clusters depend on them."""
-    from ..convert import default_output, plan_conversion, plan_down
+    from ..convert import default_output, plan_conversion, plan_down, targets_grow
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
-    if wants_down(edd, upd, targets):
-        if edm != 1 or upm != 1 or snr_db is not None or untie_embeddings:
-            raise TensorscaleError("up options (-edm, -upm, --snr-db, --untie-embeddings) do not combine with down's")
+    up_asked = (edm != 1 or upm != 1 or snr_db is not None or untie_embeddings or strategy != "clone" or add_layers
+                or duplicate_layers is not None)
+    if wants_down(edd, upd, targets) and (edd is not None or upd is not None or not targets_grow(source, targets, rules_path)):
+        if up_asked:
+            raise TensorscaleError("up options (-edm, -upm, --snr-db, --untie-embeddings, --strategy, --add-layers, "
+                                   "--duplicate-layers) do not combine with down's")
         the_plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path)
     else:
-        the_plan = plan_conversion(source, _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size),
-                                   rules_path, headers_only=True)
+        options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers,
+                           insert_at, duplicate_layers, targets)
+        the_plan = plan_conversion(source, options, rules_path, headers_only=True)
     data = render.plan_data(the_plan, output or default_output(the_plan.source, the_plan))
     click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
 

@@ -49,6 +49,10 @@ class Options:
     embed_dim_divisor: int | None = None
     up_proj_divisor: int | None = None
     targets: dict = field(default_factory=dict)  # TARGET_SPACES key -> size or count
+    strategy: str = "clone"  # up: "clone" (HyperCloning / Net2Net) or "pad" (top-left block, zeros elsewhere)
+    add_layers: int = 0  # up: identity layers to insert
+    insert_at: tuple[int, ...] | None = None  # up: source layer indices the identity layers go before
+    duplicate_layers: str | None = None  # up: "START:END", SOLAR-style block copy
 
     def validate(self):
         for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier),
@@ -60,6 +64,12 @@ class Options:
             raise TensorscaleError(f"unknown mode {self.mode!r}")
         if self.targets and (self.embed_dim_divisor or self.up_proj_divisor):
             raise TensorscaleError("give either divisors or target sizes, not both")
+        if self.strategy not in ("clone", "pad"):
+            raise TensorscaleError(f"--strategy must be clone or pad, got {self.strategy!r}")
+        if isinstance(self.add_layers, bool) or not isinstance(self.add_layers, int) or self.add_layers < 0:
+            raise TensorscaleError(f"--add-layers must be a whole number >= 0, got {self.add_layers!r}")
+        if self.mode == "down" and (self.strategy != "clone" or self.add_layers or self.duplicate_layers):
+            raise TensorscaleError("--strategy, --add-layers and --duplicate-layers are options of up, not down")
         unknown = set(self.targets) - set(TARGET_SPACES)
         if unknown:
             raise TensorscaleError(f"unknown target {sorted(unknown)[0]}")
@@ -191,6 +201,59 @@ def down_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
     }
 
 
+def current_units(rule_set: RuleSet, config: dict, options: Options) -> dict:
+    """The model's size in each TARGET_SPACES key (hidden and FFN in dimensions, heads in counts)."""
+    env = _evaluate_let(rule_set, base_env(config, options, {"n": 1, "m": 1, "nh": 1, "nkv": 1}))
+    spaces = resolve_spaces(rule_set, env)
+    current = {key: (spaces[name].units if name in spaces else None) for key, name in TARGET_SPACES.items()}
+    if current["num_key_value_heads"] is None:
+        current["num_key_value_heads"] = current["num_attention_heads"]
+    return current
+
+
+def up_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
+    """`up`'s ratios n, m, nh, nkv and n_tiles from the multipliers, overridden by any target sizes.
+
+    A target may be any larger size; heads not given follow the hidden ratio where that gives whole counts.
+    n_tiles is how many whole copies of the hidden state the result holds: n when tiling by a whole factor,
+    its whole part when the rest is zero-padded (clone with a hidden size that is not a multiple), 1 for pad."""
+    n, m = options.embed_dim_multiplier, options.up_proj_multiplier
+    ratios = {"n": n, "m": m, "nh": n, "nkv": n}
+    if options.targets:
+        current = current_units(rule_set, config, options)
+        for key, value in options.targets.items():
+            if current.get(key) is None:
+                raise TensorscaleError(f"rules {rule_set.name} have no space for --{key.replace('_', '-')}")
+            if value < current[key]:
+                raise TensorscaleError(
+                    f"--{key.replace('_', '-')} {value} is smaller than the model's {current[key]}; use `down` to shrink"
+                )
+        targets = options.targets
+        if "hidden_size" in targets:
+            ratios["n"] = targets["hidden_size"] / current["hidden_size"]
+        if "intermediate_size" in targets:
+            ratios["m"] = targets["intermediate_size"] / current["intermediate_size"]
+        follow = ratios["n"] if "hidden_size" in targets else n
+        for key, ratio in (("num_attention_heads", "nh"), ("num_key_value_heads", "nkv")):
+            if key in targets:
+                ratios[ratio] = targets[key] / current[key]
+            elif current[key] and abs(current[key] * follow - round(current[key] * follow)) > 1e-9:
+                ratios[ratio] = 1  # the hidden ratio gives no whole count: keep the count
+            else:
+                ratios[ratio] = follow
+        if "num_key_value_heads" not in targets and "num_attention_heads" in targets:
+            # keep the query heads per kv head when the new count allows it, else keep the kv count
+            group = current["num_attention_heads"] // current["num_key_value_heads"]
+            wanted = targets["num_attention_heads"]
+            kv = wanted // group if wanted % group == 0 else current["num_key_value_heads"]
+            ratios["nkv"] = kv / current["num_key_value_heads"]
+    if options.strategy == "pad":
+        ratios["n_tiles"] = 1
+    else:
+        ratios["n_tiles"] = max(1, math.floor(ratios["n"] + 1e-9))
+    return ratios
+
+
 def _evaluate_let(rule_set: RuleSet, env: dict) -> dict:
     for name, expression in rule_set.let:
         try:
@@ -201,7 +264,7 @@ def _evaluate_let(rule_set: RuleSet, env: dict) -> dict:
 
 
 def evaluate_env(rule_set: RuleSet, config: dict, options: Options) -> dict:
-    ratios = down_ratios(rule_set, config, options) if options.mode == "down" else None
+    ratios = down_ratios(rule_set, config, options) if options.mode == "down" else up_ratios(rule_set, config, options)
     env = base_env(config, options, ratios)
     for name, expression in rule_set.let:
         try:
