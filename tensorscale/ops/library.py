@@ -416,6 +416,98 @@ class Merge(Op):
         return f"merge(axis={self.axis},{what} {len(self.cluster)}->{len(self.scale)} units of {self.unit})"
 
 
+@dataclass
+class Gather(Op):
+    """Build an axis from `unit`-sized blocks of the source: out block j = in block sources[j], or zeros
+    where sources[j] is None. This is any-width growth: a subset of units cloned (Net2Net), zero units, or
+    both. With `divide`, the axis is read by its consumer, so each copy of a unit gets W/c where c is the
+    number of copies of that unit (rounded one copy after another, as in TileDivide, so that the stored
+    copies sum back to W), and the consumer's output is unchanged."""
+
+    axis: int
+    unit: int
+    sources: tuple
+    divide: bool = False
+    snr_db: float | None = None
+    name = "gather"
+
+    @property
+    def arithmetic(self):  # type: ignore[override]
+        return self.divide
+
+    def _units_in(self, shape):
+        if shape[self.axis] % self.unit:
+            raise TensorscaleError(f"gather: axis {self.axis} of size {shape[self.axis]} is not a multiple of unit {self.unit}")
+        return shape[self.axis] // self.unit
+
+    def out_shape(self, shape):
+        self._check_axis(shape)
+        units = self._units_in(shape)
+        if any(src is not None and not 0 <= src < units for src in self.sources):
+            raise TensorscaleError(f"gather: a source unit is out of range for {units} units")
+        return _replace(shape, self.axis, len(self.sources) * self.unit)
+
+    def _copies(self) -> dict[int, list[int]]:
+        copies: dict[int, list[int]] = {}
+        for j, src in enumerate(self.sources):
+            if src is not None:
+                copies.setdefault(src, []).append(j)
+        return copies
+
+    def apply(self, x, ctx, op_index):
+        moved = x.movedim(self.axis, 0)
+        units = moved.unflatten(0, (moved.shape[0] // self.unit, self.unit))
+        store = ctx.store_dtype if self.divide else x.dtype
+        out = torch.zeros((len(self.sources), *units.shape[1:]), dtype=store)
+        copies = self._copies()
+        if not self.divide:
+            kept = [j for j, src in enumerate(self.sources) if src is not None]
+            index = torch.tensor([self.sources[j] for j in kept], dtype=torch.long)
+            out[torch.tensor(kept, dtype=torch.long)] = units.index_select(0, index)
+        else:
+            units = units.float()
+            by_count: dict[int, list[int]] = {}
+            for src, where in copies.items():
+                by_count.setdefault(len(where), []).append(src)
+            generator = ctx.generator(op_index) if self.snr_db is not None else None
+            for count, group in sorted(by_count.items()):
+                whole = units[torch.tensor(group, dtype=torch.long)]
+                slots = [torch.tensor([copies[src][k] for src in group], dtype=torch.long) for k in range(count)]
+                blocks = [whole / count] * count
+                if self.snr_db is not None and count > 1:
+                    # zero-sum noise on pairs of copies, scaled by the signal RMS along the gathered axis
+                    std = whole.pow(2).mean(dim=(0, 1), keepdim=True).sqrt() / count * 10.0 ** (-self.snr_db / 20.0)
+                    blocks = list(blocks)
+                    for first in range(0, count - 1, 2):
+                        eps = torch.randn(whole.shape, generator=generator) * std
+                        blocks[first] = blocks[first] + eps
+                        blocks[first + 1] = blocks[first + 1] - eps
+                running = torch.zeros_like(whole)
+                for k in range(count - 1):
+                    rounded = blocks[k].to(store)
+                    out[slots[k]] = rounded
+                    running += rounded.float()
+                out[slots[count - 1]] = (whole - running).to(store)
+        return out.flatten(0, 1).movedim(0, self.axis)
+
+    def map_rows(self, row_map):
+        if self.divide:
+            return None
+        segments = []
+        for src in self.sources:
+            segments.extend(row_map.take(src * self.unit, (src + 1) * self.unit).segments if src is not None
+                            else [Segment(self.unit, None, 0.0)])
+        return RowMap(segments)
+
+    def describe(self):
+        kept = sum(src is not None for src in self.sources)
+        zeros = len(self.sources) - kept
+        what = "divide" if self.divide else "copy"
+        noise = f", noise {self.snr_db:g} dB" if self.snr_db is not None and self.divide else ""
+        return (f"gather(axis={self.axis}, {what} {kept} units of {self.unit}"
+                + (f" + {zeros} zero" if zeros else "") + f"{noise})")
+
+
 # name -> (constructor, {yaml parameter: constructor argument}) for rules files.
 OP_TYPES: dict[str, Callable[..., Op]] = {
     "tile": Tile,

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import TensorscaleError
-from ..ops.library import OP_TYPES, Fused, Interleave, Op, Scale, Tile, TileDivide
+from ..ops.library import OP_TYPES, Fused, Gather, Interleave, Op, Pad, Scale, Tile, TileDivide
 from .expr import ExpressionError
+from .layout import plan_layouts
 from .schema import OpSpec, RuleSet, Transform, split_role
 
 
@@ -35,6 +36,7 @@ class Space:
     equal: bool = False
     within: str | None = None
     clusters_of: str | None = None
+    norm: str | None = None  # how the space is normalised as a whole (rms, rms_one_plus, layer), if it is
 
     @property
     def units(self) -> int:
@@ -80,15 +82,17 @@ def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
         if size % unit or target % unit:
             raise TensorscaleError(f"{where}: sizes {size} -> {target} are not multiples of its unit {unit}")
         spaces[name] = Space(name, size, target, unit, spec.clone, spec.per, spec.scaled, spec.equal, spec.within,
-                             spec.clusters_of)
+                             spec.clusters_of, spec.norm)
     return spaces
 
 
 def compile_transform(
-    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str, folds=None
+    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str, folds=None,
+    layouts=None,
 ) -> list[Op]:
     """The ops for one tensor. With `folds` (cluster assignments from the `down` analysis) roles become
-    merges; without, they become `up`'s tiles."""
+    merges; without, they become `up`'s copies, laid out by `layouts` (see rulebook.layout; tiling when
+    not given)."""
     ops: list[Op] = []
     if transform.scale is not None or transform.scale_offset is not None:
         factor = _number(transform.scale, 1, env, f"{where}: scale")
@@ -103,7 +107,10 @@ def compile_transform(
                 f"{where}: the rule gives {len(transform.axes)} axis roles but the tensor has shape {list(shape)}; "
                 "the checkpoint does not match its config or the rules"
             )
-        leaf = _tile_leaf(env) if folds is None else _merge_leaf(env, where, folds)
+        if folds is None:
+            leaf = _grow_leaf(env, where, layouts if layouts is not None else plan_layouts(spaces, "clone"))
+        else:
+            leaf = _merge_leaf(env, where, folds)
         for axis, label in enumerate(transform.axes):
             ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where, leaf))
     if transform.ops is not None:
@@ -152,19 +159,51 @@ def _axis_ops(axis, label, size, spaces, env, where, leaf) -> list[Op]:
     return leaf(spaces[name], role, axis)
 
 
-def _tile_leaf(env):
-    """`up`: producers are cloned (tile or interleave), readers tiled into blocks that sum back (÷grow)."""
+def _grow_leaf(env, where, layouts):
+    """`up`: producers copy their units as the space's layout says (tile, interleave, zero units, or a
+    cloned subset), readers get blocks that sum back to the source (÷copies), norm gains are copied and,
+    where the space gained zero units, rescaled so the norm's output is kept."""
 
     def leaf(space, role, axis):
-        if space.grow == 1:
+        layout = layouts[space.name]
+        if layout.target == layout.size:
             return []
-        if role == "in":
-            return [TileDivide(axis, space.grow, env.get("snr_db"))]
-        if space.clone == "interleave":
-            return [Interleave(axis, space.grow, space.unit)]
-        return [Tile(axis, space.grow)]
+        snr_db = env.get("snr_db")
+        tiles = layout.tiles
+        if tiles is not None:
+            if role == "in":
+                return [TileDivide(axis, tiles, snr_db)]
+            if space.clone == "interleave":
+                return [Interleave(axis, tiles, space.unit)]
+            return [Tile(axis, tiles)]
+        padded = layout.padded_tiles
+        if padded is not None:
+            ops: list[Op] = []
+            if padded > 1:
+                ops.append(TileDivide(axis, padded, snr_db) if role == "in" else Tile(axis, padded))
+        else:
+            ops = [Gather(axis, layout.unit, layout.sources, divide=role == "in", snr_db=snr_db)]
+        if role == "norm":
+            ops.extend(_norm_rescale(space, layout, where))
+        if padded is not None:
+            ops.append(Pad(axis, 0, (layout.target - layout.kept) * layout.unit))
+        return ops
 
     return leaf
+
+
+def _norm_rescale(space, layout, where) -> list[Op]:
+    """RMSNorm gains of a space that gained zero units: x/rms(x)·w is kept when w is scaled by
+    sqrt(copies·s/t) (the grown vector's rms changes by the inverse); (1+w) gains store w' = (1+w)·c − 1."""
+    if space.norm not in ("rms", "rms_one_plus"):
+        raise TensorscaleError(
+            f"{where}: space {space.name} has norm gains but its rules do not say how it is normalised; add "
+            f"norm: rms, rms_one_plus or layer to spaces.{space.name}"
+        )
+    gain = layout.norm_gain
+    if gain == 1:
+        return []
+    return [Scale(gain, gain - 1 if space.norm == "rms_one_plus" else 0.0)]
 
 
 def _merge_leaf(env, where, folds):
