@@ -19,6 +19,7 @@ from ..reading.source import ModelSource
 from ..rulebook.compile import Space, compile_transform, resolve_spaces
 from ..rulebook.expr import ExpressionError
 from ..rulebook.schema import RuleSet, render_template
+from . import depth
 
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -134,6 +135,7 @@ class Plan:
     unused_rules: list[str] = field(default_factory=list)
     folds: object = None  # down: the clusterings the merges use
     retied: str | None = None  # down: the head tensor dropped because the output is tied again
+    depth: object = None  # up: the output layers when depth grows (planning.depth.Layers)
 
     @property
     def total_parameters(self) -> int:
@@ -361,6 +363,8 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
     env = evaluate_env(rule_set, source.config, options)
     spaces = resolve_spaces(rule_set, env)
     new_config = rewrite_config(rule_set, source.config, env, options)
+    layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
+    depth.rewrite_config(rule_set, source.config, new_config, layers)
     if retie:
         new_config["tie_word_embeddings"] = True
     check_new_config(rule_set, new_config, spaces, options)
@@ -370,9 +374,10 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
     used = set()
     unmatched = []
 
-    def add(name, info, rule_label, transform, component, rule_env):
+    def add(name, info, rule_label, transform, component, rule_env, extra=()):
         where = f"{rule_label}, tensor {name}"
         ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds)
+        ops = [*ops, *extra]  # an identity layer's fills (planning.depth)
         shape = info.shape
         for op in ops:
             shape = op.out_shape(shape)
@@ -392,28 +397,30 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
             )
         creates_after.setdefault(create.source, []).append(create)
 
-    for name, info in source.tensors.items():
+    # Rules match the source name (and see the source layer index); depth growth only renames and adds copies.
+    for entry in depth.entries(source.tensors, rule_set, env, layers):
+        name, info = entry.source, entry.info
         rule, rule_env = match_rule(rule_set, name, env)
         if rule is None:
             if rule_set.unmatched == "copy":
                 from ..rulebook.schema import Transform
 
-                add(name, info, "unmatched (copied)", Transform(), None, env)
-            else:
+                add(entry.name, info, "unmatched (copied)", Transform(), None, env, entry.extra)
+            elif entry.original:
                 unmatched.append(name)
             continue
         used.add(rule.index)
         if rule.drop or name == retie:
-            dropped.append(name)
+            dropped.append(entry.name)
             continue
         if rule.replicate_count is not None:
             count = _count(rule.replicate_count, rule_env, rule.label)
             for k in range(count):
-                out_name = _render(rule.replicate_name, {**rule_env, "k": k}, rule.label)
-                add(out_name, info, rule.label, rule.transform, rule.component, rule_env)
+                out_name = _render(rule.replicate_name, {**rule_env, **entry.rename, "k": k}, rule.label)
+                add(out_name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
         else:
-            add(name, info, rule.label, rule.transform, rule.component, rule_env)
-        for create in creates_after.get(name, []):
+            add(entry.name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
+        for create in creates_after.get(name, []) if entry.original else []:
             add(create.name, info, f"create {create.name}", create.transform, create.component, env)
 
     if unmatched:
@@ -430,7 +437,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
 
     shards = layout_shards(tensors, options.max_shard_size)
     unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
-    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused)
+    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, depth=layers)
 
 
 def match_rule(rule_set: RuleSet, name: str, env: dict):

@@ -7,7 +7,9 @@ A rules file describes one architecture as data:
 - ``config``: how config.json fields change;
 - ``tensors``: an ordered list of rules; the first whose full-match regex (and ``when``) fits a tensor
   gives its transformation, either as axis roles (``axes``) or as an explicit op chain (``ops``);
-- ``create``: tensors written that the source lacks (an untied lm_head).
+- ``create``: tensors written that the source lacks (an untied lm_head);
+- ``depth``: how the layers are counted, numbered in tensor names and listed in config.json, and how an
+  inserted identity layer differs from the layer it copies (``up --add-layers`` / ``--duplicate-layers``).
 Every problem is reported as one line naming the file and the place.
 """
 
@@ -23,7 +25,10 @@ from ..errors import TensorscaleError
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
 
-KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched"}
+KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched",
+                   "depth"}
+KNOWN_DEPTH_KEYS = {"count", "group", "lists", "thresholds", "identity", "identity_checks", "note"}
+KNOWN_IDENTITY_KEYS = {"match", "fill", "when", "note"}
 KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note"}
 KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
 KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "norm", "note"}
@@ -108,6 +113,33 @@ class CreateRule:
 
 
 @dataclass
+class IdentityRule:
+    """How one tensor of an inserted identity layer differs from the layer it copies: filled with `fill`
+    (a residual writer zeroed, or a (1+w) post-norm gain set to -1 so that the norm outputs zero)."""
+
+    pattern: str
+    regex: re.Pattern
+    fill: Expression
+    when: Expression | None = None
+
+
+@dataclass
+class DepthSpec:
+    """Depth growth: `count` is the config key holding the layer count, `group` the regex group of the
+    tensor rules that captures a tensor's layer index, `lists` the per-layer config lists (one entry per
+    layer, inserted with the layers), `thresholds` config ints that count layers (shifted by the layers
+    inserted below them), `identity` the fills that make an inserted layer an identity, and
+    `identity_checks` the conditions under which such a layer is exact."""
+
+    count: str = "num_hidden_layers"
+    group: str = "layer"
+    lists: list[str] = field(default_factory=list)
+    thresholds: list[str] = field(default_factory=list)
+    identity: list[IdentityRule] = field(default_factory=list)
+    identity_checks: list[tuple[Expression, str]] = field(default_factory=list)
+
+
+@dataclass
 class RuleSet:
     name: str
     description: str
@@ -121,6 +153,7 @@ class RuleSet:
     tensors: list[TensorRule]
     create: list[CreateRule] = field(default_factory=list)
     unmatched: str = "error"
+    depth: DepthSpec | None = None  # None: the architecture cannot grow in depth
 
 
 def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
@@ -264,7 +297,53 @@ def _build(data, path: str) -> RuleSet:
         detect_model_types=_strings(detect.get("model_type"), f"{path}: detect.model_type"),
         detect_architectures=_strings(detect.get("architectures"), f"{path}: detect.architectures"),
         let=let, checks=checks, spaces=spaces, config=config, tensors=tensors, create=creates, unmatched=unmatched,
+        depth=_depth(data.get("depth"), path, tensors),
     )
+
+
+def _depth(value, path: str, tensors: list[TensorRule]) -> DepthSpec | None:
+    if value is None:
+        return None
+    where = f"{path}: depth"
+    value = _mapping(value, where)
+    _unknown(value, KNOWN_DEPTH_KEYS, where)
+    spec = DepthSpec()
+    for key in ("count", "group"):
+        if key in value:
+            if not isinstance(value[key], str) or not value[key].isidentifier():
+                raise RulesError(f"{where}.{key} must be a name, got {value[key]!r}")
+            setattr(spec, key, value[key])
+    if not any(spec.group in rule.regex.groupindex for rule in tensors):
+        raise RulesError(f"{where}.group {spec.group!r} is captured by no tensor rule; per-layer rules need "
+                         f"(?P<{spec.group}>\\d+) in their regex")
+    spec.lists = _strings(value.get("lists"), f"{where}.lists")
+    spec.thresholds = _strings(value.get("thresholds"), f"{where}.thresholds")
+    raw = value.get("identity") or []
+    if not isinstance(raw, list):
+        raise RulesError(f"{where}.identity must be a list of {{match, fill}} rules")
+    for i, item in enumerate(raw):
+        here = f"{where}.identity[{i}]"
+        item = _mapping(item, here)
+        _unknown(item, KNOWN_IDENTITY_KEYS, here)
+        if not isinstance(item.get("match"), str) or "fill" not in item:
+            raise RulesError(f"{here} needs 'match' (a regular expression) and 'fill' (a value)")
+        try:
+            regex = re.compile(item["match"])
+        except re.error as exc:
+            raise RulesError(f"{here}: regex {item['match']!r} does not compile: {exc}") from None
+        spec.identity.append(IdentityRule(item["match"], regex, _expr(item["fill"], here),
+                                          _expr(item["when"], here) if "when" in item else None))
+    raw = value.get("identity_checks") or []
+    if not isinstance(raw, list):
+        raise RulesError(f"{where}.identity_checks must be a list")
+    for i, item in enumerate(raw):
+        here = f"{where}.identity_checks[{i}]"
+        item = _mapping(item, here)
+        _unknown(item, {"assert", "message"}, here)
+        if "assert" not in item:
+            raise RulesError(f"{here} needs 'assert'")
+        spec.identity_checks.append((_expr(item["assert"], here), str(item.get("message") or item["assert"])))
+    return spec
 
 
 def _component(item, where):
