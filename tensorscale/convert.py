@@ -104,6 +104,7 @@ class Result:
             "verified_files": self.verified_files,
             "manifest": self.manifest,
             "stale_temporary_folders_removed": self.stale_removed,
+            "depth": plan.depth.describe() if getattr(plan, "depth", None) else None,
             "seconds": round(self.seconds, 3),
         }
 

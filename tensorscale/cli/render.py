@@ -81,6 +81,7 @@ def plan_data(plan, output: str) -> dict:
             for tensor in plan.tensors
         ],
         "dropped": plan.dropped,
+        "depth": plan.depth.describe() if getattr(plan, "depth", None) else None,
         "shards": [{"file": shard.filename, "tensors": len(shard.tensors), "bytes": shard.nbytes} for shard in plan.shards],
     }
 
@@ -102,6 +103,8 @@ def plan_text(data: dict) -> str:
     ]
     if data["dropped"]:
         lines.append(f"dropped (not written): {', '.join(data['dropped'])}")
+    if data.get("depth"):
+        lines.append(f"depth: {data['depth']['text']}")
     if data["config_changes"]:
         lines.append("config: " + ", ".join(f"{k} {v['from']} -> {v['to']}" for k, v in data["config_changes"].items()))
     lines.append(
@@ -119,7 +122,7 @@ def up_summary(summary: dict) -> str:
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
         f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}, "
         f"n={summary['embed_dim_multiplier']}, m={summary['up_proj_multiplier']})"
-    )
+    ) + (f"\ndepth: {summary['depth']['text']}" if summary.get("depth") else "")
 
 
 def down_summary(summary: dict) -> str:
