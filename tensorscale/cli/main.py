@@ -61,7 +61,7 @@ def cli():
     down   narrow a model by folding units into clusters; exactly undoes up
     plan   show what `up` would do, writing nothing
     desc   describe a checkpoint from its config and headers
-    rules  list, show and check the architecture rules files
+    rules  list, show, check and scaffold (rules new) the architecture rules files
     gen    complete a prompt with a model (needs transformers)
     verify prove two checkpoints compute the same function (needs transformers)
     """
@@ -258,7 +258,7 @@ def desc(source, as_json):
 
 @cli.group()
 def rules():
-    """List, show and check architecture rules files."""
+    """List, show and check architecture rules files, or scaffold one for a new architecture."""
 
 
 @rules.command("list")
@@ -297,6 +297,24 @@ def rules_check(source, rules_path, as_json):
         click.echo(render.check_text(report))
     if report["unmatched_tensors"] or report.get("error"):
         sys.exit(1)
+
+
+@rules.command("new")
+@_input_option
+@click.option("--name", default=None, help="The rules file's name (default: the config's model_type).")
+def rules_new(source, name):
+    """Write a starting rules file for a new architecture to stdout, from config.json and the safetensors
+    headers (no tensor data); `# DECIDE:` comments mark the guesses to confirm.
+
+    \b
+    Example:
+      tensorscale rules new -i ./my-model > rules/mymodel.yaml
+    """
+    from ..reading.source import open_source
+    from ..rulebook.scaffold import scaffold_rules
+
+    model = open_source(source, headers_only=True)
+    click.echo(scaffold_rules(model.config, model.tensors, source=model.label, name=name), nl=False)
 
 
 from .inference_commands import gen, verify  # noqa: E402  (torch and transformers load inside them)
