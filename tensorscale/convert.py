@@ -106,6 +106,9 @@ class Result:
             "stale_temporary_folders_removed": self.stale_removed,
             "depth": plan.depth.describe() if getattr(plan, "depth", None) else None,
             "seconds": round(self.seconds, 3),
+            "notes": list(plan.notes),
+            "strategy": plan.options.strategy,
+            "targets": dict(plan.options.targets),
         }
 
 

@@ -60,6 +60,10 @@ def plan_data(plan, output: str) -> dict:
         "embed_dim_multiplier": plan.options.embed_dim_multiplier,
         "up_proj_multiplier": plan.options.up_proj_multiplier,
         "snr_db": plan.options.snr_db,
+        "strategy": plan.options.strategy,
+        "targets": dict(plan.options.targets),
+        "spaces": {name: layout.describe() for name, layout in (plan.layouts or {}).items()
+                   if layout.target != layout.size},
         "source_parameters": sum(info.numel for info in plan.source.tensors.values()),
         "total_parameters": plan.total_parameters,
         "source_bytes": plan.source.total_bytes,
@@ -81,6 +85,7 @@ def plan_data(plan, output: str) -> dict:
             for tensor in plan.tensors
         ],
         "dropped": plan.dropped,
+        "notes": list(plan.notes),
         "depth": plan.depth.describe() if getattr(plan, "depth", None) else None,
         "shards": [{"file": shard.filename, "tensors": len(shard.tensors), "bytes": shard.nbytes} for shard in plan.shards],
     }
@@ -93,14 +98,23 @@ def plan_text(data: dict) -> str:
         shape = f"{tensor['in_shape']} -> {tensor['out_shape']}"
         dtype = tensor["in_dtype"] if tensor["in_dtype"] == tensor["out_dtype"] else f"{tensor['in_dtype']}->{tensor['out_dtype']}"
         rows.append((name, shape, dtype, " -> ".join(tensor["ops"]) or "copy", tensor["rule"]))
-    how = (f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}"
-           + (f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else "")) if data.get("mode") != "down" else "down"
+    if data.get("mode") == "down":
+        how = "down"
+    else:
+        targets = data.get("targets") or {}
+        sizes = ", ".join(f"{key}={value}" for key, value in targets.items())
+        how = (sizes or f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}")
+        how += ", zero-pad" if data.get("strategy") == "pad" else ""
+        how += f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else ""
     lines = [
         f"plan: {data['input']} -> {data['output']} (rules {data['rules']}, {how})",
         "",
         _table(rows, ("tensor", "shape", "dtype", "ops", "rule")),
         "",
     ]
+    if data.get("spaces"):
+        lines.append("spaces (" + ("zero-pad" if data.get("strategy") == "pad" else "clone") + "):")
+        lines.extend(f"  {name}: {what}" for name, what in data["spaces"].items())
     if data["dropped"]:
         lines.append(f"dropped (not written): {', '.join(data['dropped'])}")
     if data.get("depth"):
@@ -112,6 +126,7 @@ def plan_text(data: dict) -> str:
         f"bytes: {human_bytes(data['source_bytes'])} -> {human_bytes(data['total_bytes'])}"
     )
     lines.append(_table([(s["file"], f"{s['tensors']} tensors", human_bytes(s["bytes"])) for s in data["shards"]]))
+    lines.extend(f"note: {note}" for note in data.get("notes") or [])
     lines.append("nothing was written (dry run)")
     return "\n".join(lines)
 
@@ -121,8 +136,16 @@ def up_summary(summary: dict) -> str:
         f"wrote {summary['output']}: {human_count(summary['source_parameters'])} -> "
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
         f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}, "
-        f"n={summary['embed_dim_multiplier']}, m={summary['up_proj_multiplier']})"
-    ) + (f"\ndepth: {summary['depth']['text']}" if summary.get("depth") else "")
+        f"{_growth(summary)})"
+    ) + (f"\ndepth: {summary['depth']['text']}" if summary.get("depth") else "") + "".join(
+        f"\nnote: {note}" for note in summary.get("notes") or [])
+
+
+def _growth(summary: dict) -> str:
+    targets = summary.get("targets") or {}
+    how = ", ".join(f"{key}={value}" for key, value in targets.items()) or (
+        f"n={summary['embed_dim_multiplier']}, m={summary['up_proj_multiplier']}")
+    return how + (", zero-pad" if summary.get("strategy") == "pad" else "")
 
 
 def down_summary(summary: dict) -> str:

@@ -11,12 +11,13 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
-from ..ops.library import Op
+from ..ops.library import Op, Scale
 from ..ops.rowmap import RowMap
 from ..reading.describe import guess_component
 from ..reading.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from ..reading.source import ModelSource
 from ..rulebook.compile import Space, compile_transform, resolve_spaces
+from ..rulebook.layout import plan_layouts
 from ..rulebook.expr import ExpressionError
 from ..rulebook.schema import RuleSet, render_template
 from . import depth
@@ -136,6 +137,8 @@ class Plan:
     folds: object = None  # down: the clusterings the merges use
     retied: str | None = None  # down: the head tensor dropped because the output is tied again
     depth: object = None  # up: the output layers when depth grows (planning.depth.Layers)
+    layouts: dict | None = None  # up: where each space's new units come from (rulebook.layout)
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. rounding in bf16)
 
     @property
     def total_parameters(self) -> int:
@@ -368,6 +371,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
     if retie:
         new_config["tie_word_embeddings"] = True
     check_new_config(rule_set, new_config, spaces, options)
+    layouts = plan_layouts(spaces, options.strategy) if folds is None else None
 
     tensors: list[TensorPlan] = []
     dropped: list[str] = []
@@ -376,7 +380,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
 
     def add(name, info, rule_label, transform, component, rule_env, extra=()):
         where = f"{rule_label}, tensor {name}"
-        ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds)
+        ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds, layouts)
         ops = [*ops, *extra]  # an identity layer's fills (planning.depth)
         shape = info.shape
         for op in ops:
@@ -437,7 +441,40 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
 
     shards = layout_shards(tensors, options.max_shard_size)
     unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
-    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, depth=layers)
+    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, depth=layers, layouts=layouts,
+                notes=storage_notes(tensors))
+
+
+def _scales(ops):
+    for op in ops:
+        if isinstance(op, Scale):
+            yield op
+        for chain in getattr(op, "parts", None) or []:
+            yield from _scales(chain)
+
+
+def storage_notes(tensors: list[TensorPlan]) -> list[str]:
+    """Say where a 16-bit storage dtype cannot hold the exact function: a gain or embedding scaled by a
+    factor that is not a power of two (or shifted by an offset, as (1+w) gains are) is rounded entry by
+    entry. Blocks that sum back (÷copies) are rounded with compensation and are not reported."""
+    inexact = []
+    for tensor in tensors:
+        if tensor.out_dtype not in ("BF16", "F16"):
+            continue
+        for op in _scales(tensor.ops):
+            if op.factor and (op.offset or math.frexp(op.factor)[0] not in (0.5, -0.5)):  # 0·x + c is exact
+                inexact.append((tensor, op))
+                break
+    if not inexact:
+        return []
+    tensor, op = inexact[0]
+    more = f" and {len(inexact) - 1} more tensor(s)" if len(inexact) > 1 else ""
+    offset = f" with offset {op.offset:+.6g}" if op.offset else ""
+    dtype = {"BF16": "bfloat16", "F16": "float16"}[tensor.out_dtype]
+    return [
+        f"not exact in {dtype}: {tensor.name}{more} scaled by {op.factor:.6g}{offset}, which rounds every entry "
+        "(expect relative logit errors near 1e-3); --dtype float32 keeps the function exactly"
+    ]
 
 
 def match_rule(rule_set: RuleSet, name: str, env: dict):
