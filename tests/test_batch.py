@@ -88,7 +88,7 @@ def _leftovers(folder):
     ({"command": "down", "input": "m", "output": "o"}, "job 2: say how small"),
     ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "snr_db": 20},
      "job 2: `snr_db` is not an option of `down`"),
-    ({"command": "up", "input": "m", "output": "o", "hidden_size": 16}, "job 2: `hidden_size` is not an option of `up`"),
+    ({"command": "up", "input": "m", "output": "o", "calibration": "t.txt"}, "job 2: `calibration` is not an option of `up`"),
     ({"command": "down", "input": "m", "output": "o", "hidden_size": 0}, "job 2: `hidden_size` must be a whole number >= 1"),
     ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "calibration": "none.txt"},
      "job 2: calibration text"),
@@ -301,6 +301,31 @@ def test_down_jobs_run_and_resume(tmp_path, sources):
     assert _hashes(entry["output"]) == _hashes(plain)
     assert _batch(path, "--jobs", "1").exit_code == 0
     assert [e["status"] for e in _summary(path)["jobs"]] == ["skipped", "skipped"]
+
+
+def test_width_and_depth_options_run_as_jobs(tmp_path, sources):
+    """Any-width, pad and depth jobs give the bytes of the same plain `up`; their values are checked up front."""
+    jobs = [
+        {"command": "up", "input": sources["llama"], "output": "out/any", "hidden_size": 48, "intermediate_size": 70},
+        {"command": "up", "input": sources["llama"], "output": "out/pad", "strategy": "pad", "embed_dim_multiplier": 2},
+        {"command": "up", "input": sources["llama"], "output": "out/deeper", "add_layers": 1, "at": [1]},
+    ]
+    path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD})
+    result = _batch(path, "--jobs", "1")
+    assert result.exit_code == 0, result.output
+    for job, entry in zip(load_jobs(path), _summary(path)["jobs"]):
+        assert entry["status"] == "done"
+        plain = tmp_path / ("plain-" + os.path.basename(job.output))
+        run_up(job.input, str(plain), job.engine_options(), show_progress=False)
+        assert _hashes(entry["output"]) == _hashes(plain)
+    with open(os.path.join(jobs_dir := str(tmp_path / "out" / "pad"), MANIFEST_NAME)) as handle:
+        assert "--strategy" in json.dumps(json.load(handle)), jobs_dir
+    for bad, words in (({"strategy": "zeros"}, "`strategy` must be one of clone, pad"),
+                       ({"at": "x,y"}, "`at` must be layer indices"),
+                       ({"add_layers": -1}, "`add_layers` must be a whole number >= 0")):
+        path = _write_jobs(str(tmp_path / "bad"), [{**jobs[0], **bad}])
+        with pytest.raises(TensorscaleError, match=re.escape(words)):
+            load_jobs(path)
 
 
 def test_ray_writes_the_same_bytes_as_local(tmp_path, sources):

@@ -28,14 +28,20 @@ COMMON_OPTIONS = {
     "force": False,
     "verify_files": False,
 }
+DOWN_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 UP_OPTIONS = {
     "embed_dim_multiplier": 1,
     "up_proj_multiplier": 1,
+    **{key: None for key in DOWN_TARGETS},  # any larger width
+    "strategy": "clone",
+    "add_layers": 0,
+    "at": None,
+    "duplicate_layers": None,
     "snr_db": None,
     "untie_embeddings": False,
     **COMMON_OPTIONS,
 }
-DOWN_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+STRATEGIES = ("clone", "pad")
 DOWN_OPTIONS = {
     "embed_dim_divisor": None,
     "up_proj_divisor": None,
@@ -78,8 +84,11 @@ class Job:
             targets = {key: o[key] for key in DOWN_TARGETS if o[key] is not None}
             return Options(seed=o["seed"], dtype=o["dtype"], max_shard_size=parse_size(o["max_shard_size"]), mode="down",
                            embed_dim_divisor=o["embed_dim_divisor"], up_proj_divisor=o["up_proj_divisor"], targets=targets)
+        targets = {key: o[key] for key in DOWN_TARGETS if o[key] is not None}
         return Options(o["embed_dim_multiplier"], o["up_proj_multiplier"], o["snr_db"], o["seed"],
-                       o["untie_embeddings"], o["dtype"], parse_size(o["max_shard_size"]))
+                       o["untie_embeddings"], o["dtype"], parse_size(o["max_shard_size"]), targets=targets,
+                       strategy=o["strategy"], add_layers=o["add_layers"], insert_at=_positions(o["at"]),
+                       duplicate_layers=o["duplicate_layers"])
 
     def command_line(self) -> list[str]:
         """The equivalent single command, recorded in the output's manifest: it names every option that
@@ -91,6 +100,10 @@ class Job:
                 continue
             if key == "calibration_tokens" and self.options.get("calibration") is None:
                 continue
+            if (key, value) in (("strategy", "clone"), ("add_layers", 0)):
+                continue  # the defaults: command lines stay as they were before these options existed
+            if key == "at":
+                value = ",".join(str(p) for p in _positions(value))
             flag = "--" + key.replace("_", "-")
             args += [flag] if value is True else [flag, str(value)]
         if self.rules:
@@ -220,9 +233,38 @@ def _require_down() -> None:
         raise TensorscaleError("command `down` is not available in this version; only `up` jobs can run")
 
 
+def _positions(value) -> tuple[int, ...] | None:
+    """`at: [4, 8]` or `at: "4,8"` (as on the command line) -> (4, 8)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, str):
+        return tuple(int(part) for part in value.split(",") if part.strip())
+    return tuple(value)
+
+
 def _check_value(key: str, value) -> str | None:
     """What is wrong with an option value, in words; None when it is fine."""
-    if key in ("embed_dim_multiplier", "up_proj_multiplier", "calibration_tokens"):
+    if key == "strategy":
+        if value not in STRATEGIES:
+            return f"must be one of {', '.join(STRATEGIES)}, got {value!r}"
+    elif key == "add_layers":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"must be a whole number >= 0, got {value!r}"
+    elif key == "at":
+        if value is None:
+            return None
+        try:
+            positions = _positions(value)
+        except (TypeError, ValueError):
+            positions = None
+        if not positions or any(isinstance(p, bool) or not isinstance(p, int) for p in positions):
+            return f"must be layer indices, as a list [4, 8] or a string \"4,8\", got {value!r}"
+    elif key == "duplicate_layers":
+        if value is not None and not isinstance(value, str):
+            return f"must be START:END as a string (quote it: \"8:16\"), got {value!r}"
+    elif key in ("embed_dim_multiplier", "up_proj_multiplier", "calibration_tokens"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"must be a whole number >= 1, got {value!r}"
     elif key in ("embed_dim_divisor", "up_proj_divisor", *DOWN_TARGETS):
