@@ -81,15 +81,20 @@ class Layers:
 
     def describe(self) -> dict:
         inserted = self.inserted()
-        identity = [f"{i} (from {layer.source})" for i, layer in inserted if layer.kind == IDENTITY]
+        identity = [i for i, layer in inserted if layer.kind == IDENTITY]
         duplicate = [i for i, layer in inserted if layer.kind == DUPLICATE]
         parts = [f"{self.source_count} -> {len(self.layers)} layers"]
         if identity:
-            parts.append("identity layers (residual writers zeroed) at " + ", ".join(identity))
+            sources = ", ".join(str(self.layers[i].source) for i in identity)
+            parts.append(f"identity layers at {', '.join(map(str, identity))} (copies of source layers {sources}, "
+                         "each adding nothing to the residual stream)")
         if duplicate:
             sources = [self.layers[i].source for i in duplicate]
-            parts.append(f"layers {duplicate[0]}-{duplicate[-1]} duplicate source layers {sources[0]}-{sources[-1]} "
-                         "(SOLAR-style)")
+            if len(duplicate) == 1:
+                parts.append(f"layer {duplicate[0]} repeats source layer {sources[0]} (SOLAR-style duplicate)")
+            else:
+                parts.append(f"layers {duplicate[0]}-{duplicate[-1]} repeat source layers {sources[0]}-{sources[-1]} "
+                             "(SOLAR-style duplicate)")
         text = "; ".join(parts)
         if not self.function_preserving:
             text += ": NOT function-preserving, the logits change (measure it with --verify)"
