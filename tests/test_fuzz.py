@@ -164,6 +164,13 @@ OPTIONS = st.lists(
         st.tuples(st.just("--seed"), st.sampled_from(["0", "-3", "x"])),
         st.tuples(st.sampled_from(["--untie-embeddings", "--force", "--json", "-q", "--verify-files", "--manifest",
                                    "--bogus"]),),
+        # width, strategy and depth (the tiny model: hidden 16, FFN 16, 4 heads over 2 kv heads, 1 layer)
+        st.tuples(st.just("--strategy"), st.sampled_from(["clone", "pad", "zeros"])),
+        st.tuples(st.sampled_from(["--hidden-size", "--intermediate-size", "--num-attention-heads",
+                                   "--num-key-value-heads"]), st.sampled_from(["24", "32", "16", "8", "6", "3", "0", "x"])),
+        st.tuples(st.just("--add-layers"), st.sampled_from(["0", "1", "2", "-1", "x"])),
+        st.tuples(st.just("--at"), st.sampled_from(["0", "1", "0,0", "5", "-1", "x", ""])),
+        st.tuples(st.just("--duplicate-layers"), st.sampled_from(["0:1", "1:0", "0:5", "x", "::"])),
     ),
     max_size=6,
 )
