@@ -140,6 +140,22 @@ def test_decide_comments_where_the_guess_is_hard(checkpoints, tmp_path):
     assert any("GPT-NeoX" in note for note in
                decisions_by_rule(texts["gpt_neox"])[r"gpt_neox\.layers\.(?P<layer>\d+)\.attention\.query_key_value\.weight"])
     assert "rms_one_plus" in texts["gemma"] and "# DECIDE: Gemma-like" in texts["gemma"]
+    # Post-LN OPT, tied: no norm sits before the head, so dividing one by n is left to the user.
+    post_ln = scaffold_file(checkpoints("opt", do_layer_norm_before=False), tmp_path / "post-ln.yaml")
+    assert any("no top-level norm before the head" in note for note in decisions_by_rule(post_ln)[r"lm_head\.weight"])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_depth_section_inserts_identity_layers(checkpoints, tmp_path, model_type):
+    source = checkpoints(model_type)
+    text = scaffold_file(source, tmp_path / "rules.yaml")
+    if load_rules_text(text).__dict__.get("depth") is None:
+        pytest.skip("this version of the rules language has no depth section")
+    run_up(source, str(tmp_path / "out"), Options(2, 1, add_layers=2), rules_path=str(tmp_path / "rules.yaml"),
+           show_progress=False)
+    layers = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+    assert read_config(tmp_path / "out")[layers] == read_config(source)[layers] + 2
+    assert relative_logit_error(source, tmp_path / "out") < TOLERANCE
 
 
 def test_guesses_on_synthetic_headers():

@@ -398,8 +398,11 @@ def _pick(size: int, prefs: list[str], tag, context, model: _Model, rule: _Rule,
                      f"{size} with unit 3 * head_dim instead (see rules/gpt_neox.yaml)")
         rule.decide.append(text)
         return parts
+    fields = [key for key, value in model.config.items()
+              if value == size and isinstance(value, int) and not isinstance(value, bool)]
+    hint = f"; it equals {', '.join(fields)} in config.json, a size that does not grow?" if fields else ""
     rule.decide.append(f"{where}: {size} matches no space (hidden {sizes.get('hidden')}, heads {sizes.get('heads')}, "
-                       f"ffn {sizes.get('ffn')}); left unchanged ('-')")
+                       f"ffn {sizes.get('ffn')}): left unchanged ('-'){hint}")
     return "-"
 
 
@@ -683,35 +686,79 @@ def _comment(lines, indent: str, width: int = 110) -> list[str]:
     return out
 
 
-def _final_norms(patterns, by_regex, kinds) -> list[_Pattern]:
-    """The norm(s) just before the head: top-level hidden norms, the 'final' / 'ln_f' one if several."""
+def _module_path(pattern: _Pattern) -> str:
+    return pattern.example.rsplit(".", 1)[0] if pattern.parts[-1] in ("weight", "bias") else pattern.example
+
+
+def _final_norms(patterns, by_regex, kinds) -> tuple[list[_Pattern], str | None]:
+    """The norm just before the head (its weight and bias patterns): the one top-level hidden norm, or among
+    several the one named final / ln_f / norm_f; and a DECIDE text when that is a guess."""
     top = [p for p in patterns if kinds[p.regex] == "block" and not p.layered and by_regex[p.regex].axes == ["hidden.norm"]]
-    if len({p.regex.rsplit(r"\.", 1)[0] for p in top}) <= 1:
-        return top
-    named = [p for p in top if any(word in p.example.lower() for word in ("final", "ln_f", "norm_f"))]
-    return named or top
+    modules = list(dict.fromkeys(_module_path(p) for p in top))
+    if len(modules) <= 1:
+        return top, None
+    named = [m for m in modules if any(word in m.lower().rsplit(".", 1)[-1] for word in ("final", "ln_f", "norm_f"))]
+    chosen = named[0] if len(named) == 1 else modules[-1]
+    how = "by its name" if len(named) == 1 else "as the last one stored"
+    others = ", ".join(m for m in modules if m != chosen)
+    return ([p for p in top if _module_path(p) == chosen],
+            f"several top-level norms: {chosen} taken as the one the head reads ({how}), not {others}")
+
+
+NO_FINAL_NORM = ("tied embeddings but no top-level norm before the head: the head would read the residual stream ×n. "
+                 "Divide the last thing that writes what it reads by n_tiles (a post-LN model's last layer norm, with "
+                 "a `when: layer == ...` rule), or use --untie-embeddings")
+
+
+@dataclass
+class _File:
+    """What the sections of the file share: the model, its tensor rules, and the tie."""
+
+    config: dict
+    model: _Model
+    patterns: list
+    by_regex: dict
+    kinds: dict
+    embeds: list
+    head_weight: _Pattern | None
+    finals: list
+    finals_guess: str | None
+    tied_default: bool
+    tied_now: bool
+    per_layer_lists: list
+    emit_depth: bool
 
 
 def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> str:
-    hidden_key = model.size_exprs["hidden"]
-    model_type = str(config.get("model_type") or "mymodel")
-    architectures = [str(a) for a in config.get("architectures") or []]
-    rule_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", model_type)
     embeds = [p for p in patterns if kinds[p.regex] == "embedding"]
-    heads = [p for p in patterns if kinds[p.regex] == "head"]
-    head_weight = next((p for p in heads if not p.is_bias), None)
-    finals = _final_norms(patterns, by_regex, kinds)
+    # The token embedding is the one with a row per vocabulary entry (not token types, not positions).
+    embeds.sort(key=lambda p: p.shape[0] != model.sizes.get("vocab"))
+    head_weight = next((p for p in patterns if kinds[p.regex] == "head" and not p.is_bias), None)
+    finals, finals_guess = _final_norms(patterns, by_regex, kinds)
     tied_default = head_weight is None and bool(embeds)
     tied_now = config.get("tie_word_embeddings", tied_default)
-    tied_now = tied_default if tied_now is None else bool(tied_now)
-    has_heads = "heads" in model.sizes
-    has_kv = "kv_heads" in model.sizes
-    decide_total = []
+    per_layer_lists = [key for key, value in config.items()
+                       if isinstance(value, list) and model.layers and len(value) == model.layers]
+    emit_depth = _depth_supported() and bool(model.keys["layers"]) and any(p.layered for p in patterns)
+    file = _File(config, model, patterns, by_regex, kinds, embeds, head_weight, finals, finals_guess, tied_default,
+                 tied_default if tied_now is None else bool(tied_now), per_layer_lists, emit_depth)
+    sections = [_header_section(file, source, name), _let_section(file), _checks_section(file), _spaces_section(file),
+                _config_section(file), _tensors_section(file), _create_section(file)]
+    if emit_depth:
+        sections.append(_depth(config, model, patterns, by_regex, per_layer_lists))
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
+
+def _header_section(file: _File, source: str, name: str | None) -> list[str]:
+    config, model = file.config, file.model
+    model_type = str(config.get("model_type") or "mymodel")
+    architectures = [str(a) for a in config.get("architectures") or []]
+    tensors = sum(len(p.names) for p in file.patterns)
     out = [
-        f"# Rules scaffold for {model_type} ({', '.join(architectures) or 'no architectures in config.json'}), written by",
-        f"# `tensorscale rules new` from {source}: config.json and the safetensors headers ({sum(len(p.names) for p in patterns)} "
-        f"tensors, {len(patterns)} patterns).",
+        f"# Rules scaffold for {model_type} ({', '.join(architectures) or 'no architectures in config.json'}), "
+        "written by",
+        f"# `tensorscale rules new` from {source}: config.json and the safetensors headers ({tensors} tensors, "
+        f"{len(file.patterns)} patterns).",
         "# Roles are guessed from sizes and names. Lines marked DECIDE are guesses to confirm against the model's code;",
         "# fix each, then:",
         "#   tensorscale rules check -i SRC --rules THIS.yaml                  # every tensor matches a rule",
@@ -720,72 +767,80 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
         "# Test it on a tiny checkpoint re-randomised at large scale first (see tests/fixtures.py): default",
         "# initialisation hides head-ordering mistakes.",
     ]
-    if model.header_decide:
-        out.extend(_comment([f"{DECIDE} {text}" for text in model.header_decide], ""))
-    out.append(f"name: {json.dumps(rule_name)}")
-    summary = [f"{model.layers} layers" if model.layers else None, f"hidden {model.sizes['hidden']}",
-               f"{config.get(model.keys['heads'])} heads" if has_heads else None,
-               f"{config.get(model.keys['kv'])} kv heads" if has_kv else None,
-               f"FFN {model.sizes['ffn']}" if "ffn" in model.sizes else None,
+    out.extend(_comment([f"{DECIDE} {text}" for text in model.header_decide], ""))
+    out.append(f"name: {json.dumps(name or re.sub(r'[^A-Za-z0-9_.-]+', '_', model_type))}")
+    keys, sizes = model.keys, model.sizes
+    summary = [f"{model.layers} layers" if model.layers else None, f"hidden {sizes['hidden']}",
+               f"{config.get(keys['heads'])} heads" if "heads" in sizes else None,
+               f"{config.get(keys['kv'])} kv heads" if "kv_heads" in sizes else None,
+               f"FFN {sizes['ffn']}" if "ffn" in sizes else None,
                {"rms": "RMSNorm", "layer": "LayerNorm", None: "no norms"}[model.norm],
                "Conv1D [in, out] weights" if model.layout == "conv1d" else None,
-               "tied embeddings" if tied_now else "untied"]
+               "tied embeddings" if file.tied_now else "untied"]
     out.append(f"description: {json.dumps('scaffold: ' + ', '.join(s for s in summary if s))}")
     out.append("detect:")
-    out.append(f"  model_type: [{model_type}]" if config.get("model_type") else "  model_type: []")
-    out.append(f"  architectures: [{', '.join(architectures)}]")
-    out.append("")
+    out.append(f"  model_type: [{json.dumps(model_type)}]" if config.get("model_type") else "  model_type: []")
+    out.append(f"  architectures: [{', '.join(json.dumps(a) for a in architectures)}]")
+    return out
 
-    # let
-    out.append("# Derived values: expressions over config.json fields and the options n, m, nh, nkv, n_tiles,")
-    out.append("# snr_db, untie_embeddings; cfg(field, default) for a field that may be missing or null.")
-    out.append("let:")
-    for key, expression, comments in model.lets:
+
+def _let_section(file: _File) -> list[str]:
+    out = ["# Derived values: expressions over config.json fields and the options n, m, nh, nkv, n_tiles,",
+           "# snr_db, untie_embeddings; cfg(field, default) for a field that may be missing or null.",
+           "let:"]
+    for key, expression, comments in file.model.lets:
         out.extend(_comment(comments, "  "))
         out.append(f"  {key}: {json.dumps(expression)}")
-    tied_expression = "cfg('tie_word_embeddings', " + str(tied_default).lower() + ")"
-    out.append(f"  tied: {json.dumps(tied_expression)}")
+    out.append(f"  tied: \"cfg('tie_word_embeddings', {str(file.tied_default).lower()})\"")
     out.append('  keep_tie: "tied and not untie_embeddings"')
-    out.append("")
+    return out
 
+
+def _checks_section(file: _File) -> list[str]:
+    model, keys = file.model, file.model.keys
     checks = []
-    if has_kv:
-        checks.append((f"{model.keys['heads']} % kv_heads == 0", f"{model.keys['heads']} must be a multiple of {model.keys['kv']}"))
-    if has_heads and not isinstance(config.get("head_dim"), int):
-        checks.append((f"{hidden_key} % {model.keys['heads']} == 0", f"{hidden_key} must be a multiple of {model.keys['heads']}"))
-    if checks:
-        out.append("checks:")
-        for expression, message in checks:
-            out.append(f"  - assert: {json.dumps(expression)}")
-            out.append(f"    message: {json.dumps(message)}")
-        out.append("")
+    if "kv_heads" in model.sizes:
+        checks.append((f"{keys['heads']} % kv_heads == 0", f"{keys['heads']} must be a multiple of {keys['kv']}"))
+    if "heads" in model.sizes and not isinstance(file.config.get("head_dim"), int):
+        hidden = model.size_exprs["hidden"]
+        checks.append((f"{hidden} % {keys['heads']} == 0", f"{hidden} must be a multiple of {keys['heads']}"))
+    if not checks:
+        return []
+    out = ["checks:"]
+    for expression, message in checks:
+        out.append(f"  - assert: {json.dumps(expression)}")
+        out.append(f"    message: {json.dumps(message)}")
+    return out
 
-    # spaces
-    out.append("# The model's spaces: size, growth (n hidden, nh heads, nkv kv heads, m FFN), unit (a head), and for")
-    out.append("# `down` whether clustering is per layer, whether a norm rescales (scaled) or centres (equal) the space.")
-    out.append("spaces:")
+
+def _spaces_section(file: _File) -> list[str]:
+    model, sizes, exprs = file.model, file.model.sizes, file.model.size_exprs
+    out = ["# The model's spaces: size, growth (n hidden, nh heads, nkv kv heads, m FFN), unit (a head), and for",
+           "# `down` whether clustering is per layer, whether a norm rescales (scaled) or centres (equal) the space.",
+           "spaces:"]
     out.extend(_comment(model.norm_comment, "  "))
     norm_keys = {"rms": ", scaled: true, norm: rms", "layer": ", equal: true, norm: layer", None: ""}[model.norm]
-    out.append(f"  hidden: {{size: {hidden_key}, grow: n{norm_keys}}}")
-    layered = any(p.layered for p in patterns)
-    per = ", per: layer" if layered else ""
-    if has_heads:
-        within = ", within: kv_heads" if has_kv else ""
-        extra = "".join(f", {k}: {v}" for k, v in model.space_extra.get("heads", {}).items())
-        out.append(f"  heads: {{size: {model.size_exprs['heads']}, unit: head_dim, grow: nh{per}{within}{extra}}}")
-    if has_kv:
-        extra = "".join(f", {k}: {v}" for k, v in model.space_extra.get("kv_heads", {}).items())
-        out.append(f"  kv_heads: {{size: {model.size_exprs['kv_heads']}, unit: head_dim, grow: nkv{per}{extra}}}")
-    if "ffn" in model.sizes:
-        out.append(f"  ffn: {{size: {model.size_exprs['ffn']}, grow: m{per}}}")
-    if "vocab" in model.sizes:
-        out.append(f"  vocab: {{size: {model.size_exprs['vocab']}}}")
-    out.append("")
+    out.append(f"  hidden: {{size: {exprs['hidden']}, grow: n{norm_keys}}}")
+    per = ", per: layer" if any(p.layered for p in file.patterns) else ""
 
-    # config
-    out.append("# New config.json values.")
-    out.append("config:")
-    keys = model.keys
+    def extra(space):
+        return "".join(f", {key}: {value}" for key, value in model.space_extra.get(space, {}).items())
+
+    if "heads" in sizes:
+        within = ", within: kv_heads" if "kv_heads" in sizes else ""
+        out.append(f"  heads: {{size: {exprs['heads']}, unit: head_dim, grow: nh{per}{within}{extra('heads')}}}")
+    if "kv_heads" in sizes:
+        out.append(f"  kv_heads: {{size: {exprs['kv_heads']}, unit: head_dim, grow: nkv{per}{extra('kv_heads')}}}")
+    if "ffn" in sizes:
+        out.append(f"  ffn: {{size: {exprs['ffn']}, grow: m{per}}}")
+    if "vocab" in sizes:
+        out.append(f"  vocab: {{size: {exprs['vocab']}}}")
+    return out
+
+
+def _config_section(file: _File) -> list[str]:
+    config, model, keys = file.config, file.model, file.model.keys
+    out = ["# New config.json values.", "config:"]
     if keys["hidden"]:
         out.append(f"  {keys['hidden']}: {json.dumps(keys['hidden'] + ' * n')}")
     eps_key = next((key for key in ("rms_norm_eps", "norm_eps", "rms_eps", "layer_norm_eps", "layer_norm_epsilon")
@@ -794,16 +849,16 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
         out.append("  # Zero units (--strategy pad, widths that are not multiples) lower the mean square by n_tiles/n:")
         out.append("  # scaling eps alike keeps x/sqrt(ms + eps) exact (unchanged when tiling by a whole factor).")
         out.append(f"  {eps_key}: {json.dumps(f'cfg({eps_key!r}, {config[eps_key]!r}) * (n_tiles / n)')}")
-    if has_heads:
+    if "heads" in model.sizes:
         out.append(f"  {keys['heads']}: {json.dumps(keys['heads'] + ' * nh')}")
-    if has_kv:
+    if "kv_heads" in model.sizes:
         out.append(f"  {keys['kv']}: \"kv_heads * nkv\"")
     if "ffn" in model.sizes and keys["ffn"]:
         out.append(f"  {keys['ffn']}: {json.dumps(model.size_exprs['ffn'] + ' * m')}")
-    if "head_dim" in config and has_heads:
+    if "head_dim" in config and "heads" in model.sizes:
         out.append('  head_dim: "head_dim"  # kept: heads grow by count')
     out.append('  tie_word_embeddings: "keep_tie"')
-    used = {keys[k] for k in keys if keys[k]} | {"head_dim", "tie_word_embeddings"}
+    used = {key for key in keys.values() if key} | {"head_dim", "tie_word_embeddings"}
     for key, value in config.items():
         if key in used or isinstance(value, bool) or not isinstance(value, int):
             continue
@@ -811,16 +866,14 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
             out.extend(_comment([f"{DECIDE} {key} = {value} equals the hidden size: taken to grow with it. Remove "
                                  "this line if it is independent of the hidden size"], "  "))
             out.append(f"  {key}: {json.dumps(key + ' * n')}")
-    per_layer_lists = [key for key, value in config.items()
-                       if isinstance(value, list) and model.layers and len(value) == model.layers]
-    emit_depth = _depth_supported() and bool(model.keys["layers"]) and any(p.layered for p in patterns)
-    if per_layer_lists and emit_depth:
-        out.extend(_comment([f"per-layer lists ({', '.join(per_layer_lists)}): kept for width; depth.lists below "
-                             "inserts entries with the layers"], "  "))
-    elif per_layer_lists:
-        out.extend(_comment([f"{DECIDE} per-layer lists in config.json ({', '.join(per_layer_lists)}) are kept as they "
-                             "are: right for width, but a change of depth must change them too; and if one "
-                             "holds sizes, it must grow with its space"], "  "))
+    lists = ", ".join(file.per_layer_lists)
+    if lists and file.emit_depth:
+        out.extend(_comment([f"per-layer lists ({lists}): kept for width; depth.lists below inserts entries with the "
+                             "layers"], "  "))
+    elif lists:
+        out.extend(_comment([f"{DECIDE} per-layer lists in config.json ({lists}) are kept as they are: right for width, "
+                             "but a change of depth must change them too; and if one holds sizes, it must grow with "
+                             "its space"], "  "))
     flags = [f"{key}={json.dumps(value)}" for key, value in config.items()
              if isinstance(value, bool) and key != "tie_word_embeddings"
              and any(w in key.lower() for w in ("norm", "parallel", "residual", "bias", "qk_"))]
@@ -830,26 +883,25 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
     if flags:
         out.extend(_comment([f"config flags that change which tensors exist: {', '.join(flags)}. The rules below fit "
                              "this checkpoint; `rules check` on another one lists the tensors they lack"], "  "))
-    if placement and tied_now:
+    if placement and file.tied_now:
         out.extend(_comment([f"{DECIDE} {', '.join(placement)} say where the norms sit. Tied, the norm the head reads "
                              "is divided by n_tiles (tensors below); with the other setting another norm (or none) "
                              "feeds the head: add `when:` rules for it (see rules/opt.yaml)"], "  "))
-    out.append("")
+    return out
 
-    # tensors
-    out.append("# Axis roles: 'space' = the tensor writes that space (copied), 'space.in' = it reads it (blocks that sum")
-    out.append("# back, each ÷growth), 'space.norm' = a norm gain, '-' = unchanged, [a, b] = a fused axis of consecutive parts.")
-    out.append("tensors:")
+
+def _tensors_section(file: _File) -> list[str]:
+    """The rules in order: embeddings, per-layer tensors, other top-level ones, the final norm (÷n_tiles while
+    tied), the head (tiled like the embedding while tied), and the buffers to drop."""
+    patterns, by_regex, kinds, finals = file.patterns, file.by_regex, file.kinds, file.finals
     order = {"embedding": 0, "position": 1, "block": 2, "head": 4}
     final_regexes = {p.regex for p in finals}
-    drops = [by_regex[p.regex] for p in patterns if by_regex[p.regex].drop]
 
     def rank(p):
-        kind = kinds[p.regex]
-        return (3 if p.regex in final_regexes else order[kind], 0 if p.layered else 1,
+        return (3 if p.regex in final_regexes else order[kinds[p.regex]], 0 if p.layered else 1,
                 _natural(p.example.rsplit(".", 1)[0]), p.is_bias)
 
-    rules_out = []
+    rules = []
     for p in sorted(patterns, key=rank):
         rule = by_regex[p.regex]
         if rule.drop:
@@ -858,33 +910,38 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
             scaled = _Rule(p, list(rule.axes), when="keep_tie", scale="1 / n_tiles")
             scaled.notes.append("tied: one tensor cannot be both the tiled embedding and the ÷n head, so the tie is "
                                 "kept and the norm before the head is divided by n_tiles instead")
-            if len(finals) > 1 and not p.is_bias and p is finals[0]:
-                scaled.decide.append(f"several top-level norms ({', '.join(f.example for f in finals)}): divide only "
-                                     "the one the head reads")
-            rules_out.append(scaled)
+            if file.finals_guess and p is finals[0]:
+                scaled.decide.append(file.finals_guess)
+            rules.append(scaled)
         if kinds[p.regex] == "head" and not p.is_bias:
-            rules_out.append(_Rule(p, ["vocab", "hidden"] if rule.axes == ["vocab", "hidden.in"] else list(rule.axes),
-                                   when="keep_tie", notes=["tied: the head is the embedding, so it is tiled like it"]))
-        rules_out.append(rule)
-    if head_weight is None and embeds:
+            tied_axes = ["vocab", "hidden"] if rule.axes == ["vocab", "hidden.in"] else list(rule.axes)
+            rules.append(_Rule(p, tied_axes, when="keep_tie", notes=["tied: the head is the embedding, so it is tiled "
+                                                                      "like it"]))
+        if kinds[p.regex] == "head" and file.tied_now and not finals:
+            rule.decide.append(NO_FINAL_NORM)
+        rules.append(rule)
+    if file.head_weight is None and file.embeds:
         # The checkpoint has no head: keep rules for one, so untied variants of the architecture work.
-        head_name = "lm_head.weight"
-        head = _Pattern(re.escape(head_name), [], (0,), "F32", False, 0)
-        rules_out.append(_Rule(head, ["vocab", "hidden"], when="keep_tie",
-                               notes=["the head, absent here (tied); these rules fit untied checkpoints"]))
-        rules_out.append(_Rule(head, ["vocab", "hidden.in"]))
-    if tied_now and not finals:
-        decide_total.append("tied embeddings but no top-level norm before the head: the head reads the residual "
-                            "stream ×n. Divide the last thing that writes what the head reads by n_tiles (a post-LN "
-                            "model's last layer norm, with a `when: layer == ...` rule), or use --untie-embeddings")
-    rotary = any(key.startswith(("rope", "rotary")) or "rotary" in key for key in config) or any(r.drop for r in drops)
-    if rotary and not any(p.example.lower().endswith("inv_freq") for p in patterns):
-        rules_out.append(_Rule(_Pattern(r".*\.inv_freq", [], (0,), "F32", False, 0), drop=True,
-                               notes=["rotary inv_freq buffers (older checkpoints): not parameters"]))
-    rules_out.extend(drops)
-    for rule in rules_out:
+        head = _Pattern(re.escape("lm_head.weight"), [], (0,), "F32", False, 0)
+        tied = _Rule(head, ["vocab", "hidden"], when="keep_tie",
+                     notes=["the head, absent here (tied); these rules fit untied checkpoints"])
+        if file.tied_now and not finals:
+            tied.decide.append(NO_FINAL_NORM)
+        rules.extend([tied, _Rule(head, ["vocab", "hidden.in"])])
+    drops = [by_regex[p.regex] for p in patterns if by_regex[p.regex].drop]
+    rotary = any("rope" in key or "rotary" in key for key in file.config)
+    if (rotary or drops) and not any(p.example.lower().endswith("inv_freq") for p in patterns):
+        rules.append(_Rule(_Pattern(r".*\.inv_freq", [], (0,), "F32", False, 0), drop=True,
+                           notes=["rotary inv_freq buffers (older checkpoints): not parameters"]))
+    rules.extend(drops)
+
+    out = ["# Axis roles: 'space' = the tensor writes that space (copied), 'space.in' = it reads it (blocks that sum",
+           "# back, each ÷growth), 'space.norm' = a norm gain, '-' = unchanged, [a, b] = a fused axis of consecutive parts.",
+           "tensors:"]
+    for rule in rules:
         out.extend(_comment([f"{DECIDE} {text}" for text in rule.decide] + rule.notes, "  "))
-        shape = f"  # {_shape_text(rule.pattern.shape)}, {len(rule.pattern.names)} tensor(s)" if rule.pattern.names else ""
+        names = rule.pattern.names
+        shape = f"  # {_shape_text(rule.pattern.shape)}, {len(names)} tensor(s)" if names else ""
         out.append(f"  - match: {_quote(rule.match or rule.pattern.regex)}{shape}")
         if rule.when:
             out.append(f"    when: {rule.when}")
@@ -894,23 +951,20 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
         out.append(f"    axes: {_axes_text(rule.axes)}")
         if rule.scale:
             out.append(f"    scale: {json.dumps(rule.scale)}")
-    if decide_total:
-        out.extend(_comment([f"{DECIDE} {text}" for text in decide_total], "  "))
-    out.append("")
+    return out
 
-    if embeds:
-        head_name = head_weight.example if head_weight is not None else "lm_head.weight"
-        out.append("create:")
-        out.append("  # --untie-embeddings on a tied model: write the head the file never had.")
-        out.append(f"  - name: {head_name}")
-        out.append(f"    from: {embeds[0].example}")
-        out.append('    when: "tied and untie_embeddings"')
-        out.append("    axes: [vocab, hidden.in]")
-        out.append("    component: head")
-    if emit_depth:
-        out.append("")
-        out.extend(_depth(config, model, patterns, by_regex, per_layer_lists))
-    return "\n".join(out) + "\n"
+
+def _create_section(file: _File) -> list[str]:
+    if not file.embeds:
+        return []
+    head = file.head_weight.example if file.head_weight is not None else "lm_head.weight"
+    return ["create:",
+            "  # --untie-embeddings on a tied model: write the head the file never had.",
+            f"  - name: {head}",
+            f"    from: {file.embeds[0].example}",
+            '    when: "tied and untie_embeddings"',
+            "    axes: [vocab, hidden.in]",
+            "    component: head"]
 
 
 def _depth_supported() -> bool:
