@@ -95,6 +95,15 @@ class Tile(Op):
         reps[self.axis] = self.times
         return x.repeat(*reps)
 
+    def apply_into(self, x, out, ctx, op_index) -> bool:
+        """apply(), written into `out` (the output's own buffer): one copy per tile, no temporary."""
+        if x.dtype != out.dtype:
+            return False
+        size = x.shape[self.axis]
+        for k in range(self.times):
+            out.narrow(self.axis, k * size, size).copy_(x)
+        return True
+
     def map_rows(self, row_map):
         return row_map.repeat(self.times)
 
@@ -155,16 +164,31 @@ class TileDivide(Op):
     def apply(self, x, ctx, op_index):
         if self.times == 1:
             return x
+        return self.apply_into(x, None, ctx, op_index)
+
+    def apply_into(self, x, out, ctx, op_index):
+        """apply(), with the blocks rounded straight into `out` when given (the output's own buffer in the
+        stored dtype); returns False where it cannot (then the caller copies apply()'s result)."""
         store = ctx.store_dtype
+        if out is not None and (self.times == 1 or out.dtype != store):
+            return False
         if self.times == 2 and self.snr_db is None and x.dtype == store:
             # W/2 is exact in any binary float (a subnormal loses at most its last bit) and W - round(W/2)
             # is exact by Sterbenz's lemma, so the stored dtype gives the float32 path's bytes, faster.
-            half = x / 2
-            return torch.cat([half, x - half], dim=self.axis)
+            if out is None:
+                half = x / 2
+                return torch.cat([half, x - half], dim=self.axis)
+            size = x.shape[self.axis]
+            half = out.narrow(self.axis, 0, size)
+            torch.div(x, 2, out=half)
+            torch.sub(x, half, out=out.narrow(self.axis, size, size))
+            return True
         x = x.float()
         size = x.shape[self.axis]
         # Blocks are rounded straight into the output: no float32 concatenation, one pass per block.
-        out = torch.empty(self.out_shape(tuple(x.shape)), dtype=store)
+        given = out is not None
+        if not given:
+            out = torch.empty(self.out_shape(tuple(x.shape)), dtype=store)
         base = x / self.times
         if self.snr_db is None:
             # Every block but the last is round(W/n); the last takes the remainder. (n-1)·round(W/n) is
@@ -182,7 +206,7 @@ class TileDivide(Op):
                 running += rounded.float()
             last = x - running
         out.narrow(self.axis, (self.times - 1) * size, size).copy_(last.to(store))
-        return out
+        return True if given else out
 
     def describe(self):
         noise = f", noise {self.snr_db:g} dB" if self.snr_db is not None else ""

@@ -1,8 +1,10 @@
-"""Read tensor rows from safetensors shards with pread, into fresh buffers.
+"""Read tensor rows from safetensors shards with pread, into fresh buffers or the caller's.
 
 We read with pread rather than mmap: mapped pages count in the process's RSS until released, so a
 memory-mapped read of a 12B checkpoint looks (and, under pressure, behaves) like holding it all. pread puts
-exactly the rows we asked for in an anonymous buffer that is freed as soon as the chunk is written.
+exactly the rows we asked for in an anonymous buffer: a fresh one, or (`into`) one the caller reuses for
+every chunk, which saves the zero-fill and page faults of a new buffer each time; a pure copy can even be
+read straight into the output's staging buffer.
 """
 
 from __future__ import annotations
@@ -49,16 +51,30 @@ class ShardReader:
                 self._fds[path] = fd
             return fd
 
-    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int) -> torch.Tensor:
-        """Rows [row_start, row_stop) along axis 0, as a tensor of the stored dtype."""
+    def read_rows(self, info: TensorInfo, row_start: int, row_stop: int, into=None) -> torch.Tensor:
+        """Rows [row_start, row_stop) along axis 0, as a tensor of the stored dtype.
+
+        `into`: a writable buffer (memoryview, uint8 tensor's numpy view...) of at least the rows' size to read
+        into instead of a fresh one; the tensor returned then shares its memory."""
         shape = info.shape if info.shape else (1,)
         row_numel = math.prod(shape[1:])
         itemsize = DTYPE_SIZES[info.dtype]
         row_bytes = row_numel * itemsize
         begin = info.start + row_start * row_bytes
         length = (row_stop - row_start) * row_bytes
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+        dtype = torch_dtype(info.dtype)
+        shape_out = (row_stop - row_start, *shape[1:])
+        if length == 0:
+            return torch.empty(shape_out, dtype=dtype)
+        if into is None:
+            # torch.empty, not bytearray: pread overwrites every byte, so zero-filling first is a wasted pass
+            buffer = torch.empty(length, dtype=torch.uint8)
+            view = memoryview(buffer.numpy())
+        else:
+            view = memoryview(into).cast("B")[:length]
+            buffer = None
+            if len(view) < length:
+                raise ValueError(f"read_rows: buffer of {len(view)} bytes for {length}")
         fd = self._fd(info.path)
         done = 0
         while done < length:
@@ -66,10 +82,9 @@ class ShardReader:
             if got == 0:
                 raise TensorscaleError(f"{os.path.basename(info.path)} ended early while reading {info.name}; the file changed or is truncated")
             done += got
-        dtype = torch_dtype(info.dtype)
-        if length == 0:
-            return torch.empty((row_stop - row_start, *shape[1:]), dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(row_stop - row_start, *shape[1:])
+        if buffer is None:
+            buffer = torch.frombuffer(view, dtype=torch.uint8)
+        return buffer.view(dtype).reshape(shape_out)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         rows = info.shape[0] if info.shape else 1

@@ -1,8 +1,10 @@
 """Produce output shards from a plan, one tensor at a time and, for large tensors, one row chunk at a time.
 
-Memory stays bounded by the chunk size, not the model size: rows are read with pread into a fresh buffer,
-transformed, written at their offset with pwrite, and released. Each shard depends only on the plan and
-the inputs, so shards can be produced independently (and later, in parallel).
+Memory stays bounded by the chunk size, not the model size: rows are read with pread into a buffer each
+worker thread reuses, transformed straight into the output's aligned staging buffer (the last op writes
+its result there; a pure copy is read there directly), and written to the disk with O_DIRECT (direct.py).
+Rows that a tile repeats along axis 0 are read and computed once and written at each of their places.
+Each shard depends only on the plan and the inputs, so shards can be produced independently.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 
 from ..ops.library import OpContext
 from ..planning.plan import Plan, ShardPlan, TensorPlan
+from ..reading.safetensors_header import DTYPE_SIZES
 from ..reading.tensor_reader import ShardReader, torch_dtype
+from .direct import POOL
 from .safetensors_writer import ShardFile, header_bytes
 
 # Target size of one chunk's float32 working set. Fixed (not tuned per machine) because noise is keyed by
@@ -66,6 +70,7 @@ def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, pr
         out.finish()
     finally:
         out.close()
+        POOL.clear()  # the calling thread's buffers (worker threads take theirs with them)
 
 
 WORKERS = 2  # more threads than this only add memory: two keep a 2-core machine's CPU and disk busy
@@ -130,36 +135,163 @@ def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext, compu
     return _run_ops(mixing, middle, ctx, compute_float)
 
 
+class _TrackingContext(OpContext):
+    """Notes whether an op asked for its noise generator: chunks computed without one are the same
+    whatever output rows they go to, so a tile's copies can share them."""
+
+    used_generator = False
+
+    def generator(self, op_index: int):
+        self.used_generator = True
+        return super().generator(op_index)
+
+
+def _typed(raw: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor | None:
+    """A uint8 staging slice seen as `dtype` of `shape`, or None where its alignment does not allow it."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if raw.storage_offset() % itemsize or raw.numel() % itemsize:
+        return None
+    return raw.view(dtype).view(shape)
+
+
+def _as_bytes(y: torch.Tensor) -> torch.Tensor:
+    y = y.contiguous()
+    return (y.view(torch.uint8) if y.dtype != torch.bool else y.to(torch.uint8)).reshape(-1)
+
+
+class _Rows:
+    """How one row-mapped tensor's chunks are produced into a stream's staging buffer."""
+
+    def __init__(self, plan: Plan, tensor: TensorPlan, reader: ShardReader):
+        self.tensor = tensor
+        self.reader = reader
+        self.store = torch_dtype(tensor.out_dtype)
+        self.row_shape = tuple(tensor.out_shape[1:])
+        self.out_row_bytes = tensor.nbytes // max(1, tensor.out_shape[0]) if tensor.out_shape[0] else 0
+        out_row_numel = math.prod(tensor.out_shape[1:])
+        in_row_numel = math.prod(tensor.source.shape[1:])
+        self.rows_per_chunk = max(1, CHUNK_BYTES // (4 * max(1, out_row_numel, in_row_numel)))
+        self.in_row_bytes = in_row_numel * DTYPE_SIZES[tensor.source.dtype]
+        self.copy = not tensor.row_ops and torch_dtype(tensor.source.dtype) == self.store
+        self.ctx = _TrackingContext(store_dtype=self.store, seed=plan.options.seed, tensor_name=tensor.name)
+        self.input = None
+
+    def produce(self, stream, source_row: int | None, fill: float, rows: int, chunk_key: int) -> torch.Tensor:
+        """Rows [source_row, +rows) through the row ops (or `fill`), into the stream's next bytes;
+        returns those bytes (uint8) for the caller to copy or hash before commit()."""
+        raw, view = stream.reserve(rows * self.out_row_bytes)
+        target = _typed(raw, self.store, (rows, *self.row_shape))
+        if source_row is None:
+            if target is not None:
+                target.fill_(fill)
+            else:
+                raw.copy_(_as_bytes(torch.full((rows, *self.row_shape), fill, dtype=self.store)))
+            return raw
+        if self.copy and target is not None:
+            self.reader.read_rows(self.tensor.source, source_row, source_row + rows, into=view)
+            return raw
+        if self.input is None:
+            self.input = POOL.acquire(self.rows_per_chunk * self.in_row_bytes)
+        x = self.reader.read_rows(self.tensor.source, source_row, source_row + rows,
+                                  into=self.input.view[: rows * self.in_row_bytes])
+        ctx = self.ctx
+        ctx.chunk_key = chunk_key
+        ops = self.tensor.row_ops
+        for index, op in enumerate(ops[:-1]):
+            x = op.apply(x, ctx, index)
+        last = len(ops) - 1
+        into = getattr(ops[-1], "apply_into", None) if ops and target is not None else None
+        if into is None or not into(x, target, ctx, last):
+            y = _finish(ops[-1].apply(x, ctx, last) if ops else x, self.store)
+            if target is not None:
+                target.copy_(y.reshape(target.shape))
+            else:
+                raw.copy_(_as_bytes(y))
+        return raw
+
+    def close(self) -> None:
+        if self.input is not None:
+            POOL.release(self.input)
+            self.input = None
+
+
 def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None,
                  digest=None) -> None:
     store = torch_dtype(tensor.out_dtype)
-    ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
-    compute_float = tensor.needs_float
     if tensor.row_map is None:
-        y = _finish(_whole_tensor(tensor, reader, ctx, compute_float), store)
+        ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
+        y = _finish(_whole_tensor(tensor, reader, ctx, tensor.needs_float), store)
         out.write_tensor_bytes(y, tensor.offset, digest)
         if progress:
             progress(tensor.nbytes, 0)
         return
+    if tensor.nbytes == 0:
+        return
+    rows = _Rows(plan, tensor, reader)
+    try:
+        # Segments that repeat the same source rows (a tile along axis 0) form one group, produced once.
+        # With a digest the bytes must be hashed in file order, so every segment stays its own group.
+        groups: list[tuple[object, list[int]]] = []
+        index: dict[tuple[int, int], int] = {}
+        out_row = 0
+        for segment in tensor.row_map.segments:
+            key = (segment.source_start, segment.count)
+            if segment.is_fill or digest is not None or key not in index:
+                index.setdefault(key, len(groups))
+                groups.append((segment, [out_row]))
+            else:
+                groups[index[key]][1].append(out_row)
+            out_row += segment.count
+        for segment, starts in groups:
+            _write_group(rows, segment, starts, out, progress, digest)
+    finally:
+        rows.close()
 
-    out_row_numel = math.prod(tensor.out_shape[1:])
-    out_row_bytes = tensor.nbytes // max(1, tensor.out_shape[0]) if tensor.out_shape[0] else 0
-    in_row_numel = math.prod(tensor.source.shape[1:])
-    rows_per_chunk = max(1, CHUNK_BYTES // (4 * max(1, out_row_numel, in_row_numel)))
-    out_row = 0
-    for segment in tensor.row_map.segments:
+
+def _write_group(rows: _Rows, segment, starts: list[int], out: ShardFile, progress, digest) -> None:
+    """One run of source rows, written at every output row in `starts`, chunk by chunk.
+
+    Chunk boundaries and noise keys are those of each copy on its own (chunks of rows_per_chunk from the
+    segment's start, keyed by their first output row), so the bytes do not depend on the grouping: if the
+    first chunk's ops used no generator, the copies are the same bytes and are computed once (written
+    from the same staging buffer where their alignment agrees, copied where it does not); otherwise each
+    copy is computed with its own key."""
+    tensor = rows.tensor
+    row_bytes = rows.out_row_bytes
+    nbytes = segment.count * row_bytes
+    chunk_bytes = min(nbytes, rows.rows_per_chunk * row_bytes)
+    offset = lambda start: tensor.offset + start * row_bytes  # noqa: E731
+    first = out.stream([offset(starts[0])], nbytes, chunk_bytes)
+    copies: list[tuple[object, int]] = []  # (stream, output row) of copies that are not served by `first`
+    shared = None
+    try:
         done = 0
         while done < segment.count:
-            rows = min(rows_per_chunk, segment.count - done)
-            if segment.is_fill:
-                y = torch.full((rows, *tensor.out_shape[1:]), segment.fill, dtype=store)
-            else:
-                start = segment.source_start + done
-                x = reader.read_rows(tensor.source, start, start + rows)
-                ctx.chunk_key = out_row
-                y = _finish(_run_ops(tensor.row_ops, x, ctx, compute_float), store)
-            out.write_tensor_bytes(y, tensor.offset + out_row * out_row_bytes, digest)
+            count = min(rows.rows_per_chunk, segment.count - done)
+            source = None if segment.is_fill else segment.source_start + done
+            rows.ctx.used_generator = False
+            raw = rows.produce(first, source, segment.fill, count, starts[0] + done)
+            if shared is None:
+                shared = not rows.ctx.used_generator
+                for start in starts[1:]:
+                    if shared and first.same_alignment(offset(start)):
+                        first.add_offset(offset(start))
+                    else:
+                        copies.append((out.stream([offset(start)], nbytes, chunk_bytes), start))
+            for stream, start in copies:
+                if shared:
+                    stream.write(raw.numpy())
+                else:
+                    rows.ctx.used_generator = False
+                    rows.produce(stream, source, segment.fill, count, start + done)
+                    stream.commit()
+            if digest is not None:
+                digest.update(raw.numpy())
+            first.commit()
             if progress:
-                progress(rows * out_row_bytes, 0)
-            out_row += rows
-            done += rows
+                progress(count * row_bytes * len(starts), 0)
+            done += count
+    finally:
+        first.close()
+        for stream, _ in copies:
+            stream.close()
