@@ -47,7 +47,9 @@ class AlignedBuffer:
 
     def __init__(self, capacity: int):
         self.capacity = align_up(max(capacity, ALIGN))
-        self.memory = mmap.mmap(-1, self.capacity)
+        # MAP_PRIVATE: Python's default for anonymous maps is MAP_SHARED, i.e. shmem pages (slower faults,
+        # counted as shared memory rather than as this process's anonymous memory).
+        self.memory = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE)
         self.view = memoryview(self.memory)
         self._tensor = None
 
