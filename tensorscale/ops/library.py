@@ -532,6 +532,28 @@ class Gather(Op):
                 + (f" + {zeros} zero" if zeros else "") + f"{noise})")
 
 
+@dataclass
+class Fill(Op):
+    """Every element set to `value`: a residual writer of an identity layer (0), or a (1+w) post-norm gain
+    (-1). Nothing of the source is read: the row map is one run of filled rows."""
+
+    value: float
+    name = "fill"
+    axis = 0  # so planning asks for its row map, which replaces every row with the fill
+
+    def out_shape(self, shape):
+        return shape
+
+    def apply(self, x, ctx, op_index):
+        return torch.full(x.shape, self.value, dtype=x.dtype)
+
+    def map_rows(self, row_map):
+        return RowMap([Segment(row_map.rows, None, float(self.value))])
+
+    def describe(self):
+        return f"fill({self.value:g})"
+
+
 # name -> (constructor, {yaml parameter: constructor argument}) for rules files.
 OP_TYPES: dict[str, Callable[..., Op]] = {
     "tile": Tile,

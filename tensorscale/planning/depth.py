@@ -27,35 +27,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
-from ..ops.library import Op
-from ..ops.rowmap import RowMap, Segment
+from ..ops.library import Fill, Op
 from ..rulebook.expr import ExpressionError
 
 SOURCE, IDENTITY, DUPLICATE = "source", "identity", "duplicate"
-
-
-@dataclass
-class Fill(Op):
-    """Every element set to `value`: a residual writer of an identity layer (0), or a (1+w) post-norm gain
-    (-1). Nothing of the source is read: the row map is one run of filled rows."""
-
-    value: float
-    name = "fill"
-    axis = 0  # so planning asks for its row map, which replaces every row with the fill
-
-    def out_shape(self, shape):
-        return shape
-
-    def apply(self, x, ctx, op_index):
-        import torch
-
-        return torch.full(x.shape, self.value, dtype=x.dtype)
-
-    def map_rows(self, row_map):
-        return RowMap([Segment(row_map.rows, None, float(self.value))])
-
-    def describe(self):
-        return f"fill({self.value:g})"
 
 
 @dataclass(frozen=True)
