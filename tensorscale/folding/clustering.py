@@ -16,6 +16,8 @@ from ..errors import TensorscaleError
 # differ only by rounding: ~1e-7 in float32, but a noisy bf16 `up` rounds each block to 8 bits.
 DUPLICATE_TOLERANCE = {"F64": 1e-4, "F32": 1e-4, "F16": 5e-3, "BF16": 3e-2}
 KMEANS_ITERATIONS = 25
+KMEANS_SETTLED = 0.002  # stop once fewer than this share of units change cluster in an iteration
+PREFILTER_DIMS = 32  # sketch coordinates the duplicate search looks at before measuring candidates fully
 
 
 def duplicate_groups(features: torch.Tensor, relative_tolerance: float = 1e-4) -> list[int]:
@@ -36,10 +38,13 @@ def duplicate_groups(features: torch.Tensor, relative_tolerance: float = 1e-4) -
     # proposes candidates (within that error of the tolerance); each candidate is then measured directly.
     # Its error grows with the larger norm of the pair, so bound it by the largest norm.
     proposal = tolerance + 1e-3 * max(float(norms.max()) if n else 0.0, 1e-30)
+    # A distance over the first few coordinates is never larger than the full one, so it can only propose
+    # more candidates, never miss a pair: a cheap filter before the exact check (8x fewer operations).
+    coarse = features[:, :PREFILTER_DIMS].contiguous()
     block = 1024
     for begin in range(0, n, block):
-        rows = features[begin:begin + block]
-        pairs = (torch.cdist(rows, features) <= proposal).nonzero()
+        rows = coarse[begin:begin + block]
+        pairs = (torch.cdist(rows, coarse) <= proposal).nonzero()
         pairs = pairs[pairs[:, 0] + begin < pairs[:, 1]]
         if not len(pairs):
             continue
@@ -101,9 +106,12 @@ def kmeans(features: torch.Tensor, k: int, *, equal: bool, seed: int = 0) -> lis
             del distances
         else:
             new_labels = _fill_empty(_nearest(x, centre_x), x, centre_x, k)
-        if torch.equal(new_labels, labels):
-            break
+        changed = int((new_labels != labels).sum())
         labels = new_labels
+        if changed == 0:
+            break
+        if changed <= KMEANS_SETTLED * n and iteration:
+            break  # only a few boundary units still move: more iterations cost more than they change
         sums = torch.zeros_like(centre_x).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k).clamp_min(1).to(x.dtype)
         centre_x = sums / counts[:, None]
