@@ -199,21 +199,27 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces
     return Fold(labels, space.target_units, exact)
 
 
-SAMPLE_READ_BYTES = 2**24  # the largest run of consecutive sampled rows read at once
+SAMPLE_READ_BYTES = 2**24  # the largest span of rows read at once for a sample
+SAMPLE_READ_GAP = 8  # sampled rows at most this far apart are read in one span (skipped rows and all)
 
 
 def _read_sampled_rows(reader: ShardReader, info, rows: list[int]) -> torch.Tensor:
-    """The given rows (ascending), one read per run of consecutive rows: a tensor with fewer rows than the
-    sample size is read in a few large reads instead of one system call per row (which took a quarter of
-    `down`'s time), and a large embedding still only has its sampled rows in memory."""
+    """The given rows (ascending), one read per span of nearby rows: a tensor not much larger than the
+    sample is read in a few large reads instead of one system call per row (which took a quarter of
+    `down`'s time), and a large embedding, whose sampled rows lie far apart, still only has them in memory."""
     row_bytes = max(1, math.prod(info.shape[1:]) * DTYPE_SIZES[info.dtype])
     longest = max(1, SAMPLE_READ_BYTES // row_bytes)
     pieces, begin = [], 0
     while begin < len(rows):
         end = begin + 1
-        while end < len(rows) and rows[end] == rows[end - 1] + 1 and end - begin < longest:
+        while (end < len(rows) and rows[end] - rows[end - 1] <= SAMPLE_READ_GAP
+               and rows[end] - rows[begin] < longest):
             end += 1
-        pieces.append(reader.read_rows(info, rows[begin], rows[end - 1] + 1))
+        first, last = rows[begin], rows[end - 1]
+        span = reader.read_rows(info, first, last + 1)
+        if last + 1 - first != end - begin:  # rows were skipped inside the span: keep the sampled ones
+            span = span[torch.tensor(rows[begin:end]) - first]
+        pieces.append(span)
         begin = end
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
