@@ -107,7 +107,7 @@ def _sketch(rows: torch.Tensor, key, presampled: bool = False) -> torch.Tensor:
     norm = sampled.norm()
     if norm == 0:
         return torch.zeros(rows.shape[0], SKETCH)
-    return (sampled / norm) @ _projection(columns, key)
+    return (sampled @ _projection(columns, key)) / norm  # dividing the sketch, not the rows: a pass less
 
 
 def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:

@@ -16,7 +16,7 @@ from ..errors import TensorscaleError
 # differ only by rounding: ~1e-7 in float32, but a noisy bf16 `up` rounds each block to 8 bits.
 DUPLICATE_TOLERANCE = {"F64": 1e-4, "F32": 1e-4, "F16": 5e-3, "BF16": 3e-2}
 KMEANS_ITERATIONS = 25
-KMEANS_SETTLED = 0.002  # stop once fewer than this share of units change cluster in an iteration
+KMEANS_SETTLED = 0.01  # stop once fewer than this share of units change cluster in an iteration
 PREFILTER_DIMS = 32  # sketch coordinates the duplicate search looks at before measuring candidates fully
 
 
