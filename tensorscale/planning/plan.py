@@ -276,14 +276,23 @@ def evaluate_env(rule_set: RuleSet, config: dict, options: Options) -> dict:
             env[name] = expression.evaluate(env)
         except ExpressionError as exc:
             raise TensorscaleError(f"{rule_set.path}: let.{name}: {exc}") from None
-    for expression, message in rule_set.checks:
+    message = first_failed_check(rule_set.checks, env, f"{rule_set.path}: check")
+    if message is not None:
+        raise TensorscaleError(f"{message} (rules {rule_set.name})")
+    return env
+
+
+def first_failed_check(checks, env: dict, where: str) -> str | None:
+    """The message of the first (assertion, message) that does not hold, or None; an assertion that cannot
+    be evaluated is an error in the rules file, named by `where`."""
+    for expression, message in checks:
         try:
             ok = expression.evaluate(env)
         except ExpressionError as exc:
-            raise TensorscaleError(f"{rule_set.path}: check {expression.source!r}: {exc}") from None
+            raise TensorscaleError(f"{where} {expression.source!r}: {exc}") from None
         if not ok:
-            raise TensorscaleError(f"{message} (rules {rule_set.name})")
-    return env
+            return message
+    return None
 
 
 def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: Options) -> dict:
