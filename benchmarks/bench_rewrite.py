@@ -3,7 +3,7 @@
 For each size of a ladder of generated bf16 Llama checkpoints, in one run:
 - the disk floor: read the input once and write as many bytes as `up` writes (bench_up.disk_floor: a
   plain buffered copy, each file fsynced), the fastest of --floor-repeats runs (the conservative choice);
-- for reference, the same copy with O_DIRECT writes (`direct_floor`): what the disk itself allows,
+- for reference, the same copy with O_DIRECT writes (`bench_up.disk_floor(direct=True)`): what the disk itself allows,
   without the page cache, which is how tensorscale writes;
 - `tensorscale up -edm 2 -upm 2` and `tensorscale down -edd 2 -upd 2` on the same input;
 - the in-memory approach (benchmarks/baseline_in_memory.py: transformers load, tile, save_pretrained), up
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -86,57 +85,6 @@ def warm(paths: list[str]) -> None:
                 pass
 
 
-def direct_floor(inputs: list[str], out_sizes: list[int], out_dir: str) -> float:
-    """disk_floor with O_DIRECT writes: read every input byte once (buffered), write sum(out_sizes) bytes
-    from one page-aligned 16 MiB buffer straight to the disk, fsync each file. The disk's own speed."""
-    block = 4096
-    size = 16 * 2**20
-    buf = mmap.mmap(-1, size)
-    view = memoryview(buf)
-    os.makedirs(out_dir, exist_ok=True)
-    pending = list(inputs)
-    in_fd = None
-    started = time.perf_counter()
-    try:
-        for k, total in enumerate(out_sizes):
-            path = os.path.join(out_dir, f"direct-{k}.bin")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-            try:
-                at = 0
-                while at < total:
-                    n = min(size, total - at)
-                    got = 0
-                    while got < n and (in_fd is not None or pending):
-                        if in_fd is None:
-                            in_fd = os.open(pending.pop(0), os.O_RDONLY)
-                        r = os.readv(in_fd, [view[got:n]])
-                        if r == 0:
-                            os.close(in_fd)
-                            in_fd = None
-                        got += r
-                    padded = n + (-n % block)  # the last write is padded to a block, then cut back
-                    done = 0
-                    while done < padded:
-                        done += os.pwrite(fd, view[done:padded], at + done)
-                    at += n
-                os.ftruncate(fd, total)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        while in_fd is not None or pending:
-            if in_fd is None:
-                in_fd = os.open(pending.pop(0), os.O_RDONLY)
-            if os.readv(in_fd, [view]) == 0:
-                os.close(in_fd)
-                in_fd = None
-    finally:
-        if in_fd is not None:
-            os.close(in_fd)
-        view.release()
-        buf.close()
-    return time.perf_counter() - started
-
-
 def time_command(cmd: list[str], repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -162,7 +110,7 @@ def one_size(work: str, params: float, baseline_max: float, floor_repeats: int =
         floors.append(disk_floor(inputs, up["out_sizes"], os.path.join(work, "floor")))
         shutil.rmtree(os.path.join(work, "floor"))
         warm(inputs)
-        direct.append(direct_floor(inputs, up["out_sizes"], os.path.join(work, "floor")))
+        direct.append(disk_floor(inputs, up["out_sizes"], os.path.join(work, "floor"), direct=True))
         shutil.rmtree(os.path.join(work, "floor"))
     row.update(floor_s=min(floors), floor_runs=floors, direct_floor_s=min(direct), direct_floor_runs=direct)
     row.update(up_s=up["elapsed"], up_rss=up["max_rss"], up_anon=up["peak_anon"], up_user=up["user"],
