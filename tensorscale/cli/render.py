@@ -101,11 +101,7 @@ def plan_text(data: dict) -> str:
     if data.get("mode") == "down":
         how = "down"
     else:
-        targets = data.get("targets") or {}
-        sizes = ", ".join(f"{key}={value}" for key, value in targets.items())
-        how = (sizes or f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}")
-        how += ", zero-pad" if data.get("strategy") == "pad" else ""
-        how += f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else ""
+        how = _growth(data) + (f", noise {data['snr_db']:g} dB" if data["snr_db"] is not None else "")
     lines = [
         f"plan: {data['input']} -> {data['output']} (rules {data['rules']}, {how})",
         "",
@@ -141,11 +137,12 @@ def up_summary(summary: dict) -> str:
         f"\nnote: {note}" for note in summary.get("notes") or [])
 
 
-def _growth(summary: dict) -> str:
-    targets = summary.get("targets") or {}
+def _growth(data: dict) -> str:
+    """How `up` grows the model, for the plan header and the up summary: target sizes or multipliers."""
+    targets = data.get("targets") or {}
     how = ", ".join(f"{key}={value}" for key, value in targets.items()) or (
-        f"n={summary['embed_dim_multiplier']}, m={summary['up_proj_multiplier']}")
-    return how + (", zero-pad" if summary.get("strategy") == "pad" else "")
+        f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}")
+    return how + (", zero-pad" if data.get("strategy") == "pad" else "")
 
 
 def down_summary(summary: dict) -> str:

@@ -166,18 +166,9 @@ def base_env(config: dict, options: Options, ratios: dict | None = None) -> dict
 
 def down_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
     """Turn divisors or target sizes into the ratios n, m, nh, nkv, checking that each target is possible."""
-    env = _evaluate_let(rule_set, base_env(config, options, {"n": 1, "m": 1, "nh": 1, "nkv": 1}))
-    spaces = resolve_spaces(rule_set, env)
-
-    def units(name):
-        space = spaces.get(name)
-        return None if space is None else space.units
-
-    current = {key: units(space) for key, space in TARGET_SPACES.items()}
+    current = current_units(rule_set, config, options)
     if current["hidden_size"] is None or current["intermediate_size"] is None:
         raise TensorscaleError(f"rules {rule_set.name} name no 'hidden' and 'ffn' spaces, which down needs")
-    if current["num_key_value_heads"] is None:
-        current["num_key_value_heads"] = current["num_attention_heads"]
     wanted = dict(current)
     if options.targets:
         wanted.update(options.targets)
@@ -238,7 +229,7 @@ def up_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
             ratios["n"] = targets["hidden_size"] / current["hidden_size"]
         if "intermediate_size" in targets:
             ratios["m"] = targets["intermediate_size"] / current["intermediate_size"]
-        follow = ratios["n"] if "hidden_size" in targets else n
+        follow = ratios["n"]  # heads not given follow the hidden ratio (the multiplier's, if no hidden target)
         for key, ratio in (("num_attention_heads", "nh"), ("num_key_value_heads", "nkv")):
             if key in targets:
                 ratios[ratio] = targets[key] / current[key]
