@@ -483,13 +483,13 @@ class Gather(Op):
         units = moved.unflatten(0, (moved.shape[0] // self.unit, self.unit))
         store = ctx.store_dtype if self.divide else x.dtype
         out = torch.zeros((len(self.sources), *units.shape[1:]), dtype=store)
-        copies = self._copies()
         if not self.divide:
             kept = [j for j, src in enumerate(self.sources) if src is not None]
             index = torch.tensor([self.sources[j] for j in kept], dtype=torch.long)
             out[torch.tensor(kept, dtype=torch.long)] = units.index_select(0, index)
         else:
             units = units.float()
+            copies = self._copies()
             by_count: dict[int, list[int]] = {}
             for src, where in copies.items():
                 by_count.setdefault(len(where), []).append(src)
