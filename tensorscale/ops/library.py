@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 from ..errors import TensorscaleError
@@ -400,6 +401,25 @@ def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
     return out
 
 
+@lru_cache(maxsize=32)
+def _size_groups(cluster: tuple, weight: tuple, clusters: int) -> list:
+    """Merge._groups, computed once per clustering: `down` builds a new Merge for every tensor (and every
+    chunk it lifts), while the residual stream's clustering is the same for all of them."""
+    members: dict[int, list[int]] = {}
+    for unit, label in enumerate(cluster):
+        members.setdefault(label, []).append(unit)
+    by_size: dict[int, list[int]] = {}
+    for label in range(clusters):
+        if label in members:  # an empty cluster stays zero
+            by_size.setdefault(len(members[label]), []).append(label)
+    weights = torch.tensor(weight, dtype=torch.float32)
+    groups = []
+    for size, labels in sorted(by_size.items()):
+        units = torch.tensor([members[c] for c in labels], dtype=torch.long)
+        groups.append((torch.tensor(labels, dtype=torch.long), units, weights[units]))
+    return groups
+
+
 @dataclass
 class Merge(Op):
     """Fold `unit`-sized blocks of an axis into clusters: out[c] = scale[c] · Σ_i weight[i] · in[i] over the
@@ -424,16 +444,43 @@ class Merge(Op):
             )
         return _replace(shape, self.axis, len(self.scale) * self.unit)
 
+    def _groups(self):
+        """The clusters grouped by size: [(cluster ids, member units [clusters, size], their weights)].
+
+        Clusters of one size are summed by one gather and one reduction over a [clusters, size, ...] view:
+        a gather of whole rows runs at memory speed, where `index_add_` (the earlier form) scattered one row
+        at a time on one core and was most of `down`'s write time."""
+        return _size_groups(tuple(self.cluster), tuple(self.weight), len(self.scale))
+
+    def _entries(self, units: torch.Tensor) -> torch.Tensor:
+        """Axis positions of the given units, `unit` entries each."""
+        return (units.reshape(-1, 1) * self.unit + torch.arange(self.unit)).reshape(-1)
+
     def apply(self, x, ctx, op_index):
-        x = x.float()
+        # The axis goes first, copied in the stored dtype (a bf16 transpose costs less than gathering columns),
+        # so that every gather below takes whole contiguous rows.
         moved = x.movedim(self.axis, 0)
+        if not moved.is_contiguous():
+            moved = moved.contiguous()
         rest = moved.shape[1:]
-        units = moved.reshape(len(self.cluster), self.unit, *rest)
-        weight = torch.tensor(self.weight, dtype=torch.float32).view(-1, *([1] * (units.dim() - 1)))
-        out = torch.zeros((len(self.scale), self.unit, *rest), dtype=torch.float32)
-        out.index_add_(0, torch.tensor(self.cluster, dtype=torch.long), units * weight)
-        out *= torch.tensor(self.scale, dtype=torch.float32).view(-1, *([1] * (units.dim() - 1)))
-        return out.reshape(len(self.scale) * self.unit, *rest).movedim(0, self.axis)
+        ones = [1] * len(rest)
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        pieces = []
+        for clusters, units, weight in self._groups():
+            count, size = units.shape
+            picked = moved.index_select(0, self._entries(units))
+            picked = picked.float() if picked.dtype != torch.float32 else picked
+            picked = picked.view(count, size, self.unit, *rest).mul_(weight.view(count, size, 1, *ones))
+            summed = picked.sum(dim=1) if size > 1 else picked.squeeze(1)
+            summed.mul_(scale[clusters].view(count, 1, *ones))
+            pieces.append((clusters, summed.reshape(count * self.unit, *rest)))
+        if len(pieces) == 1 and len(pieces[0][0]) == len(self.scale):
+            out = pieces[0][1]  # one size for all clusters: already in cluster order
+        else:
+            out = torch.zeros((len(self.scale) * self.unit, *rest), dtype=torch.float32)
+            for clusters, summed in pieces:
+                out.index_copy_(0, self._entries(clusters), summed)
+        return out.movedim(0, self.axis)
 
     def describe(self):
         what = f" {self.label}" if self.label else ""
