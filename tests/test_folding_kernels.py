@@ -1,0 +1,118 @@
+"""The fast forms of down's two inner loops agree with their plain definitions.
+
+`Merge` sums clusters by gathering whole rows per cluster size (not `index_add_`), and the analysis folds
+the residual unmerge into the sketch projection (the lifted rows are never formed). Both are rewrites for
+speed, so they are checked here against the definitions they replace, on uneven clusters, empty clusters,
+multi-entry units, every axis, and bf16 input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorscale.folding import analysis
+from tensorscale.folding.fold import Fold, Folds
+from tensorscale.ops.library import Merge, OpContext
+
+
+def reference_merge(x: torch.Tensor, op: Merge) -> torch.Tensor:
+    """out[c] = scale[c] · Σ weight[i] · in[i] over the units i of cluster c, one unit at a time."""
+    x = x.float()
+    moved = x.movedim(op.axis, 0)
+    out = torch.zeros((len(op.scale) * op.unit, *moved.shape[1:]))
+    for i, c in enumerate(op.cluster):
+        out[c * op.unit:(c + 1) * op.unit] += op.weight[i] * moved[i * op.unit:(i + 1) * op.unit]
+    for c, s in enumerate(op.scale):
+        out[c * op.unit:(c + 1) * op.unit] *= s
+    return out.movedim(0, op.axis)
+
+
+def random_merge(axis: int, units: int, clusters: int, unit: int, generator, empty: bool = False) -> Merge:
+    labels = torch.cat([torch.arange(clusters), torch.randint(0, clusters, (units - clusters,), generator=generator)])
+    labels = labels[torch.randperm(units, generator=generator)]
+    if empty:  # the last cluster gets no unit: it must come out as zeros
+        labels[labels == clusters - 1] = 0
+    weight = (torch.rand(units, generator=generator) + 0.5).tolist()
+    scale = (torch.rand(clusters, generator=generator) + 0.5).tolist()
+    return Merge(axis, labels.tolist(), weight, scale, unit)
+
+
+@pytest.mark.parametrize("shape,axis,unit", [((24, 7), 0, 1), ((7, 24), 1, 1), ((5, 24, 3), 1, 1), ((24,), 0, 1),
+                                             ((48, 5), 0, 4), ((5, 48), 1, 4), ((3, 5, 48), 2, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("empty", [False, True])
+def test_merge_matches_its_definition(shape, axis, unit, dtype, empty):
+    generator = torch.Generator().manual_seed(hash((shape, axis, unit, empty)) & 0xFFFF)
+    units = shape[axis] // unit
+    op = random_merge(axis, units, units // 2, unit, generator, empty)
+    x = torch.randn(shape, generator=generator).to(dtype)
+    got = op.apply(x, OpContext(torch.float32), 0)
+    assert got.shape == op.out_shape(shape)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference_merge(x, op), rtol=1e-6, atol=1e-6)
+    if empty:
+        assert got.movedim(axis, 0)[-unit:].abs().max() == 0
+
+
+def test_merge_of_equal_pairs_is_exact_and_leaves_its_input_alone():
+    x = torch.randn(6, 8)
+    before = x.clone()
+    op = Merge(1, [0, 0, 1, 1, 2, 2, 3, 3], [1.0] * 8, [1.0] * 4)
+    got = op.apply(x, OpContext(torch.float32), 0)
+    assert torch.equal(got, x[:, 0::2] + x[:, 1::2])
+    assert torch.equal(x, before)
+
+
+class _Space:
+    def __init__(self, name, size, unit=1, per=None, scaled=True):
+        self.name, self.size, self.unit, self.per, self.scaled = name, size, unit, per, scaled
+
+
+class _Rule:
+    def __init__(self, axes):
+        self.transform = type("T", (), {"axes": axes})()
+
+
+def explicit_sketch(rows: torch.Tensor, match, spaces, folds) -> torch.Tensor:
+    """The definition: lift the rows, sample the lifted columns, project, divide by the sampled norm."""
+    lifted = analysis._lift(rows.float(), match, spaces, folds)
+    columns = analysis._sample(lifted.shape[1])
+    sampled = lifted[:, columns]
+    sketch = sampled @ analysis._projection(len(columns), analysis._key(match.name, 0, 0, None))
+    return sketch / sampled.norm()
+
+
+@pytest.mark.parametrize("max_samples", [4096, 24])  # 24: fewer samples than lifted columns
+@pytest.mark.parametrize("lifted", [True, False])
+def test_lifted_projection_equals_lift_then_project(monkeypatch, max_samples, lifted):
+    monkeypatch.setattr(analysis, "MAX_SAMPLES", max_samples)
+    generator = torch.Generator().manual_seed(1)
+    hidden, ffn = 64, 40
+    spaces = {"hidden": _Space("hidden", hidden), "ffn": _Space("ffn", ffn, per="layer")}
+    folds = Folds()
+    labels = torch.cat([torch.arange(40), torch.randint(0, 40, (24,), generator=generator)])
+    folds.by_key[("hidden", None)] = Fold(labels[torch.randperm(hidden, generator=generator)].tolist(), 40)
+    match = analysis.Match("model.layers.0.mlp.gate_proj.weight", None,
+                           _Rule(["ffn", "hidden.in" if lifted else "-"]), {"layer": 0})
+    match.info = type("Info", (), {"shape": (ffn, hidden), "dtype": "F32"})()
+    rows = torch.randn(ffn, hidden, generator=generator)
+    projection = analysis._lifted_projection(match, spaces, folds)
+    got = analysis._project(rows, projection)
+    got = got / got.norm()
+    want = explicit_sketch(rows, match, spaces, folds) if lifted else None
+    if want is None:  # nothing to lift: the plain sketch of the rows
+        columns = analysis._sample(hidden)
+        want = rows[:, columns] @ analysis._projection(len(columns), analysis._key(match.name, 0, 0, None))
+    # The sketch's own norm stands in for the lifted rows' norm: the two agree up to that scale.
+    want = want / want.norm()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_projection_stays_close_to_float32():
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(300, 512, generator=generator).to(torch.bfloat16)
+    projection = analysis._projection(512, "k")
+    fast = analysis._project(rows, projection)
+    exact = rows.float() @ projection
+    assert fast.dtype == torch.float32
+    assert float((fast - exact).norm() / exact.norm()) < 1e-2
