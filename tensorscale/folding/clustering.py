@@ -171,11 +171,16 @@ NEAREST_BLOCK = 2048  # units per block: memory stays at block·k floats, howeve
 
 
 def _nearest(x, centres) -> torch.Tensor:
-    """The nearest centre of every unit, a block of units at a time (|x|² is the same for every centre)."""
+    """The nearest centre of every unit, a block of units at a time (|x|² is the same for every centre).
+
+    The products run in bf16 (float32 accumulation, about 3x faster here than float32): a unit that is
+    about equally near two centres may pick the other one, which changes the clustering's cost by no more
+    than that near-tie does."""
     centre_squared = centres.pow(2).sum(dim=1)[None, :]
+    low_x, low_centres = x.to(torch.bfloat16), centres.T.to(torch.bfloat16)
     labels = torch.empty(x.shape[0], dtype=torch.long)
     for begin in range(0, x.shape[0], NEAREST_BLOCK):
-        block = torch.mm(x[begin:begin + NEAREST_BLOCK], centres.T).mul_(-2).add_(centre_squared)
+        block = torch.mm(low_x[begin:begin + NEAREST_BLOCK], low_centres).float().mul_(-2).add_(centre_squared)
         labels[begin:begin + NEAREST_BLOCK] = block.argmin(dim=1)
     return labels
 
