@@ -401,6 +401,9 @@ def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
     return out
 
 
+MERGE_SLICE_BYTES = 2**24  # float32 bytes of gathered rows a merge holds at once
+
+
 @lru_cache(maxsize=32)
 def _size_groups(cluster: tuple, weight: tuple, clusters: int) -> list:
     """Merge._groups, computed once per clustering: `down` builds a new Merge for every tensor (and every
@@ -465,21 +468,21 @@ class Merge(Op):
         rest = moved.shape[1:]
         ones = [1] * len(rest)
         scale = torch.tensor(self.scale, dtype=torch.float32)
-        pieces = []
+        out = torch.zeros((len(self.scale) * self.unit, *rest), dtype=torch.float32)
+        unit_floats = self.unit * max(1, math.prod(rest))
         for clusters, units, weight in self._groups():
             count, size = units.shape
-            picked = moved.index_select(0, self._entries(units))
-            picked = picked.float() if picked.dtype != torch.float32 else picked
-            picked = picked.view(count, size, self.unit, *rest).mul_(weight.view(count, size, 1, *ones))
-            summed = picked.sum(dim=1) if size > 1 else picked.squeeze(1)
-            summed.mul_(scale[clusters].view(count, 1, *ones))
-            pieces.append((clusters, summed.reshape(count * self.unit, *rest)))
-        if len(pieces) == 1 and len(pieces[0][0]) == len(self.scale):
-            out = pieces[0][1]  # one size for all clusters: already in cluster order
-        else:
-            out = torch.zeros((len(self.scale) * self.unit, *rest), dtype=torch.float32)
-            for clusters, summed in pieces:
-                out.index_copy_(0, self._entries(clusters), summed)
+            # A slice of clusters at a time: the gathered float32 rows stay a few MiB, whatever the tensor.
+            step = max(1, MERGE_SLICE_BYTES // (4 * size * unit_floats))
+            for begin in range(0, count, step):
+                end = min(count, begin + step)
+                picked = moved.index_select(0, self._entries(units[begin:end]))
+                picked = picked.float() if picked.dtype != torch.float32 else picked
+                picked = picked.view(end - begin, size, self.unit, *rest)
+                picked.mul_(weight[begin:end].view(end - begin, size, 1, *ones))
+                summed = picked.sum(dim=1) if size > 1 else picked.squeeze(1)
+                summed.mul_(scale[clusters[begin:end]].view(end - begin, 1, *ones))
+                out.index_copy_(0, self._entries(clusters[begin:end]), summed.reshape(-1, *rest))
         return out.movedim(0, self.axis)
 
     def describe(self):
