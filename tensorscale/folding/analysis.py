@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -143,10 +146,10 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
     dtype = "BF16" if "BF16" in coarse else (coarse[0] if coarse else "F32")
     folded = {name for name, space in spaces.items() if space.target != space.size}
     folds = Folds()
-    with ShardReader() as reader:
+    with ShardReader() as reader, _workers() as pool:
         for space in spaces.values():
             if space.name in folded and space.per is None and space.clusters_of is None:
-                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, spaces, seed, dtype)
+                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, spaces, seed, dtype, pool)
         per_layer = [s for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None]
         # Spaces others are `within` go first (kv heads before q heads).
         parents = {s.within for s in per_layer}
@@ -156,9 +159,18 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
                 raise TensorscaleError(f"space {referenced} must fold with the spaces clustered like it")
         instances = sorted({m.env.get(s.per) for s in per_layer for m in matches if s.per in m.env},
                            key=lambda v: (str(type(v)), v))
-        for instance in instances:
+        shared = dict(folds.by_key)
+
+        def fold_layer(instance) -> dict:
+            """One layer's spaces, in order (a space `within` another reads that one's fold of this layer)."""
+            local = Folds(dict(shared))
             for space in per_layer:
-                folds.by_key[(space.name, instance)] = _fold_instance(space, instance, matches, reader, spaces, folds, seed, dtype)
+                key = (space.name, instance)
+                local.by_key[key] = _fold_instance(space, instance, matches, reader, spaces, local, seed, dtype)
+            return {key: fold for key, fold in local.by_key.items() if key not in shared}
+
+        for instance, found in zip(instances, pool.map(fold_layer, instances)):
+            folds.by_key.update(found)  # in layer order, whichever thread finished first
             if progress:
                 progress(instance)
     if calibration is not None:
@@ -171,36 +183,58 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
     return folds
 
 
+ANALYSIS_WORKERS = 2  # threads that sketch tensors (and fold layers) at once
+
+
+@contextmanager
+def _workers():
+    """A pool of ANALYSIS_WORKERS threads (at most one per core), each running torch on one thread.
+
+    Tensors and layers are independent until their sketches are added up (in a fixed order, so the result
+    does not depend on which thread finishes first). Much of the analysis is single-threaded: reads, the
+    gathers and small products, Python. Two workers keep both cores busy where one worker with two torch
+    threads left one idle; two workers with two torch threads each would make them spin against each other."""
+    workers = max(1, min(ANALYSIS_WORKERS, os.cpu_count() or 1))
+    threads = torch.get_num_threads()
+    if workers > 1:
+        torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces: dict[str, Space], seed: int,
-                 dtype: str) -> Fold:
-    everything = torch.zeros(space.units, SKETCH)
-    noise_free = torch.zeros(space.units, SKETCH)
-    clean_count = 0
+                 dtype: str, pool: ThreadPoolExecutor) -> Fold:
+    mine_by_match = []
     for match in matches:
         blocks = match.blocks(spaces)
         mine = [(axis, start, length) for axis, start, length, name, _ in blocks if name == space.name]
-        if not mine:
-            continue
-        reads_tiled = any(role == "in" for *_, role in blocks)
+        if mine:
+            mine_by_match.append((match, mine, not any(role == "in" for *_, role in blocks)))
+
+    def sketches(item) -> list[torch.Tensor]:
+        match, mine, _ = item
         shape = match.info.shape
         if len(shape) == 2 and space.unit == 1 and all(axis == 1 and length is None for axis, _, length in mine):
             # Units are columns (an embedding, a reader): the sketch samples rows, so read only those.
             # This keeps a 150k-token embedding out of memory; the numbers are the same as a full read.
             sampled = _read_sampled_rows(reader, match.info, _sample(shape[0]).tolist()).T
-            sketch = _sketch(sampled, _key(match.name, 1, 0, None), presampled=True)
-            everything += sketch
-            if not reads_tiled:
-                noise_free += sketch
-                clean_count += 1
-            continue
+            return [_sketch(sampled, _key(match.name, 1, 0, None), presampled=True)]
         tensor = reader.read(match.info)
-        for axis, start, length in mine:
-            sketch = _sketch(_unit_rows(tensor, axis, space.unit, start, length), _key(match.name, axis, start, length))
+        return [_sketch(_unit_rows(tensor, axis, space.unit, start, length), _key(match.name, axis, start, length))
+                for axis, start, length in mine]
+
+    everything = torch.zeros(space.units, SKETCH)
+    noise_free = torch.zeros(space.units, SKETCH)
+    clean_count = 0
+    for (match, mine, clean), found in zip(mine_by_match, pool.map(sketches, mine_by_match)):
+        for sketch in found:  # added in tensor order, whichever thread finished first
             everything += sketch
-            if not reads_tiled:
+            if clean:  # no axis reads a tiled space (embeddings, norms, biases): exact copies on a cloned model
                 noise_free += sketch
                 clean_count += 1
-        del tensor
     what = f"space {space.name}"
     labels, exact = cluster_units(noise_free if clean_count else everything, space.target_units, equal=space.equal,
                                   what=what, seed=seed, dtype=dtype)
