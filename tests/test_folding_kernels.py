@@ -116,3 +116,31 @@ def test_bf16_projection_stays_close_to_float32():
     exact = rows.float() @ projection
     assert fast.dtype == torch.float32
     assert float((fast - exact).norm() / exact.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_samples", [4096, 40])  # 40: fewer samples than rows / features
+def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkeypatch, dtype, max_samples):
+    """The residual stream's sketches read a span of rows at a time; they must equal _sketch of the tensor."""
+    from safetensors.torch import save_file
+
+    from tensorscale.reading.safetensors_header import read_header
+    from tensorscale.reading.tensor_reader import ShardReader
+
+    monkeypatch.setattr(analysis, "MAX_SAMPLES", max_samples)
+    monkeypatch.setattr(analysis, "SAMPLE_READ_BYTES", 300)  # many spans and chunks on a small tensor
+    generator = torch.Generator().manual_seed(3)
+    weights = {"reader": torch.randn(96, 24, generator=generator).to(dtype),
+               "writer": torch.randn(48, 20, generator=generator).to(dtype)}
+    path = str(tmp_path / "w.safetensors")
+    save_file(weights, path)
+    infos = read_header(path).tensors
+    tolerance = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    with ShardReader() as reader:
+        columns = analysis._sketch_sampled_rows(reader, infos["reader"], "r")
+        rows = weights["reader"][analysis._sample(96)].T
+        torch.testing.assert_close(columns, analysis._sketch(rows, "r", presampled=True), **tolerance)
+        for unit in (1, 4):
+            chunked = analysis._sketch_row_chunks(reader, infos["writer"], unit, "w")
+            whole = analysis._sketch(analysis._unit_rows(weights["writer"], 0, unit), "w")
+            torch.testing.assert_close(chunked, whole, **tolerance)
