@@ -128,7 +128,8 @@ def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkey
     from tensorscale.reading.tensor_reader import ShardReader
 
     monkeypatch.setattr(analysis, "MAX_SAMPLES", max_samples)
-    monkeypatch.setattr(analysis, "SAMPLE_READ_BYTES", 300)  # many spans and chunks on a small tensor
+    monkeypatch.setattr(analysis, "SAMPLE_READ_BYTES", 300)  # many spans of sampled rows on a small tensor
+    monkeypatch.setattr(analysis, "STREAM_ELEMENTS", 100)  # and many row chunks
     generator = torch.Generator().manual_seed(3)
     weights = {"reader": torch.randn(96, 24, generator=generator).to(dtype),
                "writer": torch.randn(48, 20, generator=generator).to(dtype)}
@@ -139,7 +140,7 @@ def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkey
     with ShardReader() as reader:
         columns = analysis._sketch_sampled_rows(reader, infos["reader"], "r")
         rows = weights["reader"][analysis._sample(96)].T
-        torch.testing.assert_close(columns, analysis._sketch(rows, "r", presampled=True), **tolerance)
+        torch.testing.assert_close(columns, analysis._sketch(rows, "r"), **tolerance)
         for unit in (1, 4):
             chunked = analysis._sketch_row_chunks(reader, infos["writer"], unit, "w")
             whole = analysis._sketch(analysis._unit_rows(weights["writer"], 0, unit), "w")

@@ -113,9 +113,9 @@ def _project(rows: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     return rows.float() @ projection
 
 
-def _sketch(rows: torch.Tensor, key, presampled: bool = False) -> torch.Tensor:
+def _sketch(rows: torch.Tensor, key) -> torch.Tensor:
     """Normalise a tensor's unit rows to unit Frobenius norm and project them to SKETCH dimensions."""
-    if not presampled and rows.shape[1] > MAX_SAMPLES:
+    if rows.shape[1] > MAX_SAMPLES:
         rows = rows[:, _sample(rows.shape[1])]
     norm = float(torch.linalg.vector_norm(rows, dtype=torch.float32))
     if norm == 0:
@@ -286,23 +286,43 @@ def _sketch_sampled_rows(reader: ShardReader, info, key) -> torch.Tensor:
     return out / squares ** 0.5 if squares > 0 else out
 
 
-def _sketch_row_chunks(reader: ShardReader, info, unit: int, key) -> torch.Tensor:
-    """_sketch(_unit_rows(W, 0, unit)) read a few MiB of rows at a time: a unit's sketch only needs its own
-    rows, so a 12B model's FFN writer (147 MB in bf16) is never whole in memory."""
+STREAM_ELEMENTS = 2**21  # elements of one row chunk a streamed sketch holds (8 MiB in float32)
+
+
+def _row_step(columns: int, unit: int) -> int:
+    """Rows per chunk of a streamed sketch: whole units, about STREAM_ELEMENTS elements."""
+    return max(unit, (STREAM_ELEMENTS // max(1, columns)) // unit * unit)
+
+
+def _sketch_row_chunks(reader: ShardReader, info, unit: int, key, lift=None) -> torch.Tensor:
+    """_sketch(_unit_rows(lift(W), 0, unit)) read a few MiB of rows at a time: a unit's sketch only needs its
+    own rows, so a 12B model's FFN writer (147 MB in bf16) is never whole in memory. `lift` (rows -> rows) is
+    applied to each chunk first; the features sampled are those of its output."""
     rows_total, columns = info.shape
-    features = unit * columns
-    sampled = _sample(features) if features > MAX_SAMPLES else None
-    projection = _projection(features if sampled is None else len(sampled), key)
-    step = max(unit, SAMPLE_READ_BYTES // max(1, columns * DTYPE_SIZES[info.dtype]) // unit * unit)
-    out = torch.zeros(rows_total // unit, SKETCH)
-    squares = 0.0
+    step = _row_step(columns, unit)
+    out, sampled, projection, squares = torch.zeros(rows_total // unit, SKETCH), None, None, 0.0
     for begin in range(0, rows_total, step):
         end = min(rows_total, begin + step)
-        units = reader.read_rows(info, begin, end).reshape((end - begin) // unit, features)
+        rows = reader.read_rows(info, begin, end)
+        units = _unit_rows(lift(rows) if lift is not None else rows, 0, unit)
+        if projection is None:
+            features = units.shape[1]
+            sampled = _sample(features) if features > MAX_SAMPLES else None
+            projection = _projection(features if sampled is None else len(sampled), key)
         picked = units if sampled is None else units[:, sampled]
         out[begin // unit:end // unit] = _project(picked, projection)
         squares += float(torch.linalg.vector_norm(picked, dtype=torch.float32)) ** 2
     return out / squares ** 0.5 if squares > 0 else out
+
+
+def _residual_unmerge(axis: int, label: str, spaces: dict[str, Space], folds: Folds):
+    """The consumer merge U of a global (residual-stream) space on an axis that reads it, or None where the
+    label is not such a reader or that space is not folded (yet)."""
+    name, role = split_role(label)
+    space = spaces[name]
+    if role == "in" and space.per is None and (name, None) in folds.by_key:
+        return folds.by_key[(name, None)].merge_op(axis, "in", space)
+    return None
 
 
 def _lift(tensor: torch.Tensor, match: Match, spaces: dict[str, Space], folds: Folds) -> torch.Tensor:
@@ -310,11 +330,8 @@ def _lift(tensor: torch.Tensor, match: Match, spaces: dict[str, Space], folds: F
     fused axis is lifted part by part (parts in other spaces are kept), which changes only that axis."""
 
     def unmerge(axis, label):
-        name, role = split_role(label)
-        space = spaces[name]
-        if role == "in" and space.per is None and (name, None) in folds.by_key:
-            return [folds.by_key[(name, None)].merge_op(axis, "in", space)]
-        return []
+        op = _residual_unmerge(axis, label, spaces, folds)
+        return [op] if op is not None else []
 
     for axis, label in enumerate(match.rule.transform.axes or []):
         if label == "-":
@@ -361,29 +378,18 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
 def _sketch_streamed(reader, match: Match, unit: int, spaces, folds: Folds) -> torch.Tensor:
     """_sketch(_unit_rows(_lift(W), 0, unit)) computed a few MiB of rows at a time: the projection is
     linear, so chunk sketches are stacked and the whole is divided by the norm summed over chunks."""
-    rows_total, columns_in = match.info.shape
-    step = max(unit, (2**21 // max(1, columns_in)) // unit * unit)
     lifted_projection = _lifted_projection(match, spaces, folds) if unit == 1 else None
-    if lifted_projection is not None:
-        out = torch.zeros(rows_total, SKETCH)
-        for begin in range(0, rows_total, step):
-            end = min(rows_total, begin + step)
-            out[begin:end] = _project(reader.read_rows(match.info, begin, end), lifted_projection)
-        norm = float(out.norm())  # of the sketch: the lifted rows are never formed (see _lifted_projection)
-        return out / norm if norm > 0 else out
-    out, columns, projection, squares = None, None, None, 0.0
+    if lifted_projection is None:
+        return _sketch_row_chunks(reader, match.info, unit, _key(match.name, 0, 0, None),
+                                  lift=lambda rows: _lift(rows.float(), match, spaces, folds))
+    rows_total, columns_in = match.info.shape
+    step = _row_step(columns_in, unit)
+    out = torch.zeros(rows_total, SKETCH)
     for begin in range(0, rows_total, step):
         end = min(rows_total, begin + step)
-        rows = _unit_rows(_lift(reader.read_rows(match.info, begin, end).float(), match, spaces, folds), 0, unit)
-        if out is None:
-            columns = _sample(rows.shape[1])
-            projection = _projection(len(columns), _key(match.name, 0, 0, None))
-            out = torch.zeros(rows_total // unit, SKETCH)
-        sampled = rows[:, columns]
-        squares += float(sampled.pow(2).sum())
-        out[begin // unit:end // unit] = sampled @ projection
-    norm = squares ** 0.5
-    return out / norm if norm > 0 else torch.zeros_like(out)
+        out[begin:end] = _project(reader.read_rows(match.info, begin, end), lifted_projection)
+    norm = float(out.norm())  # of the sketch: the lifted rows are never formed (see _lifted_projection)
+    return out / norm if norm > 0 else out
 
 
 def _lifted_projection(match: Match, spaces, folds: Folds) -> torch.Tensor | None:
@@ -399,13 +405,11 @@ def _lifted_projection(match: Match, spaces, folds: Folds) -> torch.Tensor | Non
     if not isinstance(label, str):
         return None
     columns_in = match.info.shape[1]
-    name, role = split_role(label) if label != "-" else (None, None)
-    fold = folds.by_key.get((name, None)) if name is not None else None
-    if role != "in" or fold is None or spaces[name].per is not None:
+    merge = _residual_unmerge(1, label, spaces, folds) if label != "-" else None
+    if merge is None:
         merged_to, coefficient = torch.arange(columns_in), torch.ones(columns_in)  # nothing to lift
         lifted = columns_in
     else:
-        merge = fold.merge_op(1, "in", spaces[name])
         entry = torch.arange(columns_in)
         unit_of = entry // merge.unit
         cluster = torch.tensor(merge.cluster)[unit_of]
