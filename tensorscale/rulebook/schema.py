@@ -207,6 +207,31 @@ def _unknown(keys, known, where):
         raise RulesError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
 
 
+def _mapping_list(value, label: str, known: set, kind: str = "") -> list[tuple[str, dict]]:
+    """(label[i], item) for each item of an optional list of mappings (`checks`, `create`, `identity`...),
+    every item a mapping with no key outside `known`."""
+    value = value or []
+    if not isinstance(value, list):
+        raise RulesError(f"{label} must be a list{kind}")
+    items = []
+    for i, item in enumerate(value):
+        here = f"{label}[{i}]"
+        item = _mapping(item, here)
+        _unknown(item, known, here)
+        items.append((here, item))
+    return items
+
+
+def _checks(value, label: str) -> list[tuple]:
+    """A list of {assert, message} into (expression, message) pairs, the message defaulting to the assertion."""
+    checks = []
+    for here, item in _mapping_list(value, label, {"assert", "message"}):
+        if "assert" not in item:
+            raise RulesError(f"{here} needs 'assert'")
+        checks.append((_expr(item["assert"], here), str(item.get("message") or item["assert"])))
+    return checks
+
+
 def _build(data, path: str) -> RuleSet:
     if not isinstance(data, dict):
         raise RulesError(f"{path}: a rules file must be a YAML mapping with at least 'name' and 'tensors'")
@@ -221,16 +246,7 @@ def _build(data, path: str) -> RuleSet:
     for key, value in _mapping(data.get("let"), f"{path}: let").items():
         let.append((str(key), _expr(value, f"{path}: let.{key}")))
 
-    checks = []
-    raw_checks = data.get("checks") or []
-    if not isinstance(raw_checks, list):
-        raise RulesError(f"{path}: checks must be a list")
-    for i, item in enumerate(raw_checks):
-        item = _mapping(item, f"{path}: checks[{i}]")
-        _unknown(item, {"assert", "message"}, f"{path}: checks[{i}]")
-        if "assert" not in item:
-            raise RulesError(f"{path}: checks[{i}] needs 'assert'")
-        checks.append((_expr(item["assert"], f"{path}: checks[{i}]"), str(item.get("message") or item["assert"])))
+    checks = _checks(data.get("checks"), f"{path}: checks")
 
     spaces = {}
     for key, value in _mapping(data.get("spaces"), f"{path}: spaces").items():
@@ -272,13 +288,7 @@ def _build(data, path: str) -> RuleSet:
     tensors = [_tensor_rule(i, item, path, spaces) for i, item in enumerate(raw_tensors)]
 
     creates = []
-    raw_create = data.get("create") or []
-    if not isinstance(raw_create, list):
-        raise RulesError(f"{path}: create must be a list")
-    for i, item in enumerate(raw_create):
-        where = f"{path}: create[{i}]"
-        item = _mapping(item, where)
-        _unknown(item, KNOWN_CREATE_KEYS, where)
+    for where, item in _mapping_list(data.get("create"), f"{path}: create", KNOWN_CREATE_KEYS):
         if not isinstance(item.get("name"), str) or not isinstance(item.get("from"), str):
             raise RulesError(f"{where} needs 'name' and 'from' tensor names")
         creates.append(
@@ -318,13 +328,8 @@ def _depth(value, path: str, tensors: list[TensorRule]) -> DepthSpec | None:
                          f"(?P<{spec.group}>\\d+) in their regex")
     spec.lists = _strings(value.get("lists"), f"{where}.lists")
     spec.thresholds = _strings(value.get("thresholds"), f"{where}.thresholds")
-    raw = value.get("identity") or []
-    if not isinstance(raw, list):
-        raise RulesError(f"{where}.identity must be a list of {{match, fill}} rules")
-    for i, item in enumerate(raw):
-        here = f"{where}.identity[{i}]"
-        item = _mapping(item, here)
-        _unknown(item, KNOWN_IDENTITY_KEYS, here)
+    for here, item in _mapping_list(value.get("identity"), f"{where}.identity", KNOWN_IDENTITY_KEYS,
+                                    " of {match, fill} rules"):
         if not isinstance(item.get("match"), str) or "fill" not in item:
             raise RulesError(f"{here} needs 'match' (a regular expression) and 'fill' (a value)")
         try:
@@ -333,16 +338,7 @@ def _depth(value, path: str, tensors: list[TensorRule]) -> DepthSpec | None:
             raise RulesError(f"{here}: regex {item['match']!r} does not compile: {exc}") from None
         spec.identity.append(IdentityRule(item["match"], regex, _expr(item["fill"], here),
                                           _expr(item["when"], here) if "when" in item else None))
-    raw = value.get("identity_checks") or []
-    if not isinstance(raw, list):
-        raise RulesError(f"{where}.identity_checks must be a list")
-    for i, item in enumerate(raw):
-        here = f"{where}.identity_checks[{i}]"
-        item = _mapping(item, here)
-        _unknown(item, {"assert", "message"}, here)
-        if "assert" not in item:
-            raise RulesError(f"{here} needs 'assert'")
-        spec.identity_checks.append((_expr(item["assert"], here), str(item.get("message") or item["assert"])))
+    spec.identity_checks = _checks(value.get("identity_checks"), f"{where}.identity_checks")
     return spec
 
 
