@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -116,3 +118,15 @@ def relative_logit_error(source_folder, output_folder, dtype=torch.float32):
 def read_config(folder):
     with open(os.path.join(str(folder), "config.json")) as handle:
         return json.load(handle)
+
+
+def run_cli_in_fresh_process(args: list[str], forbidden: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Run `tensorscale ARGS` in a new interpreter, which fails (nonzero exit, the reason on stderr) if any
+    of the `forbidden` modules was imported by then: what a command imports shows only in a fresh process."""
+    code = (
+        "import sys\nfrom tensorscale.cli.main import cli\n"
+        f"try:\n    cli.main({args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        f"loaded = [name for name in {list(forbidden)!r} if name in sys.modules]\n"
+        f"assert not loaded, f'{args[0]} imported {{loaded}}'\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -12,7 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from fixtures import build_checkpoint, read_config, relative_logit_error
+from fixtures import build_checkpoint, read_config, relative_logit_error, run_cli_in_fresh_process
 from tensorscale.cli.main import cli
 
 RULES_DIR = os.path.join(os.path.dirname(__file__), "..", "rules")
@@ -55,13 +55,7 @@ def test_desc_json(llama):
 
 
 def test_desc_text_and_no_heavy_imports(llama):
-    code = (
-        "import sys\nfrom tensorscale.cli.main import cli\n"
-        f"try:\n    cli.main(['desc', '-i', {llama!r}], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-        "assert 'transformers' not in sys.modules, 'desc imported transformers'\n"
-        "assert 'torch' not in sys.modules, 'desc imported torch'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_cli_in_fresh_process(["desc", "-i", llama], forbidden=("transformers", "torch"))
     assert result.returncode == 0, result.stderr
     assert "LlamaForCausalLM" in result.stdout and "attention" in result.stdout
 
@@ -223,11 +217,6 @@ def test_hub_id_offline_is_one_line(tmp_path):
 
 def test_plan_does_not_import_torch(llama):
     """plan reads headers only; torch (over a second to import) must not load for it."""
-    code = (
-        "import sys\nfrom tensorscale.cli.main import cli\n"
-        f"try:\n    cli.main(['plan', '-i', {llama!r}, '-edm', '2'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules, 'plan imported torch'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_cli_in_fresh_process(["plan", "-i", llama, "-edm", "2"], forbidden=("torch",))
     assert result.returncode == 0, result.stderr
     assert "nothing was written" in result.stdout

@@ -15,7 +15,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from fixtures import TINY, build_checkpoint, read_config, relative_logit_error
+from fixtures import TINY, build_checkpoint, read_config, relative_logit_error, run_cli_in_fresh_process
 from tensorscale.cli.main import cli
 from tensorscale.convert import plan_conversion, run_up
 from tensorscale.planning.plan import Options
@@ -190,13 +190,8 @@ def test_guesses_on_synthetic_headers():
 
 def test_cli_stdout_only_and_no_heavy_imports(checkpoints, tmp_path):
     source = checkpoints("llama")
-    code = (
-        "import sys\nfrom tensorscale.cli.main import cli\n"
-        f"try:\n    cli.main(['rules', 'new', '-i', {source!r}, '--name', 'mymodel'], standalone_mode=False)\n"
-        "except SystemExit:\n    pass\n"
-        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'rules new imported torch'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_cli_in_fresh_process(["rules", "new", "-i", source, "--name", "mymodel"],
+                                      forbidden=("transformers", "torch"))
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert load_rules_text(result.stdout).name == "mymodel"
 
