@@ -25,6 +25,11 @@ def down_target_options(func):
         click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
         click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count (divides the heads)."),
     ]
+    return with_options(func, options)
+
+
+def with_options(func, options: list):
+    """Decorate `func` with click options so that they show in `--help` in the order listed."""
     for option in reversed(options):
         func = option(func)
     return func

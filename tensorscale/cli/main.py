@@ -17,7 +17,7 @@ import click
 from .. import __version__
 from ..errors import TensorscaleError
 from . import render
-from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
+from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down, with_options
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -121,9 +121,7 @@ def _up_options(func):
                      help="Copy source layers START..END-1 after END (SOLAR-style depth up-scaling; not "
                           "function-preserving)."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return _input_option(func)
+    return _input_option(with_options(func, options))
 
 
 def _width_target_options(func):
@@ -134,9 +132,7 @@ def _width_target_options(func):
         click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
         click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return with_options(func, options)
 
 
 def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy="clone", add_layers=0,
