@@ -57,3 +57,26 @@ def test_input_untouched(source, tmp_path):
     run_up(source, str(tmp_path / "out"), Options(2, 3, snr_db=30.0), show_progress=False)
     assert digest_folder(source) == before
     assert {name: os.stat(os.path.join(source, name)).st_mtime_ns for name in os.listdir(source)} == stats
+
+
+@pytest.mark.parametrize("skip_bytes,iov_max", [(0, 1024), (64, 3), (2**16, 1024)])
+def test_reading_a_list_of_rows_gives_those_rows(tmp_path, monkeypatch, skip_bytes, iov_max):
+    """Runs of rows, gaps read past or seeked over, and spans cut by the iovec limit all land in place."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tensorscale.reading import tensor_reader
+    from tensorscale.reading.safetensors_header import read_header
+
+    monkeypatch.setattr(tensor_reader, "SKIP_BYTES", skip_bytes)
+    monkeypatch.setattr(tensor_reader, "IOV_MAX", iov_max)
+    generator = torch.Generator().manual_seed(skip_bytes + iov_max)
+    weights = {"a": torch.randn(3, 101, 4, generator=generator).to(torch.bfloat16), "w": torch.randn(200, 6, generator=generator)}
+    save_file(weights, str(tmp_path / "t.safetensors"))
+    info = read_header(str(tmp_path / "t.safetensors")).tensors["w"]
+    with ShardReader() as reader:
+        for rows in ([], [0], [199], list(range(200)), [0, 1, 2, 5, 6, 40, 41, 199],
+                     sorted(torch.randperm(200, generator=generator)[:70].tolist())):
+            got = reader.read_row_list(info, rows)
+            assert got.shape == (len(rows), 6)
+            assert torch.equal(got, weights["w"][rows])

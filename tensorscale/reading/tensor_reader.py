@@ -47,6 +47,10 @@ def torch_dtype(dtype: str) -> torch.dtype:
         raise TensorscaleError(f"dtype {dtype} is not supported for rewriting (supported: {', '.join(TORCH_DTYPES)})") from None
 
 
+SKIP_BYTES = 2**16  # unwanted bytes between wanted rows that read_row_list reads past rather than seek over
+IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
+
+
 class ShardReader:
     """Keeps one file descriptor per shard open for the duration of a run."""
 
@@ -99,6 +103,55 @@ class ShardReader:
         if buffer is None:
             buffer = torch.frombuffer(view, dtype=torch.uint8)
         return buffer.view(dtype).reshape(shape_out)
+
+    def prefetch(self, info: TensorInfo) -> None:
+        """Ask the kernel to read a tensor's bytes ahead, in file order, before it is read out of order (a
+        merged tensor's rows, a slice of clusters at a time). Without it, rows that fell out of the page
+        cache (a 7B checkpoint is most of a 24 GB machine's memory) are fetched one random read at a time."""
+        if hasattr(os, "posix_fadvise"):
+            nbytes = math.prod(info.shape) * DTYPE_SIZES[info.dtype] if info.shape else DTYPE_SIZES[info.dtype]
+            try:
+                os.posix_fadvise(self._fd(info.path), info.start, nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # only a hint
+
+    def read_row_list(self, info: TensorInfo, rows: list[int]) -> torch.Tensor:
+        """The given rows (ascending, no repeats), stacked in that order.
+
+        A merged tensor's output rows need input rows scattered over the whole tensor. One preadv reads a
+        span of them: each run of wanted rows lands in its place, and a short gap of unwanted rows (up to
+        SKIP_BYTES) goes to a scratch buffer, where a new system call would cost more than copying it. A
+        pread per run of rows took a third of `down`'s write time (200 000 calls at 2B)."""
+        shape = info.shape if info.shape else (1,)
+        out = torch.empty((len(rows), *shape[1:]), dtype=torch_dtype(info.dtype))
+        row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[info.dtype]
+        if not len(rows) or not row_bytes:
+            return out
+        target = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        scratch = memoryview(bytearray(SKIP_BYTES))
+        fd = self._fd(info.path)
+        begin = 0
+        while begin < len(rows):
+            buffers, end = [], begin
+            while True:
+                run = end + 1
+                while run < len(rows) and rows[run] == rows[run - 1] + 1:
+                    run += 1
+                buffers.append(target[end * row_bytes:run * row_bytes])
+                end = run
+                if end == len(rows) or len(buffers) + 2 > IOV_MAX:
+                    break
+                gap = (rows[end] - rows[end - 1] - 1) * row_bytes
+                if gap > SKIP_BYTES:
+                    break
+                buffers.append(scratch[:gap])
+            wanted = sum(len(buffer) for buffer in buffers)
+            if os.preadv(fd, buffers, info.start + rows[begin] * row_bytes) != wanted:
+                # A short read (the end of the file, or the kernel's per-call limit): read run by run.
+                for first in range(begin, end):
+                    self.read_rows(info, rows[first], rows[first] + 1, into=target[first * row_bytes:(first + 1) * row_bytes])
+            begin = end
+        return out
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         rows = info.shape[0] if info.shape else 1
