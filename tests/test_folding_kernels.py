@@ -12,7 +12,7 @@ import torch
 
 from tensorscale.folding import analysis
 from tensorscale.folding.fold import Fold, Folds
-from tensorscale.ops.library import Merge, OpContext
+from tensorscale.ops.library import Fused, Merge, OpContext
 
 
 def reference_merge(x: torch.Tensor, op: Merge) -> torch.Tensor:
@@ -49,7 +49,7 @@ def test_merge_matches_its_definition(shape, axis, unit, dtype, empty):
     got = op.apply(x, OpContext(torch.float32), 0)
     assert got.shape == op.out_shape(shape)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, reference_merge(x, op), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got, reference_merge(x, op))  # same products, summed in the same order: to the bit
     if empty:
         assert got.movedim(axis, 0)[-unit:].abs().max() == 0
 
@@ -145,3 +145,37 @@ def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkey
             chunked = analysis._sketch_row_chunks(reader, infos["writer"], unit, "w")
             whole = analysis._sketch(analysis._unit_rows(weights["writer"], 0, unit), "w")
             torch.testing.assert_close(chunked, whole, **tolerance)
+
+
+# ---- slices of a merge, and fused merges ------------------------------------
+
+@pytest.mark.parametrize("unit", [1, 3])
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_merge_part_gives_its_slice_of_the_output_bit_for_bit(unit, empty):
+    generator = torch.Generator().manual_seed(7 + unit + empty)
+    units, clusters = 40, 13
+    op = random_merge(0, units, clusters, unit, generator, empty)
+    x = torch.randn(units * unit, 5, generator=generator).to(torch.bfloat16)
+    whole = op.apply(x, OpContext(torch.float32), 0)
+    covered = []
+    for first, stop in [(0, 1), (1, 6), (6, 12), (12, 13)]:
+        members, part = op.part(first, stop)
+        assert members.tolist() == [u for u, c in enumerate(op.cluster) if first <= c < stop]
+        covered += members.tolist()
+        rows = (members[:, None] * unit + torch.arange(unit)).reshape(-1)
+        got = part.apply(x[rows], OpContext(torch.float32), 0)
+        assert torch.equal(got, whole[first * unit:stop * unit])
+    assert sorted(covered) == list(range(units))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_axis_of_merges_is_one_merge(dtype):
+    """[q; k; v] rows with q and k merged by head and v kept: as_merge() gives apply()'s values, to the bit."""
+    generator = torch.Generator().manual_seed(11)
+    q, k = random_merge(0, 6, 3, 4, generator), random_merge(0, 2, 1, 4, generator)
+    fused = Fused(0, [24, 8, 8], [[q], [k], []])
+    x = torch.randn(40, 5, generator=generator).to(dtype)
+    merged = fused.as_merge()
+    assert merged.out_shape(x.shape) == fused.out_shape(x.shape) == (12 + 4 + 8, 5)
+    assert torch.equal(merged.apply(x, OpContext(torch.float32), 0), fused.apply(x, OpContext(torch.float32), 0).float())
+    assert Fused(0, [24, 16], [[q], [Merge(1, [0], [1.0], [1.0])]]).as_merge() is None  # a part on another axis

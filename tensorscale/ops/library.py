@@ -65,6 +65,11 @@ class Op:
         """How output rows of axis 0 come from input rows, or None if this op mixes rows."""
         return None
 
+    def draws_noise(self) -> bool:
+        """Whether apply() draws from ctx.generator. Noise is keyed by row chunk, so such an op must see
+        the rows in the planned chunks; one that draws none gives the same rows however they are grouped."""
+        return False
+
     def describe(self) -> str:
         return self.name
 
@@ -167,6 +172,9 @@ class TileDivide(Op):
             return x
         return self.apply_into(x, None, ctx, op_index)
 
+    def draws_noise(self):
+        return self.snr_db is not None and self.times > 1
+
     def apply_into(self, x, out, ctx, op_index):
         """apply(), with the blocks rounded straight into `out` when given (the output's own buffer in the
         stored dtype); returns False where it cannot (then the caller copies apply()'s result)."""
@@ -233,6 +241,9 @@ class Noise(Op):
         if shape[self.axis] % self.blocks:
             raise TensorscaleError(f"noise: axis {self.axis} of size {shape[self.axis]} does not split into {self.blocks} blocks")
         return shape
+
+    def draws_noise(self):
+        return True
 
     def apply(self, x, ctx, op_index):
         x = x.float()
@@ -338,6 +349,9 @@ class Fused(Op):
     def arithmetic(self):  # type: ignore[override]
         return any(op.arithmetic for chain in self.parts for op in chain)
 
+    def draws_noise(self):
+        return any(op.draws_noise() for chain in self.parts for op in chain)
+
     def out_shape(self, shape):
         self._check_axis(shape)
         if sum(self.sizes) != shape[self.axis]:
@@ -366,6 +380,32 @@ class Fused(Op):
             outputs.append(piece)
         dtype = torch.float32 if any(t.dtype != outputs[0].dtype for t in outputs) else outputs[0].dtype
         return torch.cat([t.to(dtype) for t in outputs], dim=self.axis)
+
+    def as_merge(self) -> "Merge | None":
+        """This op as one Merge of single entries along its axis, where each part is one Merge along the
+        axis or left as is (down's fused [q; k; v] or [gate; up] rows); None where a part does anything else.
+        A kept entry becomes a cluster of its own with weight and scale 1, which changes no value (the
+        parts are concatenated in float32 here too), so the Merge gives apply()'s bytes and can be written
+        a slice at a time like any merge."""
+        cluster, weight, scale = [], [], []
+        for size, chain in zip(self.sizes, self.parts):
+            first = len(scale)
+            if not chain:
+                cluster += range(first, first + size)
+                weight += [1.0] * size
+                scale += [1.0] * size
+                continue
+            if len(chain) != 1 or not isinstance(chain[0], Merge) or chain[0].axis != self.axis:
+                return None
+            merge = chain[0]
+            if len(merge.cluster) * merge.unit != size:
+                return None
+            for unit, label in enumerate(merge.cluster):
+                cluster += range(first + label * merge.unit, first + (label + 1) * merge.unit)
+                weight += [merge.weight[unit]] * merge.unit
+            for value in merge.scale:
+                scale += [value] * merge.unit
+        return Merge(self.axis, cluster, weight, scale, 1, "fused")
 
     def map_rows(self, row_map):
         maps, begin = [], 0
@@ -401,7 +441,7 @@ def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
     return out
 
 
-MERGE_SLICE_BYTES = 2**24  # float32 bytes of gathered rows a merge holds at once
+MERGE_SLICE_BYTES = 2**23  # float32 bytes of gathered rows a merge holds at once
 
 
 @lru_cache(maxsize=32)
@@ -438,6 +478,7 @@ class Merge(Op):
     label: str = ""
     name = "merge"
     arithmetic = True
+    grouped = None  # the size groups, where part() computed them already
 
     def out_shape(self, shape):
         self._check_axis(shape)
@@ -453,7 +494,38 @@ class Merge(Op):
         Clusters of one size are summed by one gather and one reduction over a [clusters, size, ...] view:
         a gather of whole rows runs at memory speed, where `index_add_` (the earlier form) scattered one row
         at a time on one core and was most of `down`'s write time."""
+        if self.grouped is not None:
+            return self.grouped
         return _size_groups(tuple(self.cluster), tuple(self.weight), len(self.scale))
+
+    def as_merge(self) -> "Merge":
+        return self
+
+    def part(self, first: int, stop: int) -> tuple[torch.Tensor, "Merge"]:
+        """Clusters [first, stop) on their own: the input units they take (ascending) and the Merge of just
+        those units, in that order, into just those clusters. Its output is entries [first·unit, stop·unit)
+        of apply()'s along the axis, to the bit (each cluster sums the same units in the same order), so a
+        large merged tensor can be produced a slice of clusters at a time. Built from this merge's size
+        groups, so a part costs no loop over the units and adds nothing to the groups' cache."""
+        pieces = []
+        for clusters, units, weight in self._groups():
+            keep = (clusters >= first) & (clusters < stop)
+            if bool(keep.any()):
+                pieces.append((clusters[keep] - first, units[keep], weight[keep]))
+        if not pieces:
+            return torch.empty(0, dtype=torch.long), Merge(self.axis, [], [], self.scale[first:stop], self.unit, self.label)
+        members = torch.cat([units.reshape(-1) for _, units, _ in pieces]).sort().values
+        cluster = torch.empty(len(members), dtype=torch.long)
+        weights = torch.empty(len(members), dtype=torch.float32)
+        grouped = []
+        for clusters, units, weight in pieces:
+            positions = torch.searchsorted(members, units)
+            cluster[positions.reshape(-1)] = clusters.repeat_interleave(units.shape[1])
+            weights[positions.reshape(-1)] = weight.reshape(-1)
+            grouped.append((clusters, positions, weight))
+        merged = Merge(self.axis, cluster.tolist(), weights.tolist(), self.scale[first:stop], self.unit, self.label)
+        merged.grouped = grouped
+        return members, merged
 
     def _entries(self, units: torch.Tensor) -> torch.Tensor:
         """Axis positions of the given units, `unit` entries each."""
@@ -480,7 +552,11 @@ class Merge(Op):
                 picked = picked.float() if picked.dtype != torch.float32 else picked
                 picked = picked.view(end - begin, size, self.unit, *rest)
                 picked.mul_(weight[begin:end].view(end - begin, size, 1, *ones))
-                summed = picked.sum(dim=1) if size > 1 else picked.squeeze(1)
+                # Member after member, in unit order: a reduction kernel's association would depend on
+                # the tensor's shape, and the bytes must not depend on how many rows are merged at once.
+                summed = picked.select(1, 0)
+                for member in range(1, size):
+                    summed.add_(picked.select(1, member))
                 summed.mul_(scale[clusters[begin:end]].view(end - begin, 1, *ones))
                 out.index_copy_(0, self._entries(clusters[begin:end]), summed.reshape(-1, *rest))
         return out.movedim(0, self.axis)
@@ -527,6 +603,9 @@ class Gather(Op):
             if src is not None:
                 copies.setdefault(src, []).append(j)
         return copies
+
+    def draws_noise(self):
+        return self.snr_db is not None
 
     def apply(self, x, ctx, op_index):
         moved = x.movedim(self.axis, 0)
