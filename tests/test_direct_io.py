@@ -146,5 +146,5 @@ def test_up_same_bytes_direct_or_buffered(tmp_path, monkeypatch, options):
 
 def test_typed_view_refuses_misaligned_bytes():
     raw = torch.zeros(64, dtype=torch.uint8)
-    assert execute._typed(raw[2:34], torch.float32, (8,)) is None
-    assert execute._typed(raw[4:36], torch.float32, (8,)).shape == (8,)
+    assert safetensors_writer.typed_view(raw[2:34], torch.float32, (8,)) is None
+    assert safetensors_writer.typed_view(raw[4:36], torch.float32, (8,)).shape == (8,)

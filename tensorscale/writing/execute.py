@@ -23,7 +23,8 @@ from ..planning.plan import Plan, ShardPlan, TensorPlan
 from ..reading.safetensors_header import DTYPE_SIZES
 from ..reading.tensor_reader import ShardReader, torch_dtype
 from .direct import POOL
-from .safetensors_writer import ShardFile, header_bytes
+from .merged_rows import row_merge, write_merged_rows
+from .safetensors_writer import ShardFile, as_bytes, header_bytes, typed_view
 
 # Target size of one chunk's float32 working set. Fixed (not tuned per machine) because noise is keyed by
 # chunk: the same plan and seed must give the same bytes everywhere.
@@ -77,9 +78,11 @@ WORKERS = 2  # more threads than this only add memory: two keep a 2-core machine
 
 
 def default_workers(shard: ShardPlan | None = None) -> int:
-    """One thread per core, at most WORKERS; one only when the shard holds a tensor that must be processed
-    whole and is larger in float32 than a chunk (down's merged matrices): two of those at once would double
-    the peak memory, and measured no faster (down on 2B: 1.04 GiB with two threads, 0.67 with one, same time)."""
+    """One thread per core, at most WORKERS; one where the shard holds a tensor larger in float32 than a
+    chunk whose rows mix (down's merges). A merged matrix is written a slice at a time (merged_rows.py), so
+    it no longer costs its size, but each thread still holds its slices and their float32 copies: on 2B,
+    two threads wrote 15% faster (7.0-8.4 s against 8.3-9.5) and raised the peak by 135 MiB, and memory
+    that stays flat is what `down` is held to (benchmarks/README.md)."""
     if shard is not None and any(t.row_map is None and 4 * t.source.numel > CHUNK_BYTES for t in shard.tensors):
         return 1
     return max(1, min(WORKERS, os.cpu_count() or 1))
@@ -109,7 +112,8 @@ def _run_ops(ops, x, ctx, compute_float):
 
 
 def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext, compute_float: bool):
-    """A tensor whose axis-0 ops mix rows (down's merges, a consumer axis stored first).
+    """A tensor whose axis-0 ops compute across rows and are not merges that merged_rows.py writes a slice
+    at a time: `up`'s tile_divide of a consumer axis stored first (GPT-2's Conv1D), noisy ops.
 
     Ops on different axes commute, so the others run first on streamed row chunks, and only their
     (usually smaller) result is held whole for the axis-0 ops: a merged FFN matrix then peaks at its
@@ -146,19 +150,6 @@ class _TrackingContext(OpContext):
         return super().generator(op_index)
 
 
-def _typed(raw: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor | None:
-    """A uint8 staging slice seen as `dtype` of `shape`, or None where its alignment does not allow it."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if raw.storage_offset() % itemsize or raw.numel() % itemsize:
-        return None
-    return raw.view(dtype).view(shape)
-
-
-def _as_bytes(y: torch.Tensor) -> torch.Tensor:
-    y = y.contiguous()
-    return (y.view(torch.uint8) if y.dtype != torch.bool else y.to(torch.uint8)).reshape(-1)
-
-
 class _Rows:
     """How one row-mapped tensor's chunks are produced into a stream's staging buffer."""
 
@@ -180,12 +171,12 @@ class _Rows:
         """Rows [source_row, +rows) through the row ops (or `fill`), into the stream's next bytes;
         returns those bytes (uint8) for the caller to copy or hash before commit()."""
         raw, view = stream.reserve(rows * self.out_row_bytes)
-        target = _typed(raw, self.store, (rows, *self.row_shape))
+        target = typed_view(raw, self.store, (rows, *self.row_shape))
         if source_row is None:
             if target is not None:
                 target.fill_(fill)
             else:
-                raw.copy_(_as_bytes(torch.full((rows, *self.row_shape), fill, dtype=self.store)))
+                raw.copy_(as_bytes(torch.full((rows, *self.row_shape), fill, dtype=self.store)))
             return raw
         if self.copy and target is not None:
             self.reader.read_rows(self.tensor.source, source_row, source_row + rows, into=view)
@@ -206,7 +197,7 @@ class _Rows:
             if target is not None:
                 target.copy_(y.reshape(target.shape))
             else:
-                raw.copy_(_as_bytes(y))
+                raw.copy_(as_bytes(y))
         return raw
 
     def close(self) -> None:
@@ -218,6 +209,10 @@ class _Rows:
 def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None,
                  digest=None) -> None:
     store = torch_dtype(tensor.out_dtype)
+    merge = row_merge(tensor) if tensor.row_map is None and tensor.nbytes else None
+    if merge is not None:
+        write_merged_rows(tensor, merge, plan.options.seed, out, reader, progress, digest)
+        return
     if tensor.row_map is None:
         ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
         y = _finish(_whole_tensor(tensor, reader, ctx, tensor.needs_float), store)

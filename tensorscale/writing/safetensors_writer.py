@@ -32,6 +32,19 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], meta
     return struct.pack("<Q", len(raw)) + raw
 
 
+def typed_view(raw: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor | None:
+    """A uint8 staging slice seen as `dtype` of `shape`, or None where its alignment does not allow it."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if raw.storage_offset() % itemsize or raw.numel() % itemsize:
+        return None
+    return raw.view(dtype).view(shape)
+
+
+def as_bytes(y: torch.Tensor) -> torch.Tensor:
+    y = y.contiguous()
+    return (y.view(torch.uint8) if y.dtype != torch.bool else y.to(torch.uint8)).reshape(-1)
+
+
 class ShardFile:
     """An output shard being written: header at creation, then data at absolute offsets, in any order and
     from several threads. Writes go to the disk with O_DIRECT where the file system allows it (see
