@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorscale.folding import analysis
+from tensorscale.folding import analysis, clustering
 from tensorscale.folding.fold import Fold, Folds
 from tensorscale.ops.library import Fused, Merge, OpContext
 
@@ -147,7 +147,7 @@ def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkey
             torch.testing.assert_close(chunked, whole, **tolerance)
 
 
-# ---- slices of a merge, and fused merges ------------------------------------
+# ---- slices of a merge, the balanced assignment, byte-sized blocks ------------------------------------
 
 @pytest.mark.parametrize("unit", [1, 3])
 @pytest.mark.parametrize("empty", [False, True])
@@ -166,6 +166,63 @@ def test_a_merge_part_gives_its_slice_of_the_output_bit_for_bit(unit, empty):
         got = part.apply(x[rows], OpContext(torch.float32), 0)
         assert torch.equal(got, whole[first * unit:stop * unit])
     assert sorted(covered) == list(range(units))
+
+
+def reference_balanced_assign(x, squared, centres, k):
+    """The definition: rank every centre for every unit, most decided unit first, nearest centre with room."""
+    distances = clustering._distances(x, squared, centres)
+    ranked = distances.sort(dim=1).values
+    margin = ranked[:, 1] - ranked[:, 0]
+    capacity = [x.shape[0] // k] * k
+    labels = torch.full((x.shape[0],), -1, dtype=torch.long)
+    for unit in margin.argsort(descending=True).tolist():
+        for c in distances[unit].argsort().tolist():
+            if capacity[c]:
+                capacity[c] -= 1
+                labels[unit] = c
+                break
+    return labels
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 3, 16])
+@pytest.mark.parametrize("n,k", [(60, 6), (64, 32), (90, 45)])
+def test_balanced_assignment_matches_ranking_every_centre(monkeypatch, candidates, n, k):
+    """With few candidates most units run out of them and take the fallback row: same labels either way."""
+    monkeypatch.setattr(clustering, "BALANCED_CANDIDATES", candidates)
+    monkeypatch.setattr(clustering, "BLOCK_BYTES", 4 * k * 7)  # blocks of 7 units
+    generator = torch.Generator().manual_seed(n + k + candidates)
+    x = torch.randn(n, 8, generator=generator)
+    centres = x[torch.randperm(n, generator=generator)[:k]] + 0.1 * torch.randn(k, 8, generator=generator)
+    squared = x.pow(2).sum(dim=1)
+    got = clustering._balanced_assign(x, squared, centres, k)
+    assert torch.equal(got, reference_balanced_assign(x, squared, centres, k))
+    assert torch.bincount(got, minlength=k).tolist() == [n // k] * k
+
+
+def _cost(features, labels):
+    labels = torch.tensor(labels)
+    centres = torch.zeros(int(labels.max()) + 1, features.shape[1]).index_add_(0, labels, features)
+    centres /= torch.bincount(labels).clamp_min(1)[:, None].float()
+    return float((features - centres[labels]).pow(2).sum())
+
+
+def test_small_blocks_find_the_same_copies_and_as_good_clusters(monkeypatch):
+    """Blocks are sized in bytes. A block of one unit finds the same copies; k-means may round distances
+    differently (a one-row product is not summed like a block), so its clusters are compared by cost."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(48, 16, generator=generator)
+    features = torch.cat([base, base + 1e-7 * torch.randn(48, 16, generator=generator), torch.randn(30, 16, generator=generator)])
+    results = []
+    for block_bytes in (clustering.BLOCK_BYTES, 1):
+        monkeypatch.setattr(clustering, "BLOCK_BYTES", block_bytes)
+        results.append((clustering.duplicate_groups(features), clustering.kmeans(features, 40, equal=False),
+                        clustering.kmeans(features[:120], 40, equal=True)))
+    (groups, loose, balanced), (groups_small, loose_small, balanced_small) = results
+    assert groups == groups_small
+    assert all(groups[i] == groups[48 + i] for i in range(48)) and len(set(groups)) == 48 + 30
+    assert _cost(features, loose_small) <= 1.05 * _cost(features, loose)
+    assert _cost(features[:120], balanced_small) <= 1.05 * _cost(features[:120], balanced)
+    assert torch.bincount(torch.tensor(balanced_small)).tolist() == [3] * 40
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
