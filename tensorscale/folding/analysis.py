@@ -244,36 +244,25 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces
     return Fold(labels, space.target_units, exact)
 
 
-SAMPLE_READ_BYTES = 2**24  # the largest span of rows read at once for a sample
-SAMPLE_READ_GAP = 8  # sampled rows at most this far apart are read in one span (skipped rows and all)
+SAMPLE_READ_BYTES = 2**23  # sampled rows read at once
 
 
 def _sampled_row_pieces(reader: ShardReader, info, rows: list[int]):
-    """The given rows (ascending), as pieces of consecutive sampled rows, one read per span of nearby rows: a
-    tensor not much larger than the sample is read in a few large reads instead of one system call per row
-    (which took a quarter of `down`'s time), and a large embedding, whose sampled rows lie far apart, only
-    ever has one span in memory."""
+    """The given rows (ascending), a few MiB of them at a time, each piece in one pass of preads
+    (ShardReader.read_row_list: nearby rows in one call, which a tensor not much larger than its sample
+    needs; one call per row took a quarter of `down`'s time). A large embedding, whose sampled rows lie
+    far apart, only ever has one piece in memory."""
     row_bytes = max(1, math.prod(info.shape[1:]) * DTYPE_SIZES[info.dtype])
-    longest = max(1, SAMPLE_READ_BYTES // row_bytes)
-    begin = 0
-    while begin < len(rows):
-        end = begin + 1
-        while (end < len(rows) and rows[end] - rows[end - 1] <= SAMPLE_READ_GAP
-               and rows[end] - rows[begin] < longest):
-            end += 1
-        first, last = rows[begin], rows[end - 1]
-        span = reader.read_rows(info, first, last + 1)
-        if last + 1 - first != end - begin:  # rows were skipped inside the span: keep the sampled ones
-            span = span[torch.tensor(rows[begin:end]) - first]
-        yield span
-        begin = end
+    count = max(1, SAMPLE_READ_BYTES // row_bytes)
+    for begin in range(0, len(rows), count):
+        yield reader.read_row_list(info, rows[begin:begin + count])
 
 
 def _sketch_sampled_rows(reader: ShardReader, info, key) -> torch.Tensor:
-    """_sketch of a matrix's columns over its sampled rows, one span of rows at a time.
+    """_sketch of a matrix's columns over its sampled rows, one piece of rows at a time.
 
-    The projection sums over the sampled rows, so each span adds its rows' share (its slice of the
-    projection) and the squares add up to the norm: memory stays at one span (16 MiB), not the whole sample
+    The projection sums over the sampled rows, so each piece adds its rows' share (its slice of the
+    projection) and the squares add up to the norm: memory stays at one piece (8 MiB), not the whole sample
     (84 MB for a 12B model's FFN reader, and twice that while it was concatenated)."""
     rows = _sample(info.shape[0]).tolist()
     projection = _projection(len(rows), key)
@@ -286,7 +275,7 @@ def _sketch_sampled_rows(reader: ShardReader, info, key) -> torch.Tensor:
     return out / squares ** 0.5 if squares > 0 else out
 
 
-STREAM_ELEMENTS = 2**21  # elements of one row chunk a streamed sketch holds (8 MiB in float32)
+STREAM_ELEMENTS = 2**20  # elements of one row chunk a streamed sketch holds (4 MiB in float32)
 
 
 def _row_step(columns: int, unit: int) -> int:
