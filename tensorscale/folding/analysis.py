@@ -179,7 +179,7 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
         text, tokens = calibration
         for key, values in importance(source.folder, source.label, text, tokens, matches, spaces).items():
             if key in folds.by_key:
-                folds.by_key[key].importance = values.tolist()
+                folds.by_key[key].set_importance(values.tolist())
     return folds
 
 

@@ -10,6 +10,7 @@ one's) and 1 elsewhere. On a HyperCloned model, whose clusters hold exact copies
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
@@ -22,6 +23,10 @@ class Fold:
     clusters: int
     exact: bool = False  # True when every cluster held identical units (an exact inverse)
     importance: list[float] | None = None  # per unit, from calibration: weights the averages
+    merges: dict = field(default_factory=dict, repr=False, compare=False)  # merge_op's, by axis and role
+
+    def __post_init__(self):
+        self.cluster = array("q", self.cluster)  # 8 bytes a unit: a 7B model holds 39 layers of 11008
 
     def sizes(self) -> list[int]:
         counts = [0] * self.clusters
@@ -29,7 +34,20 @@ class Fold:
             counts[c] += 1
         return counts
 
+    def set_importance(self, values: list[float]) -> None:
+        """Calibration's per-unit importance (it weights the averages): merges made before it are dropped."""
+        self.importance = values
+        self.merges.clear()
+
     def merge_op(self, axis: int, role: str, space) -> Merge:
+        """The merge of this clustering for one axis role. Made once per axis and role, and shared by
+        every tensor that has that role (one merge of the residual stream for all of a model's layers)."""
+        key = (axis, role, space.name, space.unit, space.scaled)
+        if key not in self.merges:
+            self.merges[key] = self._merge_op(axis, role, space)
+        return self.merges[key]
+
+    def _merge_op(self, axis: int, role: str, space) -> Merge:
         sizes = self.sizes()
         if any(count == 0 for count in sizes):
             raise TensorscaleError(f"space {space.name}: a cluster is empty; this is a bug in the clustering")
@@ -41,7 +59,7 @@ class Fold:
         else:
             weight = self.averaging_weights(sizes)
             scale = scale_s if role == "out" else [1.0] * m
-        return Merge(axis, list(self.cluster), weight, scale, space.unit, label=f"{space.name}.{role}")
+        return Merge(axis, self.cluster, weight, scale, space.unit, label=f"{space.name}.{role}")
 
 
     def averaging_weights(self, sizes: list[int]) -> list[float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
@@ -445,17 +446,18 @@ MERGE_SLICE_BYTES = 2**23  # float32 bytes of gathered rows a merge holds at onc
 
 
 @lru_cache(maxsize=32)
-def _size_groups(cluster: tuple, weight: tuple, clusters: int) -> list:
-    """Merge._groups, computed once per clustering: `down` builds a new Merge for every tensor (and every
-    chunk it lifts), while the residual stream's clustering is the same for all of them."""
+def _size_groups(merge: "Merge") -> list:
+    """Merge._groups, computed once per merge: the plan shares one Merge per clustering, axis and role
+    (Fold.merge_op) among its tensors, and the lifting in the analysis reuses it for every chunk. The cache
+    keeps the groups of the last few merges only, so that they do not pile up over a large model."""
     members: dict[int, list[int]] = {}
-    for unit, label in enumerate(cluster):
+    for unit, label in enumerate(merge.cluster):
         members.setdefault(label, []).append(unit)
     by_size: dict[int, list[int]] = {}
-    for label in range(clusters):
+    for label in range(len(merge.scale)):
         if label in members:  # an empty cluster stays zero
             by_size.setdefault(len(members[label]), []).append(label)
-    weights = torch.tensor(weight, dtype=torch.float32)
+    weights = torch.tensor(merge.weight, dtype=torch.float32)
     groups = []
     for size, labels in sorted(by_size.items()):
         units = torch.tensor([members[c] for c in labels], dtype=torch.long)
@@ -463,7 +465,13 @@ def _size_groups(cluster: tuple, weight: tuple, clusters: int) -> list:
     return groups
 
 
-@dataclass
+def _compact(values, typecode: str) -> array:
+    """A list of numbers as an array (8 bytes an entry, against 32-36 for a list of Python numbers): a
+    plan holds a merge per clustering and role, and at 7B their lists were 1-3 MB a layer."""
+    return values if isinstance(values, array) and values.typecode == typecode else array(typecode, values)
+
+
+@dataclass(eq=False)  # compared (and cached) by identity: its arrays can be long
 class Merge(Op):
     """Fold `unit`-sized blocks of an axis into clusters: out[c] = scale[c] · Σ_i weight[i] · in[i] over the
     blocks i with cluster[i] == c. This is the one op `down` needs, with three settings per role:
@@ -479,6 +487,11 @@ class Merge(Op):
     name = "merge"
     arithmetic = True
     grouped = None  # the size groups, where part() computed them already
+
+    def __post_init__(self):
+        self.cluster = _compact(self.cluster, "q")
+        self.weight = _compact(self.weight, "d")
+        self.scale = _compact(self.scale, "d")
 
     def out_shape(self, shape):
         self._check_axis(shape)
@@ -496,7 +509,7 @@ class Merge(Op):
         at a time on one core and was most of `down`'s write time."""
         if self.grouped is not None:
             return self.grouped
-        return _size_groups(tuple(self.cluster), tuple(self.weight), len(self.scale))
+        return _size_groups(self)
 
     def as_merge(self) -> "Merge":
         return self
