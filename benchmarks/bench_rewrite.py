@@ -15,6 +15,11 @@ performance issue and says which it misses, writes results/bench_rewrite.json an
 
     python benchmarks/bench_rewrite.py                         # 0.1B, 0.5B, 1B, 2B (about 10 min, quiet machine)
     python benchmarks/bench_rewrite.py --sizes 0.1e9,0.5e9     # quicker
+    python benchmarks/bench_rewrite.py --down-sizes 7e9        # also `down` alone on a 7B-shaped input (14 GB)
+
+Memory must also stay flat as the model grows: the peak RSS of the largest size may exceed the smallest
+size's by at most FLAT_SLACK. `--down-sizes` extends `down`'s ladder to sizes where `up`'s output (4x the
+input) would not fit on the disk; `up`'s memory is bounded by its chunk size by construction.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ TARGETS = {
     "plan_seconds": 2.0,
     "down_over_up": 3.0,
 }
+FLAT_SLACK = 128 * 2**20  # peak RSS at the largest size over the smallest's; run-to-run noise is about 50 MiB
 
 
 def tool() -> str:
@@ -132,6 +138,23 @@ def one_size(work: str, params: float, baseline_max: float, floor_repeats: int =
     return row
 
 
+def down_only(work: str, params: float) -> dict:
+    """`down` alone on a larger input: its time and memory, for the flatness check."""
+    src = ensure_checkpoint(work, params, "2GB")
+    inputs = folder_files(src)
+    in_bytes = folder_bytes(src)
+    check_space(work, in_bytes)
+    out = os.path.join(work, "out")
+    warm(inputs)
+    down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--quiet"], out)
+    shutil.rmtree(out)
+    row = {"size": label(params), "params": params, "in_bytes": in_bytes, "down_s": down["elapsed"],
+           "down_rss": down["max_rss"], "down_anon": down["peak_anon"]}
+    print(f"{row['size']} (down only): down {row['down_s']:.1f} s, peak RSS {row['down_rss'] / 2**20:.0f} MiB, "
+          f"anonymous {row['down_anon'] / 2**20:.0f} MiB", flush=True)
+    return row
+
+
 def describe_timings(work: str) -> dict:
     folder = os.path.join(work, "header-only-12b")
     if not os.path.exists(os.path.join(folder, "config.json")):
@@ -161,7 +184,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(rows: list[dict], describe: dict) -> list[str]:
+def down_table(rows: list[dict]) -> str:
+    lines = ["| size | in GB | down s | down peak RSS MiB | down peak anon MiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['size']} | {r['in_bytes'] / 1e9:.2f} | {r['down_s']:.1f} | {r['down_rss'] / 2**20:.0f} "
+              f"| {r['down_anon'] / 2**20:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def flatness(rows: list[dict], key: str, what: str) -> str:
+    """Peak RSS of the largest size against the smallest's."""
+    ladder = sorted((r for r in rows if key in r), key=lambda r: r["params"])
+    first, last = ladder[0], ladder[-1]
+    growth = last[key] - first[key]
+    return (f"memory flat, {what}: {first['size']} {first[key] / 2**20:.0f} MiB -> {last['size']} "
+            f"{last[key] / 2**20:.0f} MiB ({growth / 2**20:+.0f}, target <= +{FLAT_SLACK // 2**20}): "
+            + ("PASS" if growth <= FLAT_SLACK else "MISS"))
+
+
+def verdicts(rows: list[dict], describe: dict, down_rows: list[dict] = ()) -> list[str]:
     out = []
     big = [r for r in rows if r["in_bytes"] >= 1e9]
     for r in big:
@@ -170,9 +210,13 @@ def verdicts(rows: list[dict], describe: dict) -> list[str]:
                    + ("PASS" if ratio <= TARGETS["up_over_floor"] else "MISS"))
     for r in big:  # for reference, not a target: how close `up` comes to the disk's own speed
         out.append(f"(reference) {r['size']}: up / direct-I/O copy {r['up_s'] / r['direct_floor_s']:.2f}")
-    worst = max(max(r["up_rss"], r["down_rss"]) for r in rows)
+    worst = max([max(r["up_rss"], r["down_rss"]) for r in rows] + [r["down_rss"] for r in down_rows])
     out.append(f"memory: worst peak RSS {worst / 2**20:.0f} MiB (target <= 1024): "
                + ("PASS" if worst <= TARGETS["peak_rss"] else "MISS"))
+    if len(rows) > 1:
+        out.append(flatness(rows, "up_rss", "up"))
+    if len(rows) + len(down_rows) > 1:
+        out.append(flatness([*rows, *down_rows], "down_rss", "down"))
     for r in rows:
         if "baseline_s" in r and r["params"] >= 0.9e9:
             speed, memory = r["baseline_s"] / r["up_s"], r["baseline_rss"] / r["up_rss"]
@@ -188,7 +232,7 @@ def verdicts(rows: list[dict], describe: dict) -> list[str]:
     return out
 
 
-def plot(rows: list[dict], path: str) -> bool:
+def plot(rows: list[dict], path: str, down_rows: list[dict] = ()) -> bool:
     try:
         import matplotlib
 
@@ -210,7 +254,11 @@ def plot(rows: list[dict], path: str) -> bool:
     left.legend()
     right.plot(sizes, [r["up_rss"] / 2**20 for r in rows], marker="o", label="up peak RSS")
     right.plot(sizes, [r["up_anon"] / 2**20 for r in rows], marker="o", label="up peak anonymous")
-    right.plot(sizes, [r["down_rss"] / 2**20 for r in rows], marker="o", label="down peak RSS")
+    ladder = sorted([*rows, *down_rows], key=lambda r: r["params"])
+    right.plot([r["params"] / 1e9 for r in ladder], [r["down_rss"] / 2**20 for r in ladder], marker="o",
+               label="down peak RSS")
+    right.plot([r["params"] / 1e9 for r in ladder], [r["down_anon"] / 2**20 for r in ladder], marker="o",
+               label="down peak anonymous")
     if base:
         right.plot([r["params"] / 1e9 for r in base], [r["baseline_rss"] / 2**20 for r in base], marker="o",
                    label="in-memory peak RSS")
@@ -232,23 +280,28 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--clean", action="store_true", help="delete the generated inputs at the end")
     parser.add_argument("--floor-repeats", type=int, default=2, help="floor runs per size; the fastest is kept")
+    parser.add_argument("--down-sizes", default="", help="larger sizes to run `down` alone on (e.g. 7e9: 14 GB)")
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.results, exist_ok=True)
     started = time.perf_counter()
     load_before = os.getloadavg()
     rows = [one_size(args.work, float(size), args.baseline_max, args.floor_repeats) for size in args.sizes.split(",")]
+    down_rows = [down_only(args.work, float(size)) for size in args.down_sizes.split(",") if size]
     describe = describe_timings(args.work)
     print()
     print(table(rows))
+    if down_rows:
+        print()
+        print(down_table(down_rows))
     print()
-    lines = verdicts(rows, describe)
+    lines = verdicts(rows, describe, down_rows)
     print("\n".join(lines))
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
     with open(os.path.join(args.results, "bench_rewrite.json"), "w") as handle:
-        json.dump({"rows": rows, "describe": describe, "verdicts": lines, "load_average_before": load_before,
+        json.dump({"rows": rows, "down_rows": down_rows, "describe": describe, "verdicts": lines, "load_average_before": load_before,
                    "load_average_after": os.getloadavg(), "seconds": time.perf_counter() - started}, handle, indent=2)
-    if plot(rows, os.path.join(args.results, "bench_rewrite.png")):
+    if plot(rows, os.path.join(args.results, "bench_rewrite.png"), down_rows):
         print(f"plot: {os.path.join(args.results, 'bench_rewrite.png')}")
     if args.clean:
         for name in os.listdir(args.work):
