@@ -168,7 +168,7 @@ def describe_timings(work: str) -> dict:
 def table(rows: list[dict]) -> str:
     head = ("| size | in GB | out GB | floor s | direct floor s | up s | up/floor | up/direct | up user+sys s | down s "
             "| down/up | up peak RSS MiB | up anon MiB "
-            "| down peak RSS MiB | in-memory s | in-memory RSS MiB | speed-up | memory ratio | others' CPU s |")
+            "| down peak RSS MiB | down anon MiB | in-memory s | in-memory RSS MiB | speed-up | memory ratio | others' CPU s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         base = "baseline_s" in r
@@ -178,6 +178,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['up_s'] / r['direct_floor_s']:.2f} | {r['up_user']:.1f}+{r['up_sys']:.1f} "
             f"| {r['down_s']:.2f} | {r['down_s'] / r['up_s']:.2f} "
             f"| {r['up_rss'] / 2**20:.0f} | {r['up_anon'] / 2**20:.0f} | {r['down_rss'] / 2**20:.0f} "
+            f"| {r['down_anon'] / 2**20:.0f} "
             + (f"| {r['baseline_s']:.1f} | {r['baseline_rss'] / 2**20:.0f} | {r['baseline_s'] / r['up_s']:.1f}x "
                f"| {r['baseline_rss'] / r['up_rss']:.1f}x " if base else "| - | - | - | - ")
             + f"| {r['others_cpu']:.1f} |")
