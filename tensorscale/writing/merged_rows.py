@@ -1,13 +1,14 @@
-"""Write a tensor whose rows are merged (`down`'s producers and norm-scaled readers) one slice of output rows
-at a time, so that its memory does not grow with the tensor.
+"""Write a tensor whose rows are merged (by `down`: producers, norm gains, consumers stored first) one slice of
+output rows at a time, so that its memory does not grow with the tensor.
 
 A merge along axis 0 makes each output row from input rows scattered over the whole tensor, so the tensor
 cannot stream in row chunks like a tile. Holding it whole (the earlier form) took a float32 copy of the
 column-merged input plus the merged output: 135 MB for one FFN matrix of a 7B model, 235 MB at 12B, and
 the glibc heap kept that high-water mark for the rest of the run. Here a slice of output clusters is made
-at a time: its member rows are read (one pread per run of consecutive rows, from the page cache where the
-analysis left them), the row-local ops (merges of the other axis) run on just those rows, the rows merge
-into the slice, and the slice goes to the disk. Memory is the slice budget, whatever the model's size.
+at a time: its member rows are read (ShardReader.read_row_list: one preadv per span of nearby rows, after
+asking the kernel to read the tensor ahead in file order), the row-local ops (merges of the other axis) run
+on just those rows, the rows merge into the slice, and the slice goes to the disk. Memory is the slice
+budget, whatever the model's size.
 
 The bytes are those of the whole-tensor form: every op here draws no noise (checked), row-local ops give a
 row the same values whatever rows it is processed with, and each cluster sums the same units in the same
