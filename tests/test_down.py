@@ -276,3 +276,22 @@ def test_merged_tensors_written_in_slices_match_whole_tensors(tmp_path, monkeypa
     model, info = load(tmp_path / "sliced")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.isfinite(logits(model)).all()
+
+
+def test_retie_stops_at_the_first_chunk_that_differs(tmp_path, monkeypatch):
+    """An ordinary untied model is not compared to the end; an untied `up` of a tied one still comes back tied."""
+    from tensorscale.folding import retie
+
+    monkeypatch.setattr(retie, "CHUNK_ELEMENTS", 64)  # a few rows per chunk
+    compared = []
+    original = retie._apply
+    monkeypatch.setattr(retie, "_apply", lambda tensor, x: compared.append(tensor.name) or original(tensor, x))
+    untied = build_checkpoint(tmp_path / "untied", "llama", tie_word_embeddings=False)
+    plan = down(untied, tmp_path / "out", embed_dim_divisor=2, up_proj_divisor=2)
+    assert not plan.retied
+    assert compared.count("lm_head.weight") == 1  # the first chunk decided it
+    tied = build_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    run_up(tied, str(tmp_path / "up"), Options(2, 2, snr_db=15.0, untie_embeddings=True), show_progress=False)
+    compared.clear()
+    plan = down(tmp_path / "up", tmp_path / "back", embed_dim_divisor=2, up_proj_divisor=2)
+    assert plan.retied and compared.count("lm_head.weight") > 2

@@ -10,6 +10,8 @@ from ..planning.plan import Plan
 from ..reading.tensor_reader import ShardReader
 
 RETIE_TOLERANCE = 1e-5  # relative to the largest embedding entry
+CLEARLY_DIFFERENT = 1e-2  # a difference this large (relative to the largest entry so far) ends the comparison
+CHUNK_ELEMENTS = 2**22  # entries of each matrix compared at once
 
 
 def find_retie(plan: Plan) -> str | None:
@@ -29,8 +31,13 @@ def find_retie(plan: Plan) -> str | None:
 
 
 def _equal(embedding, head) -> bool:
+    """Whether the folded head equals the folded embedding, chunk by chunk.
+
+    An ordinary untied model's head differs from its embedding in the first chunk already, and reading on
+    cost both whole matrices (0.3 s of a 5 s `down` at 0.1B). Stopping there can only leave a model untied
+    that a larger entry further on would have allowed to tie: the untied output computes the same function."""
     rows = embedding.source.shape[0]
-    step = max(1, 2**22 // max(1, embedding.source.numel // max(1, rows)))
+    step = max(1, CHUNK_ELEMENTS // max(1, embedding.source.numel // max(1, rows)))
     largest = 0.0
     worst = 0.0
     with ShardReader() as reader:
@@ -40,6 +47,8 @@ def _equal(embedding, head) -> bool:
             b = _apply(head, reader.read_rows(head.source, begin, end))
             largest = max(largest, float(a.abs().max()))
             worst = max(worst, float((a - b).abs().max()))
+            if worst > CLEARLY_DIFFERENT * largest:
+                return False
     return worst <= RETIE_TOLERANCE * max(largest, 1e-30)
 
 
