@@ -109,9 +109,8 @@ class ShardReader:
         merged tensor's rows, a slice of clusters at a time). Without it, rows that fell out of the page
         cache (a 7B checkpoint is most of a 24 GB machine's memory) are fetched one random read at a time."""
         if hasattr(os, "posix_fadvise"):
-            nbytes = math.prod(info.shape) * DTYPE_SIZES[info.dtype] if info.shape else DTYPE_SIZES[info.dtype]
             try:
-                os.posix_fadvise(self._fd(info.path), info.start, nbytes, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self._fd(info.path), info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass  # only a hint
 

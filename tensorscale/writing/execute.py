@@ -116,8 +116,8 @@ def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext, compu
     at a time: `up`'s tile_divide of a consumer axis stored first (GPT-2's Conv1D), noisy ops.
 
     Ops on different axes commute, so the others run first on streamed row chunks, and only their
-    (usually smaller) result is held whole for the axis-0 ops: a merged FFN matrix then peaks at its
-    folded size instead of several float32 copies of the original."""
+    (usually smaller) result is held whole for the axis-0 ops, instead of several float32 copies of the
+    original."""
     rows = tensor.source.shape[0] if tensor.source.shape else 0
     row_local = [op for op in tensor.ops if op.axis != 0]
     mixing = [op for op in tensor.ops if op.axis == 0]
@@ -209,9 +209,9 @@ class _Rows:
 def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None,
                  digest=None) -> None:
     store = torch_dtype(tensor.out_dtype)
-    merge = row_merge(tensor) if tensor.row_map is None and tensor.nbytes else None
-    if merge is not None:
-        write_merged_rows(tensor, merge, plan.options.seed, out, reader, progress, digest)
+    row_mixing = row_merge(tensor) if tensor.row_map is None and tensor.nbytes else None
+    if row_mixing is not None:
+        write_merged_rows(tensor, row_mixing, plan.options.seed, out, reader, progress, digest)
         return
     if tensor.row_map is None:
         ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
