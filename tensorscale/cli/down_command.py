@@ -9,6 +9,7 @@ import click
 
 from ..errors import TensorscaleError
 from . import render
+from .revision import revision_option
 
 TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -62,7 +63,8 @@ def fold_summary(plan) -> dict:
 
 
 @click.command()
-@click.option("--input", "-i", "source", required=True, metavar="SRC", help="Model folder, or a hub id (org/name).")
+@click.option("--input", "-i", "source", required=True, metavar="SRC",
+              help="Model folder, or a hub id (org/name or org/name@rev).")
 @click.option("--output", "-o", "output", default=None, metavar="OUT",
               help="Output folder (default: <source name>-<size> in the current folder).")
 @down_target_options
@@ -78,6 +80,7 @@ def fold_summary(plan) -> dict:
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@revision_option
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
          calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
          as_json, quiet):

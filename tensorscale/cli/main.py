@@ -17,6 +17,7 @@ import click
 from .. import __version__
 from ..errors import TensorscaleError
 from . import render
+from .revision import revision_option
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down, with_options
 
 EXIT_USER_ERROR = 2
@@ -87,7 +88,7 @@ def _install_signal_handlers():
 
 def _input_option(func):
     return click.option("--input", "-i", "source", required=True, metavar="SRC",
-                        help="Model folder, or a Hugging Face hub id (org/name).")(func)
+                        help="Model folder, or a Hugging Face hub id (org/name or org/name@rev).")(revision_option(func))
 
 
 def _up_options(func):
