@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..errors import TensorscaleError
 from . import render
-from .revision import revision_option
+from .revision import command_line, revision_option
 
 TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -106,7 +105,7 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
     plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
                      calibration=calibration_data)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json, verify_files=verify_files,
-                          manifest=manifest, command=["tensorscale", *sys.argv[1:]])
+                          manifest=manifest, command=command_line())
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()

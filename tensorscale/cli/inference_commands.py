@@ -17,6 +17,14 @@ from ..errors import TensorscaleError
 EXIT_FAILED = 1
 
 
+def run_options(func):
+    """--dtype and --device: how gen and verify run the model (float32 on the CPU: the faithful reference)."""
+    func = click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True,
+                        help="Where the model runs (cuda: an NVIDIA GPU, mps: Apple silicon).")(func)
+    return click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                        show_default=True, help="Compute dtype; bfloat16 halves the memory (a 7B in ~14 GB).")(func)
+
+
 @click.command()
 @click.option("--input", "-i", "source", required=True, metavar="MODEL",
               help="Model folder (with tokenizer files), or a Hugging Face hub id.")
@@ -66,11 +74,13 @@ def gen(source, prompt, n_predict, temperature, top_k, top_p, greedy, seed, as_j
 @click.option("--output", "-o", "output", default=None, metavar="DST", help="The model that should compute the same function.")
 @click.option("--text", "text_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Compare on this text (one sequence per paragraph) instead of the built-in prompts.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True,
-              help="Pass mark on max|Δlogit| / max|logit|; exit status 1 beyond it.")
+@click.option("--tolerance", type=float, default=None, metavar="X",
+              help="Pass mark on max|Δlogit| / max|logit|; exit status 1 beyond it "
+                   "[default: 1e-4 in float32, 1e-2 in float16, 5e-2 in bfloat16].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random token ids used when there is no tokenizer.")
+@run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON for scripts.")
-def verify(paths, source, output, text_path, tolerance, seed, as_json):
+def verify(paths, source, output, text_path, tolerance, seed, dtype, device, as_json):
     """Prove two checkpoints compute the same function: run both on the same tokens and compare logits.
 
     \b
@@ -86,10 +96,76 @@ def verify(paths, source, output, text_path, tolerance, seed, as_json):
 
     source, output = _two_models(paths, source, output)
     texts = read_texts(text_path) if text_path else None
-    report = run_verify(source, output, texts=texts, tolerance=tolerance, seed=seed)
+    report = run_verify(source, output, texts=texts, tolerance=tolerance, seed=seed, dtype=dtype, device=device)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else verify_text(report))
     if not report.passed:
         sys.exit(EXIT_FAILED)
+
+
+class UpVerification:
+    """`up --verify`, arranged so that nothing is written for a check that cannot run or cannot pass.
+
+    transformers is imported at once (before any work); once the plan is known, a 16-bit storage that
+    rounds the function (the "not exact in bfloat16" note) sets the tolerance to what such rounding gives,
+    unless --tolerance was chosen; then the check runs on the finished temporary folder, so the model card
+    carries its numbers and an interrupt leaves OUT untouched."""
+
+    def __init__(self, tolerance: float | None):
+        from ..inference.loading import require_transformers
+
+        require_transformers("up --verify")
+        if tolerance is not None and not tolerance >= 0:
+            raise TensorscaleError(f"--tolerance must be a number >= 0, got {tolerance}")
+        self.tolerance = tolerance
+        self.report = None
+        self.plan = None
+
+    def prepare(self, plan) -> str | None:
+        """Fix the tolerance for `plan`; a note for the user when storage rounding changed it."""
+        from ..inference.verify import STORAGE_TOLERANCE, default_tolerance
+        from ..planning.plan import inexact_storage
+
+        self.plan = plan
+        rounding = inexact_storage(plan)
+        if self.tolerance is not None:
+            return None
+        if rounding is None:
+            self.tolerance = default_tolerance()
+            return None
+        self.tolerance = STORAGE_TOLERANCE[rounding]
+        return (f"up --verify: {rounding} storage rounds this model's scaled weights (see the note), so its logits "
+                f"can differ by ~1e-3 relative: checking against tolerance {self.tolerance:g} instead of "
+                f"{default_tolerance():g}; pass --tolerance to choose, or --dtype float32 to keep it exact")
+
+    @property
+    def expected_change(self) -> bool:
+        """--duplicate-layers changes the function on purpose: verify measures the change, no failure."""
+        return self.plan.depth is not None and not self.plan.depth.function_preserving
+
+    def __call__(self, folder: str) -> dict:
+        from ..inference.verify import verify as run_verify
+
+        report = run_verify(self.plan.source.folder, folder, tolerance=self.tolerance)
+        report.source = self.plan.source.label
+        self.report = report
+        return dict(report.to_dict(), expected_change=self.expected_change)
+
+    def finish(self, output: str) -> None:
+        self.report.output = output
+
+    def text(self) -> str:
+        text = verify_text(self.report)
+        if self.expected_change:  # the verdict (the last line) does not apply: report the change instead
+            report = self.report
+            text = text.rsplit("\n", 1)[0] + (
+                f"\nCHANGED, as expected (--duplicate-layers is not function-preserving): relative logit error "
+                f"{report.relative_logit_error:.4g}, KL {report.kl_mean:.4g} nats, top-1 agreement "
+                f"{report.top1_agreement:.2%}")
+        return text
+
+    @property
+    def failed(self) -> bool:
+        return not self.report.passed and not self.expected_change
 
 
 def _two_models(paths, source, output):

@@ -17,7 +17,7 @@ import click
 from .. import __version__
 from ..errors import TensorscaleError
 from . import render
-from .revision import revision_option
+from .revision import command_line, remember_arguments, revision_option
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down, with_options
 
 EXIT_USER_ERROR = 2
@@ -27,6 +27,7 @@ EXIT_INTERRUPTED = 130
 class _Group(click.Group):
     def main(self, *args, **kwargs):
         kwargs.setdefault("standalone_mode", True)
+        remember_arguments(args[0] if args else kwargs.get("args"))
         try:
             return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})
         except TensorscaleError as exc:
@@ -164,9 +165,12 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
 @click.option("--verify", "verify_logits", is_flag=True,
               help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
                    "(--duplicate-layers changes the logits on purpose: the change is reported, not failed).")
+@click.option("--tolerance", type=float, default=None, metavar="X",
+              help="--verify's pass mark on the relative logit error [default: 1e-4; 1e-2 where 16-bit storage "
+                   "rounds the function].")
 def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
        strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
-       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits):
+       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits, tolerance):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -175,39 +179,38 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     """
     from ..convert import execute_plan, plan_conversion
 
+    if tolerance is not None and not verify_logits:
+        raise TensorscaleError("--tolerance is the pass mark of --verify; add --verify or leave it out")
+    check = None
+    if verify_logits:  # transformers must import before anything is written
+        from .inference_commands import UpVerification
+
+        check = UpVerification(tolerance)
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
                        duplicate_layers, targets)
     plan = plan_conversion(source, options, rules_path)
+    if check is not None:
+        note = check.prepare(plan)
+        if note:
+            click.echo(f"tensorscale: {note}", err=True)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]])
+                          verify_files=verify_files, manifest=manifest, command=command_line(),
+                          check=check)
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()
-    check = None
-    if verify_logits:
-        from ..inference.verify import verify as run_verify
-
-        check = run_verify(plan.source.folder, result.output)
-        summary["verify"] = check.to_dict()
+    if check is not None:
+        check.finish(result.output)
+        summary["verify"] = check.report.to_dict()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(render.up_summary(summary))
-    # --duplicate-layers changes the function on purpose: verify measures the change, which is no failure
-    expected_change = plan.depth is not None and not plan.depth.function_preserving
     if check is not None:
         if not as_json:
-            from .inference_commands import verify_text
-
-            text = verify_text(check)
-            if expected_change:  # the verdict (the last line) does not apply: report the change instead
-                text = text.rsplit("\n", 1)[0] + (
-                    f"\nCHANGED, as expected (--duplicate-layers is not function-preserving): relative logit error "
-                    f"{check.relative_logit_error:.4g}, KL {check.kl_mean:.4g} nats, top-1 agreement "
-                    f"{check.top1_agreement:.2%}")
-            click.echo(text)
-        if not check.passed and not expected_change:
+            click.echo(check.text())
+        if check.failed:
             sys.exit(1)
 
 

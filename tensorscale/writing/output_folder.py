@@ -109,6 +109,15 @@ class OutputFolder:
         except OSError as exc:
             raise TensorscaleError(f"cannot write {filename}: {exc.strerror} (is the disk full?)") from None
 
+    def write_text(self, filename: str, text: str) -> None:
+        try:
+            with open(self.path(filename), "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise TensorscaleError(f"cannot write {filename}: {exc.strerror} (is the disk full?)") from None
+
     def copy_side_files(self, source_folder: str) -> list[str]:
         """Tokenizer, generation config and other small files that describe the model unchanged.
 
