@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 
 import click
 
 from ..errors import TensorscaleError
+from .revision import revision_option
 
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def run_options(func):
@@ -27,45 +30,94 @@ def run_options(func):
 
 @click.command()
 @click.option("--input", "-i", "source", required=True, metavar="MODEL",
-              help="Model folder (with tokenizer files), or a Hugging Face hub id.")
+              help="Model folder (with tokenizer files), or a Hugging Face hub id (org/name or org/name@rev).")
 @click.option("--prompt", "-p", default="The capital of France is", show_default=True, help="Text to complete.")
+@click.option("--chat", is_flag=True, help="Send the prompt as a user message through the model's chat template.")
+@click.option("--system", default=None, metavar="TEXT", help="A system message before the prompt (implies --chat).")
 @click.option("--n-predict", "-n", type=int, default=100, show_default=True, help="Tokens to generate (fewer at EOS).")
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature.")
-@click.option("--top-k", type=int, default=40, show_default=True, help="Sample from the k likeliest tokens (0: all).")
-@click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling mass.")
-@click.option("--greedy", is_flag=True, help="Always take the likeliest token (deterministic; ignores the sampling knobs).")
-@click.option("--seed", type=int, default=None, help="Seed for sampling (default: a fresh one, reported with --json).")
-@click.option("--json", "as_json", is_flag=True, help="Print {prompt, completion, tokens, ...} as JSON instead of streaming.")
-def gen(source, prompt, n_predict, temperature, top_k, top_p, greedy, seed, as_json):
+@click.option("--temperature", type=float, default=None, metavar="T",
+              help="Sampling temperature; 0 is greedy [default: generation_config.json's, else 0.8].")
+@click.option("--top-k", type=int, default=None, metavar="K",
+              help="Sample from the k likeliest tokens, 0: all [default: generation_config.json's, else 40].")
+@click.option("--top-p", type=float, default=None, metavar="P",
+              help="Nucleus sampling mass [default: generation_config.json's, else 0.9].")
+@click.option("--repeat-penalty", type=float, default=None, metavar="R",
+              help="Repetition penalty, 1: none [default: generation_config.json's when sampling, else 1].")
+@click.option("--greedy", is_flag=True, help="Always take the likeliest token: pure arg-max (no penalty unless "
+                                             "--repeat-penalty), deterministic.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (default: a fresh one, reported).")
+@run_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {prompt, completion, tokens, settings (each with its origin), ...} as JSON instead of streaming.")
+@revision_option
+def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repeat_penalty, greedy, seed, dtype,
+        device, as_json):
     """Complete a prompt with a model, streaming tokens as they are generated.
 
     \b
-    Example:
-      tensorscale gen -i ./tiny-llama-x2 -p "Once upon a time" -n 50 --greedy
+    Settings: a value given here wins; else sampling takes temperature, top-k,
+    top-p and repetition penalty from the model's generation_config.json where
+    it sets them, else the defaults above. --greedy (or --temperature 0) is
+    pure arg-max. Nothing else in that file is used but its token ids.
+    \b
+    Examples:
+      tensorscale gen -i ./my-model -p "Once upon a time" -n 50 --greedy
+      tensorscale gen -i HuggingFaceTB/SmolLM2-135M-Instruct --chat -p "What is 2+2?"
     """
     from ..inference.generate import Settings, generate
 
-    settings = Settings(n_predict, temperature, top_k, top_p, greedy, seed)
-    if as_json:
-        click.echo(json.dumps(generate(source, prompt, settings), indent=2))
-        return
+    settings = Settings(n_predict, temperature, top_k, top_p, greedy, seed, repeat_penalty,
+                        chat or system is not None, system, dtype, device)
     settings.check()  # before the prompt is printed, so a bad option is the only output
+    seed = settings.draw_seed()
+    interrupted = ("tensorscale: interrupted" +
+                   (f"; rerun with --seed {seed} to repeat this sample" if seed is not None else ""))
 
-    started = []
+    def note(text):
+        click.echo(f"tensorscale: note: {text}", err=True)
 
-    def stream(text):
-        if not started:
+    with _interruptible(interrupted):
+        if as_json:
+            click.echo(json.dumps(generate(source, prompt, settings, on_note=note), indent=2))
+            return
+        started = []
+
+        def stream(text):
+            if not started:
+                if not settings.chat:  # a completion reads on from the prompt; a chat reply stands alone
+                    click.echo(prompt, nl=False)
+                started.append(True)
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+
+        result = generate(source, prompt, settings, on_text=stream, on_note=note)
+        if not started and not settings.chat:
             click.echo(prompt, nl=False)
-            started.append(True)
-        click.echo(text, nl=False)
-        sys.stdout.flush()
+        click.echo()
+    if seed is not None:
+        click.echo(f"[{result['tokens']} tokens, seed {seed}]", err=True)
 
-    result = generate(source, prompt, settings, on_text=stream)
-    if not started:
-        click.echo(prompt, nl=False)
-    click.echo()
-    if not greedy:
-        click.echo(f"[{result['tokens']} tokens, seed {result['seed']}]", err=True)
+
+@contextmanager
+def _interruptible(message: str):
+    """Ctrl-C (or SIGTERM) while a model runs: say so in one line, exit 130. gen and verify write no files,
+    so the "nothing was written" of the converting commands would only puzzle."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _exit_interrupted(message)
+    except Exception:
+        from . import main
+
+        if main.was_interrupted():  # an import cut short by Ctrl-C fails on its retry: still an interrupt
+            _exit_interrupted(message)
+        raise
+
+
+def _exit_interrupted(message: str):
+    click.echo("", err=True)
+    click.echo(message, err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @click.command()
@@ -96,7 +148,8 @@ def verify(paths, source, output, text_path, tolerance, seed, dtype, device, as_
 
     source, output = _two_models(paths, source, output)
     texts = read_texts(text_path) if text_path else None
-    report = run_verify(source, output, texts=texts, tolerance=tolerance, seed=seed, dtype=dtype, device=device)
+    with _interruptible("tensorscale: interrupted"):
+        report = run_verify(source, output, texts=texts, tolerance=tolerance, seed=seed, dtype=dtype, device=device)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else verify_text(report))
     if not report.passed:
         sys.exit(EXIT_FAILED)

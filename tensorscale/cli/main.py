@@ -72,6 +72,11 @@ def cli():
 _interrupted = False
 
 
+def was_interrupted() -> bool:
+    """True once SIGINT/SIGTERM/SIGHUP arrived (for commands that word their own interrupt message)."""
+    return _interrupted
+
+
 def _interrupt(signum, frame):
     global _interrupted
     _interrupted = True
