@@ -8,16 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 
+from fixtures import pydoc_copy
 from tensorscale.cli.main import cli
 
-HERE = os.path.dirname(__file__)
-PYDOC = os.path.join(HERE, "..", "examples", "pydoc-llama")
 TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|endoftext|>assistant:{% endif %}")
 
@@ -34,17 +32,12 @@ def gen_json(*args):
 
 @pytest.fixture(scope="module")
 def pydoc(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gen") / "pydoc"
-    shutil.copytree(PYDOC, folder)
-    return str(folder)
+    return pydoc_copy(tmp_path_factory.mktemp("gen") / "pydoc")
 
 
 @pytest.fixture(scope="module")
 def pydoc_chat(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gen") / "pydoc-chat"
-    shutil.copytree(PYDOC, folder)
-    (folder / "chat_template.jinja").write_text(TEMPLATE)
-    return str(folder)
+    return pydoc_copy(tmp_path_factory.mktemp("gen") / "pydoc-chat", **{"chat_template.jinja": TEMPLATE})
 
 
 def argmax_continuation(folder, ids, n):

@@ -13,11 +13,9 @@ import time
 
 import pytest
 
-from fixtures import build_checkpoint, relative_logit_error
+from fixtures import PYDOC_LLAMA as PYDOC, build_checkpoint, pydoc_copy, relative_logit_error
 from hub_cache import REVISION, make_cache
 
-HERE = os.path.dirname(__file__)
-PYDOC = os.path.join(HERE, "..", "examples", "pydoc-llama")
 REPO = "tiny-org/pydoc-llama"
 CHAT_TEMPLATE = "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 CARD = "---\nlicense: psf-2.0\nlanguage: en\n---\n# pydoc-llama\n"
@@ -44,10 +42,7 @@ def invoke(*args):
 
     from tensorscale.cli.main import cli
 
-    try:
-        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    except SystemExit:  # pragma: no cover - the group exits itself on errors
-        raise
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 def hub_env(hf_home, offline=True, **extra):
@@ -62,10 +57,7 @@ def hub_env(hf_home, offline=True, **extra):
 def pydoc_hub(tmp_path_factory):
     """pydoc-llama (a real trained model with its tokenizer) as a hub download, plus a chat template and card."""
     root = tmp_path_factory.mktemp("hub")
-    model = root / "model"
-    shutil.copytree(PYDOC, model)
-    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (model / "README.md").write_text(CARD)
+    model = pydoc_copy(root / "model", **{"chat_template.jinja": CHAT_TEMPLATE, "README.md": CARD})
     hf_home = root / "hf_home"
     snapshot = make_cache(hf_home, REPO, model)
     return hf_home, snapshot, model

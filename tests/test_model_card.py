@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from fixtures import build_checkpoint
+from fixtures import build_checkpoint, pydoc_copy
 from tensorscale import __version__
 from tensorscale.cli.main import cli
 from tensorscale.writing.model_card import front_matter
 
-HERE = os.path.dirname(__file__)
-PYDOC = os.path.join(HERE, "..", "examples", "pydoc-llama")
 SOURCE_CARD = "---\nlicense: other\nlicense_name: psf-2.0\nlanguage:\n- en\ntags:\n- source-tag\n---\n# pydoc\n"
 
 
@@ -42,10 +39,7 @@ def metadata_of(folder):
 
 @pytest.fixture(scope="module")
 def pydoc(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("card") / "pydoc-llama"
-    shutil.copytree(PYDOC, folder)
-    (folder / "README.md").write_text(SOURCE_CARD)
-    return str(folder)
+    return pydoc_copy(tmp_path_factory.mktemp("card") / "pydoc-llama", **{"README.md": SOURCE_CARD})
 
 
 def test_up_writes_a_card_and_metadata(pydoc, tmp_path):
