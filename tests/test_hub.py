@@ -111,6 +111,13 @@ def test_desc_up_gen_verify_through_a_hub_id(pydoc_hub, tmp_path, monkeypatch, f
     assert manifest["source"]["hub_id"] == REPO and manifest["source"]["revision"] == REVISION
     assert manifest["source"]["requested_revision"] is None
     assert list(manifest["source"]["shards"]) == ["model.safetensors"]
+    # The card names the repo and its commit, and carries the licence of the cached card (a link to a blob).
+    from tensorscale.writing.model_card import front_matter
+
+    with open(os.path.join(out, "README.md")) as handle:
+        card = handle.read()
+    assert front_matter(card)["base_model"] == REPO and front_matter(card)["license"] == "psf-2.0"
+    assert f"at revision `{REVISION}`" in card
     assert relative_logit_error(model, out) <= 1e-5
 
     code, stdout, stderr = command("gen", "-i", REPO, "-p", "Return the", "-n", "5", "--greedy", "--json")
