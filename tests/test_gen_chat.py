@@ -216,6 +216,19 @@ def test_chat_on_smollm2(smollm2):
     data = gen_json("-i", smollm2, "--chat", "-p", "What is the capital of France?", "-n", "24", "--greedy")
     assert "Paris" in data["completion"], data["completion"]
     assert "<|im_start|>" not in data["completion"] and "<|im_end|>" not in data["completion"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+
+    def templated(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # Without --system the template adds its own ("You are a helpful AI assistant named SmolLM..."); with it,
+    # ours replaces that one.
+    assert data["prompt_tokens"] == templated([{"role": "user", "content": "What is the capital of France?"}])
     system = gen_json("-i", smollm2, "--chat", "--system", "Answer in French.", "-p", "Say hello.", "-n", "12",
                       "--greedy")
-    assert system["prompt_tokens"] > data["prompt_tokens"] - 12  # the system message replaced the default one
+    assert system["prompt_tokens"] == templated([{"role": "system", "content": "Answer in French."},
+                                                 {"role": "user", "content": "Say hello."}])
+    assert system["prompt_tokens"] < templated([{"role": "user", "content": "Say hello."}])
