@@ -86,3 +86,15 @@ def test_importing_the_command_line_imports_no_torch():
 
     code = "import sys, tensorscale.cli.main, tensorscale.__main__; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_readme_links_stay_inside_the_repository():
+    """A link to ../shared/... worked only beside this checkout; every relative link must resolve here."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    relative = [link.split("#")[0] for link in re.findall(r"\]\(([^)]+)\)", text)
+                if not link.startswith(("https://", "http://", "#"))]
+    assert relative and all(not link.startswith("..") for link in relative)
+    missing = [link for link in relative if not os.path.exists(os.path.join(ROOT, link))]
+    assert missing == [], missing
+    assert "shared/reference" not in text
