@@ -77,7 +77,8 @@ def asks_for_a_change(options: Options) -> bool:
     storage dtype, or an untied head. Checked before a hub download; plan_changes_nothing after planning."""
     return (options.embed_dim_multiplier != 1 or options.up_proj_multiplier != 1 or bool(options.targets)
             or bool(options.add_layers) or options.duplicate_layers is not None or options.dtype != "keep"
-            or options.untie_embeddings)
+            or options.untie_embeddings
+            or options.insert_at is not None)  # --at without --add-layers: the depth planner says what is missing
 
 
 def plan_changes_nothing(plan: Plan) -> bool:
