@@ -251,3 +251,27 @@ def test_bash_completion_script():
                            env={**ENV, "_TENSORSCALE_COMPLETE": "bash_complete", "COMP_WORDS": "tensorscale ru",
                                 "COMP_CWORD": "1"})
     assert "rules" in words.stdout
+
+
+def test_hub_bars_go_off_in_logs_without_silencing_ours(monkeypatch):
+    import tensorscale.progress as progress
+
+    monkeypatch.setattr(progress, "_SET_HERE", {})
+    for name in progress.SILENCING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    progress.quiet_hub_bars_in_logs(Terminal())
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # a terminal keeps the hub's bars
+    progress.quiet_hub_bars_in_logs(io.StringIO())
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # read by huggingface_hub when imported
+    assert not progress.silenced_by_environment()  # our own plain lines stay on
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "yes")  # the user's choice silences both
+    assert progress.silenced_by_environment()
+    monkeypatch.setattr(progress, "_SET_HERE", {})
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    progress.quiet_hub_bars_in_logs(io.StringIO())
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"  # never overrides what the user set
