@@ -137,8 +137,11 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(llama, tmp_path):
 
 @pytest.mark.parametrize("variable", ["TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"])
 def test_progress_variables_silence_progress(llama, tmp_path, variable):
-    result = process("up", llama, "-o", tmp_path / "out", "-edm", "2", env={**ENV, variable: "1"})
-    assert result.returncode == 0 and result.stderr == "", result.stderr
+    unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}
+    shown = CliRunner().invoke(cli, ["up", llama, "-o", str(tmp_path / "a"), "-edm", "2"], env=unset)
+    assert shown.exit_code == 0 and "tensorscale: writing 100%" in shown.stderr, shown.output
+    silenced = CliRunner().invoke(cli, ["up", llama, "-o", str(tmp_path / "b"), "-edm", "2"], env={**unset, variable: "1"})
+    assert silenced.exit_code == 0 and silenced.stderr == "", silenced.output
 
 
 def test_plain_progress_lines_every_ten_percent_not_too_often():
@@ -182,27 +185,28 @@ def test_progress_bar_on_a_terminal():
 def test_verbose_logs_to_stderr_before_or_after_the_command(llama, tmp_path):
     for args in (["-v", "up"], ["up", "-v"]):
         out = tmp_path / "-".join(args).lstrip("-")
-        result = process(*args, llama, "-o", out, "-edm", "2", "-q")
-        assert result.returncode == 0, result.stderr
+        result = run(*args, llama, "-o", out, "-edm", "2", "-q")
+        assert result.exit_code == 0, result.output
         assert "tensorscale: opened " in result.stderr and "tensorscale: rules llama" in result.stderr
         assert "tensorscale: shard model.safetensors" in result.stderr and "into place" in result.stderr
         assert "opened" not in result.stdout
-    quiet = process("up", llama, "-o", tmp_path / "quiet", "-edm", "2", "-q")
-    assert quiet.stderr == ""
+    quiet = run("up", llama, "-o", tmp_path / "quiet", "-edm", "2", "-q")  # -v does not outlive its command
+    assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
 def test_stdout_carries_only_results(bf16, tmp_path):
     """The bf16 note goes to stderr; stdout is the summary line, or JSON that parses whole."""
-    text = process("up", bf16, "-o", tmp_path / "a", "--hidden-size", "48")
-    assert text.returncode == 0, text.stderr
+    text = run("up", bf16, "-o", tmp_path / "a", "--hidden-size", "48")
+    assert text.exit_code == 0, text.output
     assert text.stdout.startswith("wrote ") and len(text.stdout.splitlines()) == 1
     assert "note: not exact in bfloat16" in text.stderr and "note" not in text.stdout
-    as_json = process("up", bf16, "-o", tmp_path / "b", "--hidden-size", "48", "--json")
+    as_json = process("up", bf16, "-o", tmp_path / "b", "--hidden-size", "48", "--json")  # a real pipe, once
     summary = json.loads(as_json.stdout)
     assert any("not exact in bfloat16" in note for note in summary["notes"])
+    assert "not exact in bfloat16" in as_json.stderr
     for command in (["desc", bf16, "--json"], ["plan", bf16, "-edm", "2", "--json"], ["rules", "list", "--json"]):
-        result = process(*command)
-        assert result.returncode == 0 and json.loads(result.stdout), result.stderr
+        result = run(*command)
+        assert result.exit_code == 0 and json.loads(result.stdout), result.output
 
 
 # ---------------------------------------------------------------- help text

@@ -52,15 +52,35 @@ def chosen_model(positional: str | None, option: str | None) -> str:
     return positional if positional is not None else option
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (click's test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("tensorscale: %(message)s"))
+
+
 def _set_verbosity(ctx, param, count):
-    if count:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("tensorscale: %(message)s"))
-        logger = logging.getLogger("tensorscale")
-        if not any(getattr(h, "tensorscale_verbose", False) for h in logger.handlers):
-            handler.tensorscale_verbose = True
-            logger.addHandler(handler)
+    """-v may come before the command and after it; the callbacks of both add up, per invocation."""
+    root = ctx.find_root()
+    total = root.meta.get("tensorscale.verbose", 0) + (count or 0)
+    root.meta["tensorscale.verbose"] = total
+    logger = logging.getLogger("tensorscale")
+    if total:
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
         logger.setLevel(logging.INFO)
+    else:
+        logger.removeHandler(_HANDLER)
+        logger.setLevel(logging.NOTSET)
     return count
 
 
