@@ -46,7 +46,9 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
            up_proj_multiplier: 2, snr_db: 20, seed: 1}
         - {command: down, input: models/pythia-410m, output: out/pythia-410m-half, embed_dim_divisor: 2}
 
-    Jobs whose output exists and matches its manifest are skipped; failed jobs do not stop the others.
+    Every input and output folder is checked before any job runs, then the outputs' parent folders are
+    created. Jobs whose output exists and matches its manifest (by sizes and mtimes; --verify-files
+    re-hashes) are skipped; failed jobs do not stop the others.
     """
     from ..batch.jobs import check_inputs_and_outputs, create_output_parents, load_jobs
     from ..batch.local_executor import default_memory_budget, worker_count
