@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import click
 
 from ..errors import TensorscaleError
+from .options import model_input
 from .revision import revision_option
 
 EXIT_FAILED = 1
@@ -29,8 +30,7 @@ def run_options(func):
 
 
 @click.command()
-@click.option("--input", "-i", "source", required=True, metavar="MODEL",
-              help="Model folder (with tokenizer files), or a Hugging Face hub id (org/name or org/name@rev).")
+@model_input("Model folder (with tokenizer files), or a Hugging Face hub id (org/name or org/name@rev).")
 @click.option("--prompt", "-p", default="The capital of France is", show_default=True, help="Text to complete.")
 @click.option("--chat", is_flag=True, help="Send the prompt as a user message through the model's chat template.")
 @click.option("--system", default=None, metavar="TEXT", help="A system message before the prompt (implies --chat).")
@@ -61,8 +61,8 @@ def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repe
     pure arg-max. Nothing else in that file is used but its token ids.
     \b
     Examples:
-      tensorscale gen -i ./my-model -p "Once upon a time" -n 50 --greedy
-      tensorscale gen -i HuggingFaceTB/SmolLM2-135M-Instruct --chat -p "What is 2+2?"
+      tensorscale gen examples/pydoc-llama -p "Return the" -n 30 --greedy
+      tensorscale gen HuggingFaceTB/SmolLM2-135M-Instruct --chat -p "What is the capital of France?"
     """
     from ..inference.generate import Settings, generate
 
