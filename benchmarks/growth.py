@@ -634,34 +634,46 @@ def progressive_summary(study: Study) -> dict | None:
 # --------------------------------------------------------------------------------------------- plots
 
 def plot_scale(summary: dict, results: str) -> list[str]:
+    """Per axis (tokens, total FLOPs): the whole range (log loss) and, on the right, a zoom on the
+    pretrained recipes' range, where Recipe 2, top-left and the small model differ by hundredths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
     name = summary["name"]
+    pretrained = [c for r, c in summary["curves"].items() if r != "tabula"]
+    measured = summary["crossings"].get(f"tabula reaches {RECIPE2}", {}).get("measured_to_tokens")
     for axis in ("tokens", "flops"):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for r, c in summary["curves"].items():
-            x = c["tokens"] if axis == "tokens" else c["flops_total"]
-            label = f"{RECIPES[r][2]}, {c['params'] / 1e6:.1f}M" + ("" if c["done"] else " (partial)")
-            ax.plot(x, c["val_loss"], marker="o", ms=2.5, lw=1.3, color=COLORS[r], label=label)
-        n = summary["crossing_tokens"] if axis == "tokens" else summary["crossing_flops"]
-        if n is not None:
-            ax.axvline(n, color="k", ls="--", lw=1)
-            ax.annotate(f"N = {n:,.0f} tokens" if axis == "tokens" else f"N = {n:.2e} FLOPs", (n, 0.97),
-                        xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8, rotation=90)
-        else:
-            ax.annotate(f"no crossing within {summary['budget_tokens']:,} tokens", (0.98, 0.97),
-                        xycoords="axes fraction", ha="right", va="top", fontsize=8)
-        ax.set_xlabel("training tokens after growth" if axis == "tokens"
-                      else "total training FLOPs (6 x params x tokens, small model's pretraining included)")
-        if axis == "flops":
-            ax.set_xscale("log")
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_yscale("log")
-        ax.set_title(f"{name}: {summary['small_params'] / 1e6:.1f}M -> {summary['large_params'] / 1e6:.1f}M")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7.5)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, zoom in zip(axes, (False, True)):
+            for r, c in summary["curves"].items():
+                x = c["tokens"] if axis == "tokens" else c["flops_total"]
+                label = f"{RECIPES[r][2]}, {c['params'] / 1e6:.1f}M" + ("" if c["done"] else " (partial)")
+                ax.plot(x, c["val_loss"], marker="o", ms=2.5, lw=1.3, color=COLORS[r], label=label)
+            n = summary["crossing_tokens"] if axis == "tokens" else summary["crossing_flops"]
+            if n is not None:
+                ax.axvline(n, color="k", ls="--", lw=1)
+                ax.annotate(f"N = {n:,.0f} tokens" if axis == "tokens" else f"N = {n:.2e} FLOPs", (n, 0.97),
+                            xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8, rotation=90)
+            elif not zoom:
+                where = (f"{measured:,} tokens measured" if measured is not None else "nothing measured")
+                ax.annotate(f"no crossing (N) within the {where}\n(budget {summary['budget_tokens']:,})",
+                            (0.98, 0.5), xycoords="axes fraction", ha="right", va="center", fontsize=8)
+            if axis == "flops":
+                ax.set_xscale("log")
+            if zoom and pretrained:
+                lo = min(min(c["val_loss"]) for c in summary["curves"].values())
+                hi = max(max(c["val_loss"]) for c in pretrained)
+                ax.set_ylim(lo - 0.02, hi + 0.02)
+                ax.set_title("zoom on the pretrained recipes")
+            else:
+                ax.set_yscale("log")
+                ax.set_title(f"{name}: {summary['small_params'] / 1e6:.1f}M -> {summary['large_params'] / 1e6:.1f}M")
+                ax.legend(fontsize=7.5)
+            ax.set_xlabel("training tokens after growth" if axis == "tokens"
+                          else "total FLOPs (6 x params x tokens, pretraining included)")
+            ax.set_ylabel("held-out loss (nats/token)")
+            ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
         path = os.path.join(results, f"growth_{name}_{axis}.png")
         fig.savefig(path, dpi=110)
@@ -742,7 +754,8 @@ def report(study: Study) -> dict:
     for s in scales:
         print(f"\n{s['name']}: {s['small_params'] / 1e6:.2f}M -> {s['large_params'] / 1e6:.2f}M, "
               f"budget {s['budget_tokens']:,} tokens; N (tabula reaches {RECIPE2}) = "
-              + ("none within the measured range" if s["crossing_tokens"] is None else f"{s['crossing_tokens']:,.0f} tokens"))
+              + (f"none within the {s['crossings'].get(f'tabula reaches {RECIPE2}', {}).get('measured_to_tokens') or 0:,} "
+                 "tokens measured" if s["crossing_tokens"] is None else f"{s['crossing_tokens']:,.0f} tokens"))
         print(table(s))
         for k, v in s["crossings"].items():
             print(f"  {k}: " + ("-" if v["tokens"] is None else f"{v['tokens']:,.0f} tokens") + "; FLOPs: "
