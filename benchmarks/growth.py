@@ -526,13 +526,24 @@ def stages(study: Study) -> list[tuple[str, object, str | None]]:
     return out
 
 
+def stage_outputs(name: str) -> list[str]:
+    """Folders (under the work folder) a later stage reads: a stage whose results say done but whose
+    outputs are missing (a fresh clone: work/ is not in git) is done again."""
+    if name.endswith(".expand"):
+        return [os.path.join(name.split(".")[0], e) for e in EXPANSIONS]
+    return {"p.grow": [os.path.join("p", "x2x2")], "p.x4": [os.path.join("p", "x4")],
+            "s2.pretrain": [os.path.join("s2.pretrain", "final")],
+            "p.phase1": [os.path.join("p.phase1", "final")]}.get(name, [])
+
+
 def stage_state(study: Study, name: str) -> str:
     path = os.path.join(study.stage_dir, f"{name}.json")
     if not os.path.exists(path):
         return "not started"
     res = read_json(path)
     if res.get("done"):
-        return "done"
+        missing = [o for o in stage_outputs(name) if not os.path.isdir(os.path.join(study.work, o))]
+        return f"outputs missing ({', '.join(missing)}): to redo" if missing else "done"
     return f"partial ({res['steps'][-1] - res['start_step']} of {res['end_step'] - res['start_step']} steps)"
 
 
