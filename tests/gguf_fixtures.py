@@ -56,7 +56,21 @@ def _random_k_blocks(shape: tuple[int, ...], qtype, generator: np.random.Generat
     return blocks.reshape(*shape[:-1], shape[-1] // block * block_bytes)
 
 
-def build_gguf(folder, model_type: str, qtype_name: str = "Q8_0", *, seed: int = 0, **overrides) -> str:
+def _add_tokenizer(writer, vocab: int) -> None:
+    """A small byte-level BPE vocabulary in llama.cpp's keys (what convert_hf_to_gguf.py writes for gpt2 models)."""
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(0x21 + i) for i in range(vocab - 3)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    writer.add_token_merges([f"{tokens[3 + i]} {tokens[4 + i]}" for i in range(4)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+
+
+def build_gguf(folder, model_type: str, qtype_name: str = "Q8_0", *, seed: int = 0, tokenizer: bool = False,
+               **overrides) -> str:
     """Write a tiny `model_type` model as `<folder>/<model_type>-<type>.gguf`; returns the file's path."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,6 +101,8 @@ def build_gguf(folder, model_type: str, qtype_name: str = "Q8_0", *, seed: int =
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(qtype) if qtype_name not in ("F32",) else 0)
+    if tokenizer:
+        _add_tokenizer(writer, config.vocab_size)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     generator = np.random.default_rng(seed)
     state = model.state_dict()

@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import TensorscaleError
 from . import render
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down, with_options
+from .output_format import FORMAT_OPTIONS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -83,6 +84,10 @@ def _install_signal_handlers():
             signal.signal(signum, _interrupt)
         except (ValueError, OSError):  # not the main thread, or not supported here
             pass
+
+
+def output_format_options(func):
+    return with_options(func, FORMAT_OPTIONS)
 
 
 def _input_option(func):
@@ -163,22 +168,24 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
 @click.option("--verify", "verify_logits", is_flag=True,
               help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
                    "(--duplicate-layers changes the logits on purpose: the change is reported, not failed).")
+@output_format_options
 def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
        strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
-       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits):
+       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits, out_format, outtype):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
     Example:
       tensorscale up -i examples/tiny-llama -o tiny-llama-x2 -edm 2 -upm 2
     """
-    from ..convert import execute_plan, plan_conversion
+    from ..convert import plan_conversion
+    from .output_format import write_output
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
                        duplicate_layers, targets)
     plan = plan_conversion(source, options, rules_path)
-    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
+    result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
                           verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]])
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
