@@ -108,3 +108,15 @@ def test_commands_take_a_gguf(tmp_path):
     wide = folder_model(str(out))
     assert wide.config.hidden_size == 512 and wide.config.intermediate_size == 1024
     assert relative_logit_error(transformers_gguf_model(path), wide, 96) <= TOLERANCE
+
+
+def test_batch_job_takes_a_gguf(tmp_path):
+    import yaml
+
+    path = build_gguf(tmp_path, "qwen2", "Q8_0")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump({"jobs": [{"command": "up", "input": os.path.basename(path), "output": "wide",
+                                              "embed_dim_multiplier": 2}]}))
+    result = CliRunner().invoke(cli, ["batch", str(jobs), "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert relative_logit_error(transformers_gguf_model(path), folder_model(str(tmp_path / "wide")), 96) <= TOLERANCE

@@ -22,8 +22,9 @@ _PLAN_CACHE_SIZE = 4
 
 
 def job_spec(plan, rules_path: str | None) -> dict:
-    """The picklable description of a job a worker needs: local input folder, options, rules file."""
-    return {"input": os.path.abspath(plan.source.folder), "options": asdict(plan.options), "rules": rules_path}
+    """The picklable description of a job a worker needs: local input (folder, or a GGUF file), options, rules file."""
+    local = plan.source.shards[0] if getattr(plan.source, "gguf", None) is not None else plan.source.folder
+    return {"input": os.path.abspath(local), "options": asdict(plan.options), "rules": rules_path}
 
 
 def shard_fingerprint(plan, index: int) -> str:
