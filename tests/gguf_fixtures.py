@@ -58,12 +58,14 @@ def _random_k_blocks(shape: tuple[int, ...], qtype, generator: np.random.Generat
 
 def _add_tokenizer(writer, vocab: int) -> None:
     """A small byte-level BPE vocabulary in llama.cpp's keys (what convert_hf_to_gguf.py writes for gpt2 models)."""
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(0x21 + i) for i in range(vocab - 3)]
+    singles = [chr(0x21 + i) for i in range(vocab - 3 - 4)]
+    merges = [f"{singles[i]} {singles[i + 1]}" for i in range(4)]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + singles + [m.replace(" ", "") for m in merges]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
-    writer.add_token_merges([f"{tokens[3 + i]} {tokens[4 + i]}" for i in range(4)])
+    writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")

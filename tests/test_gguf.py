@@ -120,3 +120,35 @@ def test_batch_job_takes_a_gguf(tmp_path):
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert relative_logit_error(transformers_gguf_model(path), folder_model(str(tmp_path / "wide")), 96) <= TOLERANCE
+
+
+def test_desc_of_a_gguf_loads_neither_torch_nor_transformers(tmp_path):
+    from fixtures import run_cli_in_fresh_process
+
+    result = run_cli_in_fresh_process(["desc", "-i", build_gguf(tmp_path, "llama", "Q4_K")],
+                                      forbidden=("transformers", "torch"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_verify_takes_a_gguf(tmp_path):
+    """verify SRC.gguf DST: the GGUF is compared through its (cached) import."""
+    path = build_gguf(tmp_path, "qwen3", "Q6_K")
+    runner = CliRunner()
+    up = runner.invoke(cli, ["up", "-i", path, "-o", str(tmp_path / "wide"), "-upm", "3", "-q"], catch_exceptions=False)
+    assert up.exit_code == 0, up.output
+    check = runner.invoke(cli, ["verify", path, str(tmp_path / "wide")], catch_exceptions=False)
+    assert check.exit_code == 0 and "PASS" in check.output, check.output
+
+
+def test_without_transformers_the_tokenizer_is_missing_and_said_so(tmp_path, monkeypatch, capsys):
+    import tensorscale.reading.gguf_source as gguf_source
+
+    path = build_gguf(tmp_path, "llama", "Q8_0", tokenizer=True)
+    monkeypatch.setattr(gguf_source, "_has_transformers", lambda: False)
+    folder = open_source(path).folder
+    assert os.path.isfile(os.path.join(folder, "config.json"))
+    assert not os.path.exists(os.path.join(folder, "tokenizer.json"))
+    assert "transformers is not installed" in capsys.readouterr().err
+    monkeypatch.undo()  # transformers "installed" again: the side folder is redone, the tokenizer converted
+    assert open_source(path).folder == folder
+    assert os.path.isfile(os.path.join(folder, "tokenizer.json"))

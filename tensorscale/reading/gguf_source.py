@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 from ..errors import TensorscaleError
@@ -246,8 +247,10 @@ def generation_config(config: dict) -> dict:
 
 
 def write_side_folder(header: GgufHeader, config: dict, folder: str) -> None:
-    """config.json, generation_config.json and the tokenizer files, written once per GGUF file."""
-    if os.path.isfile(os.path.join(folder, MARKER)):
+    """config.json, generation_config.json and the tokenizer files, written once per GGUF file (again if the
+    tokenizer could not be converted before for want of transformers, and transformers is there now)."""
+    marker = _read_marker(folder)
+    if marker is not None and not (str(marker.get("tokenizer", "")).startswith(NO_TRANSFORMERS) and _has_transformers()):
         return
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -258,6 +261,9 @@ def write_side_folder(header: GgufHeader, config: dict, folder: str) -> None:
                 json.dump(data, handle, indent=2, sort_keys=True)
                 handle.write("\n")
         tokenizer = write_tokenizer(header, tmp)
+        if tokenizer.startswith("not converted"):
+            sys.stderr.write(f"tensorscale: note: {os.path.basename(header.path)}: tokenizer {tokenizer}; "
+                             "outputs will lack tokenizer files\n")
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as handle:
             json.dump({"gguf": os.path.realpath(header.path), "size": header.file_size, "mtime_ns": header.mtime_ns,
                        "tokenizer": tokenizer}, handle, indent=2)
@@ -276,10 +282,10 @@ def write_tokenizer(header: GgufHeader, folder: str) -> str:
     `verify` report, and `up`/`down` outputs lack them. Returns what happened, for the marker file."""
     if "tokenizer.ggml.tokens" not in header.metadata:
         return "the GGUF has no tokenizer"
-    try:
-        import transformers
-    except ImportError:
-        return "not converted: transformers is not installed (pip install 'tensorscale[transformers]')"
+    if not _has_transformers():
+        return NO_TRANSFORMERS + " (pip install 'tensorscale[transformers]')"
+    import transformers
+
     transformers.logging.set_verbosity_error()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -290,13 +296,28 @@ def write_tokenizer(header: GgufHeader, folder: str) -> str:
     return "converted by transformers"
 
 
-def side_folder_gguf(folder: str) -> str | None:
-    """The GGUF a side folder describes, or None for any other folder."""
+NO_TRANSFORMERS = "not converted: transformers is not installed"
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _read_marker(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, MARKER), encoding="utf-8") as handle:
-            return json.load(handle).get("gguf")
-    except (OSError, ValueError, AttributeError):
+            marker = json.load(handle)
+    except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
+
+
+def side_folder_gguf(folder: str) -> str | None:
+    """The GGUF a side folder describes, or None for any other folder."""
+    marker = _read_marker(folder)
+    return marker.get("gguf") if marker else None
 
 
 def read_rows(pread, info: TensorInfo, start: int, stop: int):
