@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from fixtures import randomise
+from fixtures import tiny_model
 
 GGUF_TINY = {
     "llama": dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -75,14 +75,9 @@ def build_gguf(folder, model_type: str, qtype_name: str = "Q8_0", *, seed: int =
                **overrides) -> str:
     """Write a tiny `model_type` model as `<folder>/<model_type>-<type>.gguf`; returns the file's path."""
     import gguf
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(GGUF_TINY[model_type])
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(model_type, **kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    randomise(model, seed)
+    model = tiny_model(model_type, seed=seed, sizes=GGUF_TINY, **overrides)
+    config = model.config
     arch = GGUF_ARCH[model_type]
     qtype = gguf.GGMLQuantizationType[qtype_name]
     path = os.path.join(str(folder), f"{model_type}-{qtype_name}.gguf")

@@ -42,16 +42,13 @@ def test_f32_import_is_the_written_model(tmp_path, model_type):
     """An F32 GGUF holds the model's own values: the import gives back every tensor bit for bit, so the
     names and llama.cpp's q/k row order are undone right (not merely as transformers undoes them)."""
     import numpy as np
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fixtures import randomise
+    from fixtures import tiny_model
     from gguf_fixtures import GGUF_TINY
 
     path = build_gguf(tmp_path, model_type, "F32", seed=3)
-    config = AutoConfig.for_model(model_type, **GGUF_TINY[model_type])
-    torch.manual_seed(3)
-    original = AutoModelForCausalLM.from_config(config)
-    randomise(original, 3)
+    original = tiny_model(model_type, seed=3, sizes=GGUF_TINY)
+    config = original.config
     imported = load_file(os.path.join(import_gguf(path, str(tmp_path / "imported")), "model.safetensors"))
     expected = {k: v for k, v in original.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     assert sorted(imported) == sorted(expected)

@@ -95,28 +95,25 @@ class ShardReader:
             buffer = None
             if len(view) < length:
                 raise ValueError(f"read_rows: buffer of {len(view)} bytes for {length}")
-        fd = self._fd(info.path)
-        done = 0
-        while done < length:
-            got = os.preadv(fd, [view[done:]], begin + done)
-            if got == 0:
-                raise TensorscaleError(f"{os.path.basename(info.path)} ended early while reading {info.name}; the file changed or is truncated")
-            done += got
+        self._pread_into(view, info.path, begin, info.name)
         if buffer is None:
             buffer = torch.frombuffer(view, dtype=torch.uint8)
         return buffer.view(dtype).reshape(shape_out)
 
-    def pread(self, path: str, offset: int, length: int, name: str = "") -> bytearray:
-        """Exactly `length` bytes at `offset`, or a one-line error if the file ends first."""
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+    def _pread_into(self, view: memoryview, path: str, offset: int, name: str) -> None:
+        """Fill `view` from `offset`, or a one-line error if the file ends first."""
         fd = self._fd(path)
-        done = 0
+        done, length = 0, len(view)
         while done < length:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise TensorscaleError(f"{os.path.basename(path)} ended early while reading {name}; the file changed or is truncated")
             done += got
+
+    def pread(self, path: str, offset: int, length: int, name: str = "") -> bytearray:
+        """Exactly `length` bytes at `offset` in a fresh buffer (GGUF blocks, decoded by the caller)."""
+        buffer = bytearray(length)
+        self._pread_into(memoryview(buffer), path, offset, name)
         return buffer
 
     def _read_encoded(self, info: TensorInfo, row_start: int, row_stop: int, into=None) -> torch.Tensor:
