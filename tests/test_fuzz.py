@@ -295,6 +295,12 @@ def test_gguf_bad_inputs_are_one_line(gguf_file, tmp_path, tmp_path_factory):
     key = b"llama.embedding_length"
     at = gguf_file.index(key) + len(key) + 4
     cases["sizes.gguf"] = (gguf_file[:at] + struct.pack("<I", 512) + gguf_file[at + 4:], "disagrees with the tensors")
+    key = b"llama.block_count"
+    at = gguf_file.index(key) + len(key) + 4
+    cases["blocks.gguf"] = (gguf_file[:at] + struct.pack("<I", 3) + gguf_file[at + 4:], "block_count is 3 but the file holds")
+    key = b"llama.attention.head_count_kv"
+    at = gguf_file.index(key) + len(key) + 4
+    kv_lie = gguf_file[:at] + struct.pack("<I", 1) + gguf_file[at + 4:]
     # a split GGUF, by name
     cases["model-00001-of-00003.gguf"] = (gguf_file, "split into 3 files")
     for filename, (data, fragment) in cases.items():
@@ -305,6 +311,12 @@ def test_gguf_bad_inputs_are_one_line(gguf_file, tmp_path, tmp_path_factory):
                 _open_and_read_all(str(path))
             continue
         _cli_refuses(path, tmp_path, fragment)
+    # kv heads that disagree with k's rows: desc describes what the header says; up refuses to write
+    path = tmp_path / "kv.gguf"
+    path.write_bytes(kv_lie)
+    result = subprocess_cli(["up", "-i", str(path), "-o", str(tmp_path / "kv-out"), "-edm", "2", "-q"])
+    assert result.returncode == 2 and "does not match" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "kv-out").exists()
 
 
 def test_gguf_lying_offsets(gguf_file, tmp_path):

@@ -111,6 +111,11 @@ def build_config(header: GgufHeader) -> dict:
     if stated is not None and stated != embedding.dims[1]:
         raise TensorscaleError(f"{name}: metadata {arch}.vocab_size is {stated} but token_embd.weight has "
                                f"{embedding.dims[1]} rows; the header disagrees with the tensors")
+    blocks = {int(parts[1]) for parts in (t.split(".") for t in tensors) if parts[0] == "blk" and parts[1].isdigit()}
+    if blocks != set(range(config["num_hidden_layers"])):
+        held = f"blocks {min(blocks)}-{max(blocks)}" if blocks else "no blocks"
+        raise TensorscaleError(f"{name}: metadata {arch}.block_count is {config['num_hidden_layers']} but the file holds "
+                               f"{held} ({len(blocks)}); the header disagrees with the tensors")
     config["tie_word_embeddings"] = "output.weight" not in tensors
     for flag, tensor in (entry.get("from_tensors") or {}).items():
         config[flag] = f"blk.0.{tensor}" in tensors
