@@ -149,3 +149,21 @@ def test_without_transformers_the_tokenizer_is_missing_and_said_so(tmp_path, mon
     monkeypatch.undo()  # transformers "installed" again: the side folder is redone, the tokenizer converted
     assert open_source(path).folder == folder
     assert os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def test_split_gguf_is_refused_by_its_metadata_too(tmp_path):
+    """The first part of a split keeps its name only by convention; split.count in the header says it too."""
+    import gguf
+
+    from tensorscale.errors import TensorscaleError
+
+    path = str(tmp_path / "renamed.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint16("split.no", 0)
+    writer.add_uint16("split.count", 2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    with pytest.raises(TensorscaleError, match="split into 2 files.*llama-gguf-split --merge"):
+        open_source(path, headers_only=True)
