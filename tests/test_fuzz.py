@@ -235,6 +235,20 @@ def test_gguf_truncated(gguf_file, cut):
             _open_and_read_all(path)
 
 
+def test_gguf_truncated_anywhere_in_the_header(tmp_path_factory, tmp_path):
+    """Every cut inside the header (metadata of every type, string arrays, the tensor table)."""
+    from tensorscale.reading.gguf_header import read_gguf_header
+
+    data = _gguf_bytes(tmp_path_factory, tokenizer=True)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data)
+    header_end = read_gguf_header(str(path)).data_start
+    for cut in range(0, header_end, 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(TensorscaleError):
+            read_gguf_header(str(path))
+
+
 @given(edits=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=6),
        spot=st.sampled_from(["header", "anywhere"]))
 def test_gguf_corrupted_bytes(gguf_file, edits, spot):

@@ -63,6 +63,7 @@ class _Cursor:
 
     def __init__(self, handle, size: int, name: str):
         self.handle, self.size, self.name, self.pos = handle, size, name, 0
+        self.last_element = None  # element type of the last array read (to write the metadata back alike)
 
     def take(self, count: int, what: str) -> bytes:
         if count < 0 or self.pos + count > self.size:
@@ -92,11 +93,13 @@ class _Cursor:
             return self.unpack(_SCALARS[kind], what)
         if kind == STRING:
             return self.string(what)
+        self.last_element = None
         if kind == ARRAY:
             element = self.unpack("<I", what)
             count = self.unpack("<Q", what)
             if count > MAX_ARRAY:
                 raise TensorscaleError(f"{self.name}: {what} claims {count} elements; the GGUF header is corrupt")
+            self.last_element = element
             if element in _NUMPY:
                 import numpy as np
 
@@ -149,13 +152,8 @@ def read_gguf_header(path: str) -> GgufHeader:
             for _ in range(kv_count):
                 key = cursor.string("a metadata key")
                 kind = cursor.unpack("<I", f"the type of {key}")
-                element = None
-                if kind == ARRAY:
-                    peek = handle.tell()
-                    element = struct.unpack("<I", handle.read(4) or b"\0\0\0\0")[0]
-                    handle.seek(peek)
                 metadata[key] = cursor.value(kind, f"metadata {key!r}")
-                value_types[key] = (kind, element)
+                value_types[key] = (kind, cursor.last_element)
             check_not_split(path, metadata)
             records = []
             for index in range(tensor_count):
