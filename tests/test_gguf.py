@@ -100,10 +100,13 @@ def test_commands_take_a_gguf(tmp_path):
     plan = runner.invoke(cli, ["plan", "-i", path, "-edm", "2", "--json"], catch_exceptions=False)
     assert plan.exit_code == 0, plan.output
     out = tmp_path / "wide"
-    up = runner.invoke(cli, ["up", "-i", path, "-o", str(out), "-edm", "2", "-upm", "2", "-q", "--verify"],
-                       catch_exceptions=False)
+    up = runner.invoke(cli, ["up", "-i", path, "-o", str(out), "-edm", "2", "-upm", "2", "-q", "--verify",
+                             "--manifest"], catch_exceptions=False)
     assert up.exit_code == 0, up.output
     assert "PASS" in up.output
+    with open(out / "tensorscale-manifest.json") as handle:
+        assert json.load(handle)["source"]["path"] == os.path.abspath(path)
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= set(os.listdir(out))
     wide = folder_model(str(out))
     assert wide.config.hidden_size == 512 and wide.config.intermediate_size == 1024
     assert relative_logit_error(transformers_gguf_model(path), wide, 96) <= TOLERANCE
