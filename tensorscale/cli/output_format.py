@@ -15,6 +15,15 @@ FORMAT_OPTIONS = [
 ]
 
 
+def converts_format(source: str, out_format: str) -> bool:
+    """Whether the command converts between formats (a GGUF in, or GGUF out): then `up` with no size
+    change is still a change (an import, or a re-encoding), not a no-op."""
+    from ..reading.gguf_header import is_gguf_path
+    from ..reading.source import local_path
+
+    return out_format == "gguf" or (isinstance(source, str) and is_gguf_path(local_path(source)))
+
+
 def write_output(plan, output, out_format: str, outtype: str | None, **options):
     """Execute the plan in the chosen format; the Result's `output` is the folder or the .gguf file."""
     from ..convert import execute_plan

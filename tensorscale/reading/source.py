@@ -39,8 +39,9 @@ class ModelSource:
         """A short name for output folders: the folder's base name or the hub repo's name."""
         if self.hub_id:
             return self.hub_id.split("/")[-1]
-        base = os.path.basename(os.path.normpath(self.shards[0] if self.gguf else self.label)) or "model"
-        return base[: -len(".gguf")] if base.lower().endswith(".gguf") else base
+        if self.gguf is not None:  # the file's name without .gguf (its folder is a cache folder)
+            return os.path.basename(self.shards[0])[: -len(".gguf")] or "model"
+        return os.path.basename(os.path.abspath(self.folder)) or "model"  # `-i .` and `-i ../x/` name the folder
 
     @property
     def total_bytes(self) -> int:
