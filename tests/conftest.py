@@ -5,6 +5,11 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# GGUF side folders and imports go to a cache; the tests' own, not the user's ~/.cache.
+if "TENSORSCALE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["TENSORSCALE_CACHE"] = tempfile.mkdtemp(prefix="tensorscale-test-cache-")
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -71,17 +71,22 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 param.copy_(norm_centre + (torch.rand(param.shape, generator=generator) - 0.5) * 0.6)
 
 
-def build_checkpoint(folder, model_type: str, *, dtype=torch.float32, max_shard_size=None, seed=0, **overrides):
-    """Save a re-randomised tiny `model_type` model into `folder`; returns the folder path."""
+def tiny_model(model_type: str, *, seed=0, sizes=None, **overrides):
+    """A re-randomised tiny `model_type` model (sizes: TINY's, or the given table's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY[model_type])
+    kwargs = dict((sizes or TINY)[model_type])
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     randomise(model, seed)
-    model = model.to(dtype)
+    return model
+
+
+def build_checkpoint(folder, model_type: str, *, dtype=torch.float32, max_shard_size=None, seed=0, **overrides):
+    """Save a re-randomised tiny `model_type` model into `folder`; returns the folder path."""
+    model = tiny_model(model_type, seed=seed, **overrides).to(dtype)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(folder), **save_kwargs)
     return str(folder)

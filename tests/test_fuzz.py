@@ -196,3 +196,148 @@ def test_cli_combinations(tiny, command, options):
         assert produced <= {"out"}, f"left {produced} for {args}"
         if result.exit_code != 0 or command == "plan":
             assert produced == set(), f"wrote {produced} for {args} ({result.output})"
+
+
+# ---- GGUF files ----------------------------------------------------------------------------------
+
+def _gguf_bytes(tmp_path_factory, model_type="llama", qtype="Q4_1", **overrides):
+    from gguf_fixtures import build_gguf
+
+    path = build_gguf(tmp_path_factory.mktemp("gguf-fuzz"), model_type, qtype, **overrides)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return _gguf_bytes(tmp_path_factory)
+
+
+def _open_and_read_all(path):
+    """Open a GGUF as the engine does, and decode every tensor; a TensorscaleError is the only failure allowed."""
+    from tensorscale.reading.source import open_source
+    from tensorscale.reading.tensor_reader import ShardReader
+
+    source = open_source(path, headers_only=True)
+    with ShardReader() as reader:
+        for info in source.tensors.values():
+            reader.read(info)
+
+
+@given(cut=st.integers(0, 10**6))
+def test_gguf_truncated(gguf_file, cut):
+    cut = cut % len(gguf_file)
+    with tempfile.TemporaryDirectory() as folder, time_limit():
+        path = os.path.join(folder, "cut.gguf")
+        with open(path, "wb") as handle:
+            handle.write(gguf_file[:cut])
+        with pytest.raises(TensorscaleError):
+            _open_and_read_all(path)
+
+
+def test_gguf_truncated_anywhere_in_the_header(tmp_path_factory, tmp_path):
+    """Every cut inside the header (metadata of every type, string arrays, the tensor table)."""
+    from tensorscale.reading.gguf_header import read_gguf_header
+
+    data = _gguf_bytes(tmp_path_factory, tokenizer=True)
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data)
+    header_end = read_gguf_header(str(path)).data_start
+    for cut in range(0, header_end, 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(TensorscaleError):
+            read_gguf_header(str(path))
+
+
+@given(edits=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=6),
+       spot=st.sampled_from(["header", "anywhere"]))
+def test_gguf_corrupted_bytes(gguf_file, edits, spot):
+    """Bytes of the header (counts, lengths, types, shapes, offsets) or data changed: a model or our error."""
+    data = bytearray(gguf_file)
+    for where, value in edits:
+        data[where if spot == "header" else (where * 151) % len(data)] = value
+    with tempfile.TemporaryDirectory() as folder, time_limit():
+        path = os.path.join(folder, "bad.gguf")
+        with open(path, "wb") as handle:
+            handle.write(data)
+        try:
+            _open_and_read_all(path)
+        except TensorscaleError as exc:
+            assert "\n" not in str(exc)
+
+
+def _cli_refuses(path, tmp_path, fragment):
+    """`desc` and `up` give one line naming the problem, exit 2, and write nothing."""
+    out = tmp_path / "out"
+    for args in (["desc", "-i", str(path)], ["up", "-i", str(path), "-o", str(out), "-edm", "2", "-q"]):
+        result = subprocess_cli(args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], result.stderr
+        assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def subprocess_cli(args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "tensorscale.cli.main", *args], capture_output=True, text=True)
+
+
+def _patched(data: bytes, find: bytes, replace: bytes) -> bytes:
+    assert data.count(find) >= 1
+    return data.replace(find, replace, 1)
+
+
+def test_gguf_bad_inputs_are_one_line(gguf_file, tmp_path, tmp_path_factory):
+    import gguf as gguf_py
+
+    cases = {}
+    cases["truncated.gguf"] = (gguf_file[: len(gguf_file) - 1000], "truncated")
+    cases["header-cut.gguf"] = (gguf_file[:200], "truncated")
+    # an architecture we do not know (same length, so the header stays well formed)
+    cases["arch.gguf"] = (_patched(gguf_file, b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00lxama"),
+                          "architecture 'lxama' is not supported")
+    # a tensor whose ggml type id is unknown, and one of a type we do not read (Q2_K)
+    name = b"blk.0.ffn_up.weight"
+    at = gguf_file.index(name) + len(name) + 4 + 16  # n_dims, 2 dims, then the type
+    cases["type.gguf"] = (gguf_file[:at] + struct.pack("<I", 99) + gguf_file[at + 4:], "unknown ggml type 99")
+    q2k = struct.pack("<I", int(gguf_py.GGMLQuantizationType.Q2_K))
+    cases["q2k.gguf"] = (gguf_file[:at] + q2k + gguf_file[at + 4:], None)  # sizes change: refused either way
+    # metadata that disagrees with the shapes: embedding_length 256 -> 512
+    key = b"llama.embedding_length"
+    at = gguf_file.index(key) + len(key) + 4
+    cases["sizes.gguf"] = (gguf_file[:at] + struct.pack("<I", 512) + gguf_file[at + 4:], "disagrees with the tensors")
+    key = b"llama.block_count"
+    at = gguf_file.index(key) + len(key) + 4
+    cases["blocks.gguf"] = (gguf_file[:at] + struct.pack("<I", 3) + gguf_file[at + 4:], "block_count is 3 but the file holds")
+    key = b"llama.attention.head_count_kv"
+    at = gguf_file.index(key) + len(key) + 4
+    kv_lie = gguf_file[:at] + struct.pack("<I", 1) + gguf_file[at + 4:]
+    # a split GGUF, by name
+    cases["model-00001-of-00003.gguf"] = (gguf_file, "split into 3 files")
+    for filename, (data, fragment) in cases.items():
+        path = tmp_path / filename
+        path.write_bytes(data)
+        if fragment is None:
+            with pytest.raises(TensorscaleError):
+                _open_and_read_all(str(path))
+            continue
+        _cli_refuses(path, tmp_path, fragment)
+    # kv heads that disagree with k's rows: desc describes what the header says; up refuses to write
+    path = tmp_path / "kv.gguf"
+    path.write_bytes(kv_lie)
+    result = subprocess_cli(["up", "-i", str(path), "-o", str(tmp_path / "kv-out"), "-edm", "2", "-q"])
+    assert result.returncode == 2 and "does not match" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "kv-out").exists()
+
+
+def test_gguf_lying_offsets(gguf_file, tmp_path):
+    """A tensor offset pointing past the end or onto another tensor."""
+    name = b"blk.0.ffn_up.weight"
+    at = gguf_file.index(name) + len(name) + 4 + 16 + 4
+    for offset, fragment in ((len(gguf_file) * 2 // 32 * 32, "past the end"), (0, "overlap")):
+        path = tmp_path / "offset.gguf"
+        path.write_bytes(gguf_file[:at] + struct.pack("<Q", offset) + gguf_file[at + 8:])
+        _cli_refuses(path, tmp_path, fragment)

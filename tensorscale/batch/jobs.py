@@ -305,7 +305,9 @@ def _resolve(path: str, base: str) -> str:
 
 
 def _resolve_input(text: str, base: str) -> str:
-    """A path relative to the jobs file if it exists there; otherwise a hub id stays as written."""
+    """A path relative to the jobs file if it exists there; otherwise a hub id (or pkg:NAME) stays as written."""
+    if text.startswith("pkg:"):
+        return text
     local = _resolve(text, base)
     if os.path.exists(local) or not looks_like_hub_id(text):
         return local

@@ -22,9 +22,10 @@ _PLAN_CACHE_SIZE = 4
 
 
 def job_spec(plan, rules_path: str | None) -> dict:
-    """The picklable description of a job a worker needs: local input folder, options, rules file, and the
-    shards' provenance metadata (string values, decided by the driver's execute_plan)."""
-    return {"input": os.path.abspath(plan.source.folder), "options": asdict(plan.options), "rules": rules_path,
+    """The picklable description of a job a worker needs: local input (folder, or a GGUF file), options, rules
+    file, and the shards' provenance metadata (string values, decided by the driver's execute_plan)."""
+    local = plan.source.shards[0] if getattr(plan.source, "gguf", None) is not None else plan.source.folder
+    return {"input": os.path.abspath(local), "options": asdict(plan.options), "rules": rules_path,
             "metadata": dict(plan.metadata) if plan.metadata else None}
 
 

@@ -10,6 +10,7 @@ from ..errors import TensorscaleError
 from . import render
 from .options import model_input, with_options
 from .revision import command_line, revision_option
+from .output_format import FORMAT_OPTIONS
 
 TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -75,9 +76,10 @@ def fold_summary(plan) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @revision_option
+@lambda func: with_options(func, FORMAT_OPTIONS)
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
          calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
-         as_json, quiet):
+         as_json, quiet, out_format, outtype):
     """Make a narrower model of the same architecture by folding units into clusters.
 
     Exactly undoes `up` (a HyperCloned model's copies are found and merged). On other models, units
@@ -90,7 +92,8 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
       tensorscale down tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
       tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
     """
-    from ..convert import execute_plan, plan_down
+    from ..convert import plan_down
+    from .output_format import write_output
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     calibration_data = None
@@ -100,8 +103,8 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
         calibration_data = (read_calibration_text(calibration), calibration_tokens)
     plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
                      calibration=calibration_data)
-    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json, verify_files=verify_files,
-                          manifest=manifest, command=command_line())
+    result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
+                          verify_files=verify_files, manifest=manifest, command=command_line())
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()

@@ -20,6 +20,7 @@ from . import render
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
 from .options import add_to_every_command, model_input, verbose_option, with_options
 from .revision import command_line, remember_arguments, revision_option
+from .output_format import FORMAT_OPTIONS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -99,6 +100,10 @@ def _input_option(func):
     return model_input()(revision_option(func))
 
 
+def output_format_options(func):
+    return with_options(func, FORMAT_OPTIONS)
+
+
 def _up_options(func):
     options = [
         click.option("--embed-dim-multiplier", "-edm", "edm", type=int, default=1, show_default=True,
@@ -175,16 +180,18 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
 @click.option("--tolerance", type=float, default=None, metavar="X",
               help="--verify's pass mark on the relative logit error [default: 1e-4; 1e-2 where 16-bit storage "
                    "rounds the function].")
+@output_format_options
 def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
        strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
-       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits, tolerance):
+       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits, tolerance, out_format, outtype):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
     Example:
       tensorscale up examples/tiny-llama -o tiny-llama-x2 -edm 2 -upm 2
     """
-    from ..convert import asks_for_a_change, execute_plan, plan_changes_nothing, plan_conversion
+    from ..convert import asks_for_a_change, plan_changes_nothing, plan_conversion
+    from .output_format import converts_format, write_output
 
     if tolerance is not None and not verify_logits:
         raise TensorscaleError("--tolerance is the pass mark of --verify; add --verify or leave it out")
@@ -196,18 +203,18 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
                        duplicate_layers, targets)
-    if not asks_for_a_change(options):
+    converting = converts_format(source, out_format)  # GGUF in or out: a new file even at the same size
+    if not converting and not asks_for_a_change(options):
         raise TensorscaleError(NOTHING_TO_CHANGE)  # before a hub download, not after
     plan = plan_conversion(source, options, rules_path)
-    if plan_changes_nothing(plan):
+    if not converting and plan_changes_nothing(plan):
         raise TensorscaleError(NOTHING_TO_CHANGE)
     if check is not None:
         note = check.prepare(plan)
         if note:
             click.echo(f"tensorscale: {note}", err=True)
-    result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=command_line(),
-                          check=check)
+    result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
+                          verify_files=verify_files, manifest=manifest, command=command_line(), check=check)
     for name in result.stale_removed:
         click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
     summary = result.summary()

@@ -37,7 +37,8 @@ def describe(source: ModelSource) -> dict:
     dtypes: Counter = Counter()
     for name, info in source.tensors.items():
         by_component[guess_component(name)] += info.numel
-        dtypes[info.dtype] += info.nbytes
+        # as stored: a GGUF's quantized tensors count under their block type (Q4_1...), not the float32 they read as
+        dtypes[getattr(info.encoding, "type_name", None) or info.dtype] += info.nbytes
     config = source.config
     return {
         "input": source.label,

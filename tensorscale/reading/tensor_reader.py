@@ -74,6 +74,8 @@ class ShardReader:
 
         `into`: a writable buffer (memoryview, uint8 tensor's numpy view...) of at least the rows' size to read
         into instead of a fresh one; the tensor returned then shares its memory."""
+        if info.encoding is not None:
+            return self._read_encoded(info, row_start, row_stop, into)
         shape = info.shape if info.shape else (1,)
         row_numel = math.prod(shape[1:])
         itemsize = DTYPE_SIZES[info.dtype]
@@ -93,16 +95,43 @@ class ShardReader:
             buffer = None
             if len(view) < length:
                 raise ValueError(f"read_rows: buffer of {len(view)} bytes for {length}")
-        fd = self._fd(info.path)
-        done = 0
-        while done < length:
-            got = os.preadv(fd, [view[done:]], begin + done)
-            if got == 0:
-                raise TensorscaleError(f"{os.path.basename(info.path)} ended early while reading {info.name}; the file changed or is truncated")
-            done += got
+        self._pread_into(view, info.path, begin, info.name)
         if buffer is None:
             buffer = torch.frombuffer(view, dtype=torch.uint8)
         return buffer.view(dtype).reshape(shape_out)
+
+    def _pread_into(self, view: memoryview, path: str, offset: int, name: str) -> None:
+        """Fill `view` from `offset`, or a one-line error if the file ends first."""
+        fd = self._fd(path)
+        done, length = 0, len(view)
+        while done < length:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise TensorscaleError(f"{os.path.basename(path)} ended early while reading {name}; the file changed or is truncated")
+            done += got
+
+    def pread(self, path: str, offset: int, length: int, name: str = "") -> bytearray:
+        """Exactly `length` bytes at `offset` in a fresh buffer (GGUF blocks, decoded by the caller)."""
+        buffer = bytearray(length)
+        self._pread_into(memoryview(buffer), path, offset, name)
+        return buffer
+
+    def _read_encoded(self, info: TensorInfo, row_start: int, row_stop: int, into=None) -> torch.Tensor:
+        """Rows of a tensor stored other than as plain rows (GGUF: quantized blocks, permuted heads)."""
+        from .gguf_source import read_rows
+
+        rows = read_rows(lambda offset, length: self.pread(info.path, offset, length, info.name), info,
+                         row_start, row_stop)
+        if into is None:
+            return rows
+        length = rows.numel() * rows.element_size()
+        view = memoryview(into).cast("B")[:length]
+        if len(view) < length:
+            raise ValueError(f"read_rows: buffer of {len(view)} bytes for {length}")
+        out = torch.frombuffer(view, dtype=torch.uint8).view(rows.dtype).reshape(rows.shape) if length else rows
+        if length:
+            out.copy_(rows)
+        return out
 
     def prefetch(self, info: TensorInfo) -> None:
         """Ask the kernel to read a tensor's bytes ahead, in file order, before it is read out of order (a
@@ -121,6 +150,8 @@ class ShardReader:
         span of them: each run of wanted rows lands in its place, and a short gap of unwanted rows (up to
         SKIP_BYTES) goes to a scratch buffer, where a new system call would cost more than copying it. A
         pread per run of rows took a third of `down`'s write time (200 000 calls at 2B)."""
+        if info.encoding is not None:
+            return self._read_encoded_list(info, rows)
         shape = info.shape if info.shape else (1,)
         out = torch.empty((len(rows), *shape[1:]), dtype=torch_dtype(info.dtype))
         row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[info.dtype]
@@ -149,6 +180,22 @@ class ShardReader:
                 # A short read (the end of the file, or the kernel's per-call limit): read run by run.
                 for first in range(begin, end):
                     self.read_rows(info, rows[first], rows[first] + 1, into=target[first * row_bytes:(first + 1) * row_bytes])
+            begin = end
+        return out
+
+    def _read_encoded_list(self, info: TensorInfo, rows: list[int]) -> torch.Tensor:
+        """Listed rows of an encoded tensor: decoded a window of nearby rows at a time (a few MiB of float32)."""
+        shape = info.shape if info.shape else (1,)
+        out = torch.empty((len(rows), *shape[1:]), dtype=torch_dtype(info.dtype))
+        window = max(1, (8 << 20) // max(1, 4 * math.prod(shape[1:])))
+        begin = 0
+        while begin < len(rows):
+            first = rows[begin]
+            end = begin
+            while end < len(rows) and rows[end] < first + window:
+                end += 1
+            block = self.read_rows(info, first, rows[end - 1] + 1)
+            out[begin:end] = block[torch.tensor(rows[begin:end]) - first]
             begin = end
         return out
 

@@ -84,7 +84,8 @@ def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
         },
         "source": {
             "input": source.label,
-            "path": os.path.abspath(source.folder),
+            # a GGUF's own path, not the cache folder that holds its config and tokenizer
+            "path": os.path.abspath(source.shards[0] if getattr(source, "gguf", None) is not None else source.folder),
             "hub_id": source.hub_id,
             "revision": revision,
             "requested_revision": source.revision,  # as asked (org/name@rev, --revision); None: the default
