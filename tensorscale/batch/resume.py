@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ..writing.integrity import MANIFEST_NAME, file_sha256
+from ..writing.replace_guard import is_model_file
 
 
 @dataclass
@@ -24,20 +25,40 @@ class Verdict:
     reason: str  # why it does not match (empty when it does)
 
 
-def output_hashes(folder: str) -> dict[str, str]:
-    """The files a manifest lists (as build_manifest lists them), with their sha256."""
-    return {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME}
+def output_hashes(folder: str, listed=None) -> dict[str, str]:
+    """The files a manifest lists (as build_manifest lists them), with their sha256. With `listed` (the
+    manifest's names), files the user added that are no model files are left out: they do not make a
+    finished output unfinished, and a skip keeps them."""
+    names = [name for name in sorted(os.listdir(folder))
+             if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME]
+    if listed is not None:
+        names = [name for name in names if name in listed or is_model_file(name)]
+    return {name: file_sha256(os.path.join(folder, name)) for name in names}
+
+
+def _read_manifest(output: str):
+    with open(os.path.join(output, MANIFEST_NAME), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def records_job(job, output: str) -> bool:
+    """The output's manifest was written by tensorscale for this very job (its command line)."""
+    try:
+        recorded = _read_manifest(output)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("tool") == "tensorscale" and recorded.get("command") == job.command_line()
 
 
 def check_existing(job, source, output: str) -> Verdict:
     if not os.path.isdir(output):
         return Verdict(False, False, "is not a folder")
     try:
-        with open(os.path.join(output, MANIFEST_NAME), encoding="utf-8") as handle:
-            recorded = json.load(handle)
+        recorded = _read_manifest(output)
     except FileNotFoundError:
         return Verdict(False, False, "has no tensorscale manifest")
+    except RecursionError:
+        return Verdict(False, False, "has a manifest nested too deeply to read")
     except (OSError, ValueError) as exc:
         return Verdict(False, False, f"has a manifest that cannot be read ({exc})")
     if not isinstance(recorded, dict) or recorded.get("tool") != "tensorscale":
@@ -48,7 +69,9 @@ def check_existing(job, source, output: str) -> Verdict:
     if (recorded.get("source") or {}).get("shards") != shards:
         return Verdict(False, True, "the input's shards differ from the manifest's")
     files = (recorded.get("output") or {}).get("files") or {}
-    current = output_hashes(output)
+    if not isinstance(files, dict):
+        return Verdict(False, True, "has a manifest whose file list is not a mapping")
+    current = output_hashes(output, set(files))
     if files != current:
         changed = sorted(set(files) ^ set(current)) or sorted(name for name in files if files[name] != current[name])
         return Verdict(False, True, f"output file {changed[0]} differs from the manifest")

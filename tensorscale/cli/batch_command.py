@@ -45,7 +45,7 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
 
     Jobs whose output exists and matches its manifest are skipped; failed jobs do not stop the others.
     """
-    from ..batch.jobs import load_jobs
+    from ..batch.jobs import check_outputs, load_jobs
     from ..batch.local_executor import default_memory_budget, worker_count
     from ..batch.overview import Overview
     from ..batch.runner import run_batch
@@ -66,6 +66,7 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
         raise TensorscaleError(f"the folder for the summary {summary_path} does not exist; create it or pass --summary")
     if not os.access(os.path.dirname(summary_path), os.W_OK):
         raise TensorscaleError(f"cannot write the summary into {os.path.dirname(summary_path)}; pass --summary FILE elsewhere")
+    check_outputs(job_list, os.path.abspath(jobs_file), summary_path)
     slots = jobs or os.cpu_count() or 1
 
     if executor == "ray":

@@ -139,6 +139,7 @@ class Plan:
     depth: object = None  # up: the output layers when depth grows (planning.depth.Layers)
     layouts: dict | None = None  # up: where each space's new units come from (rulebook.layout)
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. rounding in bf16)
+    nonfinite_inputs: set = field(default_factory=set)  # input tensors seen holding NaN/Inf while written
 
     @property
     def total_parameters(self) -> int:

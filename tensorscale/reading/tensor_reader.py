@@ -57,6 +57,15 @@ class ShardReader:
     def __init__(self):
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # shards are written by several threads sharing one reader
+        # When a set: names of float tensors whose bytes, as read, hold NaN or Inf (every read is checked;
+        # one pass over memory that is already hot). None: no check.
+        self.nonfinite: set[str] | None = None
+
+    def _note_nonfinite(self, info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+        if self.nonfinite is not None and tensor.is_floating_point() and info.name not in self.nonfinite \
+                and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            self.nonfinite.add(info.name)
+        return tensor
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -102,7 +111,7 @@ class ShardReader:
             done += got
         if buffer is None:
             buffer = torch.frombuffer(view, dtype=torch.uint8)
-        return buffer.view(dtype).reshape(shape_out)
+        return self._note_nonfinite(info, buffer.view(dtype).reshape(shape_out))
 
     def prefetch(self, info: TensorInfo) -> None:
         """Ask the kernel to read a tensor's bytes ahead, in file order, before it is read out of order (a
@@ -150,7 +159,7 @@ class ShardReader:
                 for first in range(begin, end):
                     self.read_rows(info, rows[first], rows[first] + 1, into=target[first * row_bytes:(first + 1) * row_bytes])
             begin = end
-        return out
+        return self._note_nonfinite(info, out)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         rows = info.shape[0] if info.shape else 1
