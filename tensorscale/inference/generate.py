@@ -45,6 +45,10 @@ def generate(label: str, prompt: str, settings: Settings, on_text: Callable[[str
     require_transformers("gen")
     import torch
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TensorscaleError("--prompt is not valid UTF-8 text (a stray byte such as \\xff); pass plain text") from None
     source = resolve(label)
     tokenizer = load_tokenizer(source.folder, label, "gen")  # before the model: fail fast on a missing tokenizer
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -66,6 +70,10 @@ def generate(label: str, prompt: str, settings: Settings, on_text: Callable[[str
         kwargs.update(temperature=None, top_k=None, top_p=None)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is None:
         kwargs["pad_token_id"] = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    with torch.no_grad():  # a broken model would sample from NaN (a traceback) or emit junk greedily
+        if not bool(torch.isfinite(model(ids).logits).all()):
+            raise TensorscaleError(f"{label} computes NaN or Inf logits on the prompt: its weights are broken "
+                                   "(`tensorscale verify` names where); nothing to generate")
     stream = _Continuation(tokenizer, ids[0].tolist(), on_text)
     kwargs["streamer"] = stream
     with torch.no_grad():
