@@ -75,10 +75,10 @@ def init_worker(threads: int) -> None:
     give torch a fair share of the cores so that N workers do not each spawn a thread per core."""
     import signal
 
+    die_with_parent()  # first: importing torch takes seconds
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
     torch.set_num_threads(max(1, threads))
 
 
