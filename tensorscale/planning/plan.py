@@ -21,6 +21,7 @@ from ..rulebook.layout import plan_layouts
 from ..rulebook.expr import ExpressionError
 from ..rulebook.schema import RuleSet, render_template
 from . import depth
+from .completeness import check_complete
 
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -365,6 +366,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
     that the analysis found equal to the embedding, so it is dropped and the output is tied again."""
     options.validate()
     env = evaluate_env(rule_set, source.config, options)
+    check_complete(rule_set, source, env)
     spaces = resolve_spaces(rule_set, env)
     new_config = rewrite_config(rule_set, source.config, env, options)
     layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows

@@ -29,7 +29,8 @@ KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "
                    "depth"}
 KNOWN_DEPTH_KEYS = {"count", "group", "lists", "thresholds", "identity", "identity_checks", "note"}
 KNOWN_IDENTITY_KEYS = {"match", "fill", "when", "note"}
-KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note"}
+KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note",
+                     "required"}
 KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
 KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "norm", "note"}
 # How a space is normalised, where something normalises it as a whole (see SpaceSpec.norm).
@@ -97,6 +98,9 @@ class TensorRule:
     replicate_name: str | None = None
     drop: bool = False
     component: str | None = None
+    # When this holds (over config and let values), some tensor must fully match `regex`: a checkpoint
+    # without its embedding, final norm or (untied) head is incomplete, not a smaller model.
+    required: Expression | None = None
 
     @property
     def label(self) -> str:
@@ -375,9 +379,11 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
     transform = _transform(item, where, spaces)
     if drop and not transform.is_copy():
         raise RulesError(f"{where}: a dropped tensor cannot also have axes, ops or scale")
+    required = item.get("required")
     return TensorRule(
         index, pattern, regex, transform, _expr(item["when"], where) if "when" in item else None,
         count, template, drop, _component(item, where),
+        _expr(required, f"{where}: required") if required not in (None, False) else None,
     )
 
 
