@@ -12,11 +12,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import yaml
-
 from ..errors import TensorscaleError
+from ..strict_yaml import load_yaml, read_text_file
 from ..reading.source import looks_like_hub_id
 
+MAX_JOBS_BYTES = 16 * 2**20
 COMMANDS = ("up", "down")
 REQUIRED = ("command", "input", "output")
 # Options shared by both commands, by the CLI's long names with underscores, and their defaults.
@@ -113,46 +113,13 @@ class Job:
         return args + ["--manifest"]
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load (no Python objects) that also refuses a key given twice, which YAML would silently
-    resolve to the last value: `seed: 1 ... seed: 2` in one job is a mistake worth a message."""
-
-
-def _mapping_without_duplicates(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise TensorscaleError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one")
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
 def load_jobs(path: str) -> list[Job]:
     """Read and validate the whole jobs file; raise one TensorscaleError line on the first problem."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise TensorscaleError(f"jobs file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TensorscaleError(f"cannot read jobs file {path}: {exc}") from None
-    try:
-        loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only, never Python objects
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except TensorscaleError as exc:
-        raise TensorscaleError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TensorscaleError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not os.path.lexists(path):
+        raise TensorscaleError(f"jobs file {path} does not exist; check the path")
+    text = read_text_file(path, "jobs file", MAX_JOBS_BYTES)
+    # safe loading (plain data only), a key given twice refused, nesting bounded (strict_yaml)
+    data = load_yaml(text, path)
     return parse_jobs(data, path)
 
 

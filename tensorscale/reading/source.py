@@ -69,6 +69,8 @@ def read_config(folder: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
+    except RecursionError:
+        raise TensorscaleError(f"{path} is nested too deeply to be a model config; fix or re-download it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorscaleError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
     if not isinstance(config, dict):

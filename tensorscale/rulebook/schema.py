@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from ..errors import TensorscaleError
+from ..strict_yaml import load_yaml, read_text_file
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
+from .patterns import Pattern
 
 KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched",
                    "depth"}
@@ -91,7 +91,7 @@ class Transform:
 class TensorRule:
     index: int
     pattern: str
-    regex: re.Pattern
+    regex: Pattern
     transform: Transform
     when: Expression | None = None
     replicate_count: Expression | None = None
@@ -122,7 +122,7 @@ class IdentityRule:
     (a residual writer zeroed, or a (1+w) post-norm gain set to -1 so that the norm outputs zero)."""
 
     pattern: str
-    regex: re.Pattern
+    regex: Pattern
     fill: Expression
     when: Expression | None = None
 
@@ -160,24 +160,51 @@ class RuleSet:
     depth: DepthSpec | None = None  # None: the architecture cannot grow in depth
 
 
+MAX_RULES_BYTES = 2**20  # shipped rules files are 3-8 KB
+MAX_OP_NODES = 10_000  # ops, fused parts and axis roles in one file, counted as parsed
+
+
 def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
+    """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RulesError(f"{path}: invalid YAML{where}: {problem}") from None
+        data = load_yaml(text, path, aliases=False)
+    except RulesError:
+        raise
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
+    _count_nodes(data, path)
     return _build(data, path)
+
+
+def _count_nodes(data, path: str) -> None:
+    """A bound on the file's size as a tree (without aliases it is the size of the text, but stay sure)."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > 50 * MAX_OP_NODES:
+            raise RulesError(f"{path}: more than {50 * MAX_OP_NODES:,} values; a rules file is a few hundred")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def load_rules_file(path: str) -> RuleSet:
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RulesError(f"cannot read rules file {path}: {exc}") from None
+        text = read_text_file(path, "rules file", MAX_RULES_BYTES)
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
     return load_rules_text(text, path)
+
+
+def _pattern(source: str, where: str) -> Pattern:
+    try:
+        return Pattern(source, where)
+    except RulesError:
+        raise
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
 
 
 def _expr(value, where: str) -> Expression:
@@ -336,10 +363,7 @@ def _depth(value, path: str, tensors: list[TensorRule]) -> DepthSpec | None:
                                     " of {match, fill} rules"):
         if not isinstance(item.get("match"), str) or "fill" not in item:
             raise RulesError(f"{here} needs 'match' (a regular expression) and 'fill' (a value)")
-        try:
-            regex = re.compile(item["match"])
-        except re.error as exc:
-            raise RulesError(f"{here}: regex {item['match']!r} does not compile: {exc}") from None
+        regex = _pattern(item["match"], here)
         spec.identity.append(IdentityRule(item["match"], regex, _expr(item["fill"], here),
                                           _expr(item["when"], here) if "when" in item else None))
     spec.identity_checks = _checks(value.get("identity_checks"), f"{where}.identity_checks")
@@ -360,10 +384,7 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
     pattern = item.get("match")
     if not isinstance(pattern, str) or not pattern:
         raise RulesError(f"{where} needs 'match', a regular expression for tensor names")
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise RulesError(f"{where}: regex {pattern!r} does not compile: {exc}") from None
+    regex = _pattern(pattern, where)
     where = f"{path}: tensors[{index}] ({pattern})"
     replicate = item.get("replicate")
     count = template = None
