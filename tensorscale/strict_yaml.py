@@ -82,8 +82,9 @@ class _NoAliasLoader(_StrictLoader):
 
 def load_yaml(text: str, path: str, *, aliases: bool = True):
     """Plain data from YAML text; every problem is one TensorscaleError line starting with `path`."""
-    loader = (_StrictLoader if aliases else _NoAliasLoader)(text)
+    loader = None
     try:
+        loader = (_StrictLoader if aliases else _NoAliasLoader)(text)  # the reader checks characters here
         return loader.get_single_data()
     except TensorscaleError as exc:
         raise TensorscaleError(f"{path}: {exc}") from None
@@ -95,4 +96,5 @@ def load_yaml(text: str, path: str, *, aliases: bool = True):
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise TensorscaleError(f"{path}: invalid YAML{where}: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
