@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import TensorscaleError
+from .progress import progress_for
 from .planning.plan import Options, Plan, ShardPlan, build_plan
 from .reading.source import INDEX_NAME, ModelSource, open_source
 from .rulebook.registry import resolve_rules
@@ -17,11 +20,18 @@ from .writing.output_folder import OutputFolder, check_output_path, release_rese
 # Room each shard's header may take beyond its tensors' bytes, in the whole-output disk reservation.
 HEADER_ALLOWANCE = 2**20
 
+log = logging.getLogger(__name__)  # `-v` shows these lines on stderr
+
 
 def plan_conversion(source_label: str, options: Options, rules_path: str | None = None, *, headers_only: bool = False) -> Plan:
     source = open_source(source_label, headers_only=headers_only)
+    log.info("opened %s (%s): %d tensor(s) in %d shard(s)", source.label, source.folder, len(source.tensors),
+             len(source.shards))
     rules = resolve_rules(source.config, rules_path)
-    return build_plan(source, rules, options)
+    log.info("rules %s", rules.name)
+    plan = build_plan(source, rules, options)
+    log.info("planned %d tensor(s) in %d shard(s), %d bytes", len(plan.tensors), len(plan.shards), plan.total_bytes)
+    return plan
 
 
 def targets_grow(source_label: str, targets: dict, rules_path: str | None = None) -> bool:
@@ -65,6 +75,25 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     return plan
 
 
+def asks_for_a_change(options: Options) -> bool:
+    """Whether `up` options ask for anything: growth in width (multipliers or targets) or depth, another
+    storage dtype, or an untied head. Checked before a hub download; plan_changes_nothing after planning."""
+    return (options.embed_dim_multiplier != 1 or options.up_proj_multiplier != 1 or bool(options.targets)
+            or bool(options.add_layers) or options.duplicate_layers is not None or options.dtype != "keep"
+            or options.untie_embeddings
+            or options.insert_at is not None)  # --at without --add-layers: the depth planner says what is missing
+
+
+def plan_changes_nothing(plan: Plan) -> bool:
+    """True when writing the plan would reproduce the source: same config, same tensor names, shapes and
+    dtypes (e.g. targets equal to the current sizes, or --dtype naming the dtype the model already has)."""
+    if plan.config != plan.source.config:
+        return False
+    written = {t.name: (tuple(t.out_shape), t.out_dtype) for t in plan.tensors}
+    present = {name: (tuple(info.shape), info.dtype) for name, info in plan.source.tensors.items()}
+    return written == present
+
+
 def size_label(parameters: int) -> str:
     """1_012_000_000 -> '1.0B', 492_000_000 -> '492M' (the seed tool's naming, e.g. Qwen3-0.6B-1.0B)."""
     if parameters >= 10**9:
@@ -75,7 +104,22 @@ def size_label(parameters: int) -> str:
 
 
 def default_output(source: ModelSource, plan: Plan) -> str:
-    return os.path.join(os.getcwd(), f"{source.name}-{size_label(plan.total_parameters)}")
+    """<source name>-<size> in the current folder (beside the model when that is the model's own folder),
+    plus what else shaped the output, so that different recipes get different folders: `-pad` (the
+    top-left strategy), `-add<K>` (identity layers), `-dup<START>-<END>` (duplicated layers)."""
+    name = f"{source.name}-{size_label(plan.total_parameters)}"
+    options = plan.options
+    if options.mode == "up":
+        if options.strategy == "pad":
+            name += "-pad"
+        if options.add_layers:
+            name += f"-add{options.add_layers}"
+        if options.duplicate_layers is not None:
+            name += "-dup" + "-".join(re.findall(r"\d+", str(options.duplicate_layers)))
+    here, model = os.path.realpath(os.getcwd()), os.path.realpath(source.folder)
+    if here == model or here.startswith(model + os.sep):  # `cd my-model && tensorscale up .`: write beside it
+        here = os.path.dirname(model)
+    return os.path.join(here, name)
 
 
 @dataclass
@@ -152,6 +196,7 @@ def run_shards_in_order(plan: Plan, folder: str, verify_files: bool, progress) -
 
     with ShardReader() as reader:
         for shard in plan.shards:
+            log.info("shard %s: %d tensor(s), %d bytes", shard.filename, len(shard.tensors), shard.nbytes)
             plan.nonfinite_inputs.update(produce_shard(plan, shard, os.path.join(folder, shard.filename),
                                                        verify_files=verify_files, progress=progress, reader=reader))
             _check_inputs_unchanged(plan.source)
@@ -177,24 +222,15 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
     source = plan.source
     out = check_output_path(output or default_output(source, plan), source.folder, force, extra_kept)
     folder = OutputFolder(out)
-    bar = None
+    bar = progress_for(plan.total_bytes, "writing", len(plan.tensors), enabled=show_progress)
+    completed = False
     warnings = []
     try:
         folder.create()
         folder.reserve(plan.total_bytes + HEADER_ALLOWANCE * len(plan.shards))
-        progress = None
-        if show_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="writing", leave=False)
-            counts = {"tensors": 0}
-
-            def progress(nbytes, tensors):
-                if nbytes:
-                    bar.update(nbytes)
-                if tensors:
-                    counts["tensors"] += tensors
-                    bar.set_postfix_str(f"{counts['tensors']}/{len(plan.tensors)} tensors", refresh=False)
+        log.info("writing %s: %d tensor(s) in %d shard(s), %d bytes, into %s", out, len(plan.tensors),
+                 len(plan.shards), plan.total_bytes, folder.tmp)
+        progress = bar.update if bar is not None else None
         (shard_runner or run_shards_in_order)(plan, folder.tmp, verify_files, progress)
         folder.drop_reservation()
         _check_inputs_unchanged(source)
@@ -218,12 +254,14 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
             folder.write_json(MANIFEST_NAME, build_manifest(plan, folder.tmp, command))
         _check_inputs_unchanged(source)
         folder.commit()
+        completed = True
+        log.info("moved %s into place%s", out, f"; copied {', '.join(side)}" if side else "")
     except BaseException:
         folder.abort()
         raise
     finally:
         if bar is not None:
-            bar.close()
+            bar.close(completed)
     return Result(out, plan, time.perf_counter() - started, side, folder.stale_removed, verify_files,
                   os.path.join(out, MANIFEST_NAME) if manifest else None, warnings)
 

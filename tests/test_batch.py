@@ -189,15 +189,17 @@ def test_local_parallel_run_equals_plain_up_byte_for_byte(tmp_path, sources):
 
 
 def test_failed_job_does_not_stop_the_others_and_is_reported(tmp_path, sources):
-    jobs = _jobs(sources)[:2] + [{"command": "up", "input": str(tmp_path / "no-such-model"), "output": "out/broken"}]
+    # a plan the engine refuses (5 query heads over 2 kv heads) fails when the job runs, not up front
+    jobs = _jobs(sources)[:2] + [{"command": "up", "input": sources["llama"], "output": "out/broken",
+                                  "num_attention_heads": 5}]
     path = _write_jobs(str(tmp_path), jobs)
     result = _batch(path, "--jobs", "1")
     assert result.exit_code == 1
     summary = _summary(path)
     assert [e["status"] for e in summary["jobs"]] == ["done", "done", "failed"]
     failed = summary["jobs"][2]
-    assert failed["reason"].startswith("no model folder at") and "\n" not in failed["reason"]
-    assert "job 3 failed: no model folder" in result.output
+    assert "heads" in failed["reason"] and "\n" not in failed["reason"]
+    assert f"job 3 failed: {failed['reason']}" in result.output
     assert not os.path.exists(tmp_path / "out" / "broken") and _leftovers(tmp_path / "out") == []
 
 

@@ -137,7 +137,7 @@ def test_rules_check_lists_unmatched(llama, tmp_path):
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
     result = run("rules", "check", "-i", str(source))
     assert result.exit_code == 1 and "model.mystery.weight" in result.output
-    up = run("up", "-i", str(source), "-o", str(tmp_path / "out"))
+    up = run("up", "-i", str(source), "-o", str(tmp_path / "out"), "-edm", "2")
     assert up.exit_code == 2 and "model.mystery.weight" in up.output and not (tmp_path / "out").exists()
 
 
@@ -166,7 +166,7 @@ def test_bad_rules_are_one_line_errors(llama, tmp_path, case):
     text, message = BAD_RULES[case]
     rules = tmp_path / "bad.yaml"
     rules.write_text(text)
-    result = run_process("up", "-i", llama, "-o", str(tmp_path / "out"), "--rules", str(rules))
+    result = run_process("up", "-i", llama, "-o", str(tmp_path / "out"), "--rules", str(rules), "-edm", "2")
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -190,7 +190,7 @@ def test_bad_options(llama, tmp_path, args, message):
 def test_bad_inputs(llama, tmp_path):
     inside = run_process("up", "-i", llama, "-o", os.path.join(llama, "sub"), "-edm", "2")
     assert inside.returncode == 2 and "inside" in inside.stderr
-    same = run_process("up", "-i", llama, "-o", llama, "--force")
+    same = run_process("up", "-i", llama, "-o", llama, "--force", "-edm", "2")
     assert same.returncode == 2 and "input folder" in same.stderr
     pickles = tmp_path / "pickles"
     pickles.mkdir()
@@ -204,12 +204,12 @@ def test_bad_inputs(llama, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(llama, broken)
     (broken / "config.json").write_text("{oops")
-    result = run_process("up", "-i", str(broken), "-o", str(tmp_path / "o2"))
+    result = run_process("up", "-i", str(broken), "-o", str(tmp_path / "o2"), "-edm", "2")
     assert result.returncode == 2 and "not valid JSON" in result.stderr
 
 
 def test_hub_id_offline_is_one_line(tmp_path):
-    result = run_process("up", "-i", "some-org/some-model", "-o", str(tmp_path / "out"), cwd=tmp_path)
+    result = run_process("up", "-i", "some-org/some-model", "-o", str(tmp_path / "out"), "-edm", "2", cwd=tmp_path)
     assert result.returncode == 2 and "offline" in result.stderr and "Traceback" not in result.stderr
     desc = run_process("desc", "-i", "some-org/some-model", cwd=tmp_path)
     assert desc.returncode == 2 and "offline" in desc.stderr

@@ -283,6 +283,46 @@ def _resolve_input(text: str, base: str) -> str:
     return text
 
 
+def check_inputs_and_outputs(jobs: list[Job], path: str = "<jobs>") -> None:
+    """The rest of the up-front check, which reads the disk: every input opens (config.json and the
+    safetensors headers, or the hub's) and has rules, and every output's parent folder exists or can be
+    created. A missing input in job 37 is one line before job 1 starts, not a failure after it."""
+    from ..convert import asks_for_a_change
+    from ..reading.source import open_source
+    from ..rulebook.registry import resolve_rules
+
+    for job in jobs:
+        where = f"{path}: job {job.index}"
+        if job.command == "up" and not asks_for_a_change(job.engine_options()):
+            raise TensorscaleError(f"{where}: nothing to change; give embed_dim_multiplier, up_proj_multiplier, a "
+                                   "target size, add_layers or duplicate_layers")
+        try:
+            source = open_source(job.input, headers_only=True)
+            resolve_rules(source.config, job.rules)
+        except TensorscaleError as exc:
+            hint = ""
+            if not os.path.isabs(job.input):  # a hub id: it may have been meant as a folder
+                hint = f" (and there is no folder {_resolve(job.input, os.path.dirname(os.path.abspath(path)))})"
+            raise TensorscaleError(f"{where}: input {job.input}: {exc}{hint}") from None
+        parent = os.path.dirname(job.output)
+        existing = parent
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise TensorscaleError(f"{where}: cannot create the folder for {job.output}: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise TensorscaleError(f"{where}: cannot create {job.output}: {existing} is not writable")
+
+
+def create_output_parents(jobs: list[Job]) -> None:
+    """`output: out/x` works without a prior `mkdir out` (checked by check_inputs_and_outputs first)."""
+    for job in jobs:
+        try:
+            os.makedirs(os.path.dirname(job.output), exist_ok=True)
+        except OSError as exc:
+            raise TensorscaleError(f"job {job.index}: cannot create {os.path.dirname(job.output)}: {exc.strerror}") from None
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 

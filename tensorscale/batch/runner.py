@@ -69,7 +69,12 @@ def run_job(job: Job, executor, overview) -> dict:
                                        "to replace it, or choose another output")
             entry["note"] = f"redone: {verdict.reason}"
         plan, runner = _plan(job, executor, state)
-        from ..convert import execute_plan
+        from ..convert import execute_plan, plan_changes_nothing
+
+        if job.command == "up" and plan_changes_nothing(plan):
+            raise TensorscaleError("nothing to change: the output would equal the input; give a larger size")
+        if plan.notes:
+            entry["notes"] = list(plan.notes)  # e.g. "not exact in bfloat16": the summary must say so too
 
         result = execute_plan(plan, job.output, force=True, show_progress=False, verify_files=job.verify_files,
                               manifest=True, command=job.command_line(), shard_runner=runner,

@@ -30,9 +30,12 @@ from ..errors import TensorscaleError
 @click.option("--retries", type=int, default=2, show_default=True, help="Times a failed shard is tried again.")
 @click.option("--summary", "summary_path", default=None, metavar="FILE",
               help="Where to write the JSON summary (default: JOBS.summary.json beside the jobs file).")
+@click.option("--verify-files", is_flag=True,
+              help="Every job as with `verify_files: true`: re-read each tensor written, and re-hash a finished "
+                   "job's files before skipping it (by default sizes and mtimes are compared with its manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_path, quiet, as_json):
+def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_path, verify_files, quiet, as_json):
     """Run a jobs file of conversions in parallel; rerun it to resume.
 
     \b
@@ -43,14 +46,17 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
            up_proj_multiplier: 2, snr_db: 20, seed: 1}
         - {command: down, input: models/pythia-410m, output: out/pythia-410m-half, embed_dim_divisor: 2}
 
-    Jobs whose output exists and matches its manifest are skipped; failed jobs do not stop the others.
+    Every input and output folder is checked before any job runs, then the outputs' parent folders are
+    created. Jobs whose output exists and matches its manifest (by sizes and mtimes; --verify-files
+    re-hashes) are skipped; failed jobs do not stop the others.
     """
-    from ..batch.jobs import check_outputs, load_jobs
+    from ..batch.jobs import check_inputs_and_outputs, check_outputs, create_output_parents, load_jobs
     from ..batch.local_executor import default_memory_budget, worker_count
     from ..batch.overview import Overview
     from ..batch.runner import run_batch
     from ..batch.summary import build_summary, default_summary_path, write_summary
     from ..planning.plan import parse_size
+    from ..progress import silenced_by_environment
 
     if retries < 0:
         raise TensorscaleError(f"--retries must be 0 or more, got {retries}")
@@ -61,11 +67,15 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
     if memory_budget is not None and executor != "local":
         raise TensorscaleError("--memory-budget is for --executor local; Ray bounds memory per node itself")
     job_list = load_jobs(jobs_file)
+    if verify_files:
+        for job in job_list:
+            job.options["verify_files"] = True
     summary_path = os.path.abspath(summary_path or default_summary_path(jobs_file))
     if not os.path.isdir(os.path.dirname(summary_path)):
         raise TensorscaleError(f"the folder for the summary {summary_path} does not exist; create it or pass --summary")
     if not os.access(os.path.dirname(summary_path), os.W_OK):
         raise TensorscaleError(f"cannot write the summary into {os.path.dirname(summary_path)}; pass --summary FILE elsewhere")
+    check_inputs_and_outputs(job_list, jobs_file)
     check_outputs(job_list, os.path.abspath(jobs_file), summary_path)
     slots = jobs or os.cpu_count() or 1
 
@@ -79,7 +89,8 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
         budget = parse_size(memory_budget) if memory_budget is not None else default_memory_budget()
         runner = LocalExecutor(worker_count(slots, budget), retries)
 
-    overview = Overview(job_list, enabled=not quiet and not as_json)
+    create_output_parents(job_list)  # only now: a mistake anywhere above leaves nothing behind
+    overview = Overview(job_list, enabled=not quiet and not as_json and not silenced_by_environment())
     started = time.perf_counter()
     try:
         entries = run_batch(job_list, runner, overview)
@@ -94,6 +105,8 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
         click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
                    f"in {summary['seconds']:.1f} s with {summary['workers']} {runner.name} worker(s); summary: {summary_path}")
         for entry in entries:
+            for note in entry.get("notes") or []:
+                click.echo(f"tensorscale: job {entry['index']} note: {note}", err=True)
             if entry["status"] == "failed":
                 click.echo(f"  job {entry['index']} failed: {entry['reason']}", err=True)
     if summary["counts"]["failed"]:

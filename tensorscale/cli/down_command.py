@@ -9,6 +9,7 @@ import click
 
 from ..errors import TensorscaleError
 from . import render
+from .options import model_input, with_options
 
 TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -26,13 +27,6 @@ def down_target_options(func):
         click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count (divides the heads)."),
     ]
     return with_options(func, options)
-
-
-def with_options(func, options: list):
-    """Decorate `func` with click options so that they show in `--help` in the order listed."""
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 def wants_down(edd, upd, targets: dict) -> bool:
@@ -62,7 +56,7 @@ def fold_summary(plan) -> dict:
 
 
 @click.command()
-@click.option("--input", "-i", "source", required=True, metavar="SRC", help="Model folder, or a hub id (org/name).")
+@model_input()
 @click.option("--output", "-o", "output", default=None, metavar="OUT",
               help="Output folder (default: <source name>-<size> in the current folder).")
 @down_target_options
@@ -70,9 +64,11 @@ def fold_summary(plan) -> dict:
               help="Text to run the model on: activation statistics weight the merges (needs transformers).")
 @click.option("--calibration-tokens", type=int, default=8192, show_default=True, help="Tokens of FILE to use.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering (k-means, sketches).")
-@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep", show_default=True)
-@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE")
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep", show_default=True,
+              help="Storage dtype of the output's float tensors.")
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A rules file for an architecture tensorscale does not ship.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
@@ -85,14 +81,15 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
          as_json, quiet, allow_nonfinite):
     """Make a narrower model of the same architecture by folding units into clusters.
 
-    Exactly undoes `up` (a HyperCloned model's copies are found and merged), and works on any model:
-    units whose weights are most alike are merged. Data-free by default; --calibration weights the merges
+    Exactly undoes `up` (a HyperCloned model's copies are found and merged). On other models, units
+    whose weights are most alike are merged; on a real pretrained model (SmolLM2-135M) that currently
+    loses most of its quality (see the README). Data-free by default; --calibration weights the merges
     by how much each unit is used on a sample of text.
 
     \b
     Example:
-      tensorscale down -i tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
-      tensorscale down -i my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
+      tensorscale down tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
+      tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
     """
     from ..convert import execute_plan, plan_down
     from .main import check_output_early, print_warnings

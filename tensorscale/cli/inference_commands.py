@@ -13,13 +13,13 @@ import sys
 import click
 
 from ..errors import TensorscaleError
+from .options import model_input
 
 EXIT_FAILED = 1
 
 
 @click.command()
-@click.option("--input", "-i", "source", required=True, metavar="MODEL",
-              help="Model folder (with tokenizer files), or a Hugging Face hub id.")
+@model_input("Model folder (with tokenizer files), or a Hugging Face hub id.")
 @click.option("--prompt", "-p", default="The capital of France is", show_default=True, help="Text to complete.")
 @click.option("--n-predict", "-n", type=int, default=100, show_default=True, help="Tokens to generate (fewer at EOS).")
 @click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature.")
@@ -33,7 +33,7 @@ def gen(source, prompt, n_predict, temperature, top_k, top_p, greedy, seed, as_j
 
     \b
     Example:
-      tensorscale gen -i ./tiny-llama-x2 -p "Once upon a time" -n 50 --greedy
+      tensorscale gen examples/pydoc-llama -p "Return the" -n 30 --greedy
     """
     from ..inference.generate import Settings, generate
 

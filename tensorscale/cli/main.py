@@ -17,13 +17,20 @@ import click
 from .. import __version__
 from ..errors import TensorscaleError
 from . import render
-from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down, with_options
+from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
+from .options import add_to_every_command, model_input, verbose_option, with_options
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+NOTHING_TO_CHANGE = ("nothing to change: the output would equal the input; give a size: -edm/-upm, --hidden-size, "
+                     "--intermediate-size, --num-attention-heads, --num-key-value-heads, --add-layers or "
+                     "--duplicate-layers")
 
 
 class _Group(click.Group):
+    def list_commands(self, ctx):
+        return list(self.commands)  # the order they were added in: the workflow's order, not the alphabet's
+
     def main(self, *args, **kwargs):
         kwargs.setdefault("standalone_mode", True)
         try:
@@ -83,17 +90,12 @@ ALLOW_NONFINITE = click.option("--allow-nonfinite", is_flag=True,
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tensorscale")
+@verbose_option()
 def cli():
     """Resize transformer language models by rewriting their safetensors checkpoints.
 
-    \b
-    up     widen a model by HyperCloning; the wider model computes the same logits
-    down   narrow a model by folding units into clusters; exactly undoes up
-    plan   show what `up` would do, writing nothing
-    desc   describe a checkpoint from its config and headers
-    rules  list, show, check and scaffold (rules new) the architecture rules files
-    gen    complete a prompt with a model (needs transformers)
-    verify prove two checkpoints compute the same function (needs transformers)
+    Every command takes the model as MODEL or --input/-i MODEL: a folder, or a Hugging Face hub id.
+    Results and --json go to stdout; progress, notes and -v logs go to stderr.
     """
 
 
@@ -115,9 +117,7 @@ def _install_signal_handlers():
             pass
 
 
-def _input_option(func):
-    return click.option("--input", "-i", "source", required=True, metavar="SRC",
-                        help="Model folder, or a Hugging Face hub id (org/name).")(func)
+_input_option = model_input()
 
 
 def _up_options(func):
@@ -148,8 +148,8 @@ def _up_options(func):
                      help="Where --add-layers inserts, as source layer indices (e.g. 4,8): before that layer; "
                           "default: spread evenly."),
         click.option("--duplicate-layers", default=None, metavar="START:END",
-                     help="Copy source layers START..END-1 after END (SOLAR-style depth up-scaling; not "
-                          "function-preserving)."),
+                     help="Copy source layers START..END-1 and insert the copy after END-1 (SOLAR-style depth "
+                          "up-scaling; not function-preserving)."),
     ]
     return _input_option(with_options(func, options))
 
@@ -183,7 +183,7 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
                    strategy=strategy, add_layers=add_layers, insert_at=positions, duplicate_layers=duplicate_layers)
 
 
-@cli.command()
+@cli.command(short_help="Grow a model wider or deeper (HyperCloning: the same logits).")
 @_up_options
 @_width_target_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
@@ -201,20 +201,26 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
 
     \b
     Example:
-      tensorscale up -i examples/tiny-llama -o tiny-llama-x2 -edm 2 -upm 2
+      tensorscale up examples/tiny-llama -o tiny-llama-x2 -edm 2 -upm 2
     """
-    from ..convert import execute_plan, plan_conversion
+    from ..convert import asks_for_a_change, execute_plan, plan_changes_nothing, plan_conversion
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
                        duplicate_layers, targets)
+    if not asks_for_a_change(options):
+        raise TensorscaleError(NOTHING_TO_CHANGE)  # before a hub download, not after
     check_output_early(output, source, force)
     plan = plan_conversion(source, options, rules_path)
+    if plan_changes_nothing(plan):
+        raise TensorscaleError(NOTHING_TO_CHANGE)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
                           verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]],
                           allow_nonfinite=allow_nonfinite)
     print_warnings(result)
     summary = result.summary()
+    for note in summary["notes"]:
+        click.echo(f"tensorscale: note: {note}", err=True)  # stdout carries only the result
     check = None
     if verify_logits:
         from ..inference.verify import verify as run_verify
@@ -242,7 +248,10 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
             sys.exit(1)
 
 
-@cli.command()
+cli.add_command(down)
+
+
+@cli.command(short_help="Show what up or down would do, tensor by tensor; writes nothing.")
 @_up_options
 @down_target_options
 def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
@@ -269,7 +278,7 @@ def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_
     click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
 
 
-@cli.command()
+@cli.command(short_help="Describe a checkpoint from config.json and safetensors headers.")
 @_input_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (includes total_parameters).")
 def desc(source, as_json):
@@ -290,13 +299,18 @@ def rules():
 
 
 @rules.command("list")
-def rules_list():
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def rules_list(as_json):
     """The shipped rules files and the model types they detect."""
     from ..rulebook.registry import shipped_rules
 
-    for name, rule_set in shipped_rules().items():
-        types = ", ".join(rule_set.detect_model_types) or "-"
-        click.echo(f"{name:<12} {types:<24} {rule_set.description}")
+    rows = [{"name": name, "model_types": list(rule_set.detect_model_types),
+             "architectures": list(rule_set.detect_architectures), "description": rule_set.description}
+            for name, rule_set in shipped_rules().items()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(render.rules_list_text(rows))
 
 
 @rules.command("show")
@@ -336,7 +350,7 @@ def rules_new(source, name):
 
     \b
     Example:
-      tensorscale rules new -i ./my-model > rules/mymodel.yaml
+      tensorscale rules new ./my-model > rules/mymodel.yaml
     """
     from ..reading.source import open_source
     from ..rulebook.scaffold import scaffold_rules
@@ -350,13 +364,23 @@ from .inference_commands import gen, verify  # noqa: E402  (torch and transforme
 from .batch_command import batch  # noqa: E402  (the engine and Ray load inside it)
 
 cli.add_command(gen)
-cli.add_command(down)
 cli.add_command(verify)
 cli.add_command(batch)
+# The one-line summaries of `tensorscale --help` (click would cut the docstrings' first sentences short).
+for _command, _summary in (("down", "Narrow a model by folding units into clusters; exactly undoes up."),
+                           ("rules", "List, show, check and scaffold (rules new) architecture rules files."),
+                           ("gen", "Complete a prompt with a model (needs transformers)."),
+                           ("verify", "Prove two checkpoints compute the same logits (needs transformers)."),
+                           ("batch", "Run a jobs file of up/down conversions in parallel; rerun to resume.")):
+    cli.commands[_command].short_help = _summary
+add_to_every_command(cli, verbose_option)  # -v after the command name too: `tensorscale up -v ...`
 
 
 def main():
     _install_signal_handlers()
+    from ..progress import quiet_hub_bars_in_logs
+
+    quiet_hub_bars_in_logs()
     from ..heap import keep_freed_chunks
 
     keep_freed_chunks()

@@ -133,8 +133,7 @@ def up_summary(summary: dict) -> str:
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
         f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}, "
         f"{_growth(summary)})"
-    ) + (f"\ndepth: {summary['depth']['text']}" if summary.get("depth") else "") + "".join(
-        f"\nnote: {note}" for note in summary.get("notes") or [])
+    ) + (f"\ndepth: {summary['depth']['text']}" if summary.get("depth") else "")  # notes go to stderr
 
 
 def _growth(data: dict) -> str:
@@ -153,6 +152,12 @@ def down_summary(summary: dict) -> str:
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
         f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}); {exact}{retied}"
     )
+
+
+def rules_list_text(rows: list[dict]) -> str:
+    table = _table([(row["name"], ", ".join(row["model_types"]) or "-", row["description"]) for row in rows],
+                   ("rules", "model_type", "description"))
+    return table + "\n\nA model's config.json model_type selects its rules; `tensorscale rules new MODEL` scaffolds new ones."
 
 
 def check_text(report: dict) -> str:

@@ -38,7 +38,7 @@ class ModelSource:
         """A short name for output folders: the folder's base name or the hub repo's name."""
         if self.hub_id:
             return self.hub_id.split("/")[-1]
-        return os.path.basename(os.path.normpath(self.label)) or "model"
+        return os.path.basename(os.path.abspath(self.folder)) or "model"  # `-i .` and `-i ../x/` name the folder
 
     @property
     def total_bytes(self) -> int:

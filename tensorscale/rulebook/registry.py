@@ -77,7 +77,7 @@ def resolve_rules(config: dict, rules_path: str | None) -> RuleSet:
     if rule_set is None:
         what = config.get("model_type") or (config.get("architectures") or ["unknown"])[0]
         raise TensorscaleError(
-            f"no shipped rules for architecture {what!r}; write a rules file "
-            "(`tensorscale rules show llama` is a model) and pass it with --rules FILE"
+            f"no shipped rules for architecture {what!r}; scaffold a rules file with `tensorscale rules new MODEL "
+            "> rules.yaml`, settle its DECIDE comments, and pass it with --rules rules.yaml"
         )
     return rule_set

@@ -90,11 +90,23 @@ def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
             "revision": revision,
             "shards": {os.path.basename(p): file_sha256(p) for p in source.shards},
         },
-        "output": {
-            "files": {
-                name: file_sha256(os.path.join(folder, name))
-                for name in sorted(os.listdir(folder))
-                if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME
-            }
+        "output": {"files": {name: file_sha256(os.path.join(folder, name)) for name in manifest_files(folder)}},
+        # [size, mtime_ns] of every file hashed above, so that a batch rerun can tell a finished job from
+        # a changed one without reading everything again (batch --verify-files re-hashes instead)
+        "file_stats": {
+            "source": {os.path.basename(p): file_stat(p) for p in source.shards},
+            "output": {name: file_stat(os.path.join(folder, name)) for name in manifest_files(folder)},
         },
     }
+
+
+def manifest_files(folder: str) -> list[str]:
+    """The output files a manifest lists: every plain file but hidden ones and the manifest itself."""
+    return [name for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME]
+
+
+def file_stat(path: str) -> list[int]:
+    """[size, mtime_ns]: what a rewrite, a truncation or a re-download changes, read without the data."""
+    status = os.stat(path)
+    return [status.st_size, status.st_mtime_ns]

@@ -1,0 +1,99 @@
+"""Click options that several commands share: how they are stacked, how the model is given, and -v.
+
+Every command that reads one model takes it the way mergekit, llama.cpp's converter and `hf download`
+do, as a positional MODEL, and also as `--input/-i MODEL` (the seed tool's spelling). One helper declares
+both, so each command's signature keeps a single `source` parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from ..errors import TensorscaleError
+
+MODEL_HELP = "Model folder, or a Hugging Face hub id (org/name)."
+
+
+def with_options(func, options: list):
+    """Decorate `func` with click options so that they show in `--help` in the order listed."""
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_input(help_text: str = MODEL_HELP):
+    """The model as MODEL or as --input/-i MODEL (exactly one of them), passed on as `source`."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def command(*args, model=None, source=None, **kwargs):
+            return func(*args, source=chosen_model(model, source), **kwargs)
+
+        return with_options(command, [
+            click.argument("model", required=False, metavar="MODEL"),
+            click.option("--input", "-i", "source", default=None, metavar="MODEL",
+                         help=f"{help_text} The same as giving MODEL."),
+        ])
+
+    return decorate
+
+
+def chosen_model(positional: str | None, option: str | None) -> str:
+    command = click.get_current_context().command_path
+    if positional is not None and option is not None:
+        raise TensorscaleError(f"the model is given twice ({positional!r} and --input {option!r}); give it once: "
+                               f"{command} MODEL, or {command} --input MODEL")
+    if positional is None and option is None:
+        raise TensorscaleError(f"which model? {command} MODEL (a folder or a hub id like org/name), or --input MODEL")
+    return positional if positional is not None else option
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (click's test runner swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("tensorscale: %(message)s"))
+
+
+def _set_verbosity(ctx, param, count):
+    """-v may come before the command and after it; the callbacks of both add up, per invocation."""
+    root = ctx.find_root()
+    total = root.meta.get("tensorscale.verbose", 0) + (count or 0)
+    root.meta["tensorscale.verbose"] = total
+    logger = logging.getLogger("tensorscale")
+    if total:
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.removeHandler(_HANDLER)
+        logger.setLevel(logging.NOTSET)
+    return count
+
+
+def verbose_option():
+    return click.option("--verbose", "-v", count=True, expose_value=False, is_eager=True, callback=_set_verbosity,
+                        help="Log each step to stderr: the model opened, its rules, the plan, each shard, the commit.")
+
+
+def add_to_every_command(group: click.Group, make_option) -> None:
+    """Give every command of `group`, nested groups included, the option `make_option()` builds."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            add_to_every_command(command, make_option)
+        else:
+            make_option()(command)  # click appends the option to an existing Command's params
+
