@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 
 import pytest
 import yaml
 from hypothesis import given, strategies as st
 
-from fixtures import build_checkpoint
+from fixtures import bounded_time, build_checkpoint
 from tensorscale.errors import TensorscaleError
 from tensorscale.reading.safetensors_header import DTYPE_SIZES, parse_header_bytes
 from tensorscale.rulebook.expr import Expression, ExpressionError
@@ -26,18 +24,8 @@ from tensorscale.rulebook.schema import load_rules_text
 CASE_SECONDS = 10
 
 
-@contextmanager
 def time_limit(seconds=CASE_SECONDS):
-    def hang(signum, frame):
-        raise AssertionError(f"a case ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    return bounded_time(seconds)
 
 
 # ---- safetensors headers -------------------------------------------------------------------------

@@ -8,33 +8,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import struct
-from contextlib import contextmanager
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from fixtures import build_checkpoint
+from fixtures import bounded_time, build_checkpoint
 from tensorscale.cli.main import cli
 from tensorscale.rulebook.registry import shipped_text
 
 SECONDS = 20
 
 
-@contextmanager
 def time_limit(seconds=SECONDS):
-    def hang(signum, frame):
-        raise AssertionError(f"ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    return bounded_time(seconds)
 
 
 @pytest.fixture(scope="module")
