@@ -141,15 +141,22 @@ def test_workers_die_with_a_killed_driver(tmp_path):
     driver = subprocess.Popen([sys.executable, "-m", "tensorscale.cli.main", "batch", path, "--jobs", "2", "-q",
                                "--memory-budget", "2GiB"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
-    deadline = time.time() + 60
-    while time.time() < deadline and len(workers) < 2 and driver.poll() is None:
+    deadline = time.time() + 120
+
+    def writing():  # a shard file in a temporary folder: the workers are past start-up, at work
+        try:
+            return any(name.endswith(".safetensors") for folder in (tmp_path / "out").glob(".*tensorscale-tmp-*")
+                       for name in os.listdir(folder))
+        except OSError:
+            return False
+
+    while time.time() < deadline and driver.poll() is None and not (len(workers) >= 2 and writing()):
         time.sleep(0.2)
         workers = _children(driver.pid)
     assert workers, "no worker processes appeared"
-    time.sleep(1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    deadline = time.time() + 15
+    deadline = time.time() + 30  # the watcher polls every 0.5 s; a loaded machine is slow to schedule it
     while time.time() < deadline and any(_alive(pid) for pid in workers):
         time.sleep(0.2)
     survivors = [pid for pid in workers if _alive(pid)]
