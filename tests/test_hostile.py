@@ -151,7 +151,7 @@ def test_rules_expressions_that_evaluate_to_inf_or_nan(model, tmp_path):
 
 
 def test_rules_and_calibration_from_dev_zero(model, tmp_path):
-    refused(["up", "-i", model, "-o", tmp_path / "out", "--rules", "/dev/zero", "-q"], "not a regular file")
+    refused(["up", "-i", model, "-o", tmp_path / "out", "-edm", "2", "--rules", "/dev/zero", "-q"], "not a regular file")
     refused(["down", "-i", model, "-o", tmp_path / "out", "-edd", "2", "--calibration", "/dev/zero", "-q"],
             "not a regular file")
 
