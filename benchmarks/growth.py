@@ -1,36 +1,42 @@
 #!/usr/bin/env python
-"""The growth experiment at small scale: does a HyperCloned model train better than the same-size model
-from random init, and does HyperCloning's symmetry-breaking noise matter?
+"""The growth study: where does a grown model (Recipe 2) overtake the same size trained from scratch
+(Recipe 1), at two scales, and does growing in steps beat growing at once?
 
-    python benchmarks/growth.py                      # defaults: ~10 min on 2 CPUs
-    python benchmarks/growth.py --steps 200          # a longer budget (~4x the time)
+    python benchmarks/growth.py --list              # the stages and how far each got
+    python benchmarks/growth.py                     # run every stage not yet done, in order (resumes)
+    python benchmarks/growth.py --stages s1         # only the stages whose name starts with s1
+    python benchmarks/growth.py --report            # rebuild results/growth.json, the plots and the table
 
-Why: tensorscale's reason to exist is the "Recipe 2" of growing-sparse-llms (a small pretrained model,
-expanded, then trained further) against "Recipe 1" (the large model from tabula rasa). This runs that
-comparison end to end with tensorscale itself doing the expansion, so the claim "continued training
-starts from the small model's loss" is measured rather than asserted.
+Why: tensorscale's reason to exist is the slides' (../shared/seeds/growing-sparse-llms-slides.txt)
+Recipe 2, a small pretrained model expanded and trained further, against Recipe 1, the large model from
+tabula rasa. The question is the equivalence point N: the tokens after which Recipe 1 has caught up.
 
-Recipes, all trained on the same tokens in the same order with the same AdamW schedule (corpus.py):
+Protocol (stated once more, with the results, in benchmarks/README.md):
+  - data: one seeded order of 16 x 128-token windows of the training split, indexed by global step,
+    the same for every recipe (a run that starts at step k sees windows k, k+1, ...). Seed 1, so the
+    growth phase does not replay the small models' pretraining order (seed 0).
+  - pretrained recipes continue the small model's schedule: its pretraining (train_reference.py: lr 2e-3,
+    warmup 30, cosine to 10%) ended at lr 2e-4; they warm up over 10 steps to 2e-4 (AdamW's moments are not
+    in a checkpoint and are rebuilt) and then decay by cosine to 2e-5 at the end of the budget. No jump.
+  - tabula rasa: the standard schedule of train_reference.py (lr 2e-3, warmup 30, cosine to 10%) over
+    the same budget.
+  - Recipe 1 and Recipe 2 have the same size (checked: equal parameter counts and configs).
+  - held-out loss on a fixed set of held-out windows (64 x 128 tokens), at fixed steps.
+  - loss against tokens and against total FLOPs: 6 x params x tokens for every phase a model went
+    through, the small model's pretraining included (0 for tabula rasa).
+  - every expansion is `tensorscale up` (the real CLI, in a subprocess) on a saved checkpoint, in float32
+    so the +-noise pairs cancel exactly; before training, the expanded model's logits are compared with
+    its source's.
 
-  baseline     the small pretrained model (examples/pydoc-llama) continues training
-  expanded     `up -edm 2 -upm 2` of it, no noise: Recipe 2 without symmetry breaking
-  expanded+snr the same with `--snr-db` noise (default 20 dB): Recipe 2 as HyperCloning prescribes
-  random       the expanded config from random init: Recipe 1 (same size as the expanded model)
+Stages (see STAGES): s1.* grows the 2.4M examples/pydoc-llama to 8.1M; s2.* pretrains an 8.1M model
+here with the reference recipe and grows it to 29M; p.* grows 2.4M -> x2 -> x2 with training in between
+against one-shot x4 and tabula rasa x4 (the latter is s2.tabula: the same config, data and schedule);
+d.* (down as initialisation) is declared but waits for the new `tensorscale down`.
 
-Expansions are written in float32 (`dtype="float32"`) so the ±noise pairs cancel exactly; the source's
-bf16 values upcast exactly. Before training the script checks that each expanded model's logits equal
-the source's (max |delta logit|) and that its held-out loss is the small model's.
-
-Clone divergence. Without noise, the two copies of every hidden unit and head receive identical
-gradients, so (up to float rounding) they stay copies forever and the 2x model computes only what the
-small one can. The probe measures how far the copies have come apart, on the residual stream itself:
-for a fixed held-out batch, every layer's hidden state h = [h_a, h_b] (the halves are the clones),
-divergence = ||h_a - h_b|| / ||h_a + h_b|| averaged over layers: 0 for exact clones, ~1 for unrelated
-halves. It is 0 at step 0 for both expanded models (the noise changes weights, not activations) and
-only grows if the noise lets the gradients differ.
-
-FLOPs are the usual 6 x parameters x tokens for this phase only; the small model's own pretraining
-(the same for baseline and both expanded recipes) is not added.
+Every training stage checkpoints its model, optimizer and curve (work folder) every few minutes and at
+any stop (--max-minutes), and writes its curve to results/growth/<stage>.json as it goes; running the
+script again resumes where it stopped, with the same data and schedule, so an interrupted run ends
+where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ import datetime
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -51,39 +59,171 @@ import torch  # noqa: E402
 
 import corpus  # noqa: E402
 
-RECIPES = ["baseline", "expanded", "expanded+snr", "random"]
-STYLE = {"baseline": ("tab:gray", "small pretrained, continued (baseline)"),
-         "expanded": ("tab:orange", "expanded x2, no noise (Recipe 2, no symmetry breaking)"),
-         "expanded+snr": ("tab:blue", "expanded x2 + noise (Recipe 2)"),
-         "random": ("tab:red", "same size, random init (Recipe 1)")}
+REFERENCE = os.path.join(REPO, "examples", "pydoc-llama")
+PRETRAIN = dict(lr=2e-3, warmup=30, steps=360)          # train_reference.py's defaults: the small models' recipe
+CONTINUED_LR = PRETRAIN["lr"] * 0.1                     # where that cosine ends: the small models' last lr
+REWARM_STEPS = 10
+SNR_DB = 20.0
+DATA_ROWS = 100_000                                     # rows of the one data order (steps, whatever the budget)
+
+# The recipes of a scale: name -> (how it starts, schedule kind, label for tables and plots).
+RECIPES = {
+    "small": ("small", "continued", "small pretrained, continued"),
+    "tabula": ("random", "standard", "tabula rasa, same size (Recipe 1)"),
+    "iso-snr": ("iso-snr", "continued", f"expanded isotropic + {SNR_DB:g} dB noise (Recipe 2)"),
+    "iso": ("iso", "continued", "expanded isotropic, no noise"),
+    "pad": ("pad", "continued", "expanded top-left (zero-pad)"),
+}
+RECIPE2 = "iso-snr"       # HyperCloning as its paper prescribes: the crossing is measured against this one
+EXPANSIONS = {"iso": [], "iso-snr": ["--snr-db", str(SNR_DB)], "pad": ["--strategy", "pad"]}
+COLORS = {"small": "tab:gray", "tabula": "tab:red", "iso-snr": "tab:blue", "iso": "tab:orange", "pad": "tab:green",
+          "progressive": "tab:purple", "oneshot": "tab:blue"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", default=os.path.join(REPO, "examples", "pydoc-llama"),
-                   help="the small pretrained model (train_reference.py output)")
-    p.add_argument("--work", default=os.path.join(HERE, "work", "growth"), help="expanded checkpoints go here")
-    p.add_argument("--edm", type=int, default=2)
-    p.add_argument("--upm", type=int, default=2)
-    p.add_argument("--snr-db", type=float, default=20.0)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--stages", default="", help="comma-separated name prefixes (default: every stage)")
+    p.add_argument("--list", action="store_true", help="list the stages and their state, run nothing")
+    p.add_argument("--report", action="store_true", help="only rebuild growth.json, plots and table")
+    p.add_argument("--work", default=os.path.join(HERE, "work", "growth"), help="checkpoints (not in git)")
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--source", default=REFERENCE, help="scale 1's small pretrained model")
+    p.add_argument("--s1-steps", type=int, default=300, help="scale 1 budget, steps after growth")
+    p.add_argument("--s2-steps", type=int, default=300, help="scale 2 budget (and progressive's), steps")
+    p.add_argument("--s2-pretrain-steps", type=int, default=PRETRAIN["steps"])
+    p.add_argument("--p-switch", type=int, default=100, help="progressive: steps at x2 before the second x2")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-windows", type=int, default=24, help="held-out windows per evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipes", default=",".join(RECIPES))
-    p.add_argument("--results", default=os.path.join(HERE, "results"))
-    p.add_argument("--tag", default="growth", help="file name stem of the results")
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="init and noise seed")
+    p.add_argument("--data-seed", type=int, default=1, help="seed of the growth phase's data order")
+    p.add_argument("--chunk-steps", type=int, default=20,
+                   help="steps a stage trains before the next of its group takes a turn")
+    p.add_argument("--checkpoint-minutes", type=float, default=4.0)
+    p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="stop each training stage after this many steps of this call (tests resumption)")
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------- probes
+# ------------------------------------------------------------------------------------------ settings
+
+@dataclass
+class Study:
+    args: argparse.Namespace
+    started: float = field(default_factory=time.time)
+    chunk: int | None = None          # steps a training stage takes before yielding to its group
+
+    @property
+    def work(self):
+        return self.args.work
+
+    @property
+    def stage_dir(self):
+        return os.path.join(self.args.results, "growth")
+
+    def tokens(self, steps: int) -> int:
+        return steps * self.args.batch * self.args.seq_len
+
+    def out_of_time(self) -> bool:
+        m = self.args.max_minutes
+        return m is not None and time.time() - self.started > 60 * m
+
+
+class Paused(Exception):
+    """A training stage stopped early (--max-minutes / --stop-after-steps); its checkpoint is saved."""
+
+
+class Pending(Exception):
+    """A stage that cannot run yet (a dependency outside this script is missing)."""
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+_DATA = {}
+
+
+def data(study: Study):
+    """Token streams (cached in the work folder: parsing the stdlib takes a while) and eval windows."""
+    if "d" not in _DATA:
+        from transformers import AutoTokenizer
+        cache = os.path.join(study.work, "data.pt")
+        if os.path.exists(cache):
+            streams = torch.load(cache, weights_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(REFERENCE)   # every scale shares the reference's tokenizer
+            d = corpus.build_data(tokenizer=tok)
+            streams = {"train": d.train, "val": d.val}
+            os.makedirs(study.work, exist_ok=True)
+            torch.save(streams, cache + ".tmp")
+            os.replace(cache + ".tmp", cache)
+        windows = corpus.val_windows(streams["val"], study.args.seq_len, max_windows=study.args.eval_windows)
+        _DATA["d"] = (streams["train"], windows)
+    return _DATA["d"]
+
+
+def data_order(n_tokens: int, study: Study, seed: int) -> torch.Tensor:
+    """Window starts for global steps 0..DATA_ROWS-1: one order, whatever a run's budget or first step."""
+    return corpus.batch_starts(n_tokens, study.args.seq_len, study.args.batch, DATA_ROWS, seed)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+def tensorscale_up(source: str, out: str, extra: list[str]) -> dict:
+    """The real CLI, in a subprocess, exactly as a user runs it."""
+    exe = shutil.which("tensorscale", path=os.path.dirname(sys.executable)) or shutil.which("tensorscale")
+    cmd = [exe, "up", "-i", source, "-o", out, "--dtype", "float32", "--seed", "0", "--json", *extra]
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return {"command": "tensorscale " + " ".join(cmd[1:]), "seconds": time.time() - t0}
+
+
+def load_model(folder: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def random_model(config_folder: str, seed: int):
+    from transformers import AutoConfig, LlamaForCausalLM
+    config = AutoConfig.from_pretrained(config_folder)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def params_of(model) -> int:
+    return corpus.count_params(model)
+
+
+def same_shape_config(a: str, b: str) -> bool:
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "tie_word_embeddings")
+    ca, cb = read_json(os.path.join(a, "config.json")), read_json(os.path.join(b, "config.json"))
+    return all(ca.get(k) == cb.get(k) for k in keys)
+
 
 def clone_divergence(windows: torch.Tensor, n: int):
-    """Probe: residual-stream divergence between the first and second copies (see the module docstring)."""
+    """||h_a - h_b|| / ||h_a + h_b|| of the two halves of each layer's residual stream, averaged over layers:
+    0 while the clones are exact copies (the wide model computes only what the small one could)."""
     def probe(model) -> float:
         model.eval()
         with torch.no_grad():
@@ -98,10 +238,321 @@ def clone_divergence(windows: torch.Tensor, n: int):
     return probe
 
 
+# ---------------------------------------------------------------------------------------- training
+
+@dataclass
+class Run:
+    """One training stage: a model, the global steps it trains [start, end), and its schedule."""
+    name: str
+    make_model: object            # () -> model, called only when there is no checkpoint
+    start: int                    # first global step (data and schedule position)
+    end: int
+    schedule: str                 # "standard" or "continued"
+    schedule_steps: int           # the length the cosine is laid over (global steps)
+    flops_before: float           # total FLOPs the starting model already cost (pretraining, earlier phases)
+    data_seed: int
+    probes: dict = field(default_factory=dict)
+    save_final: str | None = None  # folder to save the trained model in (for a later expansion)
+    meta: dict = field(default_factory=dict)
+
+
+def lr_at(run: Run, step: int) -> float:
+    """Standard: train_reference's schedule. Continued: a 10-step warm-up (to rebuild AdamW's moments) onto
+    a cosine from the small model's last lr (2e-4) down to 10% of it, laid over global steps."""
+    if run.schedule == "standard":
+        return corpus.Schedule(lr=PRETRAIN["lr"], warmup=PRETRAIN["warmup"]).at(step, run.schedule_steps)
+    base = corpus.Schedule(lr=CONTINUED_LR, warmup=0).at(step, run.schedule_steps)
+    return base * min(1.0, (step - run.start + 1) / REWARM_STEPS)
+
+
+def train_stage(study: Study, run: Run) -> dict:
+    """Train with checkpoints; return the stage's result (curve). Resumes from work/<name>/state.pt."""
+    from transformers import AutoTokenizer
+    args = study.args
+    train_stream, windows = data(study)
+    starts = data_order(len(train_stream), study, run.data_seed)
+    ckpt_dir = os.path.join(study.work, run.name)
+    state_path = os.path.join(ckpt_dir, "state.pt")
+    result_path = os.path.join(study.stage_dir, f"{run.name}.json")
+    os.makedirs(ckpt_dir, exist_ok=True)
+
+    model = run.make_model()
+    n_params = params_of(model)
+    opt = corpus.make_optimizer(model, corpus.Schedule(lr=CONTINUED_LR))
+    hist = {"steps": [], "tokens": [], "val_loss": [], "train_loss": [], "lr": [], "extra": {}, "seconds": 0.0,
+            "cpu_seconds": 0.0}
+    step, running, running_n = run.start, 0.0, 0
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, running, running_n, hist = state["step"], state["running"], state["running_n"], state["hist"]
+        print(f"{run.name}: resuming at step {step} of {run.end}")
+    else:
+        print(f"{run.name}: {n_params:,} parameters, steps {run.start}..{run.end}")
+
+    def result(done: bool) -> dict:
+        tokens_total = [study.tokens(s) for s in hist["steps"]]
+        return {"stage": run.name, "params": n_params, "start_step": run.start, "end_step": run.end,
+                "schedule": run.schedule, "schedule_steps": run.schedule_steps, "flops_before": run.flops_before,
+                "steps": hist["steps"], "tokens": tokens_total, "val_loss": hist["val_loss"],
+                "train_loss": hist["train_loss"], "lr": hist["lr"], "extra": hist["extra"],
+                "flops_total": [run.flops_before + 6 * n_params * study.tokens(s - run.start) for s in hist["steps"]],
+                "seconds": hist["seconds"], "cpu_seconds": hist["cpu_seconds"], "done": done,
+                "batch": args.batch, "seq_len": args.seq_len, "eval_windows": int(len(windows)),
+                "data_seed": run.data_seed, "machine": corpus.machine(),
+                "date": datetime.date.today().isoformat(), **run.meta}
+
+    def record():
+        nonlocal running, running_n
+        hist["steps"].append(step)
+        hist["tokens"].append(study.tokens(step))
+        hist["val_loss"].append(corpus.evaluate(model, windows))
+        hist["train_loss"].append(running / running_n if running_n else None)
+        hist["lr"].append(lr_at(run, min(step, run.end - 1)))
+        for name, fn in run.probes.items():
+            hist["extra"].setdefault(name, []).append(fn(model))
+        running, running_n = 0.0, 0
+        extra = "".join(f"  {k} {v[-1]:.3g}" for k, v in hist["extra"].items())
+        tl = hist["train_loss"][-1]
+        print(f"{run.name:>14} step {step:5d}/{run.end}  train {'-' if tl is None else f'{tl:.3f}'}  "
+              f"val {hist['val_loss'][-1]:.4f}  lr {hist['lr'][-1]:.2e}{extra}  ({hist['seconds']:.0f} s)",
+              flush=True)
+
+    def checkpoint():
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "running": running,
+                    "running_n": running_n, "hist": hist}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+        write_json(result_path, result(done=False))
+
+    model.train()
+    if not hist["steps"]:
+        record()
+    t0, c0, last_ckpt, steps_here = time.time(), time.process_time(), time.time(), 0
+    seconds0, cpu0 = hist["seconds"], hist["cpu_seconds"]
+    while step < run.end:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(run, step)
+        x = corpus.gather(train_stream, starts[step], args.seq_len)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running += loss.item()
+        running_n += 1
+        step += 1
+        steps_here += 1
+        hist["seconds"] = seconds0 + time.time() - t0
+        hist["cpu_seconds"] = cpu0 + time.process_time() - c0
+        if (step - run.start) % args.eval_every == 0 or step == run.end or step - run.start in (5, 10):
+            record()
+        limit = min(x for x in (args.stop_after_steps, study.chunk, 1 << 62) if x)
+        stop = study.out_of_time() or steps_here >= limit
+        if step < run.end and (stop or time.time() - last_ckpt > 60 * args.checkpoint_minutes):
+            checkpoint()
+            last_ckpt = time.time()
+            if stop:
+                raise Paused(f"{run.name}: stopped at step {step} of {run.end}; run again to resume")
+    if run.save_final:
+        model.save_pretrained(run.save_final, safe_serialization=True)
+        AutoTokenizer.from_pretrained(REFERENCE).save_pretrained(run.save_final)
+    res = result(done=True)
+    write_json(result_path, res)
+    if os.path.exists(state_path):
+        os.remove(state_path)
+    return res
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+def pretrain_flops(params: int, steps: int, study_tokens_per_step: int) -> float:
+    return 6.0 * params * steps * study_tokens_per_step
+
+
+def reference_pretrain_tokens() -> int:
+    """examples/pydoc-llama's pretraining tokens, from its training record (train_reference.py)."""
+    path = os.path.join(HERE, "results", "train_reference.json")
+    if os.path.exists(path):
+        return int(read_json(path)["tokens_seen"])
+    return PRETRAIN["steps"] * 16 * 128
+
+
+def scale_source(study: Study, scale: str) -> tuple[str, float]:
+    """(small model folder, FLOPs of its pretraining) of a scale."""
+    if scale == "s1":
+        model = load_model(study.args.source)
+        return study.args.source, 6.0 * params_of(model) * reference_pretrain_tokens()
+    res = read_json(os.path.join(study.stage_dir, "s2.pretrain.json"))
+    return os.path.join(study.work, "s2.pretrain", "final"), 6.0 * res["params"] * res["tokens"][-1]
+
+
+def expand_stage(study: Study, scale: str) -> dict:
+    """The three expansions of a scale's small model, each checked for function preservation."""
+    source, _ = scale_source(study, scale)
+    _, windows = data(study)
+    probe = windows[:8]
+    small = load_model(source)
+    with torch.no_grad():
+        ref = small(input_ids=probe).logits
+    out = {"stage": f"{scale}.expand", "source": os.path.relpath(source, REPO), "done": True,
+           "small_loss": corpus.evaluate(small, windows), "expansions": {}}
+    for name, extra in EXPANSIONS.items():
+        folder = os.path.join(study.work, scale, name)
+        info = tensorscale_up(source, folder, ["-edm", "2", "-upm", "2", *extra])
+        big = load_model(folder)
+        with torch.no_grad():
+            delta = (big(input_ids=probe).logits - ref).abs().max().item()
+        info.update(max_delta_logit=delta, logit_scale=ref.abs().max().item(), params=params_of(big),
+                    loss=corpus.evaluate(big, windows))
+        info["command"] = info["command"].replace(REPO + os.sep, "")
+        out["expansions"][name] = info
+        print(f"{scale}.expand {name}: {info['params']:,} params, max |delta logit| {delta:.2e}, "
+              f"held-out loss {info['loss']:.4f} (small {out['small_loss']:.4f})")
+    write_json(os.path.join(study.stage_dir, f"{scale}.expand.json"), out)
+    return out
+
+
+def recipe_run(study: Study, scale: str, recipe: str) -> Run:
+    steps = study.args.s1_steps if scale == "s1" else study.args.s2_steps
+    source, flops_small = scale_source(study, scale)
+    start, schedule, _ = RECIPES[recipe]
+    if start == "small":
+        make, before = (lambda: load_model(source)), flops_small
+    elif start == "random":
+        make, before = (lambda: random_model(os.path.join(study.work, scale, "iso"), study.args.seed)), 0.0
+    else:
+        folder = os.path.join(study.work, scale, start)
+        make, before = (lambda: load_model(folder)), flops_small
+    _, windows = data(study)
+    probes = {"clone_divergence": clone_divergence(windows[:8], 2)} if recipe != "small" else {}
+    return Run(f"{scale}.{recipe}", make, 0, steps, schedule, steps, before, study.args.data_seed, probes,
+               meta={"scale": scale, "recipe": recipe})
+
+
+def pretrain_s2(study: Study) -> dict:
+    """Scale 2's small model: the reference recipe (train_reference.py's schedule, data seed 0, 360 steps),
+    at twice the reference's width: hidden 384, 8 heads / 4 kv heads, FFN 1024 = the x2 shape (8.1M)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+    cfg = AutoConfig.from_pretrained(REFERENCE)
+    cfg.hidden_size, cfg.intermediate_size = 2 * cfg.hidden_size, 2 * cfg.intermediate_size
+    cfg.num_attention_heads, cfg.num_key_value_heads = 2 * cfg.num_attention_heads, 2 * cfg.num_key_value_heads
+
+    def make():
+        torch.manual_seed(study.args.seed)
+        return LlamaForCausalLM(cfg)
+    steps = study.args.s2_pretrain_steps
+    run = Run("s2.pretrain", make, 0, steps, "standard", steps, 0.0, 0,
+              save_final=os.path.join(study.work, "s2.pretrain", "final"), meta={"scale": "s2", "recipe": "pretrain"})
+    return train_stage(study, run)
+
+
+def progressive_runs(study: Study) -> dict:
+    """p.phase1: the x2 (iso + noise) of the reference, trained p_switch steps; p.phase2: `up` x2 of that
+    checkpoint, trained on to the budget, continuing the same global schedule and data; p.oneshot: `up` x4
+    of the reference, trained the whole budget. Tabula rasa x4 is s2.tabula (same config, data, schedule)."""
+    a = study.args
+    src, flops_small = scale_source(study, "s1")
+    _, windows = data(study)
+    div = {"clone_divergence": clone_divergence(windows[:8], 2)}
+    phase1_final = os.path.join(study.work, "p.phase1", "final")
+    x4 = os.path.join(study.work, "p", "x2x2")
+    one = os.path.join(study.work, "p", "x4")
+    runs = {
+        "p.phase1": Run("p.phase1", lambda: load_model(os.path.join(study.work, "s1", "iso-snr")), 0, a.p_switch,
+                        "continued", a.s2_steps, flops_small, a.data_seed, div, save_final=phase1_final,
+                        meta={"recipe": "progressive", "phase": 1}),
+        "p.phase2": Run("p.phase2", lambda: load_model(x4), a.p_switch, a.s2_steps, "continued", a.s2_steps,
+                        None, a.data_seed, div, meta={"recipe": "progressive", "phase": 2}),
+        "p.oneshot": Run("p.oneshot", lambda: load_model(one), 0, a.s2_steps, "continued", a.s2_steps,
+                         flops_small, a.data_seed, {"clone_divergence": clone_divergence(windows[:8], 4)},
+                         meta={"recipe": "oneshot"}),
+    }
+    return runs
+
+
+def p_grow(study: Study) -> dict:
+    p1 = read_json(os.path.join(study.stage_dir, "p.phase1.json"))
+    folder = os.path.join(study.work, "p", "x2x2")
+    info = tensorscale_up(os.path.join(study.work, "p.phase1", "final"), folder,
+                          ["-edm", "2", "-upm", "2", "--snr-db", str(SNR_DB)])
+    info["command"] = info["command"].replace(REPO + os.sep, "")
+    out = {"stage": "p.grow", "done": True, "from_flops": p1["flops_total"][-1], **info}
+    write_json(os.path.join(study.stage_dir, "p.grow.json"), out)
+    return out
+
+
+def p_oneshot_expand(study: Study) -> dict:
+    folder = os.path.join(study.work, "p", "x4")
+    info = tensorscale_up(study.args.source, folder, ["-edm", "4", "-upm", "4", "--snr-db", str(SNR_DB)])
+    info["command"] = info["command"].replace(REPO + os.sep, "")
+    same = same_shape_config(folder, os.path.join(study.work, "s2", "iso")) if os.path.isdir(
+        os.path.join(study.work, "s2", "iso")) else None
+    out = {"stage": "p.x4", "done": True, "same_config_as_s2_large": same, **info}
+    write_json(os.path.join(study.stage_dir, "p.x4.json"), out)
+    return out
+
+
+def down_pending(study: Study) -> dict:
+    raise Pending("d.down-init (down as initialisation: a small model from `tensorscale down` of a trained "
+                  "large one vs the same size from scratch; healing of SmolLM2-135M after a 25% down) is not "
+                  "written yet: it waits for the new `tensorscale down` being built in another branch")
+
+
+def stages(study: Study) -> list[tuple[str, object, str | None]]:
+    """(name, function, round-robin group) in run order; a stage is done when results/growth/<name>.json
+    says done. Training stages of one group advance together, --chunk-steps at a time, so that a stop at
+    any moment leaves their curves measured to about the same number of tokens (the crossing pair first)."""
+    def recipe(scale, r):
+        return lambda: train_stage(study, recipe_run(study, scale, r))
+    out = [("s1.expand", lambda: expand_stage(study, "s1"), None)]
+    out += [(f"s1.{r}", recipe("s1", r), "s1a") for r in ("tabula", "iso-snr", "small")]
+    out += [(f"s1.{r}", recipe("s1", r), "s1b") for r in ("pad", "iso")]
+    out.append(("p.phase1", lambda: train_stage(study, progressive_runs(study)["p.phase1"]), None))
+    out.append(("p.grow", lambda: p_grow(study), None))
+    out.append(("s2.pretrain", lambda: pretrain_s2(study), None))
+    out.append(("s2.expand", lambda: expand_stage(study, "s2"), None))
+    out.append(("p.x4", lambda: p_oneshot_expand(study), None))
+    out += [(f"s2.{r}", recipe("s2", r), "s2a") for r in ("tabula", "iso-snr", "small")]
+
+    def phase2():
+        run = progressive_runs(study)["p.phase2"]
+        run.flops_before = read_json(os.path.join(study.stage_dir, "p.grow.json"))["from_flops"]
+        return train_stage(study, run)
+    out.append(("p.phase2", phase2, "p"))
+    out.append(("p.oneshot", lambda: train_stage(study, progressive_runs(study)["p.oneshot"]), "p"))
+    out += [(f"s2.{r}", recipe("s2", r), "s2b") for r in ("pad", "iso")]
+    out.append(("d.down-init", lambda: down_pending(study), None))
+    return out
+
+
+def stage_outputs(name: str) -> list[str]:
+    """Folders (under the work folder) a later stage reads: a stage whose results say done but whose
+    outputs are missing (a fresh clone: work/ is not in git) is done again."""
+    if name.endswith(".expand"):
+        return [os.path.join(name.split(".")[0], e) for e in EXPANSIONS]
+    return {"p.grow": [os.path.join("p", "x2x2")], "p.x4": [os.path.join("p", "x4")],
+            "s2.pretrain": [os.path.join("s2.pretrain", "final")],
+            "p.phase1": [os.path.join("p.phase1", "final")]}.get(name, [])
+
+
+def stage_state(study: Study, name: str) -> str:
+    path = os.path.join(study.stage_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return "not started"
+    res = read_json(path)
+    if res.get("done"):
+        missing = [o for o in stage_outputs(name) if not os.path.isdir(os.path.join(study.work, o))]
+        return f"outputs missing ({', '.join(missing)}): to redo" if missing else "done"
+    return f"partial ({res['steps'][-1] - res['start_step']} of {res['end_step'] - res['start_step']} steps)"
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
 def crossing(xa, a, xb, b):
-    """First x where curve a goes from above curve b to at-or-below it, or None. Curve b is linearly
-    interpolated onto a's points, so the two may be sampled on different x (FLOPs of different-size
-    models); between a's points the crossing is interpolated linearly too. The slides' N."""
+    """First x where curve a goes from above curve b to at-or-below it, or None. b is interpolated onto
+    a's points (they may be sampled on different x, e.g. FLOPs of different sizes); between a's points the
+    crossing is interpolated linearly too. With a = Recipe 1 and b = Recipe 2 this is the slides' N."""
     import numpy as np
     lo, hi = max(xa[0], xb[0]), min(xa[-1], xb[-1])
     pts = [(x, y) for x, y in zip(xa, a) if lo <= x <= hi]
@@ -115,195 +566,277 @@ def crossing(xa, a, xb, b):
     return None
 
 
-def first_reach(tokens, curve, level):
-    """First token count at which curve is at or below level (interpolated), or None."""
-    for i in range(len(tokens)):
-        if curve[i] <= level:
-            if i == 0:
-                return 0
-            c0, c1 = curve[i - 1], curve[i]
-            return tokens[i - 1] + (tokens[i] - tokens[i - 1]) * (c0 - level) / (c0 - c1)
-    return None
+def load_stage(study: Study, name: str):
+    path = os.path.join(study.stage_dir, f"{name}.json")
+    return read_json(path) if os.path.exists(path) else None
 
 
-# ----------------------------------------------------------------------------------------------- plots
+def curve(res: dict) -> dict:
+    keys = ("params", "tokens", "val_loss", "flops_total", "lr", "done", "extra", "seconds", "cpu_seconds",
+            "flops_before", "start_step", "end_step")
+    return {k: res[k] for k in keys}
 
-def plot(runs: dict, params: dict, path_stem: str, title: str) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not importable: no plots written")
-        return []
+
+def scale_summary(study: Study, scale: str) -> dict | None:
+    expand = load_stage(study, f"{scale}.expand")
+    runs = {r: load_stage(study, f"{scale}.{r}") for r in RECIPES}
+    runs = {r: v for r, v in runs.items() if v}
+    if not expand or not runs:
+        return None
+    steps = study.args.s1_steps if scale == "s1" else study.args.s2_steps
+    small_params = (runs["small"]["params"] if "small" in runs
+                    else params_of(load_model(scale_source(study, scale)[0])))
+    large_params = expand["expansions"]["iso"]["params"]
+    sizes = {r: v["params"] for r, v in runs.items() if r != "small"}
+    assert all(p == large_params for p in sizes.values()), f"Recipe 1 and 2 sizes differ: {sizes}"
+    pairs = {}
+    for a, b in (("tabula", "iso-snr"), ("tabula", "iso"), ("tabula", "pad"), ("tabula", "small"),
+                 ("iso-snr", "small"), ("iso", "small"), ("pad", "small"), ("small", "iso-snr")):
+        if a in runs and b in runs:
+            ra, rb = runs[a], runs[b]
+            pairs[f"{a} reaches {b}"] = {
+                "tokens": crossing(ra["tokens"], ra["val_loss"], rb["tokens"], rb["val_loss"]),
+                "flops": crossing(ra["flops_total"], ra["val_loss"], rb["flops_total"], rb["val_loss"]),
+                "measured_to_tokens": min(ra["tokens"][-1], rb["tokens"][-1])}
+    key = f"tabula reaches {RECIPE2}"
+    both_done = all(runs.get(r, {}).get("done") for r in ("tabula", RECIPE2))
+    return {
+        "name": scale, "small_params": small_params, "large_params": large_params,
+        "budget_tokens": study.tokens(steps), "recipe1": "tabula", "recipe2": RECIPE2,
+        "crossing_tokens": pairs.get(key, {}).get("tokens"), "crossing_flops": pairs.get(key, {}).get("flops"),
+        "complete": both_done and len(runs) == len(RECIPES),
+        "crossings": pairs, "expansion": expand,
+        "final_loss": {r: v["val_loss"][-1] for r, v in runs.items()},
+        "curves": {r: curve(v) for r, v in runs.items()},
+    }
+
+
+def progressive_summary(study: Study) -> dict | None:
+    parts = {n: load_stage(study, n) for n in ("p.phase1", "p.phase2", "p.oneshot", "s2.tabula")}
+    if not any(parts.values()):
+        return None
+    out = {"budget_tokens": study.tokens(study.args.s2_steps), "switch_tokens": study.tokens(study.args.p_switch),
+           "tabula_is": "s2.tabula", "curves": {}}
+    if parts["p.phase1"]:
+        prog = {k: list(parts["p.phase1"][k]) for k in ("tokens", "val_loss", "flops_total")}
+        prog["done"] = bool(parts["p.phase2"] and parts["p.phase2"]["done"])
+        if parts["p.phase2"]:
+            for k in ("tokens", "val_loss", "flops_total"):
+                prog[k] += parts["p.phase2"][k]
+        out["curves"]["progressive"] = prog
+    for key, name in (("oneshot", "p.oneshot"), ("tabula", "s2.tabula")):
+        if parts[name]:
+            out["curves"][key] = {k: parts[name][k] for k in ("tokens", "val_loss", "flops_total", "done")}
+    x4 = load_stage(study, "p.x4")
+    if x4:
+        out["same_config_as_s2_large"] = x4.get("same_config_as_s2_large")
+    # Loss at equal total compute: each curve interpolated at the FLOPs all of them reached.
+    import numpy as np
+    cs = out["curves"]
+    if len(cs) >= 2:
+        top = min(c["flops_total"][-1] for c in cs.values())
+        low = max(c["flops_total"][0] for c in cs.values())
+        out["equal_compute_flops"] = top
+        out["loss_at_equal_compute"] = {k: float(np.interp(top, c["flops_total"], c["val_loss"])) for k, c in cs.items()}
+        out["compared_from_flops"] = low
+    return out
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+def plot_scale(summary: dict, results: str) -> list[str]:
+    """Per axis (tokens, total FLOPs): the whole range (log loss) and, on the right, a zoom on the
+    pretrained recipes' range, where Recipe 2, top-left and the small model differ by hundredths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     paths = []
+    name = summary["name"]
+    pretrained = [c for r, c in summary["curves"].items() if r != "tabula"]
+    measured = summary["crossings"].get(f"tabula reaches {RECIPE2}", {}).get("measured_to_tokens")
     for axis in ("tokens", "flops"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, hist in runs.items():
-            color, label = STYLE[name]
-            x = hist["tokens"] if axis == "tokens" else [6 * params[name] * t for t in hist["tokens"]]
-            ax.plot(x, hist["val_loss"], marker="o", ms=3, color=color,
-                    label=f"{label}, {params[name] / 1e6:.1f}M")
-        ax.set_xlabel("training tokens" if axis == "tokens" else "training FLOPs (6 x params x tokens, this phase)")
-        ax.set_ylabel("held-out loss (nats/token)")
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, zoom in zip(axes, (False, True)):
+            for r, c in summary["curves"].items():
+                x = c["tokens"] if axis == "tokens" else c["flops_total"]
+                label = f"{RECIPES[r][2]}, {c['params'] / 1e6:.1f}M" + ("" if c["done"] else " (partial)")
+                ax.plot(x, c["val_loss"], marker="o", ms=2.5, lw=1.3, color=COLORS[r], label=label)
+            n = summary["crossing_tokens"] if axis == "tokens" else summary["crossing_flops"]
+            if n is not None:
+                ax.axvline(n, color="k", ls="--", lw=1)
+                ax.annotate(f"N = {n:,.0f} tokens" if axis == "tokens" else f"N = {n:.2e} FLOPs", (n, 0.97),
+                            xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8, rotation=90)
+            elif not zoom:
+                where = (f"{measured:,} tokens measured" if measured is not None else "nothing measured")
+                ax.annotate(f"no crossing (N) within the {where}\n(budget {summary['budget_tokens']:,})",
+                            (0.98, 0.5), xycoords="axes fraction", ha="right", va="center", fontsize=8)
+            if axis == "flops":
+                ax.set_xscale("log")
+            if zoom and pretrained:
+                lo = min(min(c["val_loss"]) for c in summary["curves"].values())
+                hi = max(max(c["val_loss"]) for c in pretrained)
+                ax.set_ylim(lo - 0.02, hi + 0.02)
+                ax.set_title("zoom on the pretrained recipes")
+            else:
+                ax.set_yscale("log")
+                ax.set_title(f"{name}: {summary['small_params'] / 1e6:.1f}M -> {summary['large_params'] / 1e6:.1f}M")
+                ax.legend(fontsize=7.5)
+            ax.set_xlabel("training tokens after growth" if axis == "tokens"
+                          else "total FLOPs (6 x params x tokens, pretraining included)")
+            ax.set_ylabel("held-out loss (nats/token)")
+            ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
-        path = f"{path_stem}_{axis}.png"
+        path = os.path.join(results, f"growth_{name}_{axis}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, hist in runs.items():
-        if "clone_divergence" in hist["extra"]:
-            color, label = STYLE[name]
-            ax.plot(hist["tokens"], hist["extra"]["clone_divergence"], marker="o", ms=3, color=color, label=label)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("clone divergence ||a-b||/||a+b||")
-    ax.set_yscale("symlog", linthresh=1e-7)
-    ax.set_title("Do the cloned halves of the residual stream come apart?")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = f"{path_stem}_divergence.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
     return paths
 
 
-# ------------------------------------------------------------------------------------------------ main
+def plot_progressive(prog: dict, results: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {"progressive": "progressive 2.4M -> x2 -> x2 (29M)", "oneshot": "one-shot x4 (29M)",
+              "tabula": "tabula rasa x4 (29M)"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for k, c in prog["curves"].items():
+        ax.plot(c["flops_total"], c["val_loss"], marker="o", ms=2.5, color=COLORS[k],
+                label=labels[k] + ("" if c["done"] else " (partial)"))
+    if "equal_compute_flops" in prog:
+        ax.axvline(prog["equal_compute_flops"], color="k", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("total training FLOPs (pretraining of the 2.4M model included)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Progressive vs one-shot growth to x4")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(results, "growth_progressive.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(summary: dict) -> str:
+    lines = ["| recipe | params | start loss | end loss | tokens | total FLOPs | CPU s | done |", "|---|---|---|---|---|---|---|---|"]
+    for r, c in summary["curves"].items():
+        lines.append(f"| {RECIPES[r][2]} | {c['params'] / 1e6:.2f}M | {c['val_loss'][0]:.3f} | {c['val_loss'][-1]:.3f} | "
+                     f"{c['tokens'][-1]:,} | {c['flops_total'][-1]:.2e} | {c['cpu_seconds']:.0f} | "
+                     f"{'yes' if c['done'] else 'partial'} |")
+    return "\n".join(lines)
+
+
+def report(study: Study) -> dict:
+    scales = [s for s in (scale_summary(study, "s1"), scale_summary(study, "s2")) if s]
+    prog = progressive_summary(study)
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = None
+    a = study.args
+    out = {
+        "protocol": {
+            "data": f"{a.batch} x {a.seq_len}-token windows per step, one order (data seed {a.data_seed}) indexed "
+                    "by global step, the same for every recipe",
+            "continued_schedule": f"warm-up {REWARM_STEPS} steps to {CONTINUED_LR:g} (the small model's last lr), "
+                                  "cosine to 10% of it at the end of the budget",
+            "standard_schedule": f"lr {PRETRAIN['lr']:g}, warm-up {PRETRAIN['warmup']}, cosine to 10% at the end",
+            "eval": f"{a.eval_windows} fixed held-out windows of {a.seq_len} tokens",
+            "flops": "6 x params x tokens, summed over every phase (pretraining included)",
+            "expansion": "tensorscale up (CLI) in float32; iso = clone, iso-snr = clone + "
+                         f"--snr-db {SNR_DB:g}, pad = --strategy pad",
+            "recipe2": RECIPE2},
+        "date": datetime.date.today().isoformat(), "commit": commit, "machine": corpus.machine(),
+        "command": "python benchmarks/growth.py", "scales": scales, "progressive": prog,
+        "stages": {n: stage_state(study, n) for n, _, _ in stages(study)},
+    }
+    write_json(os.path.join(a.results, "growth.json"), out)
+    pngs = []
+    try:
+        for s in scales:
+            pngs += plot_scale(s, a.results)
+        if prog and prog["curves"]:
+            pngs.append(plot_progressive(prog, a.results))
+    except ImportError:
+        print("matplotlib not importable: no plots written")
+    for s in scales:
+        print(f"\n{s['name']}: {s['small_params'] / 1e6:.2f}M -> {s['large_params'] / 1e6:.2f}M, "
+              f"budget {s['budget_tokens']:,} tokens; N (tabula reaches {RECIPE2}) = "
+              + (f"none within the {s['crossings'].get(f'tabula reaches {RECIPE2}', {}).get('measured_to_tokens') or 0:,} "
+                 "tokens measured" if s["crossing_tokens"] is None else f"{s['crossing_tokens']:,.0f} tokens"))
+        print(table(s))
+        for k, v in s["crossings"].items():
+            print(f"  {k}: " + ("-" if v["tokens"] is None else f"{v['tokens']:,.0f} tokens") + "; FLOPs: "
+                  + ("-" if v["flops"] is None else f"{v['flops']:.2e}") + f" (measured to {v['measured_to_tokens']:,})")
+    if prog and "loss_at_equal_compute" in prog:
+        print(f"\nprogressive, loss at equal total compute {prog['equal_compute_flops']:.2e} FLOPs: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in prog["loss_at_equal_compute"].items()))
+    print("results: " + os.path.join(a.results, "growth.json") + "".join(f", {p}" for p in pngs))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def run_stages(study: Study, chosen: list) -> None:
+    """Run the chosen stages in order; consecutive stages of one group take turns, a chunk each."""
+    args = study.args
+    i = 0
+    while i < len(chosen):
+        name, fn, group = chosen[i]
+        members = [chosen[i]]
+        while group and i + len(members) < len(chosen) and chosen[i + len(members)][2] == group:
+            members.append(chosen[i + len(members)])
+        i += len(members)
+        while True:
+            todo = [m for m in members if stage_state(study, m[0]) != "done"]
+            if not todo:
+                break
+            for name, fn, _ in todo:
+                if name.startswith("d.") and not args.stages:
+                    print(f"{name}: pending (needs the new `tensorscale down`); skipped")
+                    members.remove((name, fn, _))
+                    continue
+                print(f"\n=== {name}", flush=True)
+                study.chunk = args.chunk_steps if group and len(todo) > 1 else None
+                try:
+                    fn()
+                except Paused as e:
+                    print(e)
+                    if not study.chunk or study.out_of_time() or args.stop_after_steps:
+                        report(study)
+                        return
+                except Pending as e:
+                    print(f"{name}: pending: {e}")
+                    members.remove((name, fn, _))
+                if study.out_of_time():
+                    report(study)
+                    print("out of time (--max-minutes): stopping; run again to resume")
+                    return
+            report(study)       # results, plots and table after every round, so each can be committed
+
 
 def main(argv=None):
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from tensorscale.convert import run_up
-    from tensorscale.planning.plan import Options
-
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = set(recipes) - set(RECIPES)
-    if unknown:
-        sys.exit(f"unknown recipes {sorted(unknown)}; choose from {RECIPES}")
-    if not os.path.exists(os.path.join(args.source, "config.json")):
-        sys.exit(f"{args.source} has no config.json: run benchmarks/train_reference.py first")
-    t_all = time.time()
-    torch.manual_seed(args.seed)
-
-    tok = AutoTokenizer.from_pretrained(args.source)
-    data = corpus.build_data(tokenizer=tok)   # same hash split as training; the source's tokenizer
-    windows = corpus.val_windows(data.val, args.seq_len, max_windows=args.eval_windows)
-    probe_batch = windows[:8]
-    print(f"corpus: {len(data.train):,} train tokens, {len(data.val):,} held out; eval on {len(windows)} x "
-          f"{args.seq_len} tokens; {corpus.machine()}")
-
-    # 1. Expand with tensorscale (float32 storage: exact ±noise pairs).
-    os.makedirs(args.work, exist_ok=True)
-    folders = {"baseline": args.source}
-    t0 = time.time()
-    for name, snr in (("expanded", None), ("expanded+snr", args.snr_db)):
-        if name in recipes or (name == "expanded" and "random" in recipes):
-            out = os.path.join(args.work, f"x{args.edm}-{args.upm}" + ("" if snr is None else f"-snr{snr:g}"))
-            # tensorscale.writing.execute calls torch.set_grad_enabled(False) process-wide (fine for a
-            # CLI, not for a library caller who trains next): restore the caller's setting.
-            grad = torch.is_grad_enabled()
-            try:
-                run_up(args.source, out, Options(embed_dim_multiplier=args.edm, up_proj_multiplier=args.upm,
-                                                 snr_db=snr, seed=args.seed, dtype="float32"),
-                       force=True, show_progress=False)
-            finally:
-                torch.set_grad_enabled(grad)
-            folders[name] = out
-    t_expand = time.time() - t0
-
-    def load(name):
-        if name == "random":
-            config = AutoModelForCausalLM.from_pretrained(folders["expanded"]).config
-            torch.manual_seed(args.seed)
-            return LlamaForCausalLM(config)
-        return AutoModelForCausalLM.from_pretrained(folders[name], dtype=torch.float32)
-
-    # 2. Function preservation, measured.
-    small = load("baseline")
-    with torch.no_grad():
-        ref_logits = small(input_ids=probe_batch).logits
-    checks = {}
-    for name in ("expanded", "expanded+snr"):
-        if name in folders:
-            with torch.no_grad():
-                logits = load(name)(input_ids=probe_batch).logits
-            checks[name] = (logits - ref_logits).abs().max().item()
-            print(f"{name}: max |delta logit| vs source = {checks[name]:.2e} (logit scale {ref_logits.abs().max():.1f})")
-    del small
-
-    # 3. Train every recipe on the same data order and schedule.
-    schedule = corpus.Schedule(lr=args.lr, warmup=args.warmup)
-    runs, params, seconds = {}, {}, {}
-    for name in recipes:
-        model = load(name)
-        params[name] = corpus.count_params(model)
-        probes = {"clone_divergence": clone_divergence(probe_batch, args.edm)} if name != "baseline" else {}
-        print(f"\n== {name}: {params[name]:,} parameters")
-        hist = corpus.train(model, data.train, steps=args.steps, batch_size=args.batch, seq_len=args.seq_len,
-                            schedule=schedule, seed=args.seed, eval_windows=windows, eval_every=args.eval_every,
-                            probes=probes, label=f"{name:>12}  ")
-        runs[name] = {"tokens": hist.tokens, "val_loss": hist.val_loss, "train_loss": hist.train_loss,
-                      "extra": hist.extra, "seconds": hist.seconds, "cpu_seconds": hist.cpu_seconds}
-        seconds[name] = hist.seconds
-        del model
-
-    # 4. Summary: initial/final losses, crossings, noise comparison.
-    rows = []
-    small0 = runs["baseline"]["val_loss"][0] if "baseline" in runs else None
-    for name, r in runs.items():
-        div = r["extra"].get("clone_divergence")
-        rows.append({
-            "recipe": name, "params": params[name], "initial": r["val_loss"][0], "final": r["val_loss"][-1],
-            "min": min(r["val_loss"]), "tokens": r["tokens"][-1], "flops": 6 * params[name] * r["tokens"][-1],
-            "seconds": seconds[name], "cpu_seconds": r["cpu_seconds"], "divergence_final": div[-1] if div else None,
-            "reach_small_start": (first_reach(r["tokens"], r["val_loss"], small0) if small0 is not None else None),
-        })
-    crossings, crossings_flops = {}, {}
-    pairs = [("random", "expanded+snr"), ("random", "expanded"), ("random", "baseline"),
-             ("expanded+snr", "baseline"), ("expanded", "baseline"), ("expanded+snr", "expanded")]
-    for a, b in pairs:
-        if a in runs and b in runs:
-            ta, tb = runs[a]["tokens"], runs[b]["tokens"]
-            crossings[f"{a} below {b}"] = crossing(ta, runs[a]["val_loss"], tb, runs[b]["val_loss"])
-            crossings_flops[f"{a} below {b}"] = crossing([6 * params[a] * t for t in ta], runs[a]["val_loss"],
-                                                         [6 * params[b] * t for t in tb], runs[b]["val_loss"])
-
-    print(f"\nexpansion {t_expand:.1f} s; total {time.time() - t_all:.0f} s; {args.steps} steps x {args.batch} x "
-          f"{args.seq_len} tokens, AdamW lr {args.lr} (warmup {args.warmup}, cosine to 10%), seed {args.seed}\n")
-    print("| recipe | params | initial loss | final loss | best loss | tokens | FLOPs | train s (CPU s) | clone divergence (end) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        div = "-" if row["divergence_final"] is None else f"{row['divergence_final']:.2e}"
-        print(f"| {row['recipe']} | {row['params'] / 1e6:.2f}M | {row['initial']:.3f} | {row['final']:.3f} | "
-              f"{row['min']:.3f} | {row['tokens']:,} | {row['flops']:.2e} | {row['seconds']:.0f} ({row['cpu_seconds']:.0f}) | {div} |")
-    print()
-    for key, value in crossings.items():
-        flops = crossings_flops[key]
-        print(f"{key}: " + ("no crossing within the budget" if value is None else f"at ~{value:,.0f} tokens")
-              + ("; in FLOPs: none" if flops is None else f"; in FLOPs: at ~{flops:.2e}"))
-    for name, value in checks.items():
-        print(f"{name}: max |delta logit| at step 0 = {value:.2e}")
-
-    result = {"args": vars(args), "date": datetime.date.today().isoformat(), "machine": corpus.machine(),
-              "expand_seconds": t_expand, "logit_check": checks, "rows": rows, "crossings": crossings, "crossings_flops": crossings_flops,
-              "runs": runs, "total_seconds": time.time() - t_all}
-    if args.results:
-        os.makedirs(args.results, exist_ok=True)
-        stem = os.path.join(args.results, args.tag)
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=1)
-        title = (f"x{args.edm} growth of pydoc-llama: {args.steps} steps x {args.batch * args.seq_len} tokens, "
-                 f"lr {args.lr}")
-        pngs = plot(runs, params, stem, title)
-        print(f"results: {stem}.json" + "".join(f", {p}" for p in pngs))
-    return result
+    torch.set_num_threads(args.threads)
+    try:                                   # one log line per evaluation, not a progress bar per load
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    study = Study(args)
+    all_stages = stages(study)
+    if args.list:
+        for name, _, group in all_stages:
+            print(f"{name:14} {group or '':5} {stage_state(study, name)}")
+        return None
+    if not args.report:
+        prefixes = [p.strip() for p in args.stages.split(",") if p.strip()]
+        chosen = [st for st in all_stages if not prefixes or any(st[0].startswith(p) for p in prefixes)]
+        run_stages(study, chosen)
+    return report(study)
 
 
 if __name__ == "__main__":

@@ -210,17 +210,23 @@ def nonfinite_message(names) -> str:
 
 def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True,
                  verify_files: bool = False, manifest: bool = False, command: list[str] | None = None,
-                 shard_runner: ShardRunner | None = None, allow_nonfinite: bool = False,
-                 extra_kept: tuple[str, ...] = ()) -> Result:
+                 shard_runner: ShardRunner | None = None, check: Callable[[str], dict | None] | None = None,
+                 allow_nonfinite: bool = False, extra_kept: tuple[str, ...] = ()) -> Result:
     """Write the plan into a temporary folder beside OUT, check it, and only then move it into place.
 
     `shard_runner(plan, folder, verify_files, progress)` produces every shard file in `folder` (by default
-    in order, in this process); everything else (index, config, side files, manifest, commit) stays here.
+    in order, in this process); everything else (index, config, side files, model card, manifest, commit)
+    stays here. `check(folder)`, when given, runs on the complete temporary folder before the model card is
+    written (up --verify); what it returns goes into the card, and an interrupt there leaves OUT untouched.
     Input tensors holding NaN or Inf (seen as they are read) fail the run, with nothing written, unless
     `allow_nonfinite`: then the Result carries the warning."""
+    from .writing.model_card import CARD_NAME, card_facts, card_text, safetensors_metadata
+
     started = time.perf_counter()
     source = plan.source
     out = check_output_path(output or default_output(source, plan), source.folder, force, extra_kept)
+    facts = card_facts(plan, command)
+    plan.metadata = safetensors_metadata(facts)
     folder = OutputFolder(out)
     bar = progress_for(plan.total_bytes, "writing", len(plan.tensors), enabled=show_progress)
     completed = False
@@ -250,6 +256,8 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
             )
         folder.write_json("config.json", plan.config)
         side = folder.copy_side_files(source.folder)
+        checked = check(folder.tmp) if check is not None else None
+        folder.write_text(CARD_NAME, card_text(facts, checked))
         if manifest:
             folder.write_json(MANIFEST_NAME, build_manifest(plan, folder.tmp, command))
         _check_inputs_unchanged(source)
@@ -278,6 +286,9 @@ def _check_inputs_unchanged(source: ModelSource) -> None:
 
 
 def run_up(source_label: str, output: str | None, options: Options, *, rules_path: str | None = None,
-           force: bool = False, show_progress: bool = True, verify_files: bool = False, manifest: bool = False) -> Result:
+           force: bool = False, show_progress: bool = True, verify_files: bool = False, manifest: bool = False,
+           command: list[str] | None = None) -> Result:
+    """`up` from Python; `command` is the command line the model card and metadata record (None: the API)."""
     plan = plan_conversion(source_label, options, rules_path)
-    return execute_plan(plan, output, force=force, show_progress=show_progress, verify_files=verify_files, manifest=manifest)
+    return execute_plan(plan, output, force=force, show_progress=show_progress, verify_files=verify_files,
+                        manifest=manifest, command=command)

@@ -89,6 +89,21 @@ def build_checkpoint(folder, model_type: str, *, dtype=torch.float32, max_shard_
     return str(folder)
 
 
+PYDOC_LLAMA = os.path.join(os.path.dirname(__file__), "..", "examples", "pydoc-llama")
+
+
+def pydoc_copy(folder, **files: str) -> str:
+    """A copy of the shipped pydoc-llama (a real trained model with its tokenizer) at `folder`, with extra
+    files written into it: pydoc_copy(path, **{"chat_template.jinja": TEMPLATE})."""
+    import shutil
+
+    shutil.copytree(PYDOC_LLAMA, folder)
+    for name, text in files.items():
+        with open(os.path.join(str(folder), name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return str(folder)
+
+
 def load(folder, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 

@@ -176,12 +176,13 @@ def test_local_parallel_run_equals_plain_up_byte_for_byte(tmp_path, sources):
     # Peaks are reported per worker that wrote a shard. Which of the two spawned workers gets shards is up
     # to the pool: a worker still importing torch when the other has drained the queue gets none.
     assert 1 <= len(summary["worker_peak_rss_mib"]) <= 2
-    for job, entry in zip(jobs, summary["jobs"]):
+    for job, loaded, entry in zip(jobs, load_jobs(path), summary["jobs"]):
         assert entry["status"] == "done" and entry["shards"] > 1
         options = Options(job.get("embed_dim_multiplier", 1), job.get("up_proj_multiplier", 1), job.get("snr_db"),
                           job.get("seed", 0), job.get("untie_embeddings", False), "keep", parse_size(SHARD))
         plain = tmp_path / ("plain-" + os.path.basename(job["output"]))
-        run_up(job["input"], str(plain), options, show_progress=False)
+        # The same command recorded (model card, shard metadata): the same bytes.
+        run_up(job["input"], str(plain), options, show_progress=False, command=loaded.command_line())
         batch_files = _hashes(entry["output"])
         assert batch_files == _hashes(plain)
         assert os.path.isfile(os.path.join(entry["output"], MANIFEST_NAME))
@@ -230,7 +231,8 @@ def test_failed_shards_are_retried_then_the_job_fails_cleanly(tmp_path, sources,
     recovered, failed = entries
     assert recovered["status"] == "done" and recovered["retries"] == recovered["shards"]
     plain = tmp_path / "plain"
-    run_up(sources["llama"], str(plain), Options(2, max_shard_size=parse_size(SHARD)), show_progress=False)
+    run_up(sources["llama"], str(plain), Options(2, max_shard_size=parse_size(SHARD)), show_progress=False,
+           command=job_list[0].command_line())
     assert _hashes(recovered["output"]) == _hashes(plain)
     assert failed["status"] == "failed"
     assert "failed after 3 attempt(s): OSError: [Errno 5] Input/output error (injected)" in failed["reason"]
@@ -312,7 +314,8 @@ def test_down_jobs_run_and_resume(tmp_path, sources):
     assert entry["status"] == "done" and entry["shards"] > 1
     [job] = load_jobs(path)[:1]
     plain = tmp_path / "plain"
-    execute_plan(plan_down(str(wide), job.engine_options()), str(plain), show_progress=False)
+    execute_plan(plan_down(str(wide), job.engine_options()), str(plain), show_progress=False,
+                 command=job.command_line())
     assert _hashes(entry["output"]) == _hashes(plain)
     assert _batch(path, "--jobs", "1").exit_code == 0
     assert [e["status"] for e in _summary(path)["jobs"]] == ["skipped", "skipped"]
@@ -331,7 +334,7 @@ def test_width_and_depth_options_run_as_jobs(tmp_path, sources):
     for job, entry in zip(load_jobs(path), _summary(path)["jobs"]):
         assert entry["status"] == "done"
         plain = tmp_path / ("plain-" + os.path.basename(job.output))
-        run_up(job.input, str(plain), job.engine_options(), show_progress=False)
+        run_up(job.input, str(plain), job.engine_options(), show_progress=False, command=job.command_line())
         assert _hashes(entry["output"]) == _hashes(plain)
     with open(os.path.join(jobs_dir := str(tmp_path / "out" / "pad"), MANIFEST_NAME)) as handle:
         assert "--strategy" in json.dumps(json.load(handle)), jobs_dir

@@ -110,7 +110,9 @@ def test_gen_without_tokenizer_is_one_line(models):
 
 
 def test_gen_rejects_bad_sampling_options(models):
-    one_line_error(run("gen", "-i", models["talking"], "--temperature", "0"), "--temperature", "--greedy")
+    # --temperature 0 is greedy (as in llama.cpp, test_gen_chat.py); below 0 is a mistake
+    one_line_error(run("gen", "-i", models["talking"], "--temperature", "-1"), "--temperature", "--greedy")
+    one_line_error(run("gen", "-i", models["talking"], "--repeat-penalty", "0"), "--repeat-penalty")
     one_line_error(run("gen", "-i", models["talking"], "--top-p", "1.5"), "--top-p")
     one_line_error(run("gen", "-i", models["talking"], "-n", "0"), "--n-predict")
 

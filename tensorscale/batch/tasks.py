@@ -22,8 +22,10 @@ _PLAN_CACHE_SIZE = 4
 
 
 def job_spec(plan, rules_path: str | None) -> dict:
-    """The picklable description of a job a worker needs: local input folder, options, rules file."""
-    return {"input": os.path.abspath(plan.source.folder), "options": asdict(plan.options), "rules": rules_path}
+    """The picklable description of a job a worker needs: local input folder, options, rules file, and the
+    shards' provenance metadata (string values, decided by the driver's execute_plan)."""
+    return {"input": os.path.abspath(plan.source.folder), "options": asdict(plan.options), "rules": rules_path,
+            "metadata": dict(plan.metadata) if plan.metadata else None}
 
 
 def shard_fingerprint(plan, index: int) -> str:
@@ -44,6 +46,7 @@ def _plan_for(spec: dict):
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
         plan = _PLAN_CACHE[key] = plan_conversion(spec["input"], Options(**spec["options"]), spec["rules"])
+        plan.metadata = spec.get("metadata")
     return plan
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from ..errors import TensorscaleError
 from . import render
 from .options import model_input, with_options
+from .revision import command_line, revision_option
 
 TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -76,6 +76,7 @@ def fold_summary(plan) -> dict:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Write the output even if input weights hold NaN or Inf (refused by default).")
+@revision_option
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
          calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
          as_json, quiet, allow_nonfinite):
@@ -104,7 +105,7 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
     plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
                      calibration=calibration_data)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json, verify_files=verify_files,
-                          manifest=manifest, command=["tensorscale", *sys.argv[1:]], allow_nonfinite=allow_nonfinite)
+                          manifest=manifest, command=command_line(), allow_nonfinite=allow_nonfinite)
     print_warnings(result)
     summary = result.summary()
     summary.update(fold_summary(plan))

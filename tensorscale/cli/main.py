@@ -19,6 +19,7 @@ from ..errors import TensorscaleError
 from . import render
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
 from .options import add_to_every_command, model_input, verbose_option, with_options
+from .revision import command_line, remember_arguments, revision_option
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -33,6 +34,7 @@ class _Group(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs.setdefault("standalone_mode", True)
+        remember_arguments(args[0] if args else kwargs.get("args"))
         try:
             return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})
         except TensorscaleError as exc:
@@ -102,6 +104,11 @@ def cli():
 _interrupted = False
 
 
+def was_interrupted() -> bool:
+    """True once SIGINT/SIGTERM/SIGHUP arrived (for commands that word their own interrupt message)."""
+    return _interrupted
+
+
 def _interrupt(signum, frame):
     global _interrupted
     _interrupted = True
@@ -117,7 +124,9 @@ def _install_signal_handlers():
             pass
 
 
-_input_option = model_input()
+def _input_option(func):
+    """MODEL or --input MODEL, and --revision REV for a hub id (folded into the input as org/name@REV)."""
+    return model_input()(revision_option(func))
 
 
 def _up_options(func):
@@ -194,9 +203,12 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
 @click.option("--verify", "verify_logits", is_flag=True,
               help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
                    "(--duplicate-layers changes the logits on purpose: the change is reported, not failed).")
+@click.option("--tolerance", type=float, default=None, metavar="X",
+              help="--verify's pass mark on the relative logit error [default: 1e-4; 1e-2 where 16-bit storage "
+                   "rounds the function].")
 def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
        strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
-       num_key_value_heads, force, verify_files, manifest, quiet, allow_nonfinite, verify_logits):
+       num_key_value_heads, force, verify_files, manifest, quiet, allow_nonfinite, verify_logits, tolerance):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -205,6 +217,13 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     """
     from ..convert import asks_for_a_change, execute_plan, plan_changes_nothing, plan_conversion
 
+    if tolerance is not None and not verify_logits:
+        raise TensorscaleError("--tolerance is the pass mark of --verify; add --verify or leave it out")
+    check = None
+    if verify_logits:  # transformers must import before anything is written
+        from .inference_commands import UpVerification
+
+        check = UpVerification(tolerance)
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
                        duplicate_layers, targets)
@@ -214,37 +233,28 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     plan = plan_conversion(source, options, rules_path)
     if plan_changes_nothing(plan):
         raise TensorscaleError(NOTHING_TO_CHANGE)
+    if check is not None:
+        note = check.prepare(plan)
+        if note:
+            click.echo(f"tensorscale: {note}", err=True)
     result = execute_plan(plan, output, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=["tensorscale", *sys.argv[1:]],
-                          allow_nonfinite=allow_nonfinite)
+                          verify_files=verify_files, manifest=manifest, command=command_line(),
+                          check=check, allow_nonfinite=allow_nonfinite)
     print_warnings(result)
     summary = result.summary()
     for note in summary["notes"]:
         click.echo(f"tensorscale: note: {note}", err=True)  # stdout carries only the result
-    check = None
-    if verify_logits:
-        from ..inference.verify import verify as run_verify
-
-        check = run_verify(plan.source.folder, result.output)
-        summary["verify"] = check.to_dict()
+    if check is not None:
+        check.finish(result.output)
+        summary["verify"] = check.report.to_dict()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(render.up_summary(summary))
-    # --duplicate-layers changes the function on purpose: verify measures the change, which is no failure
-    expected_change = plan.depth is not None and not plan.depth.function_preserving
     if check is not None:
         if not as_json:
-            from .inference_commands import verify_text
-
-            text = verify_text(check)
-            if expected_change:  # the verdict (the last line) does not apply: report the change instead
-                text = text.rsplit("\n", 1)[0] + (
-                    f"\nCHANGED, as expected (--duplicate-layers is not function-preserving): relative logit error "
-                    f"{check.relative_logit_error:.4g}, KL {check.kl_mean:.4g} nats, top-1 agreement "
-                    f"{check.top1_agreement:.2%}")
-            click.echo(text)
-        if not check.passed and not expected_change:
+            click.echo(check.text())
+        if check.failed:
             sys.exit(1)
 
 

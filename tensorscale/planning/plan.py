@@ -153,6 +153,7 @@ class Plan:
     depth: object = None  # up: the output layers when depth grows (planning.depth.Layers)
     layouts: dict | None = None  # up: where each space's new units come from (rulebook.layout)
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. rounding in bf16)
+    metadata: dict | None = None  # the shards' __metadata__ (string values); None: {"format": "pt"}
     nonfinite_inputs: set = field(default_factory=set)  # input tensors seen holding NaN/Inf while written
 
     @property
@@ -475,10 +476,7 @@ def _scales(ops):
             yield from _scales(chain)
 
 
-def storage_notes(tensors: list[TensorPlan]) -> list[str]:
-    """Say where a 16-bit storage dtype cannot hold the exact function: a gain or embedding scaled by a
-    factor that is not a power of two (or shifted by an offset, as (1+w) gains are) is rounded entry by
-    entry. Blocks that sum back (÷copies) are rounded with compensation and are not reported."""
+def _inexact_scales(tensors: list[TensorPlan]) -> list[tuple[TensorPlan, Scale]]:
     inexact = []
     for tensor in tensors:
         if tensor.out_dtype not in ("BF16", "F16"):
@@ -487,6 +485,20 @@ def storage_notes(tensors: list[TensorPlan]) -> list[str]:
             if op.factor and (op.offset or math.frexp(op.factor)[0] not in (0.5, -0.5)):  # 0·x + c is exact
                 inexact.append((tensor, op))
                 break
+    return inexact
+
+
+def inexact_storage(plan: "Plan") -> str | None:
+    """'bfloat16' or 'float16' when that storage dtype rounds the function (see storage_notes), else None."""
+    dtypes = {tensor.out_dtype for tensor, _ in _inexact_scales(plan.tensors)}
+    return "bfloat16" if "BF16" in dtypes else ("float16" if dtypes else None)
+
+
+def storage_notes(tensors: list[TensorPlan]) -> list[str]:
+    """Say where a 16-bit storage dtype cannot hold the exact function: a gain or embedding scaled by a
+    factor that is not a power of two (or shifted by an offset, as (1+w) gains are) is rounded entry by
+    entry. Blocks that sum back (÷copies) are rounded with compensation and are not reported."""
+    inexact = _inexact_scales(tensors)
     if not inexact:
         return []
     tensor, op = inexact[0]

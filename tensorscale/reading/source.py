@@ -12,13 +12,16 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
+from .cache_layout import allowed_root, hub_repo_folder, link_allowed
 from .safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
-# What a conversion needs from a hub repo: weights, configs and tokenizer files, never pickles.
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"]
+# What a conversion needs from a hub repo: weights, configs, tokenizer files (vocabularies, merges, chat
+# templates) and the model card (for its licence), never pickles or code.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# org/name, optionally @revision (a branch, tag or commit; branches may hold slashes, e.g. refs/pr/1).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<revision>[\w.\-/]+))?$")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class ModelSource:
     shards: list[str]
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict)
     hub_id: str | None = None
+    revision: str | None = None  # the revision asked for (org/name@rev or --revision); None: the default branch
 
     @property
     def name(self) -> str:
@@ -47,6 +51,27 @@ class ModelSource:
 
 def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not os.path.exists(text)
+
+
+def split_revision(text: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); 'org/name' -> ('org/name', None)."""
+    match = _HUB_ID.match(text)
+    if not match:
+        return text, None
+    return match.group("repo"), match.group("revision")
+
+
+def with_revision(source: str, revision: str | None) -> str:
+    """The input with `--revision` folded in as org/name@rev; refused for local folders and double revisions."""
+    if not revision:
+        return source
+    if not looks_like_hub_id(source):
+        raise TensorscaleError(f"--revision applies to hub ids (org/name), and {source} is a local path; leave it out")
+    if split_revision(source)[1] is not None:
+        raise TensorscaleError(f"{source} already names a revision; give it either as org/name@rev or with --revision")
+    if not _HUB_ID.match(f"{source}@{revision}"):
+        raise TensorscaleError(f"--revision {revision!r} is not a branch, tag or commit name")
+    return f"{source}@{revision}"
 
 
 def open_source(source: str, *, headers_only: bool = False) -> ModelSource:
@@ -79,8 +104,11 @@ def read_config(folder: str) -> dict:
 
 
 def shard_paths(folder: str) -> list[str]:
-    """The safetensors shards of a local folder, from the index if there is one, checked to stay inside."""
-    root = os.path.realpath(folder)
+    """The safetensors shards of a local folder, from the index if there is one, checked to stay inside.
+
+    Inside means inside the folder, or for a hub-cache snapshot inside its repo folder (cache_layout)."""
+    root = allowed_root(folder)
+    where = "its hub cache folder" if hub_repo_folder(folder) else "the model folder"
     index_path = os.path.join(folder, INDEX_NAME)
     if os.path.isfile(index_path):
         weight_map = read_index(folder)
@@ -89,9 +117,9 @@ def shard_paths(folder: str) -> list[str]:
         for shard in names:
             if not isinstance(shard, str) or os.path.isabs(shard):
                 raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which is not a relative file name")
-            path = os.path.realpath(os.path.join(folder, shard))
-            if os.path.commonpath([root, path]) != root:
-                raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which lies outside the model folder")
+            path = os.path.join(folder, shard)
+            if not link_allowed(path, root):
+                raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which lies outside {where}")
             if not os.path.isfile(path):
                 raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which does not exist; re-download the model")
             paths.append(path)
@@ -109,9 +137,8 @@ def shard_paths(folder: str) -> list[str]:
             )
         raise TensorscaleError(f"{folder} holds no .safetensors files")
     for path in paths:
-        real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root:
-            raise TensorscaleError(f"{os.path.basename(path)} is a link out of the model folder; refusing to read it")
+        if not link_allowed(path, root):
+            raise TensorscaleError(f"{os.path.basename(path)} is a link out of {where}; refusing to read it")
     return paths
 
 
@@ -175,7 +202,8 @@ def _check_index_matches_headers(folder: str, tensors: dict, shard_of: dict[str,
                                f"{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''}; re-download the index")
 
 
-def open_local(folder: str, label: str | None = None, hub_id: str | None = None) -> ModelSource:
+def open_local(folder: str, label: str | None = None, hub_id: str | None = None,
+               revision: str | None = None) -> ModelSource:
     config = read_config(folder)
     paths = shard_paths(folder)
     tensors: dict[str, TensorInfo] = {}
@@ -191,4 +219,4 @@ def open_local(folder: str, label: str | None = None, hub_id: str | None = None)
             shard_of[name] = path
     if os.path.isfile(os.path.join(folder, INDEX_NAME)):
         _check_index_matches_headers(folder, tensors, shard_of)
-    return ModelSource(label or folder, folder, config, tensors, paths, headers, hub_id)
+    return ModelSource(label or folder, folder, config, tensors, paths, headers, hub_id, revision)

@@ -33,8 +33,9 @@ CHUNK_BYTES = 32 * 2**20
 Progress = Callable[[int, int], None]  # (bytes written, tensors finished)
 
 
-def shard_header(shard: ShardPlan) -> bytes:
-    return header_bytes([(t.name, t.out_dtype, t.out_shape, t.offset, t.offset + t.nbytes) for t in shard.tensors])
+def shard_header(shard: ShardPlan, metadata: dict[str, str] | None = None) -> bytes:
+    return header_bytes([(t.name, t.out_dtype, t.out_shape, t.offset, t.offset + t.nbytes) for t in shard.tensors],
+                        metadata)
 
 
 def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, progress: Progress | None = None,
@@ -45,7 +46,7 @@ def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, pr
     pread and pwrite all release the GIL, so one thread computes while another waits on the disk, and each
     writes its tensor at its own offset. The bytes do not depend on the number of workers."""
     workers = workers or default_workers(shard)
-    out = ShardFile(path, shard_header(shard), shard.nbytes)
+    out = ShardFile(path, shard_header(shard, plan.metadata), shard.nbytes)
     lock = threading.Lock()
 
     def one(tensor: TensorPlan) -> None:

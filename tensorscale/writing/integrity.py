@@ -17,6 +17,7 @@ import time
 from .. import __version__
 from ..errors import TensorscaleError
 from ..planning.plan import Plan, ShardPlan
+from ..reading.cache_layout import snapshot_revision
 from ..reading.safetensors_header import read_header
 
 MANIFEST_NAME = "tensorscale-manifest.json"
@@ -65,9 +66,7 @@ def file_sha256(path: str) -> str:
 
 def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
     source = plan.source
-    revision = None
-    if source.hub_id:
-        revision = os.path.basename(os.path.normpath(source.folder))  # the snapshot folder is the commit hash
+    revision = snapshot_revision(source.folder) if source.hub_id else None  # the snapshot folder's commit
     return {
         "tool": "tensorscale",
         "version": __version__,
@@ -88,6 +87,7 @@ def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
             "path": os.path.abspath(source.folder),
             "hub_id": source.hub_id,
             "revision": revision,
+            "requested_revision": source.revision,  # as asked (org/name@rev, --revision); None: the default
             "shards": {os.path.basename(p): file_sha256(p) for p in source.shards},
         },
         "output": {"files": {name: file_sha256(os.path.join(folder, name)) for name in manifest_files(folder)}},

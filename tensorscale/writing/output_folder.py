@@ -20,6 +20,7 @@ import shutil
 import stat
 
 from ..errors import TensorscaleError
+from ..reading.cache_layout import allowed_root, link_allowed
 from ..reading.source import INDEX_NAME, PICKLE_SUFFIXES
 from .replace_guard import MANIFEST_NAME, check_replaceable
 
@@ -184,9 +185,22 @@ class OutputFolder:
         except OSError as exc:
             raise TensorscaleError(f"cannot write {filename}: {exc.strerror} (is the disk full?)") from None
 
+    def write_text(self, filename: str, text: str) -> None:
+        try:
+            with open(self.path(filename), "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise TensorscaleError(f"cannot write {filename}: {exc.strerror} (is the disk full?)") from None
+
     def copy_side_files(self, source_folder: str) -> list[str]:
-        """Tokenizer, generation config and other small files that describe the model unchanged."""
+        """Tokenizer, generation config and other small files that describe the model unchanged.
+
+        A link is followed only where it stays inside the model folder, or, for a hub-cache snapshot, inside
+        its repo folder (reading.cache_layout); a file named `token` is never read."""
         copied = []
+        root = allowed_root(source_folder)
         for name in sorted(os.listdir(source_folder)):
             source = os.path.join(source_folder, name)
             if name in SKIP_NAMES or name.endswith(SKIP_SUFFIXES) or name.startswith("."):
@@ -197,10 +211,7 @@ class OutputFolder:
                 continue
             if not stat.S_ISREG(mode):
                 continue
-            real = os.path.realpath(source)
-            root = os.path.realpath(source_folder)
-            # Hub snapshots link into the blob cache; anything else linking out of the folder is skipped.
-            if os.path.commonpath([root, real]) != root and "huggingface" not in real:
+            if not link_allowed(source, root):
                 continue
             try:
                 shutil.copyfile(source, self.path(name))
