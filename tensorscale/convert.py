@@ -15,7 +15,10 @@ from .planning.plan import Options, Plan, ShardPlan, build_plan
 from .reading.source import INDEX_NAME, ModelSource, open_source
 from .rulebook.registry import resolve_rules
 from .writing.integrity import MANIFEST_NAME, build_manifest, check_shard_file, verify_tensor_hashes
-from .writing.output_folder import OutputFolder, check_output_path
+from .writing.output_folder import OutputFolder, check_output_path, release_reservation
+
+# Room each shard's header may take beyond its tensors' bytes, in the whole-output disk reservation.
+HEADER_ALLOWANCE = 2**20
 
 log = logging.getLogger(__name__)  # `-v` shows these lines on stderr
 
@@ -128,6 +131,7 @@ class Result:
     stale_removed: list[str]
     verified_files: bool = False
     manifest: str | None = None
+    warnings: list[str] = None
 
     def summary(self) -> dict:
         plan = self.plan
@@ -160,21 +164,30 @@ ShardRunner = Callable[[Plan, str, bool, Optional[Callable[[int, int], None]]], 
 
 
 def produce_shard(plan: Plan, shard: ShardPlan, path: str, *, verify_files: bool = False, progress=None,
-                  reader=None) -> None:
+                  reader=None) -> list[str]:
     """Write one output shard and check it. Needs nothing but the plan: shards can run in any order,
-    in other processes, or on other machines that see the same input files."""
+    in other processes, or on other machines that see the same input files.
+
+    Returns the input tensors found holding NaN or Inf while they were read (execute_plan decides)."""
     from .reading.tensor_reader import ShardReader  # torch loads here, with the first shard, not for plans
     from .writing.execute import write_shard
 
     hashes = {} if verify_files else None
+    release_reservation(os.path.dirname(path), shard.nbytes + HEADER_ALLOWANCE)
     if reader is None:
         with ShardReader() as own_reader:
+            own_reader.nonfinite = set()
             write_shard(plan, shard, path, own_reader, progress, hashes)
+            found = sorted(own_reader.nonfinite)
     else:
+        if reader.nonfinite is None:
+            reader.nonfinite = set()
         write_shard(plan, shard, path, reader, progress, hashes)
+        found = sorted(reader.nonfinite)
     check_shard_file(path, shard)
     if hashes is not None:
         verify_tensor_hashes(path, hashes)
+    return found
 
 
 def run_shards_in_order(plan: Plan, folder: str, verify_files: bool, progress) -> None:
@@ -184,37 +197,55 @@ def run_shards_in_order(plan: Plan, folder: str, verify_files: bool, progress) -
     with ShardReader() as reader:
         for shard in plan.shards:
             log.info("shard %s: %d tensor(s), %d bytes", shard.filename, len(shard.tensors), shard.nbytes)
-            produce_shard(plan, shard, os.path.join(folder, shard.filename), verify_files=verify_files,
-                          progress=progress, reader=reader)
+            plan.nonfinite_inputs.update(produce_shard(plan, shard, os.path.join(folder, shard.filename),
+                                                       verify_files=verify_files, progress=progress, reader=reader))
             _check_inputs_unchanged(plan.source)
+
+
+def nonfinite_message(names) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - 1} more tensor(s)" if len(names) > 1 else ""
+    return f"the input holds NaN or Inf values in {names[0]}{more}"
 
 
 def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True,
                  verify_files: bool = False, manifest: bool = False, command: list[str] | None = None,
-                 shard_runner: ShardRunner | None = None, check: Callable[[str], dict | None] | None = None) -> Result:
+                 shard_runner: ShardRunner | None = None, check: Callable[[str], dict | None] | None = None,
+                 allow_nonfinite: bool = False, extra_kept: tuple[str, ...] = ()) -> Result:
     """Write the plan into a temporary folder beside OUT, check it, and only then move it into place.
 
     `shard_runner(plan, folder, verify_files, progress)` produces every shard file in `folder` (by default
     in order, in this process); everything else (index, config, side files, model card, manifest, commit)
     stays here. `check(folder)`, when given, runs on the complete temporary folder before the model card is
-    written (up --verify); what it returns goes into the card, and an interrupt there leaves OUT untouched."""
+    written (up --verify); what it returns goes into the card, and an interrupt there leaves OUT untouched.
+    Input tensors holding NaN or Inf (seen as they are read) fail the run, with nothing written, unless
+    `allow_nonfinite`: then the Result carries the warning."""
     from .writing.model_card import CARD_NAME, card_facts, card_text, safetensors_metadata
 
     started = time.perf_counter()
     source = plan.source
-    out = check_output_path(output or default_output(source, plan), source.folder, force)
+    out = check_output_path(output or default_output(source, plan), source.folder, force, extra_kept)
     facts = card_facts(plan, command)
     plan.metadata = safetensors_metadata(facts)
     folder = OutputFolder(out)
     bar = progress_for(plan.total_bytes, "writing", len(plan.tensors), enabled=show_progress)
     completed = False
+    warnings = []
     try:
         folder.create()
+        folder.reserve(plan.total_bytes + HEADER_ALLOWANCE * len(plan.shards))
         log.info("writing %s: %d tensor(s) in %d shard(s), %d bytes, into %s", out, len(plan.tensors),
                  len(plan.shards), plan.total_bytes, folder.tmp)
         progress = bar.update if bar is not None else None
         (shard_runner or run_shards_in_order)(plan, folder.tmp, verify_files, progress)
+        folder.drop_reservation()
         _check_inputs_unchanged(source)
+        if plan.nonfinite_inputs:
+            if not allow_nonfinite:
+                raise TensorscaleError(f"{nonfinite_message(plan.nonfinite_inputs)}, so the output would compute NaN; "
+                                       "nothing was written. Repair the checkpoint, or pass --allow-nonfinite to "
+                                       "write it anyway")
+            warnings.append(f"{nonfinite_message(plan.nonfinite_inputs)}; written anyway (--allow-nonfinite)")
         if len(plan.shards) > 1:
             folder.write_json(
                 INDEX_NAME,
@@ -240,7 +271,7 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
         if bar is not None:
             bar.close(completed)
     return Result(out, plan, time.perf_counter() - started, side, folder.stale_removed, verify_files,
-                  os.path.join(out, MANIFEST_NAME) if manifest else None)
+                  os.path.join(out, MANIFEST_NAME) if manifest else None, warnings)
 
 
 def _check_inputs_unchanged(source: ModelSource) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -150,3 +152,18 @@ def run_cli_in_fresh_process(args: list[str], forbidden: tuple[str, ...]) -> sub
         f"assert not loaded, f'{args[0]} imported {{loaded}}'\n"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+@contextmanager
+def bounded_time(seconds: int):
+    """Fail a case that runs longer than `seconds` (a hang), via SIGALRM; Python-level loops only."""
+    def hang(signum, frame):
+        raise AssertionError(f"a case ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -277,15 +277,28 @@ def test_existing_folder_without_manifest_needs_force(tmp_path, sources):
     jobs = _jobs(sources)[:1]
     path = _write_jobs(str(tmp_path), jobs)
     os.makedirs(tmp_path / "out" / "llama-x2")
-    (tmp_path / "out" / "llama-x2" / "precious.txt").write_text("mine")
+    (tmp_path / "out" / "llama-x2" / "config.json").write_text("{}")
     assert _batch(path).exit_code == 1
     entry = _summary(path)["jobs"][0]
     assert entry["status"] == "failed" and "has no tensorscale manifest; set `force: true`" in entry["reason"]
-    assert os.listdir(tmp_path / "out" / "llama-x2") == ["precious.txt"]
+    assert os.listdir(tmp_path / "out" / "llama-x2") == ["config.json"]
     jobs[0]["force"] = True
     path = _write_jobs(str(tmp_path), jobs)
     assert _batch(path).exit_code == 0
-    assert not os.path.exists(tmp_path / "out" / "llama-x2" / "precious.txt")
+    assert json.load(open(tmp_path / "out" / "llama-x2" / "config.json"))["hidden_size"] == 64
+
+
+def test_force_never_replaces_a_folder_holding_user_files(tmp_path, sources):
+    """Issue 14: `force: true` used to delete precious.txt with the folder; now the batch is refused
+    before any job runs, naming the file."""
+    jobs = _jobs(sources)[:1]
+    jobs[0]["force"] = True
+    path = _write_jobs(str(tmp_path), jobs)
+    os.makedirs(tmp_path / "out" / "llama-x2")
+    (tmp_path / "out" / "llama-x2" / "precious.txt").write_text("mine")
+    result = _batch(path)
+    assert result.exit_code == 2 and "precious.txt" in result.output
+    assert os.listdir(tmp_path / "out" / "llama-x2") == ["precious.txt"]
 
 
 def test_down_jobs_run_and_resume(tmp_path, sources):

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 
 import pytest
 import yaml
 from hypothesis import given, strategies as st
 
-from fixtures import build_checkpoint
+from fixtures import bounded_time, build_checkpoint
 from tensorscale.errors import TensorscaleError
 from tensorscale.reading.safetensors_header import DTYPE_SIZES, parse_header_bytes
 from tensorscale.rulebook.expr import Expression, ExpressionError
@@ -26,18 +24,8 @@ from tensorscale.rulebook.schema import load_rules_text
 CASE_SECONDS = 10
 
 
-@contextmanager
 def time_limit(seconds=CASE_SECONDS):
-    def hang(signum, frame):
-        raise AssertionError(f"a case ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    return bounded_time(seconds)
 
 
 # ---- safetensors headers -------------------------------------------------------------------------
@@ -341,3 +329,125 @@ def test_gguf_lying_offsets(gguf_file, tmp_path):
         path = tmp_path / "offset.gguf"
         path.write_bytes(gguf_file[:at] + struct.pack("<Q", offset) + gguf_file[at + 8:])
         _cli_refuses(path, tmp_path, fragment)
+
+
+# ---- issue 14: nesting depth, huge numbers, NaN/Inf, aliases, backtracking patterns --------------------
+
+from hypothesis import settings  # noqa: E402
+
+# Cases that plan or write a checkpoint cost ~0.1-1 s each: fewer of them by default, a tenth of --fuzz's.
+HEAVY = settings(max_examples=20 if settings().max_examples <= 150 else settings().max_examples // 10)
+
+@HEAVY
+@given(depth=st.integers(1, 200_000), kind=st.sampled_from(["[", "{\"a\":"]))
+def test_header_reader_nesting_depth(depth, kind):
+    close = "]" if kind == "[" else "}"
+    raw = ('{"x": ' + kind * depth + ("1" if kind != "[" else "") + close * depth + "}").encode()
+    with time_limit():
+        try:
+            parse_header_bytes(raw, path="fuzz.safetensors", file_size=8 + len(raw))
+        except TensorscaleError:
+            pass
+
+
+HUGE = st.one_of(st.integers(-(2**70), 2**70), st.integers(10**300, 10**400),
+                 st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, -1, 2**62, 10**18]))
+CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+               "vocab_size", "rms_norm_eps", "head_dim", "max_position_embeddings"]
+
+
+@HEAVY
+@given(values=st.dictionaries(st.sampled_from(CONFIG_KEYS), HUGE, min_size=1, max_size=3),
+       multiplier=st.sampled_from([1, 2, 3, 10**5, 10**9]))
+def test_plans_from_huge_or_nonfinite_config_numbers(tiny, values, multiplier):
+    """Huge ints, 1e400 (inf), NaN: a plan or one line, in bounded time and memory."""
+    from tensorscale.convert import plan_conversion
+    from tensorscale.planning.plan import Options
+
+    with tempfile.TemporaryDirectory() as work:
+        folder = os.path.join(work, "m")
+        os.mkdir(folder)
+        for name in os.listdir(tiny):
+            os.symlink(os.path.join(tiny, name), os.path.join(folder, name))
+        config = json.load(open(os.path.join(tiny, "config.json")))
+        config.update(values)
+        os.unlink(os.path.join(folder, "config.json"))
+        with open(os.path.join(folder, "config.json"), "w") as handle:
+            handle.write(json.dumps(config, allow_nan=True))
+        with time_limit():
+            try:
+                plan_conversion(folder, Options(multiplier, multiplier), headers_only=True)
+            except TensorscaleError:
+                pass
+
+
+@given(anchor_depth=st.integers(1, 12), fanout=st.integers(1, 12))
+def test_rules_with_aliases_are_refused(anchor_depth, fanout):
+    lines = ["name: bomb", "x0: &a0 [1]"]
+    for level in range(1, anchor_depth + 1):
+        lines.append(f"x{level}: &a{level} [{', '.join([f'*a{level - 1}'] * fanout)}]")
+    lines.append("tensors: [{match: 'a', drop: true}]")
+    with time_limit():
+        with pytest.raises(TensorscaleError, match="alias|unknown key"):
+            load_rules_text("\n".join(lines), "fuzz.yaml")
+
+
+@HEAVY
+@given(depth=st.integers(1, 2000))
+def test_rules_nesting_depth(depth):
+    text = "name: deep\ntensors: " + "[" * depth + "]" * depth + "\n"
+    with time_limit():
+        try:
+            load_rules_text(text, "fuzz.yaml")
+        except TensorscaleError:
+            pass
+
+
+PATTERN_TOKENS = ["(", ")", ".", "|", "*", "+", "?", "a", "x", "\\.", "\\d+", "{2,}", "(?P<layer>\\d+)", "[ab]", "Q", ".*"]
+
+
+@given(parts=st.lists(st.sampled_from(PATTERN_TOKENS), min_size=1, max_size=16),
+       name=st.sampled_from(["model.layers.0.self_attn.q_proj.weight", "x" * 60, "a" * 60 + "b",
+                             "model.layers.12.mlp.down_proj.weight.model.layers.12.mlp"]))
+def test_backtracking_patterns_are_bounded(parts, name):
+    from tensorscale.rulebook.patterns import Pattern
+
+    with time_limit(5):
+        try:
+            Pattern("".join(parts), "fuzz.yaml: tensors[0]").fullmatch(name)
+        except TensorscaleError:
+            pass
+
+
+@HEAVY
+@given(positions=st.lists(st.integers(0, 10_000), min_size=1, max_size=4),
+       value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+       allow=st.booleans())
+def test_nonfinite_weights_are_refused_or_warned(tiny, positions, value, allow):
+    from safetensors.torch import load_file, save_file
+
+    from tensorscale.convert import execute_plan, plan_conversion
+    from tensorscale.planning.plan import Options
+
+    with tempfile.TemporaryDirectory() as work:
+        folder = os.path.join(work, "m")
+        os.mkdir(folder)
+        for name in os.listdir(tiny):
+            if name != "model.safetensors":
+                os.symlink(os.path.join(tiny, name), os.path.join(folder, name))
+        tensors = load_file(os.path.join(tiny, "model.safetensors"))
+        names = sorted(tensors)
+        for position in positions:
+            tensor = tensors[names[position % len(names)]]
+            tensor.view(-1)[position % tensor.numel()] = value
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        out = os.path.join(work, "out")
+        with time_limit(60):
+            try:
+                result = execute_plan(plan_conversion(folder, Options(2, 2)), out, show_progress=False,
+                                      allow_nonfinite=allow)
+            except TensorscaleError as exc:
+                assert not allow and "NaN or Inf" in str(exc)
+                assert not os.path.exists(out)
+            else:
+                assert allow and result.warnings

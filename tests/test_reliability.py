@@ -82,7 +82,7 @@ def test_kills_never_leave_a_partial_output(big, tmp_path):
                         for key in handle.keys():
                             handle.get_slice(key)
         if signum != signal.SIGKILL:  # a caught signal cleans up its own temporary folder
-            own = [name for name in leftovers(tmp_path) if name.endswith(f"-{process.pid}")]
+            own = [name for name in leftovers(tmp_path) if f"-{process.pid}-" in name]
             assert not own, f"{signal.Signals(signum).name} left {own}"
     # A run after a SIGKILL finds and removes what the killed run left.
     out = tmp_path / "out"
@@ -209,9 +209,14 @@ def test_config_that_disagrees_with_tensors(tmp_path):
 
 def test_concurrent_run_on_the_same_output_is_refused(tmp_path):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n")
+    run = f"{os.getpid()}-feedf00d"
+    sleeper = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f".out.tensorscale-lock-{run}")],
+                               stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / f".out.tensorscale-tmp-{sleeper.pid}").mkdir()
+        assert sleeper.stdout.readline().strip() == "locked"
+        (tmp_path / f".out.tensorscale-tmp-{run}").mkdir()
         with pytest.raises(TensorscaleError, match="another tensorscale run"):
             run_up(source, str(tmp_path / "out"), Options(2, 1), show_progress=False)
     finally:

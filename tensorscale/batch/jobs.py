@@ -12,11 +12,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import yaml
-
 from ..errors import TensorscaleError
+from ..strict_yaml import load_yaml, read_text_file
 from ..reading.source import looks_like_hub_id
 
+MAX_JOBS_BYTES = 16 * 2**20
 COMMANDS = ("up", "down")
 REQUIRED = ("command", "input", "output")
 # Options shared by both commands, by the CLI's long names with underscores, and their defaults.
@@ -27,6 +27,7 @@ COMMON_OPTIONS = {
     "max_shard_size": "5GB",
     "force": False,
     "verify_files": False,
+    "allow_nonfinite": False,
 }
 DOWN_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 UP_OPTIONS = {
@@ -66,6 +67,7 @@ class Job:
     output: str
     options: dict = field(default_factory=dict)  # the command's option keys, defaults filled in
     rules: str | None = None
+    kept: tuple = ()  # files no replaced output may hold (the jobs file, the summary)
 
     @property
     def force(self) -> bool:
@@ -111,46 +113,13 @@ class Job:
         return args + ["--manifest"]
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load (no Python objects) that also refuses a key given twice, which YAML would silently
-    resolve to the last value: `seed: 1 ... seed: 2` in one job is a mistake worth a message."""
-
-
-def _mapping_without_duplicates(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise TensorscaleError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one")
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
 def load_jobs(path: str) -> list[Job]:
     """Read and validate the whole jobs file; raise one TensorscaleError line on the first problem."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise TensorscaleError(f"jobs file {path} does not exist; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TensorscaleError(f"cannot read jobs file {path}: {exc}") from None
-    try:
-        loader = _UniqueKeyLoader(text)  # a SafeLoader: plain data only, never Python objects
-        try:
-            data = loader.get_single_data()
-        finally:
-            loader.dispose()
-    except TensorscaleError as exc:
-        raise TensorscaleError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TensorscaleError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not os.path.lexists(path):
+        raise TensorscaleError(f"jobs file {path} does not exist; check the path")
+    text = read_text_file(path, "jobs file", MAX_JOBS_BYTES)
+    # safe loading (plain data only), a key given twice refused, nesting bounded (strict_yaml)
+    data = load_yaml(text, path)
     return parse_jobs(data, path)
 
 
@@ -171,7 +140,7 @@ def parse_jobs(data, path: str = "<jobs>") -> list[Job]:
         raise TensorscaleError(f"{path}: `jobs:` must be a non-empty list of mappings")
     base = os.path.dirname(os.path.abspath(path))
     jobs = [_parse_job(i, entry, defaults, base, path) for i, entry in enumerate(entries, start=1)]
-    _check_across_jobs(jobs, path)
+    _check_across_jobs(jobs, path, base)
     return jobs
 
 
@@ -199,6 +168,8 @@ def _parse_job(index: int, entry, defaults: dict, base: str, path: str) -> Job:
     for key in ("input", "output"):
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise TensorscaleError(f"{where}: `{key}` must be a path (or, for input, a hub id like org/name)")
+        if "\0" in entry[key]:
+            raise TensorscaleError(f"{where}: `{key}` contains a NUL character; give a plain path")
     options = dict(known)
     options.update({k: v for k, v in defaults.items() if k in known})  # a default for the other command is skipped
     options.update({k: v for k, v in entry.items() if k in known})
@@ -279,7 +250,7 @@ def _check_value(key: str, value) -> str | None:
     elif key == "snr_db":
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             return f"must be a finite number of decibels (or null for no noise), got {value!r}"
-    elif key in ("untie_embeddings", "force", "verify_files"):
+    elif key in ("untie_embeddings", "force", "verify_files", "allow_nonfinite"):
         if not isinstance(value, bool):
             return f"must be true or false, got {value!r}"
     elif key == "dtype":
@@ -354,18 +325,56 @@ def create_output_parents(jobs: list[Job]) -> None:
             raise TensorscaleError(f"job {job.index}: cannot create {os.path.dirname(job.output)}: {exc.strerror}") from None
 
 
-def _check_across_jobs(jobs: list[Job], path: str) -> None:
-    """Jobs run in parallel, so two may not write one folder, nor may one read what another writes."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_across_jobs(jobs: list[Job], path: str, base: str | None = None) -> None:
+    """Jobs run in parallel, so two may not write one folder (or one inside the other), nor may one read
+    what another writes, even where that output does not exist yet (`out/x2` also reads as a hub id);
+    and no output may hold the jobs file itself."""
+    base = base or os.path.dirname(os.path.abspath(path))
+    jobs_file = os.path.realpath(path)
     writers: dict[str, int] = {}
     for job in jobs:
         out = os.path.realpath(job.output)
-        if out in writers:
-            raise TensorscaleError(f"{path}: jobs {writers[out]} and {job.index} both write {job.output}; give each its own output")
+        if _inside(jobs_file, out):
+            raise TensorscaleError(f"{path}: job {job.index} writes {job.output}, which holds this jobs file; "
+                                   "choose an output folder of its own")
+        for other, index in writers.items():
+            if other == out:
+                raise TensorscaleError(f"{path}: jobs {index} and {job.index} both write {job.output}; give each its own output")
+            if _inside(out, other) or _inside(other, out):
+                raise TensorscaleError(f"{path}: the outputs of jobs {index} and {job.index} are nested (one inside the "
+                                       "other); give each a folder of its own, side by side")
         writers[out] = job.index
     for job in jobs:
-        source = os.path.realpath(job.input) if os.path.isabs(job.input) else None
-        if source in writers:
-            raise TensorscaleError(
-                f"{path}: job {job.index} reads the output of job {writers[source]}; jobs run in parallel, "
-                "so put chained conversions in two jobs files run one after the other"
-            )
+        candidates = {os.path.realpath(job.input if os.path.isabs(job.input) else _resolve(job.input, base))}
+        for source in candidates:
+            for out, index in writers.items():
+                if _inside(source, out) or _inside(out, source):
+                    raise TensorscaleError(
+                        f"{path}: job {job.index} reads the output of job {index}; jobs run in parallel, "
+                        "so put chained conversions in two jobs files run one after the other"
+                    )
+
+
+def check_outputs(jobs: list[Job], jobs_file: str, summary_path: str) -> None:
+    """Before any job runs: no existing output may be a folder that a rerun must not replace (the input,
+    the current directory, a home, a mount point, or a folder holding the jobs file or the summary), and
+    each must hold only model files, except a finished output of the same job, which a rerun skips and
+    so keeps whatever the user added (if it must be redone instead, that job fails with one line then)."""
+    from ..writing.replace_guard import check_contents, check_location
+    from .resume import records_job
+
+    for job in jobs:
+        job.kept = (jobs_file, summary_path)
+        if not os.path.lexists(job.output):
+            continue
+        source = job.input if os.path.isabs(job.input) else None
+        try:
+            check_location(job.output, source, (jobs_file, summary_path))
+            if not records_job(job, job.output):
+                check_contents(job.output)
+        except TensorscaleError as exc:
+            raise TensorscaleError(f"{jobs_file}: job {job.index}: {exc}") from None

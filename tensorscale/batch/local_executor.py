@@ -133,7 +133,9 @@ class LocalExecutor:
                     for future in done:
                         index, args, attempt, pool = running.pop(future)
                         try:
-                            state.shard_done(future.result())
+                            info = future.result()
+                            plan.nonfinite_inputs.update(info.get("nonfinite") or ())
+                            state.shard_done(info)
                             continue
                         except BrokenProcessPool as exc:
                             self._pool_broke(pool)

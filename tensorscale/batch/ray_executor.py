@@ -73,7 +73,9 @@ class RayExecutor:
                     ready, pending = ray.wait(pending, num_returns=1)
                     for ref in ready:
                         try:
-                            state.shard_done(ray.get(ref))
+                            info = ray.get(ref)
+                            plan.nonfinite_inputs.update(info.get("nonfinite") or ())
+                            state.shard_done(info)
                         except Exception as exc:  # noqa: BLE001 - reported in one line
                             cause = getattr(exc, "cause", None) or exc
                             raise TensorscaleError(

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from ..writing.integrity import MANIFEST_NAME, file_sha256, file_stat, manifest_files
+from ..writing.replace_guard import is_model_file
 
 
 @dataclass
@@ -27,19 +28,44 @@ class Verdict:
     reason: str  # why it does not match (empty when it does)
 
 
-def output_hashes(folder: str) -> dict[str, str]:
-    """The files a manifest lists (as build_manifest lists them), with their sha256."""
-    return {name: file_sha256(os.path.join(folder, name)) for name in manifest_files(folder)}
+def compared_files(folder: str, listed=None) -> list[str]:
+    """The files a manifest lists (as build_manifest lists them). With `listed` (the manifest's names),
+    files the user added that are no model files are left out: they do not make a finished output
+    unfinished, and a skip keeps them."""
+    names = manifest_files(folder)
+    if listed is not None:
+        names = [name for name in names if name in listed or is_model_file(name)]
+    return names
+
+
+def output_hashes(folder: str, listed=None) -> dict[str, str]:
+    """compared_files with their sha256."""
+    return {name: file_sha256(os.path.join(folder, name)) for name in compared_files(folder, listed)}
+
+
+def _read_manifest(output: str):
+    with open(os.path.join(output, MANIFEST_NAME), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def records_job(job, output: str) -> bool:
+    """The output's manifest was written by tensorscale for this very job (its command line)."""
+    try:
+        recorded = _read_manifest(output)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("tool") == "tensorscale" and recorded.get("command") == job.command_line()
 
 
 def check_existing(job, source, output: str) -> Verdict:
     if not os.path.isdir(output):
         return Verdict(False, False, "is not a folder")
     try:
-        with open(os.path.join(output, MANIFEST_NAME), encoding="utf-8") as handle:
-            recorded = json.load(handle)
+        recorded = _read_manifest(output)
     except FileNotFoundError:
         return Verdict(False, False, "has no tensorscale manifest")
+    except RecursionError:
+        return Verdict(False, False, "has a manifest nested too deeply to read")
     except (OSError, ValueError) as exc:
         return Verdict(False, False, f"has a manifest that cannot be read ({exc})")
     if not isinstance(recorded, dict) or recorded.get("tool") != "tensorscale":
@@ -57,10 +83,15 @@ def check_existing(job, source, output: str) -> Verdict:
     if recorded_shards != shards:
         return Verdict(False, True, "the input's shards differ from the manifest's")
     if full:
-        files, current = (recorded.get("output") or {}).get("files") or {}, output_hashes(output)
+        files = (recorded.get("output") or {}).get("files") or {}
+        if not isinstance(files, dict):
+            return Verdict(False, True, "has a manifest whose file list is not a mapping")
+        current = output_hashes(output, set(files))
     else:
         files = stats.get("output") or {}
-        current = {name: file_stat(os.path.join(output, name)) for name in manifest_files(output)}
+        if not isinstance(files, dict):
+            return Verdict(False, True, "has a manifest whose file list is not a mapping")
+        current = {name: file_stat(os.path.join(output, name)) for name in compared_files(output, set(files))}
     if files != current:
         changed = sorted(set(files) ^ set(current)) or sorted(name for name in files if files[name] != current[name])
         return Verdict(False, True, f"output file {changed[0]} differs from the manifest")

@@ -77,9 +77,12 @@ def run_job(job: Job, executor, overview) -> dict:
             entry["notes"] = list(plan.notes)  # e.g. "not exact in bfloat16": the summary must say so too
 
         result = execute_plan(plan, job.output, force=True, show_progress=False, verify_files=job.verify_files,
-                              manifest=True, command=job.command_line(), shard_runner=runner)
+                              manifest=True, command=job.command_line(), shard_runner=runner,
+                              extra_kept=tuple(job.kept), allow_nonfinite=job.options["allow_nonfinite"])
         entry.update(status="done", seconds=round(time.perf_counter() - started, 3), shards=len(plan.shards),
                      total_bytes=plan.total_bytes, manifest=result.manifest)
+        if result.warnings:
+            entry["warnings"] = list(result.warnings)
     except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the batch goes on
         entry.update(status="failed", seconds=round(time.perf_counter() - started, 3), reason=one_line(exc))
     entry["retries"] = state.retries

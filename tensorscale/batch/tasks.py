@@ -68,16 +68,37 @@ def produce_shard_task(spec: dict, index: int, path: str, fingerprint: str, veri
     if index >= len(plan.shards) or shard_fingerprint(plan, index) != fingerprint:
         _PLAN_CACHE.clear()
         raise TensorscaleError(f"the input {spec['input']} changed since the job was planned; run the batch again")
-    produce_shard(plan, plan.shards[index], path, verify_files=verify_files)
-    return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    nonfinite = produce_shard(plan, plan.shards[index], path, verify_files=verify_files)
+    return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "nonfinite": nonfinite}
 
 
 def init_worker(threads: int) -> None:
-    """Pool worker start-up: leave Ctrl-C to the driver (it stops workers itself), and give torch a fair
-    share of the cores so that N workers do not each spawn a thread per core."""
+    """Pool worker start-up: leave Ctrl-C to the driver (it stops workers itself), die with the driver
+    (a SIGKILLed driver runs no clean-up, and its workers would wait forever holding their memory), and
+    give torch a fair share of the cores so that N workers do not each spawn a thread per core."""
     import signal
 
+    die_with_parent()  # first: importing torch takes seconds
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
+
+
+def die_with_parent(poll_seconds: float = 0.5) -> None:
+    """Exit as soon as the process that started us is gone. A watcher thread polls the parent PID: the
+    kernel re-parents an orphan, so getppid() changes. (PR_SET_PDEATHSIG fires when the parent *thread*
+    exits, and pool workers are started from short-lived job threads, so it would kill live workers.)"""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="tensorscale-parent-watch", daemon=True).start()

@@ -50,7 +50,7 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
     created. Jobs whose output exists and matches its manifest (by sizes and mtimes; --verify-files
     re-hashes) are skipped; failed jobs do not stop the others.
     """
-    from ..batch.jobs import check_inputs_and_outputs, create_output_parents, load_jobs
+    from ..batch.jobs import check_inputs_and_outputs, check_outputs, create_output_parents, load_jobs
     from ..batch.local_executor import default_memory_budget, worker_count
     from ..batch.overview import Overview
     from ..batch.runner import run_batch
@@ -76,6 +76,7 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
     if not os.access(os.path.dirname(summary_path), os.W_OK):
         raise TensorscaleError(f"cannot write the summary into {os.path.dirname(summary_path)}; pass --summary FILE elsewhere")
     check_inputs_and_outputs(job_list, jobs_file)
+    check_outputs(job_list, os.path.abspath(jobs_file), summary_path)
     slots = jobs or os.cpu_count() or 1
 
     if executor == "ray":

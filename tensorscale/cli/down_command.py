@@ -75,11 +75,13 @@ def fold_summary(plan) -> dict:
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Write the output even if input weights hold NaN or Inf (refused by default).")
 @revision_option
 @lambda func: with_options(func, FORMAT_OPTIONS)
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
          calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
-         as_json, quiet, out_format, outtype):
+         as_json, quiet, allow_nonfinite, out_format, outtype):
     """Make a narrower model of the same architecture by folding units into clusters.
 
     Exactly undoes `up` (a HyperCloned model's copies are found and merged). On other models, units
@@ -93,8 +95,10 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
       tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
     """
     from ..convert import plan_down
+    from .main import check_output_early, print_warnings
     from .output_format import write_output
 
+    check_output_early(output, source, force)
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     calibration_data = None
     if calibration is not None:
@@ -104,9 +108,9 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
     plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
                      calibration=calibration_data)
     result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=command_line())
-    for name in result.stale_removed:
-        click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
+                          verify_files=verify_files, manifest=manifest, command=command_line(),
+                          allow_nonfinite=allow_nonfinite)
+    print_warnings(result)
     summary = result.summary()
     summary.update(fold_summary(plan))
     if as_json:

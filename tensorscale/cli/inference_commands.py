@@ -249,6 +249,7 @@ def verify_text(report) -> str:
         f"  KL(src ‖ dst)          {number(report.kl_mean)} nats per position",
         f"  top-1 agreement        {report.top1_agreement:.2%}",
         f"  perplexity             src {number(report.perplexity_source)}, dst {number(report.perplexity_output)}",
-        f"{verdict}: relative logit error {number(report.relative_logit_error)} {relation} tolerance {report.tolerance:g}",
+        f"{verdict}: relative logit error {number(report.relative_logit_error)} {relation} tolerance {report.tolerance:g}"
+        if not getattr(report, "nonfinite", None) else f"FAIL: {report.nonfinite}",
     ]
     return "\n".join(lines)

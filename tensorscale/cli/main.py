@@ -41,11 +41,8 @@ class _Group(click.Group):
         except TensorscaleError as exc:
             click.echo(f"tensorscale: error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
-        except click.exceptions.Abort:
-            click.echo("tensorscale: interrupted; nothing was written", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except KeyboardInterrupt:
-            click.echo("tensorscale: interrupted; nothing was written", err=True)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo(f"tensorscale: {interrupted_message()}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as exc:
             exc.show()
@@ -56,9 +53,42 @@ class _Group(click.Group):
             sys.exit(0)
         except Exception:
             if _interrupted:  # e.g. an import cut short by Ctrl-C fails on its retry: still an interrupt
-                click.echo("tensorscale: interrupted; nothing was written", err=True)
+                click.echo(f"tensorscale: {interrupted_message()}", err=True)
                 sys.exit(EXIT_INTERRUPTED)
             raise
+
+
+def interrupted_message() -> str:
+    """What an interrupt leaves: nothing, or outputs that were already moved into place (complete)."""
+    from ..writing.output_folder import committed_outputs
+
+    done = committed_outputs()
+    if not done:
+        return "interrupted; nothing was written"
+    states = "; ".join(f"{out} holds the complete new model" + (" (the old one was replaced)" if replaced else "")
+                       for out, replaced in done)
+    return f"interrupted after the output was written: {states}; nothing else was written"
+
+
+def check_output_early(output, source, force) -> None:
+    """Refuse a bad OUT before any work (planning, analysis), not after it."""
+    import os
+
+    if output is not None:
+        from ..writing.output_folder import check_output_path
+
+        check_output_path(output, source if os.path.isdir(source) else None, force)
+
+
+def print_warnings(result) -> None:
+    for name in result.stale_removed:
+        click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
+    for warning in result.warnings or ():
+        click.echo(f"tensorscale: warning: {warning}", err=True)
+
+
+ALLOW_NONFINITE = click.option("--allow-nonfinite", is_flag=True,
+                               help="Write the output even if input weights hold NaN or Inf (refused by default).")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -174,6 +204,7 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
 @click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json: source and output hashes, command, version.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@ALLOW_NONFINITE
 @click.option("--verify", "verify_logits", is_flag=True,
               help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
                    "(--duplicate-layers changes the logits on purpose: the change is reported, not failed).")
@@ -183,7 +214,8 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
 @output_format_options
 def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
        strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
-       num_key_value_heads, force, verify_files, manifest, quiet, verify_logits, tolerance, out_format, outtype):
+       num_key_value_heads, force, verify_files, manifest, quiet, allow_nonfinite, verify_logits, tolerance,
+       out_format, outtype):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -206,6 +238,7 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
     converting = converts_format(source, out_format)  # GGUF in or out: a new file even at the same size
     if not converting and not asks_for_a_change(options):
         raise TensorscaleError(NOTHING_TO_CHANGE)  # before a hub download, not after
+    check_output_early(output, source, force)
     plan = plan_conversion(source, options, rules_path)
     if not converting and plan_changes_nothing(plan):
         raise TensorscaleError(NOTHING_TO_CHANGE)
@@ -214,9 +247,9 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
         if note:
             click.echo(f"tensorscale: {note}", err=True)
     result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=command_line(), check=check)
-    for name in result.stale_removed:
-        click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
+                          verify_files=verify_files, manifest=manifest, command=command_line(), check=check,
+                          allow_nonfinite=allow_nonfinite)
+    print_warnings(result)
     summary = result.summary()
     for note in summary["notes"]:
         click.echo(f"tensorscale: note: {note}", err=True)  # stdout carries only the result

@@ -23,12 +23,13 @@ DEFAULT_TOKENS = 8192
 SEQUENCE = 256
 
 
+MAX_CALIBRATION_BYTES = 256 * 2**20  # far more text than any --calibration-tokens needs
+
+
 def read_calibration_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TensorscaleError(f"cannot read calibration text {path}: {exc}") from None
+    from ..strict_yaml import read_text_file
+
+    text = read_text_file(path, "calibration text", MAX_CALIBRATION_BYTES)  # /dev/zero: one line, not a hang
     if not text.strip():
         raise TensorscaleError(f"calibration text {path} is empty; give a file of ordinary text in the model's language")
     return text

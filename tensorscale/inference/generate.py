@@ -122,6 +122,10 @@ def prompt_ids(tokenizer, prompt: str, settings: Settings, label: str):
     """The prompt as token ids: through the chat template with --chat, plain text otherwise."""
     import torch
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TensorscaleError("--prompt is not valid UTF-8 text (a stray byte such as \\xff); pass plain text") from None
     if settings.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise TensorscaleError(f"{label} has no chat template (chat_template.jinja, or chat_template in "
@@ -192,6 +196,10 @@ def generate(label: str, prompt: str, settings: Settings, on_text: Callable[[str
     model.generation_config = config
     if seed is not None:
         torch.manual_seed(seed)
+    with torch.no_grad():  # a broken model would sample from NaN (a traceback) or emit junk greedily
+        if not bool(torch.isfinite(model(ids.to(settings.device)).logits).all()):
+            raise TensorscaleError(f"{label} computes NaN or Inf logits on the prompt: its weights are broken "
+                                   "(`tensorscale verify` names where); nothing to generate")
     stream = _Continuation(tokenizer, ids[0].tolist(), on_text)
     with torch.no_grad():
         model.generate(ids.to(settings.device), attention_mask=torch.ones_like(ids).to(settings.device),

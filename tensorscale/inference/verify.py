@@ -58,6 +58,7 @@ class Report:
     passed: bool
     dtype: str = "float32"  # what both models ran in
     device: str = "cpu"
+    nonfinite: str | None = None  # the first NaN/Inf in either model's logits, in words: always a failure
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,13 +92,15 @@ def verify(source_label: str, output_label: str, *, texts: list[str] | None = No
     agree = 0
     nll = {"source": 0.0, "output": 0.0}
     targets = 0
+    nonfinite = None
     model = load_model(dst.folder, output_label, "verify", dtype, device)
     with torch.no_grad():
-        for ids, a in zip(sequences, reference):
+        for number, (ids, a) in enumerate(zip(sequences, reference), start=1):
             b = model(ids.unsqueeze(0).to(device)).logits[0].float().cpu()
             if b.shape != a.shape:
                 raise TensorscaleError(f"{output_label} produces logits of shape {tuple(b.shape)}, "
                                        f"{source_label} {tuple(a.shape)}; they do not share a vocabulary")
+            nonfinite = nonfinite or first_nonfinite(a, source_label, number) or first_nonfinite(b, output_label, number)
             max_diff = max(max_diff, (a - b).abs().max().item())
             max_logit = max(max_logit, a.abs().max().item())
             log_p, log_q = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
@@ -120,9 +123,25 @@ def verify(source_label: str, output_label: str, *, texts: list[str] | None = No
         relative_logit_error=relative, kl_mean=kl_sum / model_positions, top1_agreement=agree / model_positions,
         perplexity_source=math.exp(nll["source"] / targets) if targets else None,
         perplexity_output=math.exp(nll["output"] / targets) if targets else None,
-        tolerance=tolerance, passed=relative <= tolerance,  # NaN compares False: a NaN never passes
-        dtype=dtype, device=device,
+        tolerance=tolerance, passed=nonfinite is None and relative <= tolerance,  # NaN compares False too
+        dtype=dtype, device=device, nonfinite=nonfinite,
     )
+
+
+def first_nonfinite(logits, label: str, sequence: int) -> str | None:
+    """Where `logits` first hold NaN or Inf, in words; None when all are finite. Python's max() skips a NaN
+    (max(0.0, nan) is 0.0), so a NaN must be looked for, never left to the error measures."""
+    import torch
+
+    bad = ~torch.isfinite(logits)
+    if not bool(bad.any()):
+        return None
+    position, token = (int(i) for i in bad.nonzero()[0])
+    value = logits[position, token].item()
+    kind = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    count = int(bad.sum())
+    return (f"{label}'s logits hold {kind} ({count} non-finite value(s); first at sequence {sequence}, "
+            f"position {position}, token {token})")
 
 
 def read_texts(path: str) -> list[str]:

@@ -21,6 +21,13 @@ from ..rulebook.layout import plan_layouts
 from ..rulebook.expr import ExpressionError
 from ..rulebook.schema import RuleSet, render_template
 from . import depth
+from .completeness import check_complete
+
+MIN_SNR_DB = -20  # noise 10x the weights' RMS; below that the zero-sum pairs cancel only up to rounding
+MAX_REPLICATE = 65_536  # copies one tensor rule may write
+MAX_TENSORS = 250_000  # tensors in one plan: dense checkpoints hold hundreds to thousands, MoE up to ~10^5
+MAX_ADDED_LAYERS = 10_000
+MAX_OUTPUT_BYTES = 2**50  # 1 PiB: beyond any disk; the free space itself is checked when the run starts
 
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -57,8 +64,10 @@ class Options:
     duplicate_layers: str | None = None  # up: "START:END", SOLAR-style block copy
 
     def validate(self):
+        divisors = [(flag, value) for flag, value in (("--embed-dim-divisor", self.embed_dim_divisor),
+                                                      ("--up-proj-divisor", self.up_proj_divisor)) if value is not None]
         for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier),
-                            ("--embed-dim-divisor", self.embed_dim_divisor or 1), ("--up-proj-divisor", self.up_proj_divisor or 1),
+                            *divisors,
                             *((f"--{key.replace('_', '-')}", value) for key, value in self.targets.items())):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value!r}")
@@ -70,6 +79,8 @@ class Options:
             raise TensorscaleError(f"--strategy must be clone or pad, got {self.strategy!r}")
         if isinstance(self.add_layers, bool) or not isinstance(self.add_layers, int) or self.add_layers < 0:
             raise TensorscaleError(f"--add-layers must be a whole number >= 0, got {self.add_layers!r}")
+        if self.add_layers > MAX_ADDED_LAYERS:
+            raise TensorscaleError(f"--add-layers {self.add_layers:,} is more than {MAX_ADDED_LAYERS:,} layers")
         if self.mode == "down" and (self.strategy != "clone" or self.add_layers or self.duplicate_layers):
             raise TensorscaleError("--strategy, --add-layers and --duplicate-layers are options of up, not down")
         unknown = set(self.targets) - set(TARGET_SPACES)
@@ -81,6 +92,9 @@ class Options:
             raise TensorscaleError("--max-shard-size must be positive")
         if self.snr_db is not None and not math.isfinite(self.snr_db):
             raise TensorscaleError("--snr-db must be a finite number of decibels")
+        if self.snr_db is not None and self.snr_db < MIN_SNR_DB:
+            raise TensorscaleError(f"--snr-db {self.snr_db:g} is below {MIN_SNR_DB} dB: noise that much louder than the "
+                                   "weights drowns them in float32 rounding; use a value such as 20")
 
 
 @dataclass
@@ -140,6 +154,7 @@ class Plan:
     layouts: dict | None = None  # up: where each space's new units come from (rulebook.layout)
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. rounding in bf16)
     metadata: dict | None = None  # the shards' __metadata__ (string values); None: {"format": "pt"}
+    nonfinite_inputs: set = field(default_factory=set)  # input tensors seen holding NaN/Inf while written
 
     @property
     def total_parameters(self) -> int:
@@ -365,6 +380,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
     that the analysis found equal to the embedding, so it is dropped and the output is tied again."""
     options.validate()
     env = evaluate_env(rule_set, source.config, options)
+    check_complete(rule_set, source, env)
     spaces = resolve_spaces(rule_set, env)
     new_config = rewrite_config(rule_set, source.config, env, options)
     layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
@@ -427,6 +443,9 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
             add(entry.name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
         for create in creates_after.get(name, []) if entry.original else []:
             add(create.name, info, f"create {create.name}", create.transform, create.component, env)
+        if len(tensors) > MAX_TENSORS:
+            raise TensorscaleError(f"the plan would write more than {MAX_TENSORS:,} tensors; check the rules' "
+                                   "replicate counts and the depth options")
 
     if unmatched:
         more = f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else ""
@@ -440,6 +459,9 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
             raise TensorscaleError(f"two rules write tensor {tensor.name!r}; fix the rules file's replicate/create names")
         seen.add(tensor.name)
 
+    total = sum(t.nbytes for t in tensors)
+    if total > MAX_OUTPUT_BYTES:
+        raise TensorscaleError(f"the output would be {total / 2**40:,.0f} TiB; check config.json and the size options")
     shards = layout_shards(tensors, options.max_shard_size)
     unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
     return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, depth=layers, layouts=layouts,
@@ -517,6 +539,9 @@ def _count(expression, env, where) -> int:
         raise TensorscaleError(f"{where}: replicate.count: {exc}") from None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise TensorscaleError(f"{where}: replicate.count must be a whole number >= 0, got {value!r}")
+    if value > MAX_REPLICATE:
+        raise TensorscaleError(f"{where}: replicate.count {value:,} is more than the {MAX_REPLICATE:,} copies "
+                               "a rule may write (per-head tensors of the widest model need a few hundred)")
     return value
 
 

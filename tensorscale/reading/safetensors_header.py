@@ -92,9 +92,12 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> SafetensorsHead
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorscaleError(f"{name}: header is not valid JSON ({exc}); the file is corrupt") from None
+    except RecursionError:
+        raise TensorscaleError(f"{name}: header is nested too deeply to be a safetensors header; the file is corrupt") from None
     if not isinstance(header, dict):
         raise TensorscaleError(f"{name}: header is not a JSON object; the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # [] or "" are no mapping: refused below, not taken as empty
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise TensorscaleError(f"{name}: __metadata__ must map names to strings")
     tensors: dict[str, TensorInfo] = {}

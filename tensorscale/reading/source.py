@@ -131,6 +131,8 @@ def read_config(folder: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
+    except RecursionError:
+        raise TensorscaleError(f"{path} is nested too deeply to be a model config; fix or re-download it") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorscaleError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
     if not isinstance(config, dict):
@@ -146,13 +148,8 @@ def shard_paths(folder: str) -> list[str]:
     where = "its hub cache folder" if hub_repo_folder(folder) else "the model folder"
     index_path = os.path.join(folder, INDEX_NAME)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as handle:
-                index = json.load(handle)
-            weight_map = index["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise TensorscaleError(f"{index_path} is not a valid index ({exc}); fix or delete it") from None
+        weight_map = read_index(folder)
+        names = list(dict.fromkeys(weight_map.values()))
         paths = []
         for shard in names:
             if not isinstance(shard, str) or os.path.isabs(shard):
@@ -163,6 +160,7 @@ def shard_paths(folder: str) -> list[str]:
             if not os.path.isfile(path):
                 raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which does not exist; re-download the model")
             paths.append(path)
+        _check_index_covers_shards(folder, names)
         return paths
     paths = sorted(
         os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")
@@ -181,12 +179,73 @@ def shard_paths(folder: str) -> list[str]:
     return paths
 
 
+def read_index(folder: str) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file), checked to be a non-empty map of names."""
+    index_path = os.path.join(folder, INDEX_NAME)
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+        weight_map = index["weight_map"]
+    except RecursionError:
+        raise TensorscaleError(f"{index_path} is nested too deeply to be an index; fix or delete it") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TensorscaleError(f"{index_path} is not a valid index ({exc}); fix or delete it") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise TensorscaleError(f"{index_path}: weight_map must map tensor names to shard file names; fix or delete it")
+    if not weight_map:
+        raise TensorscaleError(f"{index_path} lists no tensors (its weight_map is empty); re-download the model or "
+                               "delete the index")
+    if any("\0" in shard for shard in weight_map.values()):
+        raise TensorscaleError(f"{INDEX_NAME} names a shard with a NUL character in its name; fix or delete the index")
+    return weight_map
+
+
+_NUMBERED_SHARD = re.compile(r"^(?P<stem>.+)-(?P<part>\d+)-of-(?P<total>\d+)\.safetensors$")
+
+
+def _check_index_covers_shards(folder: str, names: list[str]) -> None:
+    """An index that leaves out a shard of its own numbered set (model-00002-of-00003) would drop that
+    shard's tensors silently; other .safetensors files (a consolidated copy) are left alone."""
+    listed = set(names)
+    sets = {}
+    for name in names:
+        match = _NUMBERED_SHARD.match(name)
+        if match:
+            sets[(match.group("stem"), match.group("total"))] = len(match.group("part"))
+    try:
+        present = os.listdir(folder)
+    except OSError:
+        return
+    for name in sorted(present):
+        match = _NUMBERED_SHARD.match(name)
+        if match and (match.group("stem"), match.group("total")) in sets and name not in listed:
+            raise TensorscaleError(f"{INDEX_NAME} leaves out shard {name}, whose tensors would be dropped; "
+                                   "re-download the index")
+
+
+def _check_index_matches_headers(folder: str, tensors: dict, shard_of: dict[str, str]) -> None:
+    """Every tensor of the index is in the shard it names, and every tensor of a shard is in the index."""
+    weight_map = read_index(folder)
+    for name, shard in weight_map.items():
+        if name not in shard_of:
+            raise TensorscaleError(f"{INDEX_NAME} lists tensor {name!r} in {shard}, which does not hold it; "
+                                   "re-download the model")
+        if os.path.realpath(os.path.join(folder, shard)) != shard_of[name]:
+            raise TensorscaleError(f"{INDEX_NAME} lists tensor {name!r} in {shard}, but another shard holds it; "
+                                   "re-download the index")
+    unlisted = [name for name in tensors if name not in weight_map]
+    if unlisted:
+        raise TensorscaleError(f"{INDEX_NAME} leaves out tensor {unlisted[0]!r}"
+                               f"{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''}; re-download the index")
+
+
 def open_local(folder: str, label: str | None = None, hub_id: str | None = None,
                revision: str | None = None) -> ModelSource:
     config = read_config(folder)
     paths = shard_paths(folder)
     tensors: dict[str, TensorInfo] = {}
     headers = {}
+    shard_of: dict[str, str] = {}
     for path in paths:
         header = read_header(path)
         headers[path] = header
@@ -194,4 +253,7 @@ def open_local(folder: str, label: str | None = None, hub_id: str | None = None,
             if name in tensors:
                 raise TensorscaleError(f"tensor {name!r} appears in two shards; the checkpoint is inconsistent")
             tensors[name] = info
+            shard_of[name] = path
+    if os.path.isfile(os.path.join(folder, INDEX_NAME)):
+        _check_index_matches_headers(folder, tensors, shard_of)
     return ModelSource(label or folder, folder, config, tensors, paths, headers, hub_id, revision)

@@ -47,6 +47,14 @@ def torch_dtype(dtype: str) -> torch.dtype:
         raise TensorscaleError(f"dtype {dtype} is not supported for rewriting (supported: {', '.join(TORCH_DTYPES)})") from None
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum proves every element finite; one
+    vectorised reduction is several times cheaper than isfinite's elementwise mask. A sum that overflows
+    (finite but huge weights) falls back to the exact test."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 SKIP_BYTES = 2**16  # unwanted bytes between wanted rows that read_row_list reads past rather than seek over
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
 
@@ -57,6 +65,15 @@ class ShardReader:
     def __init__(self):
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()  # shards are written by several threads sharing one reader
+        # When a set: names of float tensors whose bytes, as read, hold NaN or Inf (every read is checked;
+        # one pass over memory that is already hot). None: no check.
+        self.nonfinite: set[str] | None = None
+
+    def _note_nonfinite(self, info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+        if self.nonfinite is not None and tensor.is_floating_point() and info.name not in self.nonfinite \
+                and tensor.numel() and not _all_finite(tensor):
+            self.nonfinite.add(info.name)
+        return tensor
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -98,7 +115,7 @@ class ShardReader:
         self._pread_into(view, info.path, begin, info.name)
         if buffer is None:
             buffer = torch.frombuffer(view, dtype=torch.uint8)
-        return buffer.view(dtype).reshape(shape_out)
+        return self._note_nonfinite(info, buffer.view(dtype).reshape(shape_out))
 
     def _pread_into(self, view: memoryview, path: str, offset: int, name: str) -> None:
         """Fill `view` from `offset`, or a one-line error if the file ends first."""
@@ -181,7 +198,7 @@ class ShardReader:
                 for first in range(begin, end):
                     self.read_rows(info, rows[first], rows[first] + 1, into=target[first * row_bytes:(first + 1) * row_bytes])
             begin = end
-        return out
+        return self._note_nonfinite(info, out)
 
     def _read_encoded_list(self, info: TensorInfo, rows: list[int]) -> torch.Tensor:
         """Listed rows of an encoded tensor: decoded a window of nearby rows at a time (a few MiB of float32)."""

@@ -13,6 +13,8 @@ Because roles say what an axis *is*, not what to do to it, the same file can als
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from ..errors import TensorscaleError
@@ -59,7 +61,15 @@ class Space:
         return self.target // self.size
 
 
+# The largest space (in dimensions) a plan accepts: 2**21 is 8x the widest real model's largest space (a
+# 256k vocabulary), and small enough that per-unit layouts and row maps plan in seconds. Checked
+# before anything is allocated per unit: `intermediate_size: 2**62` used to grow a list until memory ran out.
+MAX_SPACE_SIZE = 2**21
+
+
 def _whole(value, what: str) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TensorscaleError(f"{what} must be a whole number, got {value!r} (check config.json)")
     if isinstance(value, float) and abs(value - round(value)) < 1e-6:
         value = round(value)  # ratios such as 48/64 make sizes like 47.99999999
     if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
@@ -79,6 +89,10 @@ def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
             raise TensorscaleError(f"{where}: {exc}") from None
         if unit < 1 or size < 0 or target < 0:
             raise TensorscaleError(f"{where}: size and target must be >= 0 and unit >= 1 (got {size}, {target}, {unit})")
+        if max(size, target) > MAX_SPACE_SIZE:
+            raise TensorscaleError(
+                f"space {name} would be {max(size, target):,} dimensions ({size:,} -> {target:,}), beyond the "
+                f"{MAX_SPACE_SIZE:,} this tool writes; check config.json and the size options")
         if size % unit or target % unit:
             raise TensorscaleError(f"{where}: sizes {size} -> {target} are not multiples of its unit {unit}")
         spaces[name] = Space(name, size, target, unit, spec.clone, spec.per, spec.scaled, spec.equal, spec.within,

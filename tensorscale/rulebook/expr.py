@@ -91,7 +91,15 @@ class Expression:
 
     def evaluate(self, env: Mapping[str, Any]) -> Any:
         try:
-            return _Evaluator(env, self.source).visit(self._tree)
+            value = _Evaluator(env, self.source).visit(self._tree)
+            if isinstance(value, float) and not math.isfinite(value):
+                # a config value of NaN or 1e400 (inf in JSON), or arithmetic that overflows
+                raise ExpressionError(f"{_short(self.source)} evaluates to {value}, not a finite number "
+                                      "(check config.json for NaN or huge values)")
+            if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+                raise ExpressionError(f"{_short(self.source)} evaluates to a number of {value.bit_length()} bits, "
+                                      "far beyond any model size (check config.json)")
+            return value
         except ExpressionError:
             raise
         except ZeroDivisionError:

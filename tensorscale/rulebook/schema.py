@@ -19,17 +19,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from ..errors import TensorscaleError
+from ..strict_yaml import load_yaml, read_text_file
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
+from .patterns import Pattern
 
 KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched",
                    "depth"}
 KNOWN_DEPTH_KEYS = {"count", "group", "lists", "thresholds", "identity", "identity_checks", "note"}
 KNOWN_IDENTITY_KEYS = {"match", "fill", "when", "note"}
-KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note"}
+KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note",
+                     "required"}
 KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
 KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "norm", "note"}
 # How a space is normalised, where something normalises it as a whole (see SpaceSpec.norm).
@@ -90,13 +91,16 @@ class Transform:
 class TensorRule:
     index: int
     pattern: str
-    regex: re.Pattern
+    regex: Pattern
     transform: Transform
     when: Expression | None = None
     replicate_count: Expression | None = None
     replicate_name: str | None = None
     drop: bool = False
     component: str | None = None
+    # When this holds (over config and let values), some tensor must fully match `regex`: a checkpoint
+    # without its embedding, final norm or (untied) head is incomplete, not a smaller model.
+    required: Expression | None = None
 
     @property
     def label(self) -> str:
@@ -118,7 +122,7 @@ class IdentityRule:
     (a residual writer zeroed, or a (1+w) post-norm gain set to -1 so that the norm outputs zero)."""
 
     pattern: str
-    regex: re.Pattern
+    regex: Pattern
     fill: Expression
     when: Expression | None = None
 
@@ -156,24 +160,51 @@ class RuleSet:
     depth: DepthSpec | None = None  # None: the architecture cannot grow in depth
 
 
+MAX_RULES_BYTES = 2**20  # shipped rules files are 3-8 KB
+MAX_OP_NODES = 10_000  # ops, fused parts and axis roles in one file, counted as parsed
+
+
 def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
+    """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml)."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RulesError(f"{path}: invalid YAML{where}: {problem}") from None
+        data = load_yaml(text, path, aliases=False)
+    except RulesError:
+        raise
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
+    _count_nodes(data, path)
     return _build(data, path)
+
+
+def _count_nodes(data, path: str) -> None:
+    """A bound on the file's size as a tree (without aliases it is the size of the text, but stay sure)."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > 50 * MAX_OP_NODES:
+            raise RulesError(f"{path}: more than {50 * MAX_OP_NODES:,} values; a rules file is a few hundred")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def load_rules_file(path: str) -> RuleSet:
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RulesError(f"cannot read rules file {path}: {exc}") from None
+        text = read_text_file(path, "rules file", MAX_RULES_BYTES)
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
     return load_rules_text(text, path)
+
+
+def _pattern(source: str, where: str) -> Pattern:
+    try:
+        return Pattern(source, where)
+    except RulesError:
+        raise
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
 
 
 def _expr(value, where: str) -> Expression:
@@ -332,10 +363,7 @@ def _depth(value, path: str, tensors: list[TensorRule]) -> DepthSpec | None:
                                     " of {match, fill} rules"):
         if not isinstance(item.get("match"), str) or "fill" not in item:
             raise RulesError(f"{here} needs 'match' (a regular expression) and 'fill' (a value)")
-        try:
-            regex = re.compile(item["match"])
-        except re.error as exc:
-            raise RulesError(f"{here}: regex {item['match']!r} does not compile: {exc}") from None
+        regex = _pattern(item["match"], here)
         spec.identity.append(IdentityRule(item["match"], regex, _expr(item["fill"], here),
                                           _expr(item["when"], here) if "when" in item else None))
     spec.identity_checks = _checks(value.get("identity_checks"), f"{where}.identity_checks")
@@ -356,10 +384,7 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
     pattern = item.get("match")
     if not isinstance(pattern, str) or not pattern:
         raise RulesError(f"{where} needs 'match', a regular expression for tensor names")
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise RulesError(f"{where}: regex {pattern!r} does not compile: {exc}") from None
+    regex = _pattern(pattern, where)
     where = f"{path}: tensors[{index}] ({pattern})"
     replicate = item.get("replicate")
     count = template = None
@@ -375,9 +400,11 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
     transform = _transform(item, where, spaces)
     if drop and not transform.is_copy():
         raise RulesError(f"{where}: a dropped tensor cannot also have axes, ops or scale")
+    required = item.get("required")
     return TensorRule(
         index, pattern, regex, transform, _expr(item["when"], where) if "when" in item else None,
         count, template, drop, _component(item, where),
+        _expr(required, f"{where}: required") if required not in (None, False) else None,
     )
 
 
