@@ -224,7 +224,7 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
 
     started = time.perf_counter()
     source = plan.source
-    out = check_output_path(output or default_output(source, plan), source.folder, force, extra_kept)
+    out = check_output_path(output or default_output(source, plan), source.input_path, force, extra_kept)
     facts = card_facts(plan, command)
     plan.metadata = safetensors_metadata(facts)
     folder = OutputFolder(out)

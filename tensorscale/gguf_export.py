@@ -12,8 +12,11 @@ from .errors import TensorscaleError
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
 
 
-def gguf_output_path(output: str | None, default_folder: str, force: bool) -> str:
+def gguf_output_path(output: str | None, default_folder: str, force: bool, input_path: str | None = None) -> str:
     out = os.path.abspath(output or f"{default_folder}.gguf")
+    if input_path is not None and os.path.realpath(out) == os.path.realpath(input_path):
+        raise TensorscaleError(f"output {output or out} is the input file; tensorscale never replaces its input: "
+                               "choose another --output")
     if not out.lower().endswith(".gguf"):
         raise TensorscaleError(f"--format gguf writes one file: give --output a name ending in .gguf (got {output})")
     if os.path.isdir(out):
@@ -32,7 +35,7 @@ def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force
     from .writing.gguf_writer import gguf_architecture, write_gguf
 
     gguf_architecture(plan.config)  # refuse an architecture we cannot write before any work
-    out = gguf_output_path(output, default_output(plan.source, plan), force)
+    out = gguf_output_path(output, default_output(plan.source, plan), force, plan.source.input_path)
     folder = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tensorscale-tmp-{os.getpid()}")
     partial = f"{folder}.gguf"
     try:

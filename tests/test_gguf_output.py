@@ -104,3 +104,20 @@ def test_gguf_output_refusals(source, tmp_path):
     result = CliRunner().invoke(cli, ["up", "-i", source, "-o", tmp_path / "y", "--outtype", "q8_0"])
     assert result.exit_code == 2 and "--format gguf" in result.output
     assert not [name for name in os.listdir(tmp_path) if "tensorscale-tmp" in name]
+
+
+def test_force_never_replaces_a_gguf_input(tmp_path):
+    """A GGUF input is a file, not a folder: `-o` onto the folder that holds it, or onto the file itself, with
+    --force must be refused before any work, and the input must survive (issue 14's --force rule for GGUF)."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    model = build_gguf(project, "llama", "Q8_0")
+    before = open(model, "rb").read()
+    for args, fragment in (
+        (["-o", project, "--force"], "the input"),
+        (["-o", model, "--force", "--format", "gguf"], "is the input"),
+    ):
+        result = CliRunner().invoke(cli, ["up", "-i", model, "-edm", "2", "-q", *map(str, args)])
+        assert result.exit_code == 2 and fragment in result.output, result.output
+        assert open(model, "rb").read() == before
+    assert sorted(os.listdir(project)) == [os.path.basename(model)]

@@ -75,9 +75,11 @@ def check_output_early(output, source, force) -> None:
     import os
 
     if output is not None:
+        from ..reading.source import local_path
         from ..writing.output_folder import check_output_path
 
-        check_output_path(output, source if os.path.isdir(source) else None, force)
+        path = local_path(source)  # a folder, a .gguf file (pkg:NAME resolved), or a hub id
+        check_output_path(output, path if os.path.exists(path) else None, force)
 
 
 def print_warnings(result) -> None:

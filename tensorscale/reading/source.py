@@ -39,6 +39,11 @@ class ModelSource:
     gguf: object = None  # the GgufHeader when the model is a GGUF file (gguf_source.py)
 
     @property
+    def input_path(self) -> str:
+        """What the input is on disk: the GGUF file, or the model folder. --force must never replace it."""
+        return self.shards[0] if self.gguf is not None else self.folder
+
+    @property
     def name(self) -> str:
         """A short name for output folders: the folder's base name or the hub repo's name."""
         if self.hub_id:

@@ -51,7 +51,7 @@ def check_output_path(output: str, source_folder: str | None, force: bool, extra
         src = os.path.realpath(source_folder)
         real_out = os.path.realpath(out)
         if real_out == src or os.path.commonpath([src, real_out]) == src:
-            raise TensorscaleError(f"output {output} is the input folder or inside it; choose another --output")
+            raise TensorscaleError(f"output {output} is the input folder or file, or inside it; choose another --output")
     if os.path.lexists(out) and not force:
         raise TensorscaleError(f"output {output} already exists; pass --force to replace it or choose another --output")
     if os.path.lexists(out) and not os.path.isdir(out):
