@@ -631,7 +631,13 @@ def speed_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=MODEL, help="trained checkpoint for the quality part (default examples/pydoc-llama)")
+    p.add_argument("--model", default="real",
+                   help="quality part: 'real' (SmolLM2-135M on Debian prose, bench_down_real.py; default), 'both', or "
+                        "a trained checkpoint folder such as examples/pydoc-llama")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="real model: tokens per evaluation domain")
+    p.add_argument("--calibration-tokens", type=int, default=8192, help="real model: calibration tokens")
+    p.add_argument("--levels", nargs="*", default=None, help="real model: only these levels (e.g. ~10%%)")
+    p.add_argument("--methods", nargs="*", default=None, help="real model: only these methods")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--params", type=float, default=1e9, help="size of the generated checkpoint for the speed part")
@@ -651,8 +657,19 @@ def main(argv=None) -> int:
     if os.path.exists(json_path):   # keep the other part's numbers when only one part is rerun
         with open(json_path) as fh:
             previous = json.load(fh)
-        meta.update({k: previous[k] for k in ("quality", "speed") if k in previous})
-    if not args.skip_quality:
+        meta.update({k: previous[k] for k in ("quality", "speed", "real") if k in previous})
+    if not args.skip_quality and args.model in ("real", "both"):
+        import bench_down_real
+
+        meta["real"] = bench_down_real.quality(args)
+        print()
+        print(bench_down_real.table(meta["real"]))
+        if bench_down_real.plot(meta["real"], os.path.join(args.results, "bench_down_real.png")):
+            print(f"plot: {os.path.join(args.results, 'bench_down_real.png')}")
+        with open(json_path, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        args.model = MODEL if args.model == "both" else None
+    if not args.skip_quality and args.model:
         meta["quality"] = quality(args)
         print()
         print(quality_table(meta["quality"]))

@@ -51,7 +51,13 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
     folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress,
-                    calibration=calibration)
+                    calibration=calibration, influence=bool(options.remove_layer_count))
+    if options.remove_layer_count:
+        if folds.influence is None:
+            raise TensorscaleError("--remove-layers chooses layers from a forward pass; it cannot be used with --fold-only")
+        order = sorted(range(len(folds.influence)), key=lambda layer: float(folds.influence[layer]))
+        options.remove_layers = tuple(sorted(order[:options.remove_layer_count]))
+        folds.notes.append(f"removed layers {list(options.remove_layers)} (least block influence, ShortGPT)")
     release_free_memory()  # the analysis's buffers are gone; do not let writing stack on them
     plan = build_plan(source, rules, options, folds)
     retie = find_retie(plan)
@@ -59,7 +65,41 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
         plan = build_plan(source, rules, options, folds, retie=retie)
     plan.folds = folds
     plan.retied = retie
+    plan.notes.extend(getattr(folds, "notes", []))
+    retarget_tie_compensation(plan, folds)
     return plan
+
+
+def retarget_tie_compensation(plan: Plan, folds) -> None:
+    """A tied model's final norm stands in for the shared head's reader scale: the rules scale it by
+    1/n_tiles, which is right for a fold of copies. Where the residual stream was selected instead
+    (folding.selection), the head must read like every other reader, scaled by that selection's factor."""
+    from .folding.selection import Selection
+    from .ops.library import Scale
+
+    tie = plan.env.get("n_tiles")
+    if not tie:
+        return
+    for tensor in plan.tensors:
+        roles = [(space, role) for _, space, role in _roles(plan, tensor)]
+        selected = [folds.by_key.get((space, None)) for space, role in roles if role == "norm"]
+        if len(selected) != 1 or not isinstance(selected[0], Selection):
+            continue
+        for chain in (tensor.ops, tensor.row_ops):
+            for index, op in enumerate(chain):
+                if isinstance(op, Scale) and not op.offset and abs(op.factor * tie - 1) < 1e-9 and tie != 1:
+                    chain[index] = Scale(selected[0].reader_scale)
+
+
+def _roles(plan: Plan, tensor):
+    from .planning.plan import match_rule
+    from .rulebook.schema import split_role
+
+    rule, _ = match_rule(plan.rules, tensor.source.name, plan.env)
+    if rule is None or rule.transform.axes is None or rule.transform.scale is None:
+        return []
+    return [(axis, *split_role(label)) for axis, label in enumerate(rule.transform.axes)
+            if isinstance(label, str) and label != "-"]
 
 
 def size_label(parameters: int) -> str:

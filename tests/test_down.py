@@ -206,7 +206,11 @@ def test_impossible_targets(tmp_path, model_type, options, message):
 # ---- calibration ---------------------------------------------------------------------------------
 
 def test_calibration_keeps_the_inverse_exact_and_changes_ordinary_folds(tmp_path):
+    """Calibration text never touches an exact fold of copies; on an ordinary model it chooses the units to
+    keep and refits their readers, so its result differs from the data-free one (self-generated text)."""
     from test_inference import SENTENCES, save_tokenizer
+    from tensorscale.folding.fold import Fold
+    from tensorscale.folding.selection import Selection
 
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
     save_tokenizer(source)
@@ -215,12 +219,13 @@ def test_calibration_keeps_the_inverse_exact_and_changes_ordinary_folds(tmp_path
     run_up(source, str(tmp_path / "up"), Options(2, 2, snr_db=20.0), show_progress=False)
     plan = plan_down(str(tmp_path / "up"), Options(embed_dim_divisor=2, up_proj_divisor=2),
                      calibration=(text.read_text(), 512))
-    assert any(fold.importance for fold in plan.folds.by_key.values())
+    assert all(isinstance(fold, Fold) and fold.exact for fold in plan.folds.by_key.values())
     execute_plan(plan, str(tmp_path / "down"), show_progress=False)
     assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
-    # On an ordinary model the importance weights change the merged weights.
     down(source, tmp_path / "plain", embed_dim_divisor=2, up_proj_divisor=2)
     calibrated = plan_down(source, Options(embed_dim_divisor=2, up_proj_divisor=2), calibration=(text.read_text(), 512))
+    assert all(isinstance(fold, Selection) for fold in calibrated.folds.by_key.values())
+    assert calibrated.folds.calibration_ids.numel() <= 512
     execute_plan(calibrated, str(tmp_path / "calibrated"), show_progress=False)
     plain, weighted = tensors(tmp_path / "plain"), tensors(tmp_path / "calibrated")
     assert any(not torch.equal(plain[name], weighted[name]) for name in plain)
@@ -258,7 +263,8 @@ def test_merged_tensors_written_in_slices_match_whole_tensors(tmp_path, monkeypa
 
     source = build_checkpoint(tmp_path / "src", model_type, dtype=dtype, tie_word_embeddings=False)
     plan = plan_down(str(source), Options(targets={k: v for k, v in targets.items() if k in TARGET_KEYS},
-                                          **{k: v for k, v in targets.items() if k not in TARGET_KEYS}))
+                                          **{k: v for k, v in targets.items() if k not in TARGET_KEYS}),
+                     calibration="fold")  # weight clustering everywhere: merged matrices to write
     sliced = []
     monkeypatch.setattr(execute, "write_merged_rows", lambda tensor, *rest: sliced.append(tensor.name) or
                         merged_rows.write_merged_rows(tensor, *rest))

@@ -215,7 +215,7 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
 @down_target_options
 def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
          strategy, add_layers, insert_at, duplicate_layers, edd, upd, hidden_size, intermediate_size,
-         num_attention_heads, num_key_value_heads):
+         num_attention_heads, num_key_value_heads, reduction, params_budget, remove_layers):
     """Dry run of `up` (or of `down`, given its divisors or targets): every tensor's rule, op chain, shapes
     and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read the
     weights once, since its clusters depend on them."""
@@ -224,11 +224,24 @@ def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     up_asked = (edm != 1 or upm != 1 or snr_db is not None or untie_embeddings or strategy != "clone" or add_layers
                 or duplicate_layers is not None)
-    if wants_down(edd, upd, targets) and (edd is not None or upd is not None or not targets_grow(source, targets, rules_path)):
+    budget = reduction if reduction is not None else params_budget
+    if wants_down(edd, upd, targets, budget, remove_layers) and (
+            edd is not None or upd is not None or budget is not None or remove_layers
+            or not targets_grow(source, targets, rules_path)):
         if up_asked:
             raise TensorscaleError("up options (-edm, -upm, --snr-db, --untie-embeddings, --strategy, --add-layers, "
                                    "--duplicate-layers) do not combine with down's")
-        the_plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path)
+        allocation = None
+        if budget is not None:
+            from ..planning.allocation import allocate_budget
+
+            targets, remove_layers = allocate_budget(source, rules_path, targets, reduction, params_budget,
+                                                     remove_layers, edd=edd, upd=upd)
+            allocation = dict(targets, remove_layers=remove_layers)
+        the_plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers),
+                             rules_path)
+        if allocation is not None:
+            the_plan.notes.insert(0, "allocation: " + ", ".join(f"{k} {v}" for k, v in allocation.items()))
     else:
         options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers,
                            insert_at, duplicate_layers, targets)

@@ -138,8 +138,10 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
 
 
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
-            progress=None, calibration: tuple[str, int] | None = None) -> Folds:
-    """Cluster every folded space. `calibration` = (text, tokens) adds activation statistics."""
+            progress=None, calibration=None, influence: bool = False) -> Folds:
+    """Cluster every folded space; then, where a clustering is not an exact fold of copies, select and refit
+    instead (folding.selection) from activations on `calibration` = (text, tokens), or, when it is None,
+    on text the model generates itself. `calibration="fold"` keeps the weight clustering everywhere."""
     matches = match_all(source, rule_set, env)
     # The coarsest float dtype of the checkpoint sets how far apart copies may be after rounding.
     coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
@@ -173,15 +175,47 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
             folds.by_key.update(found)  # in layer order, whichever thread finished first
             if progress:
                 progress(instance)
-    if calibration is not None:
-        from .calibration import importance
-
-        text, tokens = calibration
-        for key, values in importance(source.folder, source.label, text, tokens, matches, spaces).items():
-            if key in folds.by_key:
-                folds.by_key[key].set_importance(values.tolist())
+    if (influence or any(not fold.exact for fold in folds.by_key.values())) and calibration != "fold":
+        folds.notes = refine(source, folds, matches, spaces, calibration, seed)
     return folds
 
+
+def refine(source: ModelSource, folds: Folds, matches: list[Match], spaces: dict[str, Space], calibration,
+           seed: int) -> list[str]:
+    """Replace the inexact clusterings by selections refitted on activations (see folding.selection)."""
+    from ..inference.loading import load_model, load_tokenizer
+    from .progress import bar
+    from .selection import plan_selections
+    from .statistics import collect, self_generated
+
+    what = "down --calibration" if calibration else "down"
+    model = load_model(source.folder, source.label, what)
+    if calibration:
+        tokenizer = load_tokenizer(source.folder, source.label, what)
+        text, tokens = calibration
+        if tokens < 1:
+            raise TensorscaleError("--calibration-tokens must be at least 1")
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
+        if ids.numel() < 2:
+            raise TensorscaleError("the calibration text is too short: it gives fewer than 2 tokens")
+        notes = [f"calibrated on {ids.numel()} tokens of the given text"]
+    else:
+        tokens = DATA_FREE_TOKENS
+        with bar(tokens, "writing its own calibration text", "tok") as step:
+            ids = self_generated(model, source.config, tokens, seed=seed, progress=lambda rows: step(rows * 256))
+        notes = [f"data-free: calibrated on {ids.numel()} tokens the model wrote itself"]
+    with bar(ids.numel(), "activation statistics", "tok") as step:
+        stats = collect(model, ids, matches, spaces, progress=step)
+    del model
+    folds.calibration_ids = ids
+    folds.influence = stats.influence
+    layers = len({inst for (_, inst) in folds.by_key if inst is not None})
+    with bar(layers, "selecting and refitting", "layer") as step:
+        notes += plan_selections(folds, stats, spaces, progress=lambda _: step(1))
+    return notes
+
+
+DATA_FREE_TOKENS = 8192  # self-generated tokens of data-free `down`
 
 ANALYSIS_WORKERS = 2  # threads that sketch tensors (and fold layers) at once
 

@@ -78,6 +78,9 @@ class Folds:
     """Every clustering of a run, keyed by space and instance (e.g. the layer index for per-layer spaces)."""
 
     by_key: dict[tuple[str, object], Fold] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the user should know (calibration, kept dimensions)
+    calibration_ids: object = None  # the tokens a refinement ran on (the damage estimate reuses them)
+    influence: object = None  # per layer, ShortGPT's block influence on those tokens (for --remove-layers)
 
     @staticmethod
     def key(space, env) -> tuple[str, object]:

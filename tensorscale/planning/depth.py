@@ -97,7 +97,23 @@ class Entry:
 
 
 def _wants_depth(options) -> bool:
-    return bool(options.add_layers) or options.duplicate_layers is not None
+    return bool(options.add_layers) or options.duplicate_layers is not None or bool(getattr(options, "remove_layers", None))
+
+
+def _removed_layers(rule_set, config: dict, options) -> Layers:
+    """`down --remove-layers`: the source layers kept, in order, renumbered 0.. (ShortGPT's layer removal;
+    which layers, the down analysis chose from their block influence)."""
+    spec = rule_set.depth
+    if spec is None:
+        raise TensorscaleError(f"rules {rule_set.name} have no depth section, so --remove-layers is not possible; "
+                               "add one (see README, depth growth)")
+    count = config.get(spec.count)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise TensorscaleError(f"config.json's {spec.count} must be a whole number >= 1 for --remove-layers, got {count!r}")
+    removed = set(options.remove_layers)
+    if any(not 0 <= index < count for index in removed) or len(removed) >= count:
+        raise TensorscaleError(f"--remove-layers: the model has {count} layers; at least one must stay")
+    return Layers(count, [Layer(source, SOURCE) for source in range(count) if source not in removed], spec.count)
 
 
 def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
@@ -106,6 +122,8 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
         if options.insert_at is not None:
             raise TensorscaleError("--at says where --add-layers inserts; give --add-layers K too")
         return None
+    if getattr(options, "remove_layers", None):
+        return _removed_layers(rule_set, config, options)
     spec = rule_set.depth
     flag = "--add-layers" if options.add_layers else "--duplicate-layers"
     if spec is None:

@@ -55,6 +55,8 @@ class Options:
     add_layers: int = 0  # up: identity layers to insert
     insert_at: tuple[int, ...] | None = None  # up: source layer indices the identity layers go before
     duplicate_layers: str | None = None  # up: "START:END", SOLAR-style block copy
+    remove_layers: tuple[int, ...] | None = None  # down: source layers to drop (chosen by block influence)
+    remove_layer_count: int = 0  # down: how many layers to drop (the analysis picks which)
 
     def validate(self):
         for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier),

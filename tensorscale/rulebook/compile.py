@@ -212,7 +212,8 @@ def _merge_leaf(env, where, folds):
     def leaf(space, role, axis):
         if space.target == space.size:
             return []
-        return [folds.lookup(space, env, where).merge_op(axis, role, space)]
+        ops = folds.lookup(space, env, where).merge_op(axis, role, space)
+        return ops if isinstance(ops, list) else [ops]  # a Selection gives a gather and a scale
 
     return leaf
 
