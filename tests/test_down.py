@@ -301,3 +301,14 @@ def test_retie_stops_at_the_first_chunk_that_differs(tmp_path, monkeypatch):
     compared.clear()
     plan = down(tmp_path / "up", tmp_path / "back", embed_dim_divisor=2, up_proj_divisor=2)
     assert plan.retied and compared.count("lm_head.weight") > 2
+
+
+def test_stablelm_per_head_norms_fold_back_exactly(tmp_path):
+    """StableLM's qk_layernorm writes one norm per head (norms.{h}): down keeps, for each output head, the
+    norm of a head of its cluster (copies), so down(up(M)) is exact and the names run 0..A'-1 again."""
+    source = build_checkpoint(tmp_path / "src", "stablelm", tie_word_embeddings=False, qk_layernorm=True,
+                              use_parallel_residual=True, use_qkv_bias=True)
+    run_up(source, str(tmp_path / "up"), Options(2, 2, snr_db=20.0), show_progress=False)
+    down(tmp_path / "up", tmp_path / "down", embed_dim_divisor=2, up_proj_divisor=2)
+    assert sorted(tensors(source)) == sorted(tensors(tmp_path / "down"))
+    assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE

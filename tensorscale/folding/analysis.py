@@ -129,6 +129,8 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
         rule, rule_env = match_rule(rule_set, name, env)
         if rule is None or rule.drop or rule.transform.axes is None:
             continue
+        if rule.replicate_count is not None and rule.replicate_unit_of is not None:
+            continue  # per-unit tensors (StableLM's per-head norms) follow their space's fold; nothing to cluster
         if rule.replicate_count is not None:
             raise TensorscaleError(
                 f"down cannot fold tensors written per head index ({rule.label}, e.g. StableLM qk_layernorm) yet"

@@ -34,11 +34,6 @@ class Fold:
             counts[c] += 1
         return counts
 
-    def set_importance(self, values: list[float]) -> None:
-        """Calibration's per-unit importance (it weights the averages): merges made before it are dropped."""
-        self.importance = values
-        self.merges.clear()
-
     def merge_op(self, axis: int, role: str, space) -> Merge:
         """The merge of this clustering for one axis role. Made once per axis and role, and shared by
         every tensor that has that role (one merge of the residual stream for all of a model's layers)."""

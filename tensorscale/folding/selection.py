@@ -66,6 +66,7 @@ class Selection:
     exact: bool = False
     importance: list[float] | None = None
     estimate: float | None = None  # the share of the reader's output energy that the refit could not keep
+    reader_refits: dict = field(default_factory=dict, repr=False)  # residual readers: tensor name -> map
 
     @property
     def cluster(self):  # Folds.lookup checks its length against the space
@@ -75,10 +76,12 @@ class Selection:
     def clusters(self) -> int:
         return len(self.keep)
 
-    def merge_op(self, axis: int, role: str, space) -> list[Op]:
+    def merge_op(self, axis: int, role: str, space, tensor: str | None = None) -> list[Op]:
         gather = Gather(axis, space.unit, tuple(self.keep))
         if role != "in":
             return [gather]
+        if tensor in self.reader_refits:
+            return [Mix(axis, self.reader_refits[tensor], label=f"{space.name} reader")]
         if self.refit is not None:
             return [Mix(axis, self.refit, label=space.name)]
         if self.reader_scale != 1.0:
@@ -97,7 +100,7 @@ def obs_select(gram: torch.Tensor, weight: torch.Tensor, unit: int, keep_units: 
     count = n // groups
     h = gram.double().clone()
     h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
-    hinv = torch.linalg.inv(h)
+    hinv = _spd_inverse(h)
     w = weight.double().clone()
     alive = list(range(count))
     while len(alive) > keep_units // groups:
@@ -119,13 +122,21 @@ def obs_select(gram: torch.Tensor, weight: torch.Tensor, unit: int, keep_units: 
     return [g * groups + k for g in alive for k in range(groups)]
 
 
+def _spd_inverse(h: torch.Tensor) -> torch.Tensor:
+    """Inverse of a damped second moment (symmetric positive definite): Cholesky, a third of LU's work."""
+    factor, info = torch.linalg.cholesky_ex(h)
+    return torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(h)
+
+
 def least_squares_reader(gram: torch.Tensor, unit: int, keep: list[int], damp: float = 0.01) -> torch.Tensor:
     """M [n·unit, k·unit] with W' = W·M the best reader of the kept units alone: G[:, K]·(G[K, K] + λ)⁻¹."""
     index = torch.cat([torch.arange(u * unit, (u + 1) * unit) for u in keep])
     g = gram.double()
     gkk = g[index][:, index].clone()
     gkk.diagonal().add_(damp * gkk.diagonal().mean().clamp_min(1e-12))
-    return torch.linalg.solve(gkk, g[index, :]).T.float().contiguous()
+    factor, info = torch.linalg.cholesky_ex(gkk)
+    solved = torch.cholesky_solve(g[index, :], factor) if int(info) == 0 else torch.linalg.solve(gkk, g[index, :])
+    return solved.T.float().contiguous()
 
 
 def lost_share(gram: torch.Tensor, weight: torch.Tensor, matrix: torch.Tensor, keep: list[int], unit: int) -> float:
@@ -162,7 +173,7 @@ def obs_select_grouped(gram: torch.Tensor, weight: torch.Tensor, unit: int, keep
     n = gram.shape[0] // unit
     h = gram.double().clone()
     h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
-    hinv = torch.linalg.inv(h)
+    hinv = _spd_inverse(h)
     w = weight.double().clone()
     alive = list(range(n))
     while len(alive) > keep_units:
@@ -192,7 +203,7 @@ def obs_select_columns(gram: torch.Tensor, weight: torch.Tensor, keep_units: int
     """obs_select for single columns (FFN neurons), vectorised: cost_j = ‖w_j‖² / H⁻¹_jj, `step` at a time."""
     h = gram.double().clone()
     h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
-    hinv = torch.linalg.inv(h)
+    hinv = _spd_inverse(h)
     w = weight.double().clone()
     alive = torch.ones(h.shape[0], dtype=torch.bool)
     while int(alive.sum()) > keep_units:
@@ -223,7 +234,10 @@ def plan_selections(folds, stats, spaces: dict, progress=None) -> list[str]:
             share = stats.residual_share.get(name)
             share = share / max(1, stats.share_count.get(name, 1)) if share is not None else torch.full_like(score, 1 / space.size)
             keep, scale, forced = residual_selection(score, share, space.target_units)
-            by_key[key] = Selection(keep, space.units, reader_scale=scale,
+            # Each reader refitted on its own input: W' = W·C[:, K]·C[K, K]⁻¹, times the norm's scale change.
+            grams = {owner: least_squares_reader(gram, 1, keep) * scale for owner, gram in stats.reader_grams.items()}
+            refits = {reader: grams[owner] for reader, owner in stats.reader_alias.items() if owner in grams}
+            by_key[key] = Selection(keep, space.units, reader_scale=scale, reader_refits=refits,
                                     estimate=1 - float(share[keep].sum() / share.sum().clamp_min(1e-30)))
             if forced:
                 notes.append(f"kept {len(forced)} massive-activation dimension(s) of {name}: {forced[:8]}")

@@ -33,6 +33,9 @@ class Statistics:
         self.residual_share: dict = {}  # space -> [size]
         self.share_count: dict = {}
         self.tokens = 0
+        self.reader_grams: dict = {}  # residual reader tensor name -> Σ hhᵀ of its input (shared by readers of one norm)
+        self.reader_alias: dict = {}  # tensor name -> the name whose Gram it shares (same input tensor)
+        self._seen: dict = {}  # input data pointer -> name, within one forward
         self.influence: torch.Tensor | None = None  # per layer: 1 - cos(input, output), ShortGPT's block influence
 
 
@@ -91,7 +94,8 @@ def collect(model, ids: torch.Tensor, matches: list[Match], spaces: dict[str, Sp
                 continue
             key = (space.clusters_of or space.name, match.env.get(space.per) if space.per else None)
             if space.per is None:
-                handles.append(module.register_forward_pre_hook(_reader_score_hook(stats, space, weight.pow(2).sum(0))))
+                handles.append(module.register_forward_pre_hook(
+                    _reader_score_hook(stats, space, weight.pow(2).sum(0), match.name)))
             else:
                 stats.readers.setdefault(key, []).append(weight)
                 handles.append(module.register_forward_pre_hook(_gram_hook(stats, key, space)))
@@ -104,6 +108,7 @@ def collect(model, ids: torch.Tensor, matches: list[Match], spaces: dict[str, Sp
                 batch = pieces[begin:begin + BATCH]
                 inputs = [p.unsqueeze(0) for p in batch] if len({p.numel() for p in batch}) > 1 else [torch.stack(batch)]
                 for x in inputs:
+                    stats._seen.clear()
                     states = model(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
                     _add_influence(stats, states)
                 stats.tokens += sum(p.numel() for p in batch)
@@ -141,14 +146,25 @@ def _gram_hook(stats: Statistics, key, space: Space):
     return hook
 
 
-def _reader_score_hook(stats: Statistics, space: Space, column_energy: torch.Tensor):
+def _reader_score_hook(stats: Statistics, space: Space, column_energy: torch.Tensor, name: str):
     def hook(module, inputs):
         x = inputs[0].detach()
         if x.shape[-1] != space.size:
             return
-        energy = x.reshape(-1, space.size).double().pow(2).sum(0) * column_energy.double()
+        flat = x.reshape(-1, space.size)
+        energy = flat.double().pow(2).sum(0) * column_energy.double()
         key = space.name
         stats.residual_score[key] = stats.residual_score[key] + energy if key in stats.residual_score else energy
+        # The reader's own input second moment, for its least-squares refit; readers of one norm (q, k, v)
+        # get the very same input tensor and share one Gram.
+        # Keyed by content as well as address: a freed input's memory may hold the next norm's output.
+        fingerprint = (x.data_ptr(), tuple(x.shape), float(flat[:, :8].double().sum()), float(flat.double().sum()))
+        owner = stats._seen.setdefault(fingerprint, name)
+        stats.reader_alias[name] = owner
+        if owner == name:
+            flat = flat.float()
+            gram = flat.T @ flat
+            stats.reader_grams[name] = stats.reader_grams[name] + gram if name in stats.reader_grams else gram
 
     return hook
 

@@ -103,10 +103,17 @@ def allocate_budget(source_label: str, rules_path, given: dict, reduction, param
             targets[key] -= step
         return fits()
 
+    def shrink_hidden(floor):
+        """Hidden sizes that every head count divides (transformers checks hidden % heads), in steps of
+        4·heads so that the width stays a multiple of 4."""
+        step = 4 * targets["num_attention_heads"]
+        while not fits() and "hidden_size" not in fixed and targets["hidden_size"] - step >= floor:
+            targets["hidden_size"] = (targets["hidden_size"] - 1) // step * step
+        return fits()
+
     heads, kv = current["num_attention_heads"], current["num_key_value_heads"]
     group = heads // kv if kv else 1
     ffn_step = FFN_STEP if current["intermediate_size"] % FFN_STEP == 0 else 1
-    hidden_step = max(1, current["hidden_size"] // 64)
     stages = [
         lambda: shrink("intermediate_size", int(current["intermediate_size"] * FFN_FLOOR), ffn_step),
         lambda: shrink("num_attention_heads", max(targets["num_key_value_heads"], int(heads * HEADS_FLOOR + 0.999)),
@@ -120,7 +127,7 @@ def allocate_budget(source_label: str, rules_path, given: dict, reduction, param
             return fits()
         stages.append(drop_layers)
     stages += [
-        lambda: shrink("hidden_size", int(current["hidden_size"] * HIDDEN_FLOOR), hidden_step),
+        lambda: shrink_hidden(int(current["hidden_size"] * HIDDEN_FLOOR)),
         lambda: shrink("intermediate_size", ffn_step, ffn_step),
     ]
     for stage in stages:

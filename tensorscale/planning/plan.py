@@ -382,7 +382,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
 
     def add(name, info, rule_label, transform, component, rule_env, extra=()):
         where = f"{rule_label}, tensor {name}"
-        ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds, layouts)
+        ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds, layouts, name=info.name)
         ops = [*ops, *extra]  # an identity layer's fills (planning.depth)
         shape = info.shape
         for op in ops:
@@ -419,7 +419,10 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
         if rule.drop or name == retie:
             dropped.append(entry.name)
             continue
-        if rule.replicate_count is not None:
+        if rule.replicate_count is not None and folds is not None:
+            for out_name in _down_unit_names(rule, rule_env, spaces, folds, entry):
+                add(out_name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
+        elif rule.replicate_count is not None:
             count = _count(rule.replicate_count, rule_env, rule.label)
             for k in range(count):
                 out_name = _render(rule.replicate_name, {**rule_env, **entry.rename, "k": k}, rule.label)
@@ -498,6 +501,31 @@ def _truthy(expression, env, where) -> bool:
         return bool(expression.evaluate(env))
     except ExpressionError as exc:
         raise TensorscaleError(f"{where}: when: {exc}") from None
+
+
+def _down_unit_names(rule, env, spaces, folds, entry) -> list[str]:
+    """`down` of a tensor written once per unit (StableLM's per-head q/k norms, `replicate.unit_of`): output
+    unit j takes the tensor of the source unit it keeps (a selection) or of its cluster's first member (a
+    fold of copies, whose members' tensors are equal); other source units' tensors are not written."""
+    if rule.replicate_unit_of is None:
+        raise TensorscaleError(f"{rule.label}: down needs replicate.unit_of (the space the tensor's index counts) "
+                               "in the rules file")
+    space = spaces[rule.replicate_unit_of]
+    unit = env.get("h")
+    if not isinstance(unit, int):
+        raise TensorscaleError(f"{rule.label}: down needs the unit index as the regex group (?P<h>...)")
+    if space.target == space.size:
+        return [entry.name]
+    fold = folds.lookup(space, env, rule.label)
+    if hasattr(fold, "keep"):
+        representative = list(fold.keep)
+    else:
+        representative = [None] * fold.clusters
+        for member, cluster in enumerate(fold.cluster):
+            if representative[cluster] is None:
+                representative[cluster] = member
+    return [_render(rule.replicate_name, {**env, **entry.rename, "h": j, "k": 0}, rule.label)
+            for j, source in enumerate(representative) if source == unit]
 
 
 def _count(expression, env, where) -> int:

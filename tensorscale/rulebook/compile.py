@@ -88,7 +88,7 @@ def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
 
 def compile_transform(
     transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str, folds=None,
-    layouts=None,
+    layouts=None, name: str | None = None,
 ) -> list[Op]:
     """The ops for one tensor. With `folds` (cluster assignments from the `down` analysis) roles become
     merges; without, they become `up`'s copies, laid out by `layouts` (see rulebook.layout; tiling when
@@ -110,7 +110,7 @@ def compile_transform(
         if folds is None:
             leaf = _grow_leaf(env, where, layouts if layouts is not None else plan_layouts(spaces, "clone"))
         else:
-            leaf = _merge_leaf(env, where, folds)
+            leaf = _merge_leaf(env, where, folds, name)
         for axis, label in enumerate(transform.axes):
             ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where, leaf))
     if transform.ops is not None:
@@ -206,13 +206,16 @@ def _norm_rescale(space, layout, where) -> list[Op]:
     return [Scale(gain, gain - 1 if space.norm == "rms_one_plus" else 0.0)]
 
 
-def _merge_leaf(env, where, folds):
-    """`down`: every role becomes a merge with the space's clustering (see folding.fold)."""
+def _merge_leaf(env, where, folds, name=None):
+    """`down`: every role becomes a merge with the space's clustering (see folding.fold), or a selection's
+    gather and refitted reader (folding.selection, which refits each reader tensor by its `name`)."""
 
     def leaf(space, role, axis):
         if space.target == space.size:
             return []
-        ops = folds.lookup(space, env, where).merge_op(axis, role, space)
+        fold = folds.lookup(space, env, where)
+        ops = fold.merge_op(axis, role, space, tensor=name) if hasattr(fold, "reader_refits") else \
+            fold.merge_op(axis, role, space)
         return ops if isinstance(ops, list) else [ops]  # a Selection gives a gather and a scale
 
     return leaf

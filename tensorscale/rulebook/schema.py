@@ -97,6 +97,7 @@ class TensorRule:
     replicate_name: str | None = None
     drop: bool = False
     component: str | None = None
+    replicate_unit_of: str | None = None  # the space whose unit the regex group `h` indexes (down follows it)
 
     @property
     def label(self) -> str:
@@ -362,22 +363,25 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
         raise RulesError(f"{where}: regex {pattern!r} does not compile: {exc}") from None
     where = f"{path}: tensors[{index}] ({pattern})"
     replicate = item.get("replicate")
-    count = template = None
+    count = template = unit_of = None
     if replicate is not None:
         replicate = _mapping(replicate, f"{where}: replicate")
-        _unknown(replicate, {"count", "name"}, f"{where}: replicate")
+        _unknown(replicate, {"count", "name", "unit_of"}, f"{where}: replicate")
         if "count" not in replicate or not isinstance(replicate.get("name"), str):
             raise RulesError(f"{where}: replicate needs 'count' and a 'name' template")
         count = _expr(replicate["count"], where)
         template = replicate["name"]
         validate_template(template, where)
+        unit_of = replicate.get("unit_of")
+        if unit_of is not None and unit_of not in spaces:
+            raise RulesError(f"{where}: replicate.unit_of names no space ({unit_of!r})")
     drop = bool(item.get("drop", False))
     transform = _transform(item, where, spaces)
     if drop and not transform.is_copy():
         raise RulesError(f"{where}: a dropped tensor cannot also have axes, ops or scale")
     return TensorRule(
         index, pattern, regex, transform, _expr(item["when"], where) if "when" in item else None,
-        count, template, drop, _component(item, where),
+        count, template, drop, _component(item, where), unit_of,
     )
 
 
