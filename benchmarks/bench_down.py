@@ -452,7 +452,8 @@ def detail_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> bool:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a note) where matplotlib is missing."""
     try:
         import matplotlib
 
@@ -460,6 +461,13 @@ def plot(result: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not importable; no plot")
+        return None
+    return plt
+
+
+def plot(result: dict, path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     styles = {"down": ("C0", "o", "-"), "down+calib": ("C1", "o", "-"), "slice": ("C7", "x", ":"),

@@ -145,12 +145,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not importable; no plot")
+    plt = bd.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in result["methods"]:

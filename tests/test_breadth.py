@@ -123,7 +123,7 @@ def test_phi3_fused_parts_share_clusters(tmp_path):
     with the same clusters as the columns of down_proj / o_proj that read them."""
     # 4 kv heads (as many as q heads) so that k and v really fold 4 -> 2.
     source = build_checkpoint(tmp_path / "src", "phi3", tie_word_embeddings=False, num_key_value_heads=4)
-    plan = down(source, tmp_path / "down", 2, 2)
+    plan = down(source, tmp_path / "down", 2, 2, calibration="fold")  # weight clustering, as on a cloned model
     assert not all(fold.exact for fold in plan.folds.by_key.values())
     by_name = {t.name: t for t in plan.tensors}
     for layer in range(2):
@@ -171,8 +171,17 @@ def test_gpt2_calibration(tmp_path):
     save_tokenizer(source)
     text = " ".join(SENTENCES * 4)
     up(source, tmp_path / "up", 2, 2, snr_db=20.0)
-    plan = down(tmp_path / "up", tmp_path / "down", 2, 2, calibration=(text, 512))
-    # Conv1D reads its input on axis 0: c_proj (heads), mlp.c_proj (ffn), c_attn / c_fc (hidden) are hooked.
-    spaces = {key[0] for key, fold in plan.folds.by_key.items() if fold.importance}
-    assert spaces == {"hidden", "heads", "ffn"}
-    assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
+    down(tmp_path / "up", tmp_path / "down", 2, 2, calibration=(text, 512))
+    assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE  # copies: the exact fold, untouched
+    # Conv1D reads its input on axis 0: c_proj (heads), mlp.c_proj (ffn), c_attn / c_fc (hidden) are hooked,
+    # and on an ordinary model their readers are refitted.
+    from tensorscale.folding.selection import Selection
+
+    plan = down(source, tmp_path / "small", 2, 2, calibration=(text, 512))
+    selected = {key[0] for key, fold in plan.folds.by_key.items() if isinstance(fold, Selection)}
+    assert selected == {"hidden", "heads", "ffn"}
+    assert all(fold.refit is not None for key, fold in plan.folds.by_key.items() if key[0] in ("heads", "ffn"))
+    assert plan.folds.by_key[("hidden", None)].reader_refits
+    model, info = load(tmp_path / "small")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.isfinite(logits(model)).all()

@@ -100,16 +100,22 @@ def _wants_depth(options) -> bool:
     return bool(options.add_layers) or options.duplicate_layers is not None or bool(getattr(options, "remove_layers", None))
 
 
-def _removed_layers(rule_set, config: dict, options) -> Layers:
-    """`down --remove-layers`: the source layers kept, in order, renumbered 0.. (ShortGPT's layer removal;
-    which layers, the down analysis chose from their block influence)."""
+def _layer_count(rule_set, config: dict, flag: str):
+    """(the rules' depth section, the model's layer count), or a one-line error naming `flag`."""
     spec = rule_set.depth
     if spec is None:
-        raise TensorscaleError(f"rules {rule_set.name} have no depth section, so --remove-layers is not possible; "
+        raise TensorscaleError(f"rules {rule_set.name} have no depth section, so {flag} is not possible; "
                                "add one (see README, depth growth)")
     count = config.get(spec.count)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise TensorscaleError(f"config.json's {spec.count} must be a whole number >= 1 for --remove-layers, got {count!r}")
+        raise TensorscaleError(f"config.json's {spec.count} must be a whole number >= 1 for {flag}, got {count!r}")
+    return spec, count
+
+
+def _removed_layers(rule_set, config: dict, options) -> Layers:
+    """`down --remove-layers`: the source layers kept, in order, renumbered 0.. (ShortGPT's layer removal;
+    which layers, the down analysis chose from their block influence)."""
+    spec, count = _layer_count(rule_set, config, "--remove-layers")
     removed = set(options.remove_layers)
     if any(not 0 <= index < count for index in removed) or len(removed) >= count:
         raise TensorscaleError(f"--remove-layers: the model has {count} layers; at least one must stay")
@@ -124,14 +130,8 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
         return None
     if getattr(options, "remove_layers", None):
         return _removed_layers(rule_set, config, options)
-    spec = rule_set.depth
     flag = "--add-layers" if options.add_layers else "--duplicate-layers"
-    if spec is None:
-        raise TensorscaleError(f"rules {rule_set.name} have no depth section, so {flag} is not possible; "
-                               "add one (see README, depth growth)")
-    count = config.get(spec.count)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise TensorscaleError(f"config.json's {spec.count} must be a whole number >= 1 for {flag}, got {count!r}")
+    spec, count = _layer_count(rule_set, config, flag)
 
     before: dict[int, list[int]] = {}  # source position -> the source layers the identity layers there copy
     if options.add_layers:
