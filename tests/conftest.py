@@ -5,6 +5,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Data-free `down` of an ordinary model samples its own calibration text; a tiny model needs little of it.
+os.environ.setdefault("TENSORSCALE_DATA_FREE_TOKENS", "512")
 sys.path.insert(0, os.path.dirname(__file__))
 
 

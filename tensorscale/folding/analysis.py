@@ -202,7 +202,7 @@ def refine(source: ModelSource, folds: Folds, matches: list[Match], spaces: dict
             raise TensorscaleError("the calibration text is too short: it gives fewer than 2 tokens")
         notes = [f"calibrated on {ids.numel()} tokens of the given text"]
     else:
-        tokens = DATA_FREE_TOKENS
+        tokens = int(os.environ.get("TENSORSCALE_DATA_FREE_TOKENS", DATA_FREE_TOKENS))
         with bar(tokens, "writing its own calibration text", "tok") as step:
             ids = self_generated(model, source.config, tokens, seed=seed, progress=lambda rows: step(rows * 256))
         notes = [f"data-free: calibrated on {ids.numel()} tokens the model wrote itself"]
@@ -217,7 +217,7 @@ def refine(source: ModelSource, folds: Folds, matches: list[Match], spaces: dict
     return notes
 
 
-DATA_FREE_TOKENS = 8192  # self-generated tokens of data-free `down`
+DATA_FREE_TOKENS = 8192  # self-generated tokens of data-free `down` (TENSORSCALE_DATA_FREE_TOKENS overrides: tests use few)
 
 ANALYSIS_WORKERS = 2  # threads that sketch tensors (and fold layers) at once
 

@@ -299,12 +299,9 @@ def _select_heads(by_key, stats, parent, child, instance):
         kv_keep = sorted({u // group for u in kept})
     per_group = child.target_units // parent.target_units
     if per_group > group:
-        raise TensorscaleError(
-            f"{child.target_units} heads over {parent.target_units} kv heads need {per_group} heads per kv head, but a "
-            f"kv head of this model has {group}: keep heads/kv heads <= {group} (e.g. "
-            f"{parent.target_units * group}/{parent.target_units} or {group * (child.target_units // group or 1)}/"
-            f"{child.target_units // group or 1})"
-        )
+        # More q heads per kv head than a kv head has: no selection gives that, but merging kv heads does
+        # (their q heads then share one); the weight clustering of this layer's heads stays.
+        return
     members = [u for g in kv_keep for u in range(g * group, (g + 1) * group)]
     index = torch.cat([torch.arange(u * child.unit, (u + 1) * child.unit) for u in members])
     sub_gram = gram[index][:, index]
