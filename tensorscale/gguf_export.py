@@ -5,6 +5,7 @@ complete. The temporary checkpoint is removed whatever happens (success, error, 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 
 from .errors import TensorscaleError
@@ -36,7 +37,9 @@ def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force
 
     gguf_architecture(plan.config)  # refuse an architecture we cannot write before any work
     out = gguf_output_path(output, default_output(plan.source, plan), force, plan.source.input_path)
-    folder = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tensorscale-tmp-{os.getpid()}")
+    # PID plus a random suffix: two runs with the same PID (PID 1 of two containers) never share it (issue 14)
+    folder = os.path.join(os.path.dirname(out),
+                          f".{os.path.basename(out)}.tensorscale-tmp-{os.getpid()}-{secrets.token_hex(4)}")
     partial = f"{folder}.gguf"
     try:
         result = execute_plan(plan, folder, force=True, show_progress=show_progress, **options)

@@ -121,3 +121,16 @@ def test_force_never_replaces_a_gguf_input(tmp_path):
         assert result.exit_code == 2 and fragment in result.output, result.output
         assert open(model, "rb").read() == before
     assert sorted(os.listdir(project)) == [os.path.basename(model)]
+
+
+def test_gguf_output_never_takes_over_a_temp_folder_of_the_same_pid(tmp_path):
+    """Two runs with the same PID (PID 1 in two containers) writing one OUT.gguf: the temporary folder that
+    another run is filling must survive (issue 14 item 8, for GGUF output)."""
+    model = build_gguf(tmp_path, "llama", "Q8_0")
+    out = tmp_path / "wide.gguf"
+    other_run = tmp_path / f".wide.gguf.tensorscale-tmp-{os.getpid()}"
+    other_run.mkdir()
+    (other_run / "model.safetensors").write_bytes(b"another run's half-written shard")
+    run("up", "-i", model, "-o", out, "-edm", "2", "-q", "--format", "gguf")
+    assert out.is_file()
+    assert (other_run / "model.safetensors").read_bytes() == b"another run's half-written shard"
