@@ -8,9 +8,9 @@ import click
 
 from ..errors import TensorscaleError
 from . import render
-from .options import model_input, with_options
+from .options import ALLOW_NONFINITE, model_input, with_options
 from .revision import command_line, revision_option
-from .output_format import FORMAT_OPTIONS
+from .output_format import output_format_options
 
 TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
@@ -75,10 +75,9 @@ def fold_summary(plan) -> dict:
 @click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--allow-nonfinite", is_flag=True,
-              help="Write the output even if input weights hold NaN or Inf (refused by default).")
+@ALLOW_NONFINITE
 @revision_option
-@lambda func: with_options(func, FORMAT_OPTIONS)
+@output_format_options
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
          calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
          as_json, quiet, allow_nonfinite, out_format, outtype):

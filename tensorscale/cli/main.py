@@ -18,9 +18,9 @@ from .. import __version__
 from ..errors import TensorscaleError
 from . import render
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
-from .options import add_to_every_command, model_input, verbose_option, with_options
+from .options import ALLOW_NONFINITE, add_to_every_command, model_input, verbose_option, with_options
 from .revision import command_line, remember_arguments, revision_option
-from .output_format import FORMAT_OPTIONS
+from .output_format import output_format_options
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -89,10 +89,6 @@ def print_warnings(result) -> None:
         click.echo(f"tensorscale: warning: {warning}", err=True)
 
 
-ALLOW_NONFINITE = click.option("--allow-nonfinite", is_flag=True,
-                               help="Write the output even if input weights hold NaN or Inf (refused by default).")
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tensorscale")
 @verbose_option()
@@ -130,10 +126,6 @@ def _install_signal_handlers():
 def _input_option(func):
     """MODEL or --input MODEL, and --revision REV for a hub id (folded into the input as org/name@REV)."""
     return model_input()(revision_option(func))
-
-
-def output_format_options(func):
-    return with_options(func, FORMAT_OPTIONS)
 
 
 def _up_options(func):

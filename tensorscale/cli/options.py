@@ -18,6 +18,11 @@ from ..errors import TensorscaleError
 MODEL_HELP = "Model folder, or a Hugging Face hub id (org/name)."
 
 
+# up, down (and batch jobs' allow_nonfinite) share this flag and its wording.
+ALLOW_NONFINITE = click.option("--allow-nonfinite", is_flag=True,
+                               help="Write the output even if input weights hold NaN or Inf (refused by default).")
+
+
 def with_options(func, options: list):
     """Decorate `func` with click options so that they show in `--help` in the order listed."""
     for option in reversed(options):

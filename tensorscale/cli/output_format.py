@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import TensorscaleError
+from .options import with_options
 
 FORMAT_OPTIONS = [
     click.option("--format", "out_format", type=click.Choice(["safetensors", "gguf"]), default="safetensors",
@@ -13,6 +14,11 @@ FORMAT_OPTIONS = [
     click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
                  help="Tensor type of a --format gguf output (default f16; 1-D tensors stay f32)."),
 ]
+
+
+def output_format_options(func):
+    """--format and --outtype, shared by `up` and `down`."""
+    return with_options(func, FORMAT_OPTIONS)
 
 
 def converts_format(source: str, out_format: str) -> bool:
