@@ -138,8 +138,8 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
 
 
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
-            progress=None, calibration: tuple[str, int] | None = None) -> Folds:
-    """Cluster every folded space. `calibration` = (text, tokens) adds activation statistics."""
+            progress=None) -> Folds:
+    """Cluster every folded space (data-free: from the weights alone)."""
     matches = match_all(source, rule_set, env)
     # The coarsest float dtype of the checkpoint sets how far apart copies may be after rounding.
     coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
@@ -173,13 +173,6 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
             folds.by_key.update(found)  # in layer order, whichever thread finished first
             if progress:
                 progress(instance)
-    if calibration is not None:
-        from .calibration import importance
-
-        text, tokens = calibration
-        for key, values in importance(source.folder, source.label, text, tokens, matches, spaces).items():
-            if key in folds.by_key:
-                folds.by_key[key].set_importance(values.tolist())
     return folds
 
 
