@@ -1012,6 +1012,8 @@ def main(argv=None) -> int:
     p.add_argument("--down-timeout", type=float, default=900, help="kill `down` after this many seconds (speed part)")
     p.add_argument("--profile", action="store_true", help="py-spy the speed part's `down` run")
     p.add_argument("--profile-seconds", type=float, default=120)
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: print the real-model tables and redraw the plot from results/bench_down.json")
     p.add_argument("--keep", action="store_true", help="keep the quality part's small checkpoints")
     p.add_argument("--clean", action="store_true", help="delete the generated speed checkpoint at the end")
     p.add_argument("--work", default=os.path.join(HERE, "work"))
@@ -1030,6 +1032,14 @@ def main(argv=None) -> int:
             previous = json.load(fh)
         meta.update({k: previous[k] for k in ("quality", "speed") if k in previous})
     png_path = os.path.join(args.results, "bench_down.png")
+    if args.report_only:
+        quality_result = meta.get("quality")
+        if not quality_result or "levels" not in quality_result:
+            raise SystemExit(f"{json_path} holds no real-model quality results; run without --report-only first")
+        print(real_tables(quality_result))
+        if real_plot(quality_result, png_path):
+            print(f"plot: {png_path}")
+        return 0
     if not args.skip_quality and args.model == "real":
         def save(partial):   # after every level: a long run that is stopped keeps what it measured
             meta["quality"] = partial
