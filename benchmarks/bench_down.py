@@ -25,7 +25,7 @@ calibrated on: ppl ratio, KL(original || small), top-1 agreement. Calibration: t
 * flap             FLAP-style compensation needs a bias on the pruned readers' modules; where the architecture
                    has none (Llama: down_proj and o_proj are bias-free) the row says so and is skipped.
 Every output is loaded by stock transformers with output_loading_info: any missing, unexpected or misshaped
-tensor stops the run. Results are written after every level.
+tensor stops the run. Results are written after every row.
 
 Quality on the toy (--model pydoc-llama): examples/pydoc-llama, a 2.4M-param Llama trained on the stdlib
 docs, tied embeddings, GQA 4/2. At four targets of about 10/25/40/50% fewer parameters, every method writes a standard checkpoint that
@@ -670,7 +670,7 @@ def level_label(cut: float) -> str:
     return f"~{round(cut * 100)}%"
 
 
-def real_quality(args, on_level=None) -> dict:
+def real_quality(args, on_row=None) -> dict:
     import real_eval
     import real_model
     import real_texts
@@ -772,6 +772,8 @@ def real_quality(args, on_level=None) -> dict:
                       flush=True)
                 result["rows"].append(row)
                 shutil.rmtree(out, ignore_errors=True)
+                if on_row is not None:
+                    on_row(result)
                 continue
             model = load_checked(out)   # stock transformers: a missing, extra or misshaped tensor fails here
             t1 = time.perf_counter()
@@ -790,9 +792,11 @@ def real_quality(args, on_level=None) -> dict:
                   f"  ({row['reduction']:.1%} fewer, made in {row['seconds']:.1f} s)", flush=True)
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-        result["seconds"] = round(time.perf_counter() - started, 1)
-        if on_level is not None:
-            on_level(result)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            if on_row is not None:
+                on_row(result)
+        print()
+        print(real_level_table(result, level), flush=True)
     return result
 
 
@@ -1063,14 +1067,12 @@ def main(argv=None) -> int:
             print(f"plot: {png_path}")
         return 0
     if not args.skip_quality and args.model == "real":
-        def save(partial):   # after every level: a long run that is stopped keeps what it measured
+        def save(partial):   # after every row: a long run that is stopped keeps what it measured
             meta["quality"] = partial
             with open(json_path, "w") as fh:
                 json.dump(meta, fh, indent=2)
-            print()
-            print(real_level_table(partial, partial["levels"][-1]), flush=True)
 
-        real_quality(args, on_level=save)
+        real_quality(args, on_row=save)
         print()
         print(real_tables(meta["quality"]))
         if real_plot(meta["quality"], png_path):
