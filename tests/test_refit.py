@@ -190,3 +190,34 @@ def test_refit_option_errors_are_one_line(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- budgets ----------------------------------------------------------------------------------------
+
+def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
+    from tensorscale.planning.allocation import Counter, allocate_budget
+
+    source = build_checkpoint(tmp_path / "src", "llama", intermediate_size=512, tie_word_embeddings=False)
+    counter = Counter(source, None)
+    total = counter.count(dict(counter.current))
+    targets = allocate_budget(source, None, {}, "10%", None)
+    assert set(targets) == {"intermediate_size"}  # the FFN alone pays for a small cut
+    assert counter.count({**counter.current, **targets}) <= 0.9 * total
+    deep = allocate_budget(source, None, {}, "45%", None)
+    assert deep["intermediate_size"] < targets["intermediate_size"] and set(deep) - {"intermediate_size"}  # then others
+    assert counter.count({**counter.current, **deep}) <= 0.55 * total
+    kept = allocate_budget(source, None, {"intermediate_size": 512}, "10%", None)
+    assert "intermediate_size" not in kept  # a size the user gave is kept; others pay
+
+
+@pytest.mark.parametrize("reduction, params, message", [
+    ("lots", None, "cannot read --reduction"), ("150%", None, "between 0% and 100%"),
+    (None, "5B", "ask for fewer"), ("10%", "1M", "give one budget"),
+])
+def test_budget_errors_are_one_line(tmp_path, reduction, params, message):
+    args = ["-i", build_checkpoint(tmp_path / "src", "llama"), "-o", tmp_path / "out", "--method", "fold"]
+    args += ["--reduction", reduction] if reduction else []
+    args += ["--params", params] if params else []
+    result = _down(args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
