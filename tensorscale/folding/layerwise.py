@@ -441,7 +441,7 @@ class LayerwiseDown:
         self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
 
     @torch.no_grad()
-    def _damage(self, h_orig: torch.Tensor, h_small: torch.Tensor, batch: int = 4) -> dict:
+    def _damage(self, h_orig: torch.Tensor, h_small: torch.Tensor, batch: int = 1) -> dict:
         """KL(original ‖ small) per token and the perplexity ratio on the calibration tokens: an in-sample
         estimate of the damage (held-out text will show more)."""
         kl = nll_orig = nll_small = count = 0.0
