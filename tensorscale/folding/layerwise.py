@@ -28,7 +28,6 @@ Memory: one layer's weights (twice: original and small) and the calibration acti
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +37,6 @@ from ..reading.tensor_reader import ShardReader
 from ..rulebook.schema import split_role
 from .refit import drop_units, drop_units_fast, refit
 
-TARGET = os.environ.get("TS_TARGET", "cross")
-PRIOR = os.environ.get("TS_PRIOR", "1") == "1"
 MASSIVE = 20.0  # a residual dimension whose mean square is this many times the median is "massive"
 
 
@@ -104,7 +101,11 @@ class LayerwiseDown:
     """Cut a model to the spaces' targets, reading `source` and writing tensors through `emit(name, t)`."""
 
     def __init__(self, source, spaces: dict, new_config: dict, working_config: dict, matches, group: str,
-                 ids: torch.Tensor, progress=None, ridge: float = 1e-2):
+                 ids: torch.Tensor, progress=None, ridge: float = 1e-2, target: str = "cross", prior: bool = True):
+        """`target`: "cross" re-solves each reader to reproduce the original layer's outputs from the original
+        stream (it also corrects what earlier layers left behind); "self" reproduces the original weights'
+        outputs on the small stream's own inputs (plain OBS compensation). `prior`: the ridge pulls towards
+        the same units' original weights instead of towards zero. Both measured in benchmarks/README.md."""
         from ..inference.layer_slot import LayerSlot
 
         self.source = source
@@ -112,6 +113,8 @@ class LayerwiseDown:
         self.ids = ids
         self.progress = progress
         self.ridge = ridge
+        self.target = target
+        self.prior = prior
         self.layers, self.others = classify(matches, group)
         if not self.layers:
             raise TensorscaleError("down --calibration found no layers in the rules' tensor names")
@@ -299,7 +302,7 @@ class LayerwiseDown:
         one on those units (an RMSNorm over fewer dimensions scales every kept input by sqrt(D/d)), so
         that the ridge pulls towards the reader that would be exact if only the scale had changed."""
         units = self._units(in_space.name, layer if in_space.per else None, "working")
-        if units is None or cross.shape[0] == gram.shape[0] and TARGET != "cross":
+        if units is None or self.target != "cross":
             return prior
         columns = _expand(units, in_space.unit)
         n = len(columns)
@@ -328,13 +331,13 @@ class LayerwiseDown:
             prior = self._select(tensors[t.slot_name], t, "working").double()
             if bias is not None:
                 prior = torch.cat([prior, bias[:, None]], 1)
-            source = caught[t.slot_name] if TARGET == "cross" else args[0].detach()
-            if TARGET != "cross":
+            source = caught[t.slot_name] if self.target == "cross" else args[0].detach()
+            if self.target != "cross":
                 weight = prior
             gram, cross = self._moments(args[0].detach(), source, bias is not None)
-            if PRIOR:
+            if self.prior:
                 prior = self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
-            solved = refit(weight, cross, gram, self.ridge, prior if PRIOR else None)
+            solved = refit(weight, cross, gram, self.ridge, prior if self.prior else None)
             working_units = self._units(in_space_name, layer, "working") if in_space.per else None
             new_bias = None
             if working_units is not None and len(working_units) > in_space.target_units:
