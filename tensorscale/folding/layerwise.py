@@ -148,17 +148,8 @@ class LayerwiseDown:
             tensors = {t.slot_name: self.read(t) for t in self.layers[layer]}
             self.original.load(tensors)
             energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
-            inputs = {}
-            handles = []
-            for t in self.layers[layer]:
-                reads = t.reader
-                if reads and reads[1] == space.name:
-                    module = self.original.module(t.slot_name)
-                    handles.append(module.register_forward_pre_hook(
-                        lambda mod, args, key=t.slot_name: inputs.__setitem__(key, args[0].detach())))
-            h = self.original.run(h, kwargs)
-            for handle in handles:
-                handle.remove()
+            h, inputs = self._run_catching(self.original, h, kwargs,
+                                           [t for t in self.layers[layer] if t.reader and t.reader[1] == space.name])
             for name, x in inputs.items():
                 weight = tensors[name]
                 usage = weight.double().pow(2).sum(0) * x.double().pow(2).reshape(-1, x.shape[-1]).mean(0)
@@ -172,6 +163,18 @@ class LayerwiseDown:
         self.cut.working[(space.name, None)] = sorted(order[:keep])
         self.cut.final[(space.name, None)] = self.cut.working[(space.name, None)]
         self.statistics["massive"] = [int(i) for i in massive.nonzero().flatten()]
+
+    @staticmethod
+    def _run_catching(slot, h, kwargs, readers: list[TensorRoles]):
+        """Run the slot's layer on `h`, catching the input of every reader in `readers` (by slot name)."""
+        caught = {}
+        handles = [slot.module(t.slot_name).register_forward_pre_hook(
+            lambda mod, args, key=t.slot_name: caught.__setitem__(key, args[0].detach())) for t in readers]
+        try:
+            return slot.run(h, kwargs), caught
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ---- helpers ----------------------------------------------------------------------------------
     def _units(self, space_name: str, layer, which: str) -> list[int] | None:
@@ -220,16 +223,7 @@ class LayerwiseDown:
         tensors = {t.slot_name: self.read(t) for t in roles}
         by_slot = {t.slot_name: t for t in roles}
         self.original.load(tensors)
-        caught = {}
-        handles = []
-        for t in roles:
-            if t.reader:
-                module = self.original.module(t.slot_name)
-                handles.append(module.register_forward_pre_hook(
-                    lambda mod, args, key=t.slot_name: caught.__setitem__(key, args[0].detach())))
-        h_orig_next = self.original.run(h_orig, kw_orig)
-        for handle in handles:
-            handle.remove()
+        h_orig_next, caught = self._run_catching(self.original, h_orig, kw_orig, [t for t in roles if t.reader])
 
         o_reader = next((t for t in roles if t.reader and self.spaces[t.reader[1]].within), None)
         self._choose_kv(layer, tensors, caught.get(o_reader.slot_name) if o_reader else None)
