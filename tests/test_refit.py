@@ -113,7 +113,8 @@ def _down(args):
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", pytest.param("mistral", marks=pytest.mark.slow),
+                                        pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_refit_drops_dead_units_exactly(tmp_path, model_type):
     from test_inference import save_tokenizer
 
@@ -221,3 +222,22 @@ def test_budget_errors_are_one_line(tmp_path, reduction, params, message):
     result = _down(args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_down_job_refits_and_leaves_no_workspace(tmp_path):
+    import yaml
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    save_tokenizer(source)
+    (tmp_path / "out").mkdir()
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump({"jobs": [
+        {"command": "down", "input": source, "output": str(tmp_path / "out" / "small"), "method": "refit",
+         "intermediate_size": 32, "calibration": str(_calibration_file(tmp_path)), "calibration_tokens": 512}]}))
+    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "batch", str(jobs), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert read_config(tmp_path / "out" / "small")["intermediate_size"] == 32
+    relative_logit_error(source, tmp_path / "out" / "small")  # loads, no missing or unexpected keys
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tensorscale-refit-")]
