@@ -29,6 +29,8 @@ from contextlib import contextmanager
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 _received: list[int] = []  # every signal that arrived, in order
+_installed = False
+_raising = False  # the handler raises: from install() on, until hold()
 _deferring = 0  # depth of deferred() sections
 _holding = False  # set by hold(): record only, for good
 
@@ -60,13 +62,14 @@ def deferred():
 
 def hold() -> None:
     """From now on a signal is only recorded: the command is reporting how it ended, or exiting."""
-    global _holding
+    global _holding, _raising
     _holding = True
+    _raising = False
 
 
 def _handle(signum, frame):
     _received.append(signum)
-    if not _deferring and not _holding:
+    if _raising and not _deferring:
         raise KeyboardInterrupt
 
 
@@ -77,12 +80,18 @@ def _unraisable(info, default=None):
     (default or sys.__unraisablehook__)(info)
 
 
-def install() -> None:
-    """Take SIGINT, SIGTERM and SIGHUP in this process (the command line's main thread)."""
-    for name in SIGNALS:
-        try:
-            signal.signal(getattr(signal, name), _handle)
-        except (ValueError, OSError, AttributeError):  # not the main thread, or not on this platform
-            pass
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda info: _unraisable(info, previous)
+def install(raising: bool = True) -> None:
+    """Take SIGINT, SIGTERM and SIGHUP in this process (the command line's main thread). The program's
+    first lines call this with raising=False, before the command line's modules load: a signal then is
+    recorded (no traceback from the middle of an import) and main() raises it, inside its handling."""
+    global _installed, _raising
+    if not _installed:
+        for name in SIGNALS:
+            try:
+                signal.signal(getattr(signal, name), _handle)
+            except (ValueError, OSError, AttributeError):  # not the main thread, or not on this platform
+                pass
+        previous = sys.unraisablehook
+        sys.unraisablehook = lambda info: _unraisable(info, previous)
+        _installed = True
+    _raising = raising and not _holding

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
-import click
-
 from .. import __version__, interrupts
+
+if __name__ == "__main__":  # `python -m tensorscale.cli.main`: take the signals before the rest loads
+    interrupts.install(raising=False)
+
+import click  # noqa: E402
 from ..errors import TensorscaleError
 from . import render
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
@@ -377,6 +380,7 @@ def main():
     interrupts.install()
     status, interrupted = 1, False
     try:
+        interrupts.check()  # one that came while the command line loaded
         from ..progress import quiet_hub_bars_in_logs
 
         quiet_hub_bars_in_logs()
