@@ -34,6 +34,13 @@ class Fold:
             counts[c] += 1
         return counts
 
+    def representatives(self) -> list[int]:
+        """Per cluster, the source unit whose per-unit tensors it takes (a per-head norm): its first member."""
+        first = [-1] * self.clusters
+        for unit in range(len(self.cluster) - 1, -1, -1):
+            first[self.cluster[unit]] = unit
+        return first
+
     def set_importance(self, values: list[float]) -> None:
         """Calibration's per-unit importance (it weights the averages): merges made before it are dropped."""
         self.importance = values
