@@ -24,7 +24,7 @@ import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,6 +38,7 @@ from ..rulebook.compile import Space
 from ..rulebook.schema import RuleSet, split_role
 from .clustering import cluster_units
 from .fold import Fold, Folds
+from .head_groups import check_head_targets, needs_equal_groups
 
 SKETCH = 256  # dimensions of a unit's sketch
 MAX_SAMPLES = 4096  # rows (or columns) of one tensor that a sketch looks at
@@ -140,6 +141,7 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
             progress=None, calibration: tuple[str, int] | None = None) -> Folds:
     """Cluster every folded space. `calibration` = (text, tokens) adds activation statistics."""
+    check_head_targets(spaces)  # before any weight is read
     matches = match_all(source, rule_set, env)
     # The coarsest float dtype of the checkpoint sets how far apart copies may be after rounding.
     coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
@@ -151,6 +153,9 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
             if space.name in folded and space.per is None and space.clusters_of is None:
                 folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, spaces, seed, dtype, pool)
         per_layer = [s for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None]
+        # kv heads that must serve more q heads than one source kv head has are merged in equal groups.
+        balanced = {s.within for s in per_layer if s.within in spaces and needs_equal_groups(s, spaces[s.within])}
+        per_layer = [replace(s, equal=True) if s.name in balanced else s for s in per_layer]
         # Spaces others are `within` go first (kv heads before q heads).
         parents = {s.within for s in per_layer}
         per_layer.sort(key=lambda s: 0 if s.name in parents else 1)
