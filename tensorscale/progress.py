@@ -48,15 +48,16 @@ def _human(n: float) -> str:
 
 
 class Progress:
-    """Bytes done out of `total`, plus a count of finished items (tensors) shown beside them."""
+    """Bytes done out of `total`, plus a count of finished items (`noun`: tensors, layers) shown beside them."""
 
     STEPS = 10  # a plain line at each 10% ...
     MIN_INTERVAL_S = 2.0  # ... but not more often than this
 
-    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic):
+    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic, noun: str = "tensors"):
         self.total = max(0, int(total))
         self.label = label
         self.items = items
+        self.noun = noun
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.done = 0
@@ -80,7 +81,7 @@ class Progress:
             if nbytes:
                 self.bar.update(nbytes)
             if items and self.items:
-                self.bar.set_postfix_str(f"{self.items_done}/{self.items} tensors", refresh=False)
+                self.bar.set_postfix_str(f"{self.items_done}/{self.items} {self.noun}", refresh=False)
             return
         steps = self.done * self.STEPS // self.total if self.total else self.STEPS
         now = self.clock()
@@ -92,7 +93,7 @@ class Progress:
 
     def _line(self) -> None:
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        items = f", {self.items_done}/{self.items} tensors" if self.items else ""
+        items = f", {self.items_done}/{self.items} {self.noun}" if self.items else ""
         print(f"tensorscale: {self.label} {percent:3.0f}% ({_human(self.done)} of {_human(self.total)}{items})",
               file=self.stream, flush=True)
 
@@ -106,8 +107,9 @@ class Progress:
             self._line()
 
 
-def progress_for(total: int, label: str, items: int = 0, *, enabled: bool = True, stream=None) -> Progress | None:
+def progress_for(total: int, label: str, items: int = 0, *, enabled: bool = True, stream=None,
+                 noun: str = "tensors") -> Progress | None:
     """A Progress, or None when progress is off (-q, --json, or a silencing environment variable)."""
     if not enabled or silenced_by_environment():
         return None
-    return Progress(total, label, items, stream)
+    return Progress(total, label, items, stream, noun=noun)

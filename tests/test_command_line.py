@@ -135,6 +135,22 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(llama, tmp_path):
     assert result.stdout.startswith("wrote ") and len(result.stdout.splitlines()) == 1
 
 
+def test_down_shows_the_analysis_progress_and_quiet_or_json_silence_it(llama, tmp_path):
+    """down reads every weight before it writes (the analysis): minutes on a large model. Before: no progress
+    at all until the writing started."""
+    shown = process("down", llama, "-o", tmp_path / "a", "-edd", "2", "-upd", "2")
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stderr.splitlines() if line.startswith("tensorscale: analysing")]
+    assert lines and lines[-1].startswith("tensorscale: analysing 100%") and lines[-1].endswith(", 2/2 layers)"), \
+        shown.stderr
+    assert shown.stderr.index("tensorscale: analysing") < shown.stderr.index("tensorscale: writing")
+    for flag in ("-q", "--json"):
+        silent = process("down", llama, "-o", tmp_path / flag.strip("-"), "-edd", "2", "-upd", "2", flag)
+        assert silent.returncode == 0, silent.stderr
+        assert "analysing" not in silent.stderr and "tensorscale: writing" not in silent.stderr, silent.stderr
+    assert json.loads(silent.stdout)["output"] == str(tmp_path / "json")
+
+
 @pytest.mark.parametrize("variable", ["TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"])
 def test_progress_variables_silence_progress(llama, tmp_path, variable):
     unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}

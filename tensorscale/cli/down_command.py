@@ -105,7 +105,7 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
 
         calibration_data = (read_calibration_text(calibration), calibration_tokens)
     plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
-                     calibration=calibration_data)
+                     calibration=calibration_data, progress=not quiet and not as_json)
     result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
                           verify_files=verify_files, manifest=manifest, command=command_line(),
                           allow_nonfinite=allow_nonfinite)
