@@ -191,6 +191,27 @@ def test_a_signal_while_the_process_exits_prints_no_traceback(tmp_path):
     assert read_config(out)["intermediate_size"] == 2 * read_config(model)["intermediate_size"]
 
 
+def test_an_interrupt_while_gguf_is_written_says_nothing_was_written(tmp_path):
+    """Before: "interrupted after the output was written: .../.out.gguf.tensorscale-tmp-... holds the complete
+    new model": the temporary checkpoint that --format gguf converts was reported as the output."""
+    model = build_checkpoint(tmp_path / "src", "llama")
+    out = tmp_path / "out.gguf"
+    patch = """
+        import tensorscale.writing.gguf_writer as gguf_writer
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        gguf_writer.write_gguf = interrupted
+    """
+    script = textwrap.dedent(patch) + (
+        "import sys\nfrom tensorscale.cli.main import main\n"
+        f"sys.argv = ['tensorscale', 'up', {str(model)!r}, '-o', {str(out)!r}, '-upm', '2', '-q', '--format', 'gguf']\n"
+        "main()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == ["tensorscale: interrupted; nothing was written"]
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_disk_full_is_a_clean_error(big, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
