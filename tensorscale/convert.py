@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -47,8 +48,7 @@ def targets_grow(source_label: str, targets: dict, rules_path: str | None = None
     return all(current.get(key) is None or value >= current[key] for key, value in chosen.items())
 
 
-def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None,
-              calibration: tuple[str, int] | None = None) -> Plan:
+def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None) -> Plan:
     """Plan `down`: read the weights once to cluster every space's units, then plan the merges.
 
     Unlike `up`, this reads tensor data (the clustering needs it), so even `plan` takes a full read."""
@@ -63,8 +63,7 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     source = open_source(source_label)
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
-    folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress,
-                    calibration=calibration)
+    folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress)
     release_free_memory()  # the analysis's buffers are gone; do not let writing stack on them
     plan = build_plan(source, rules, options, folds)
     retie = find_retie(plan)
@@ -73,6 +72,142 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     plan.folds = folds
     plan.retied = retie
     return plan
+
+
+def folds_are_exact(plan: Plan) -> bool:
+    """Whether every clustering of a down plan merged only copies: the plan is then an exact inverse of `up`."""
+    folds = plan.folds.by_key.values() if plan.folds else []
+    return bool(folds) and all(fold.exact for fold in folds)
+
+
+def plan_down_by_method(source_label: str, options: Options, rules_path: str | None, method: str, text: str | None,
+                        tokens: int, spill_folder: str, show_progress: bool = False) -> tuple[Plan, dict | None]:
+    """`down`'s plan by `method`: "fold" (cluster-fold, exact on copies), "refit" (layer-wise select and
+    refit, folding.layerwise), or "auto": fold where every clustering merged copies (a HyperCloned model),
+    else refit. Returns the plan and, for refit, its calibration report (None for fold)."""
+    if method not in ("auto", "fold", "refit"):
+        raise TensorscaleError(f"unknown down method {method!r}; use auto, fold or refit")
+    if text is not None and method == "fold":
+        raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
+    if method in ("auto", "fold"):
+        plan = plan_down(source_label, options, rules_path, progress=show_progress)
+        if method == "fold" or folds_are_exact(plan):
+            return plan, None
+        del plan
+    return _refit_with_calibration(source_label, options, rules_path, text, tokens, spill_folder, show_progress)
+
+
+def _refit_with_calibration(source_label, options, rules_path, text, tokens, spill_folder, show_progress):
+    from .folding.calibration import calibration_ids, self_generated_ids
+    from .inference.loading import require_transformers, resolve
+
+    require_transformers("down (refit)")
+    _check_refit_possible(source_label, options, rules_path)  # before minutes of sampling, not after
+    model = resolve(source_label)
+    if text is not None:
+        ids = calibration_ids(model.folder, model.label, text, tokens)
+    else:
+        bar = progress_for(tokens, "down: sampling calibration text", enabled=show_progress, unit="tokens")
+        ids = self_generated_ids(model.folder, model.label, model.config, tokens, seed=options.seed,
+                                 progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+    layers = int(model.config.get("num_hidden_layers") or 0)
+    passes = 2 if options.targets.get("hidden_size") or options.embed_dim_divisor else 1
+    bar = progress_for(passes * layers, "down: refitting layers", enabled=show_progress, unit="layers")
+    try:
+        return plan_refit_down(source_label, options, rules_path, ids, spill_folder,
+                               progress=(lambda kind, layer: bar.update(1)) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _check_refit_possible(source_label: str, options: Options, rules_path: str | None) -> None:
+    from .folding.analysis import match_all
+    from .folding.layerwise import classify
+    from .planning.plan import evaluate_env
+
+    options.mode = "down"
+    source = open_source(source_label, headers_only=True)
+    rules = resolve_rules(source.config, rules_path)
+    env = evaluate_env(rules, source.config, options)
+    classify(match_all(source, rules, env), rules.depth.group if rules.depth is not None else "layer")
+
+
+@contextlib.contextmanager
+def refit_workspace(output: str | None):
+    """A temporary folder for refitted tensors, beside OUT (the same disk), removed whatever happens."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+    folder = tempfile.mkdtemp(prefix=".tensorscale-refit-", dir=parent if os.path.isdir(parent) else None)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def plan_refit_down(source_label: str, options: Options, rules_path: str | None, ids, spill_folder: str,
+                    progress=None) -> tuple[Plan, dict]:
+    """Plan `down` by layer-wise select-and-refit (folding.layerwise) on the calibration tokens `ids`.
+
+    The new weights are computed layer by layer into `spill_folder` (a temporary folder the caller removes);
+    the plan then writes them to OUT through the ordinary engine, with the source's provenance."""
+    from .folding.analysis import match_all
+    from .folding.layerwise import LayerwiseDown
+    from .planning.plan import evaluate_env, rewrite_config
+    from .reading.tensor_reader import torch_dtype
+    from .rulebook.compile import resolve_spaces
+    from .writing.spill import SpillFolder
+
+    options.mode = "down"
+    options.validate()
+    source = open_source(source_label)
+    rules = resolve_rules(source.config, rules_path)
+    env = evaluate_env(rules, source.config, options)
+    spaces = resolve_spaces(rules, env)
+    new_config = rewrite_config(rules, source.config, env, options)
+    new_config.pop("torch_dtype", None) if options.dtype == "keep" else None
+    working = Options(mode="down", targets=working_targets(rules, source.config, options))
+    working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
+    for config in (new_config, working_config):
+        _pin_head_dim(config, env)
+    group = rules.depth.group if rules.depth is not None else "layer"
+    engine = LayerwiseDown(source, spaces, new_config, working_config, match_all(source, rules, env), group, ids,
+                           progress=progress)
+    spill = SpillFolder(spill_folder)
+    report = engine.run(lambda name, tensor: spill.add(name, tensor, torch_dtype(source.tensors[name].dtype)))
+    spill.finish(new_config)
+    keep = Options(mode="up", dtype=options.dtype, max_shard_size=options.max_shard_size)
+    plan = build_plan(open_source(spill_folder), rules, keep)
+    plan.source = source  # provenance, side files and the input checks are the real source's
+    plan.options.mode = "down"
+    return plan, report
+
+
+def _pin_head_dim(config: dict, env: dict) -> None:
+    """Heads keep their width when the residual stream is cut to a size the head count does not divide
+    into it: write head_dim, which transformers otherwise derives as hidden_size // num_attention_heads."""
+    head_dim = env.get("head_dim")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and heads and \
+            config.get("head_dim") is None and hidden // heads != head_dim:
+        config["head_dim"] = head_dim
+
+
+def working_targets(rules, config: dict, options: Options) -> dict:
+    """The sizes the small stream runs at while a layer is refitted: the final hidden size and kv heads,
+    every query head of the kept kv groups and the whole FFN (those are cut at their readers)."""
+    from .planning.plan import current_units, down_ratios
+
+    current = current_units(rules, config, options)
+    ratios = down_ratios(rules, config, options)
+    kv = round(current["num_key_value_heads"] * ratios["nkv"])
+    group = current["num_attention_heads"] // current["num_key_value_heads"]
+    return {"hidden_size": round(current["hidden_size"] * ratios["n"]), "num_key_value_heads": kv,
+            "num_attention_heads": kv * group}
 
 
 def asks_for_a_change(options: Options) -> bool:

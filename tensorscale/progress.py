@@ -53,11 +53,13 @@ class Progress:
     STEPS = 10  # a plain line at each 10% ...
     MIN_INTERVAL_S = 2.0  # ... but not more often than this
 
-    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic, noun: str = "tensors"):
+    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic, unit: str = "B",
+                 noun: str = "tensors"):
+        self.unit = unit  # "B": bytes (scaled to KiB, MiB, ...); any other word: a plain count of those
+        self.noun = noun  # what the items are: tensors, layers
         self.total = max(0, int(total))
         self.label = label
         self.items = items
-        self.noun = noun
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.done = 0
@@ -71,8 +73,9 @@ class Progress:
 
             # disable=False: whether to show progress was decided above (tqdm would read TQDM_DISABLE once,
             # when first imported, and ignore a later change)
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False,
-                            file=self.stream, disable=False)
+            scaled = unit == "B"
+            self.bar = tqdm(total=self.total, unit=unit if scaled else f" {unit}", unit_scale=scaled,
+                            unit_divisor=1024, desc=label, leave=False, file=self.stream, disable=False)
 
     def update(self, nbytes: int = 0, items: int = 0) -> None:
         self.done += nbytes
@@ -94,7 +97,9 @@ class Progress:
     def _line(self) -> None:
         percent = 100.0 * self.done / self.total if self.total else 100.0
         items = f", {self.items_done}/{self.items} {self.noun}" if self.items else ""
-        print(f"tensorscale: {self.label} {percent:3.0f}% ({_human(self.done)} of {_human(self.total)}{items})",
+        done, total = (_human(self.done), _human(self.total)) if self.unit == "B" else \
+            (f"{self.done:,}", f"{self.total:,} {self.unit}")
+        print(f"tensorscale: {self.label} {percent:3.0f}% ({done} of {total}{items})",
               file=self.stream, flush=True)
 
     def close(self, completed: bool = True) -> None:
@@ -108,8 +113,8 @@ class Progress:
 
 
 def progress_for(total: int, label: str, items: int = 0, *, enabled: bool = True, stream=None,
-                 noun: str = "tensors") -> Progress | None:
+                 unit: str = "B", noun: str = "tensors") -> Progress | None:
     """A Progress, or None when progress is off (-q, --json, or a silencing environment variable)."""
     if not enabled or silenced_by_environment():
         return None
-    return Progress(total, label, items, stream, noun=noun)
+    return Progress(total, label, items, stream, unit=unit, noun=noun)

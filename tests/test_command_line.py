@@ -141,7 +141,8 @@ def test_down_shows_the_analysis_progress_and_quiet_or_json_silence_it(llama, tm
     unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}
 
     def down(out, *flags):
-        result = CliRunner().invoke(cli, ["down", llama, "-o", str(out), "-edd", "2", "-upd", "2", *flags], env=unset)
+        result = CliRunner().invoke(cli, ["down", llama, "-o", str(out), "-edd", "2", "-upd", "2", "--method", "fold",
+                                          *flags], env=unset)
         assert result.exit_code == 0, result.output
         return result
 

@@ -205,27 +205,6 @@ def test_impossible_targets(tmp_path, model_type, options, message):
 
 # ---- calibration ---------------------------------------------------------------------------------
 
-def test_calibration_keeps_the_inverse_exact_and_changes_ordinary_folds(tmp_path):
-    from test_inference import SENTENCES, save_tokenizer
-
-    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    save_tokenizer(source)
-    text = tmp_path / "calibration.txt"
-    text.write_text(" ".join(SENTENCES * 4))
-    run_up(source, str(tmp_path / "up"), Options(2, 2, snr_db=20.0), show_progress=False)
-    plan = plan_down(str(tmp_path / "up"), Options(embed_dim_divisor=2, up_proj_divisor=2),
-                     calibration=(text.read_text(), 512))
-    assert any(fold.importance for fold in plan.folds.by_key.values())
-    execute_plan(plan, str(tmp_path / "down"), show_progress=False)
-    assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
-    # On an ordinary model the importance weights change the merged weights.
-    down(source, tmp_path / "plain", embed_dim_divisor=2, up_proj_divisor=2)
-    calibrated = plan_down(source, Options(embed_dim_divisor=2, up_proj_divisor=2), calibration=(text.read_text(), 512))
-    execute_plan(calibrated, str(tmp_path / "calibrated"), show_progress=False)
-    plain, weighted = tensors(tmp_path / "plain"), tensors(tmp_path / "calibrated")
-    assert any(not torch.equal(plain[name], weighted[name]) for name in plain)
-
-
 def test_calibration_errors_are_one_line(tmp_path):
     import subprocess
     import sys

@@ -47,6 +47,7 @@ DOWN_OPTIONS = {
     "embed_dim_divisor": None,
     "up_proj_divisor": None,
     **{key: None for key in DOWN_TARGETS},
+    "method": "auto",
     "calibration": None,
     "calibration_tokens": 8192,
     **COMMON_OPTIONS,
@@ -241,6 +242,9 @@ def _check_value(key: str, value) -> str | None:
     elif key in ("embed_dim_divisor", "up_proj_divisor", *DOWN_TARGETS):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             return f"must be a whole number >= 1, got {value!r}"
+    elif key == "method":
+        if value not in ("auto", "fold", "refit"):
+            return f"must be auto, fold or refit, got {value!r}"
     elif key == "calibration":
         if value is not None and not isinstance(value, str):
             return f"must be a path to a text file, got {value!r}"

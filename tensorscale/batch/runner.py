@@ -101,20 +101,31 @@ def _plan(job: Job, executor, state: JobState):
     from ..convert import plan_conversion
 
     if job.command == "down":
-        from ..convert import plan_down
+        import atexit
+        import shutil
+        import tempfile
 
-        calibration = None
+        from ..convert import plan_down_by_method
+
+        text = None
         if job.options["calibration"] is not None:
             from ..folding.calibration import read_calibration_text
 
-            calibration = (read_calibration_text(job.options["calibration"]), job.options["calibration_tokens"])
-        plan = plan_down(job.input, job.engine_options(), job.rules, calibration=calibration)
+            text = read_calibration_text(job.options["calibration"])
+        parent = os.path.dirname(os.path.abspath(job.output))
+        spill = tempfile.mkdtemp(prefix=".tensorscale-refit-", dir=parent if os.path.isdir(parent) else None)
+        atexit.register(shutil.rmtree, spill, True)  # a job that fails before writing leaves nothing either
+        plan, _ = plan_down_by_method(job.input, job.engine_options(), job.rules, job.options["method"], text,
+                                      job.options["calibration_tokens"], spill)
 
         def in_this_thread(plan, folder, verify_files, progress):
             from ..convert import run_shards_in_order
 
             state.started(len(plan.shards))
-            run_shards_in_order(plan, folder, verify_files, None)
+            try:
+                run_shards_in_order(plan, folder, verify_files, None)
+            finally:
+                shutil.rmtree(spill, ignore_errors=True)  # refitted tensors, now written (fold leaves it empty)
             for _ in plan.shards:
                 state.shard_done(None)
 

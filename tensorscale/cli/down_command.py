@@ -26,6 +26,11 @@ def down_target_options(func):
         click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
         click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
         click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count (divides the heads)."),
+        click.option("--reduction", default=None, metavar="P%",
+                     help="A budget instead of sizes: this share fewer parameters (e.g. 25%); the cuts are chosen "
+                          "in the order that measured cheapest (FFN, then query heads, then hidden)."),
+        click.option("--params", "params", default=None, metavar="N",
+                     help="A budget instead of sizes: this many parameters at most (e.g. 100M, 1.2B)."),
     ]
     return with_options(func, options)
 
@@ -61,9 +66,15 @@ def fold_summary(plan) -> dict:
 @click.option("--output", "-o", "output", default=None, metavar="OUT",
               help="Output folder (default: <source name>-<size> in the current folder).")
 @down_target_options
+@click.option("--method", type=click.Choice(["auto", "fold", "refit"]), default="auto", show_default=True,
+              help="fold: merge copies (exact on a HyperCloned model, data-free, no transformers); refit: keep the "
+                   "units that matter and re-solve their readers layer by layer (any trained model; needs "
+                   "transformers); auto: fold where every space holds copies, else refit.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Text to run the model on: activation statistics weight the merges (needs transformers).")
-@click.option("--calibration-tokens", type=int, default=8192, show_default=True, help="Tokens of FILE to use.")
+              help="refit: text to calibrate on (held-out text measures best with text like it); without it the "
+                   "model calibrates on text it samples itself (data-free).")
+@click.option("--calibration-tokens", type=int, default=8192, show_default=True,
+              help="refit: tokens to calibrate on (windows of 256).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering (k-means, sketches).")
 @click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep", show_default=True,
               help="Storage dtype of the output's float tensors.")
@@ -79,40 +90,62 @@ def fold_summary(plan) -> dict:
 @revision_option
 @output_format_options
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
-         calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
+         reduction, params, method, calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
          as_json, quiet, allow_nonfinite, out_format, outtype):
-    """Make a narrower model of the same architecture by folding units into clusters.
+    """Make a narrower model of the same architecture.
 
-    Exactly undoes `up` (a HyperCloned model's copies are found and merged). On other models, units
-    whose weights are most alike are merged; on a real pretrained model (SmolLM2-135M) that currently
-    loses most of its quality (see the README). Data-free by default; --calibration weights the merges
-    by how much each unit is used on a sample of text.
+    On a HyperCloned model the copies are found and merged: an exact inverse of `up`. On any other
+    trained model the units that matter are kept and every reader is re-solved, layer by layer, to
+    reproduce the original layer on calibration text (yours with --calibration, else text the model
+    samples itself). That is not exact: the estimate of the damage is printed, and the model needs
+    continued training to heal.
 
     \b
     Example:
       tensorscale down tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
       tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
     """
-    from ..convert import plan_down
     from .main import check_output_early, print_warnings
     from .output_format import write_output
 
     check_output_early(output, source, force)
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
-    calibration_data = None
+    if reduction is not None or params is not None:
+        from ..planning.allocation import allocate_budget
+
+        targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
+        if not as_json:
+            click.echo("tensorscale: budget allocated as " + ", ".join(
+                f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
+    options = down_options(edd, upd, targets, seed, dtype, max_shard_size)
+    text = None
     if calibration is not None:
+        if method == "fold":
+            raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
         from ..folding.calibration import read_calibration_text
 
-        calibration_data = (read_calibration_text(calibration), calibration_tokens)
-    plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path,
-                     calibration=calibration_data, progress=not quiet and not as_json)
-    result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=command_line(),
-                          allow_nonfinite=allow_nonfinite)
+        text = read_calibration_text(calibration)
+    show = not quiet and not as_json
+    from ..convert import plan_down_by_method, refit_workspace
+
+    with refit_workspace(output) as spill:
+        plan, report = plan_down_by_method(source, options, rules_path, method, text, calibration_tokens, spill,
+                                           show_progress=show)
+        result = write_output(plan, output, out_format, outtype, force=force, show_progress=show,
+                              verify_files=verify_files, manifest=manifest, command=command_line(),
+                              allow_nonfinite=allow_nonfinite)
     print_warnings(result)
     summary = result.summary()
     summary.update(fold_summary(plan))
+    summary["method"] = "refit" if report is not None else "fold"
+    summary["targets"] = dict(options.targets)
+    if report is not None:
+        summary["calibration"] = {"source": "file" if text is not None else "self-generated",
+                                  "kl": report["calibration_kl"], "ppl_ratio": report["calibration_ppl_ratio"],
+                                  "massive_dimensions": report.get("massive", [])}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(render.down_summary(summary))
+        if report is not None:
+            click.echo(render.damage_note(summary["calibration"]), err=True)

@@ -253,13 +253,17 @@ cli.add_command(down)
 @down_target_options
 def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
          strategy, add_layers, insert_at, duplicate_layers, edd, upd, hidden_size, intermediate_size,
-         num_attention_heads, num_key_value_heads):
-    """Dry run of `up` (or of `down`, given its divisors or targets): every tensor's rule, op chain, shapes
-    and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read the
-    weights once, since its clusters depend on them."""
+         num_attention_heads, num_key_value_heads, reduction, params):
+    """Dry run of `up` (or of `down`, given its divisors, targets or budget): every tensor's rule, op chain,
+    shapes and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read
+    the weights once, since its clusters depend on them."""
     from ..convert import default_output, plan_conversion, plan_down, targets_grow
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    if reduction is not None or params is not None:  # down's budget, allocated as `down` allocates it
+        from ..planning.allocation import allocate_budget
+
+        targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
     up_asked = (edm != 1 or upm != 1 or snr_db is not None or untie_embeddings or strategy != "clone" or add_layers
                 or duplicate_layers is not None)
     if wants_down(edd, upd, targets) and (edd is not None or upd is not None or not targets_grow(source, targets, rules_path)):

@@ -145,13 +145,28 @@ def _growth(data: dict) -> str:
 
 
 def down_summary(summary: dict) -> str:
-    exact = f"{summary['exact_copies']}/{summary['clusterings']} clusterings merged exact copies"
+    exact = f"{summary['exact_copies']}/{summary['clusterings']} clusterings merged exact copies" \
+        if summary.get("method", "fold") == "fold" else "units kept and readers re-solved layer by layer (refit)"
     retied = f"; {summary['retied']} equals the embedding again, so the output is tied" if summary.get("retied") else ""
     return (
         f"wrote {summary['output']}: {human_count(summary['source_parameters'])} -> "
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
         f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}); {exact}{retied}"
     )
+
+
+DAMAGE_WARNING_KL = 0.1  # nats per token on the calibration text: beyond this the loss is plain to see
+
+
+def damage_note(calibration: dict) -> str:
+    """What a refitted (not exact) down costs, estimated on the calibration text, and what to do about it."""
+    where = "the calibration text" if calibration["source"] == "file" else "text the model sampled itself"
+    line = (f"tensorscale: estimated damage on {where}: KL {calibration['kl']:.3f} nats/token, perplexity "
+            f"x{calibration['ppl_ratio']:.2f} (held-out text usually shows more)")
+    if calibration["kl"] > DAMAGE_WARNING_KL:
+        line += ("\ntensorscale: warning: this is not an exact inverse of `up`; the smaller model needs healing "
+                 "(continued training) before it matches the original")
+    return line
 
 
 def rules_list_text(rows: list[dict]) -> str:

@@ -140,8 +140,8 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
 
 
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
-            progress=None, calibration: tuple[str, int] | None = None) -> Folds:
-    """Cluster every folded space. `calibration` = (text, tokens) adds activation statistics.
+            progress=None) -> Folds:
+    """Cluster every folded space (data-free: from the weights alone).
 
     `progress`: True for a bar on stderr ("analysing", bytes of weights read, layers done; the same Progress
     as writing's, so the environment can silence it), or a callable (nbytes, layers) to report to."""
@@ -161,13 +161,6 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
     finally:
         if bar is not None:
             bar.close(completed)
-    if calibration is not None:
-        from .calibration import importance
-
-        text, tokens = calibration
-        for key, values in importance(source.folder, source.label, text, tokens, matches, spaces).items():
-            if key in folds.by_key:
-                folds.by_key[key].set_importance(values.tolist())
     return folds
 
 

@@ -1,23 +1,16 @@
-"""Activation statistics for `down --calibration FILE`: how much each unit of each space is used.
+"""The tokens `down` calibrates on: the user's text (`--calibration FILE`), or, data-free, text the model
+samples itself.
 
-Every tensor whose input axis reads a space (role `space.in` on axis 1, i.e. an nn.Linear consuming it, or
-on axis 0 for a Conv1D stored [in, out]) sees that space's activations. A forward pre-hook on its module
-accumulates the mean square of each input feature over the calibration tokens: per residual dimension (the
-normalised residual, at every reader), per FFN neuron (the down projection's input), per head (the output
-projection's input, summed over the head's dimensions). Merges then average producers weighted by that
-importance instead of uniformly, so a merged unit looks most like the unit that carries the signal. Copies
-of one unit have equal importance, so an exact inverse of `up` stays exact.
+Calibration runs the model layer by layer (folding.layerwise) on these tokens, in windows of SEQUENCE
+tokens. Learned position tables (GPT-2, OPT) have no row past max_position_embeddings, so the window is
+never longer than that.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from ..errors import TensorscaleError
-from ..rulebook.compile import Space
-from .analysis import Match
 
 DEFAULT_TOKENS = 8192
 SEQUENCE = 256
@@ -35,60 +28,47 @@ def read_calibration_text(path: str) -> str:
     return text
 
 
-def importance(folder: str, label: str, text: str, tokens: int, matches: list[Match],
-               spaces: dict[str, Space]) -> dict[tuple[str, object], torch.Tensor]:
-    """(space, instance) -> mean square activation per unit, from a forward pass over `tokens` tokens."""
-    from ..inference.loading import load_model, load_tokenizer
+def calibration_ids(folder: str, label: str, text: str, tokens: int, sequence: int = SEQUENCE) -> "torch.Tensor":
+    """The first `tokens` tokens of `text`, in whole windows of `sequence` tokens: [windows, sequence]."""
+    from ..inference.loading import load_tokenizer
 
-    if tokens < 1:
-        raise TensorscaleError("--calibration-tokens must be at least 1")
+    if tokens < sequence:
+        raise TensorscaleError(f"--calibration-tokens must be at least {sequence} (one window)")
     tokenizer = load_tokenizer(folder, label, "down --calibration")
-    model = load_model(folder, label, "down --calibration")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
-    if ids.numel() < 2:
-        raise TensorscaleError("the calibration text is too short: it gives fewer than 2 tokens")
-    sums: dict[tuple[str, object], torch.Tensor] = {}
-    counts: dict[tuple[str, object], int] = defaultdict(int)
-    handles = []
-    for match in matches:
-        roles = match.roles()
-        # A 2-D weight reads its space on axis 1 (nn.Linear, [out, in]) or on axis 0 (GPT-2's Conv1D,
-        # [in, out]); either way the module's input has that space as its last dimension, which the hook
-        # checks. Fused input axes are not hooked (their parts are not separate inputs).
-        reads = [(axis, name) for axis, name, role in roles if role == "in" and axis in (0, 1)]
-        if not reads or not match.name.endswith(".weight") or len(match.info.shape) != 2:
-            continue
-        space = spaces[reads[0][1]]
-        if space.target == space.size:
-            continue
-        try:
-            module = model.get_submodule(match.name[: -len(".weight")])
-        except AttributeError:
-            continue  # a tensor whose module has another name in transformers (e.g. a renamed head)
-        key = (space.clusters_of or space.name, match.env.get(space.per) if space.per else None)
-        handles.append(module.register_forward_pre_hook(_accumulate(key, space, sums, counts)))
-    if not handles:
-        raise TensorscaleError("found no layer to collect activation statistics from; run down without --calibration")
-    with torch.no_grad():
-        # Learned position tables (GPT-2, OPT) have no row past max_position_embeddings.
-        positions = getattr(model.config, "max_position_embeddings", None)
-        sequence = min(SEQUENCE, positions) if isinstance(positions, int) and positions > 0 else SEQUENCE
-        for begin in range(0, ids.numel(), sequence):
-            chunk = ids[begin:begin + sequence]
-            if chunk.numel():
-                model(chunk.unsqueeze(0))
-    for handle in handles:
-        handle.remove()
-    return {key: sums[key] / max(1, counts[key]) for key in sums}
+    ids = tokenizer(text[: tokens * 16], add_special_tokens=False)["input_ids"][:tokens]
+    windows = len(ids) // sequence
+    if windows < 1:
+        raise TensorscaleError(f"the calibration text gives {len(ids)} tokens, fewer than one window of {sequence}; "
+                               "give a longer text")
+    return torch.tensor(ids[: windows * sequence]).reshape(windows, sequence)
 
 
-def _accumulate(key, space: Space, sums, counts):
-    def hook(module, inputs):
-        x = inputs[0].detach().float()
-        if x.shape[-1] != space.size:
-            return
-        energy = x.pow(2).reshape(-1, space.units, space.unit).sum(dim=(0, 2))
-        sums[key] = sums[key] + energy if key in sums else energy
-        counts[key] += x.reshape(-1, x.shape[-1]).shape[0]
+@torch.no_grad()
+def self_generated_ids(folder: str, label: str, config: dict, tokens: int, seed: int = 0,
+                       sequence: int = SEQUENCE, batch: int = 8, progress=None) -> "torch.Tensor":
+    """Data-free calibration: `tokens` tokens the model samples itself (temperature 1, each window started
+    from the config's BOS token, else EOS, else token 0). No tokenizer and no user text; the model's own
+    distribution covers the domains it knows, where any one text covers one. The model is loaded whole
+    in bfloat16 for this (sampling runs every layer for every token)."""
+    from ..inference.loading import load_model
 
-    return hook
+    model = load_model(folder, label, "down (data-free calibration)", dtype="bfloat16")
+    start = next((v for v in (config.get("bos_token_id"), config.get("eos_token_id")) if isinstance(v, int)), 0)
+    generator = torch.Generator().manual_seed(seed)
+    rows = max(1, -(-tokens // sequence))
+    out = []
+    for begin in range(0, rows, batch):
+        count = min(batch, rows - begin)
+        ids = torch.full((count, 1), start, dtype=torch.long)
+        past, step = None, ids
+        for _ in range(sequence - 1):
+            result = model(input_ids=step, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            probs = torch.softmax(result.logits[:, -1].float(), dim=-1)
+            step = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, step], dim=1)
+        out.append(ids)
+        if progress:
+            progress(count * sequence)
+    del model
+    return torch.cat(out)

@@ -22,7 +22,6 @@ class Fold:
     cluster: list[int]  # unit -> cluster
     clusters: int
     exact: bool = False  # True when every cluster held identical units (an exact inverse)
-    importance: list[float] | None = None  # per unit, from calibration: weights the averages
     merges: dict = field(default_factory=dict, repr=False, compare=False)  # merge_op's, by axis and role
 
     def __post_init__(self):
@@ -40,11 +39,6 @@ class Fold:
         for unit in range(len(self.cluster) - 1, -1, -1):
             first[self.cluster[unit]] = unit
         return first
-
-    def set_importance(self, values: list[float]) -> None:
-        """Calibration's per-unit importance (it weights the averages): merges made before it are dropped."""
-        self.importance = values
-        self.merges.clear()
 
     def merge_op(self, axis: int, role: str, space) -> Merge:
         """The merge of this clustering for one axis role. Made once per axis and role, and shared by
@@ -70,15 +64,8 @@ class Fold:
 
 
     def averaging_weights(self, sizes: list[int]) -> list[float]:
-        """Ω: the uniform mean, or with calibration the importance-weighted mean, within each cluster."""
-        if self.importance is None:
-            return [1.0 / sizes[c] for c in self.cluster]
-        totals = [0.0] * self.clusters
-        for unit, c in enumerate(self.cluster):
-            totals[c] += self.importance[unit]
-        return [self.importance[unit] / totals[c] if totals[c] > 0 else 1.0 / sizes[c]
-                for unit, c in enumerate(self.cluster)]
-
+        """Ω: the uniform mean within each cluster (exact for copies, which is what folding is for)."""
+        return [1.0 / sizes[c] for c in self.cluster]
 
 @dataclass
 class Folds:

@@ -1,0 +1,458 @@
+"""`down` for trained models: keep the units that matter and re-solve every reader, one layer at a time.
+
+Why: a trained network has no copies to merge. What keeps it working, measured on SmolLM2-135M, is
+(1) choosing which units to drop from what they contribute on real activations, and (2) re-solving what
+reads the remaining units so that it reproduces the original layer's outputs (folding.refit). Done one
+layer at a time on two streams of hidden states, the original model's and the smaller model's, each
+layer's readers are fitted on the inputs the smaller model really produces, with the original model's
+outputs as targets: error that earlier layers left behind is corrected where a reader can correct it.
+
+Everything comes from the rules' axis roles; nothing here knows an architecture:
+* a reader is a 2-D weight with a `space.in` axis (nn.Linear: axis 1). Its module's input is caught by a
+  forward pre-hook, in both streams; in the small stream the hook re-solves the weight before it is used,
+  so within a layer each reader sees the outputs of the readers re-solved before it;
+* per-layer spaces (FFN neurons, heads) are cut at their consumer (down_proj, o_proj reads `ffn.in`,
+  `heads.in`): all units run, then the consumer drops the units whose removal costs least after the others
+  are re-solved (structured OBS), and the producers' rows of dropped units are removed afterwards;
+* kv heads are chosen before the layer runs (they shape attention itself): the groups whose query heads
+  write the most energy through the output projection are kept, and query heads are then dropped evenly
+  within the kept groups, so GQA stays valid;
+* the residual stream (a global space) is cut once for the whole model: dimensions are scored by how much
+  every reader uses them (Wanda-sp: Σ ‖W[:, i]‖² E[x_i²]) over a first pass, and massive-activation
+  dimensions (mean square far above the median, Sun et al. 2024) are always kept;
+* everything else with an axis in a cut space keeps the kept units (norm gains, biases, embeddings).
+
+Memory: one layer's weights (twice: original and small) and the calibration activations of one layer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TensorscaleError
+from ..reading.tensor_reader import ShardReader
+from ..rulebook.schema import split_role
+from .refit import drop_units, drop_units_fast, refit
+
+TARGET = os.environ.get("TS_TARGET", "cross")
+PRIOR = os.environ.get("TS_PRIOR", "1") == "1"
+MASSIVE = 20.0  # a residual dimension whose mean square is this many times the median is "massive"
+
+
+class _HeadReached(Exception):
+    pass
+
+
+@dataclass
+class TensorRoles:
+    name: str
+    info: object
+    axes: list  # per axis: (space, role) or None
+    layer: int | None
+    slot_name: str
+
+    @property
+    def reader(self):
+        """(input axis, input space) for a 2-D weight that reads a space, else None."""
+        if len(self.info.shape) != 2 or not self.name.endswith("weight"):
+            return None
+        for axis, label in enumerate(self.axes):
+            if label is not None and label[1] == "in":
+                return axis, label[0]
+        return None
+
+
+@dataclass
+class Cut:
+    """Which source units of each space survive: `working` runs in the small stream, `final` is written."""
+
+    working: dict = field(default_factory=dict)  # (space, layer|None) -> list of unit indices
+    final: dict = field(default_factory=dict)
+
+
+def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[TensorRoles]]:
+    layers: dict[int, list[TensorRoles]] = {}
+    others: list[TensorRoles] = []
+    for match in matches:
+        axes = match.rule.transform.axes or []
+        if any(isinstance(label, list) for label in axes):
+            raise TensorscaleError(f"{match.name}: down --calibration does not cut fused tensors yet "
+                                   "(q/k/v or gate/up in one tensor); use plain down")
+        labels = [split_role(label) if isinstance(label, str) and label != "-" else None for label in axes]
+        layer = match.env.get(group)
+        if isinstance(layer, int):
+            found = match.rule.regex.fullmatch(match.name)
+            start, end = found.span(group)
+            slot_name = match.name[:start] + "0" + match.name[end:]
+            layers.setdefault(layer, []).append(TensorRoles(match.name, match.info, labels, layer, slot_name))
+        else:
+            others.append(TensorRoles(match.name, match.info, labels, None, match.name))
+    return layers, others
+
+
+def _expand(units: list[int], unit: int) -> torch.Tensor:
+    if unit == 1:
+        return torch.tensor(units, dtype=torch.long)
+    return (torch.tensor(units, dtype=torch.long)[:, None] * unit + torch.arange(unit)).reshape(-1)
+
+
+class LayerwiseDown:
+    """Cut a model to the spaces' targets, reading `source` and writing tensors through `emit(name, t)`."""
+
+    def __init__(self, source, spaces: dict, new_config: dict, working_config: dict, matches, group: str,
+                 ids: torch.Tensor, progress=None, ridge: float = 1e-2):
+        from ..inference.layer_slot import LayerSlot
+
+        self.source = source
+        self.spaces = spaces
+        self.ids = ids
+        self.progress = progress
+        self.ridge = ridge
+        self.layers, self.others = classify(matches, group)
+        if not self.layers:
+            raise TensorscaleError("down --calibration found no layers in the rules' tensor names")
+        first = self.layers[min(self.layers)][0]
+        prefix = first.slot_name[: first.slot_name.index(".0.") + 3] if ".0." in first.slot_name else None
+        if prefix is None:
+            raise TensorscaleError(f"cannot tell the layer prefix of {first.name}")
+        self.reader = ShardReader()
+        self.original = LayerSlot(source.config, prefix)
+        self.small = LayerSlot(working_config, prefix)
+        self.new_config = new_config
+        self.cut = Cut()
+        self.hidden = next((s for s in spaces.values() if s.per is None and any(
+            t.axes and t.axes[-1] == (s.name, "in") for ts in self.layers.values() for t in ts)), None)
+        self.statistics = {}
+        self._moment_cache = None
+
+    def read(self, roles: TensorRoles) -> torch.Tensor:
+        return self.reader.read(roles.info).float()
+
+    # ---- selection of global units -------------------------------------------------------------
+    def _globals(self) -> dict:
+        return {t.slot_name: self.read(t) for t in self.others}
+
+    def _score_hidden(self, h: torch.Tensor, kwargs: dict) -> None:
+        """First pass over the original model: per residual dimension, reader usage and mean square."""
+        space = self.hidden
+        score = torch.zeros(space.size, dtype=torch.float64)
+        energy = torch.zeros(space.size, dtype=torch.float64)
+        for layer in sorted(self.layers):
+            tensors = {t.slot_name: self.read(t) for t in self.layers[layer]}
+            self.original.load(tensors)
+            energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
+            inputs = {}
+            handles = []
+            for t in self.layers[layer]:
+                reads = t.reader
+                if reads and reads[1] == space.name:
+                    module = self.original.module(t.slot_name)
+                    handles.append(module.register_forward_pre_hook(
+                        lambda mod, args, key=t.slot_name: inputs.__setitem__(key, args[0].detach())))
+            h = self.original.run(h, kwargs)
+            for handle in handles:
+                handle.remove()
+            for name, x in inputs.items():
+                weight = tensors[name]
+                usage = weight.double().pow(2).sum(0) * x.double().pow(2).reshape(-1, x.shape[-1]).mean(0)
+                score += usage / usage.sum().clamp_min(1e-30)
+            if self.progress:
+                self.progress("score", layer)
+        self.statistics["hidden_energy"] = energy
+        massive = energy > MASSIVE * energy.median()
+        keep = space.target
+        order = sorted(range(space.size), key=lambda i: (not bool(massive[i]), -float(score[i])))
+        self.cut.working[(space.name, None)] = sorted(order[:keep])
+        self.cut.final[(space.name, None)] = self.cut.working[(space.name, None)]
+        self.statistics["massive"] = [int(i) for i in massive.nonzero().flatten()]
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _units(self, space_name: str, layer, which: str) -> list[int] | None:
+        space = self.spaces[space_name]
+        key = (space.clusters_of or space_name, layer if space.per else None)
+        table = self.cut.working if which == "working" else self.cut.final
+        return table.get(key)
+
+    def _select(self, tensor: torch.Tensor, roles: TensorRoles, which: str, skip_axis=None) -> torch.Tensor:
+        for axis, label in enumerate(roles.axes):
+            if label is None or axis == skip_axis:
+                continue
+            units = self._units(label[0], roles.layer, which)
+            if units is None:
+                continue
+            tensor = tensor.index_select(axis, _expand(units, self.spaces[label[0]].unit))
+        return tensor
+
+    def _choose_kv(self, layer: int, tensors: dict, o_input: torch.Tensor | None) -> None:
+        """Keep the kv groups whose query heads write the most energy through the output projection."""
+        kv = next((s for s in self.spaces.values() if s.per and any(
+            s.name == self.spaces[h].within for h in self.spaces if self.spaces[h].within)), None)
+        heads = next((s for s in self.spaces.values() if s.within), None)
+        if heads is None:
+            return
+        group = heads.units // kv.units
+        if kv.target < kv.size:
+            reader = next((t for t in self.layers[layer] if t.reader and t.reader[1] == heads.name), None)
+            weight = tensors[reader.slot_name]
+            x = o_input.reshape(-1, o_input.shape[-1]).double()
+            energy = []
+            for g in range(kv.units):
+                block = slice(g * group * heads.unit, (g + 1) * group * heads.unit)
+                y = x[:, block] @ weight[:, block].double().T
+                energy.append(float(y.pow(2).sum()))
+            kept = sorted(sorted(range(kv.units), key=lambda g: -energy[g])[:kv.target_units])
+        else:
+            kept = list(range(kv.units))
+        self.cut.working[(kv.name, layer)] = kept
+        self.cut.final[(kv.name, layer)] = kept
+        self.cut.working[(heads.name, layer)] = [g * group + j for g in kept for j in range(group)]
+
+    # ---- the layer pass ------------------------------------------------------------------------------
+    def _layer(self, layer: int, h_orig, h_small, kw_orig, kw_small, emit):
+        roles = self.layers[layer]
+        tensors = {t.slot_name: self.read(t) for t in roles}
+        by_slot = {t.slot_name: t for t in roles}
+        self.original.load(tensors)
+        caught = {}
+        handles = []
+        for t in roles:
+            if t.reader:
+                module = self.original.module(t.slot_name)
+                handles.append(module.register_forward_pre_hook(
+                    lambda mod, args, key=t.slot_name: caught.__setitem__(key, args[0].detach())))
+        h_orig_next = self.original.run(h_orig, kw_orig)
+        for handle in handles:
+            handle.remove()
+
+        o_reader = next((t for t in roles if t.reader and self.spaces[t.reader[1]].within), None)
+        self._choose_kv(layer, tensors, caught.get(o_reader.slot_name) if o_reader else None)
+        for s in self.spaces.values():
+            if s.per and (s.name, layer) not in self.cut.working and s.clusters_of is None:
+                self.cut.working[(s.name, layer)] = list(range(s.units))
+
+        working = {}
+        for t in roles:
+            working[t.slot_name] = self._select(tensors[t.slot_name], t, "working")
+        self.small.load(working)
+        refitted = {}
+        handles = []
+        for t in roles:
+            if t.reader:
+                module = self.small.module(t.slot_name)
+                handles.append(module.register_forward_pre_hook(self._refit_hook(t, tensors, by_slot, caught, refitted, layer)))
+        h_small_next = self.small.run(h_small, kw_small)
+        for handle in handles:
+            handle.remove()
+        for s in self.spaces.values():
+            key = (s.name, layer)
+            if s.per and key in self.cut.working and key not in self.cut.final:
+                self.cut.final[key] = self.cut.working[key]
+        for t in roles:
+            if t.slot_name in refitted:
+                weight, bias = refitted[t.slot_name]
+                weight = self._final_rows(weight, t)
+                emit(t.name, weight)
+                if bias is not None:
+                    bias_roles = by_slot.get(t.slot_name[: -len("weight")] + "bias")
+                    emit(bias_roles.name, self._final_rows(bias, bias_roles))
+        for t in roles:
+            if t.slot_name in refitted or (t.slot_name.endswith("bias") and
+                                           t.slot_name[: -len("bias")] + "weight" in refitted):
+                continue
+            emit(t.name, self._select(tensors[t.slot_name], t, "final"))
+        return h_orig_next, h_small_next
+
+    def _final_rows(self, tensor: torch.Tensor, roles: TensorRoles) -> torch.Tensor:
+        """Rows of a re-solved weight (laid out over the working units) that are written."""
+        label = roles.axes[0]
+        if label is None or label[1] == "in":
+            return tensor
+        working = self._units(label[0], roles.layer, "working")
+        final = self._units(label[0], roles.layer, "final")
+        if working is None or final == working:
+            return tensor
+        position = {u: i for i, u in enumerate(working)}
+        return tensor.index_select(0, _expand([position[u] for u in final], self.spaces[label[0]].unit))
+
+    def _moments(self, x_small: torch.Tensor, x_orig: torch.Tensor, with_bias: bool):
+        """H = Σ x̃x̃ᵀ and C = Σ x x̃ᵀ over the calibration tokens, in float64 (products in float32, which
+        is 4x faster here and far inside what the ridge tolerates). Readers of one input (q, k, v; gate,
+        up) share them: the last pair is kept, keyed by the two input tensors."""
+        key = (x_small.data_ptr(), x_small.shape, x_orig.data_ptr(), x_orig.shape, with_bias)
+        if self._moment_cache is not None and self._moment_cache[0] == key:
+            return self._moment_cache[1]
+        xs = x_small.reshape(-1, x_small.shape[-1]).float()
+        xo = x_orig.reshape(-1, x_orig.shape[-1]).float()
+        if with_bias:
+            xs = torch.cat([xs, torch.ones(len(xs), 1)], 1)
+            xo = torch.cat([xo, torch.ones(len(xo), 1)], 1)
+        result = ((xs.T @ xs).double(), (xo.T @ xs).double())
+        self._moment_cache = (key, result)
+        return result
+
+    def _rescaled_prior(self, prior, t: TensorRoles, in_space, layer, gram, cross, with_bias):
+        """The same units' original weights, scaled by the least-squares ratio of the old input to the new
+        one on those units (an RMSNorm over fewer dimensions scales every kept input by sqrt(D/d)), so
+        that the ridge pulls towards the reader that would be exact if only the scale had changed."""
+        units = self._units(in_space.name, layer if in_space.per else None, "working")
+        if units is None or cross.shape[0] == gram.shape[0] and TARGET != "cross":
+            return prior
+        columns = _expand(units, in_space.unit)
+        n = len(columns)
+        matched = cross[columns, torch.arange(n)].sum()
+        energy = gram.diagonal()[:n].sum()
+        if float(energy) <= 0:
+            return prior
+        scale = float(matched / energy)
+        prior = prior.clone()
+        prior[:, :n] *= scale
+        return prior
+
+    def _refit_hook(self, t: TensorRoles, tensors, by_slot, caught, refitted, layer):
+        in_axis, in_space_name = t.reader
+        if in_axis != 1:
+            raise TensorscaleError(f"{t.name}: down --calibration re-solves nn.Linear weights only ([out, in])")
+        in_space = self.spaces[in_space_name]
+        bias_name = t.slot_name[: -len("weight")] + "bias"
+
+        def hook(module, args):
+            weight = self._select(tensors[t.slot_name], t, "working", skip_axis=1).double()
+            bias = tensors.get(bias_name)
+            if bias is not None:
+                bias = self._select(bias, by_slot[bias_name], "working").double()
+                weight = torch.cat([weight, bias[:, None]], 1)
+            prior = self._select(tensors[t.slot_name], t, "working").double()
+            if bias is not None:
+                prior = torch.cat([prior, bias[:, None]], 1)
+            source = caught[t.slot_name] if TARGET == "cross" else args[0].detach()
+            if TARGET != "cross":
+                weight = prior
+            gram, cross = self._moments(args[0].detach(), source, bias is not None)
+            if PRIOR:
+                prior = self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
+            solved = refit(weight, cross, gram, self.ridge, prior if PRIOR else None)
+            working_units = self._units(in_space_name, layer, "working") if in_space.per else None
+            new_bias = None
+            if working_units is not None and len(working_units) > in_space.target_units:
+                core, core_gram = (solved[:, :-1], gram[:-1, :-1]) if bias is not None else (solved, gram)
+                drop = len(working_units) - in_space.target_units
+                if in_space.unit == 1:
+                    kept, core = drop_units_fast(core, core_gram, drop, self.ridge)
+                else:
+                    group = None
+                    if in_space.within:
+                        size = in_space.units // self.spaces[in_space.within].units
+                        by_group = {}
+                        for position, u in enumerate(working_units):
+                            by_group.setdefault(u // size, []).append(position)
+                        group = list(by_group.values())
+                    kept, core = drop_units(core, core_gram, in_space.unit, drop, group, self.ridge)
+                self.cut.final[(in_space.clusters_of or in_space_name, layer)] = [working_units[i] for i in kept]
+                if bias is not None:
+                    new_bias = solved[:, -1]
+                full = torch.zeros(core.shape[0], len(working_units) * in_space.unit, dtype=core.dtype)
+                full[:, _expand(kept, in_space.unit)] = core
+                module.weight.data = full.float()
+                refitted[t.slot_name] = (core.float(), None if new_bias is None else new_bias.float())
+            else:
+                if bias is not None:
+                    solved, new_bias = solved[:, :-1], solved[:, -1]
+                module.weight.data = solved.float()
+                refitted[t.slot_name] = (solved.float(), None if new_bias is None else new_bias.float())
+            if new_bias is not None and getattr(module, "bias", None) is not None:
+                module.bias.data = new_bias.float()
+
+        return hook
+
+    # ---- the whole model -------------------------------------------------------------------------------
+    def run(self, emit) -> dict:
+        globals_ = self._globals()
+        self.original.load(globals_)
+        h_orig, kw_orig = self.original.first_inputs(self.ids)
+        if self.hidden is not None and self.hidden.target < self.hidden.size:
+            self._score_hidden(h_orig, kw_orig)
+        small_globals = {}
+        for t in self.others:
+            small_globals[t.slot_name] = self._select(globals_[t.slot_name], t, "final")
+        self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
+        h_small, kw_small = self.small.first_inputs(self.ids)
+        for layer in sorted(self.layers):
+            h_orig, h_small = self._layer(layer, h_orig, h_small, kw_orig, kw_small, emit)
+            if self.progress:
+                self.progress("refit", layer)
+        if self.hidden is not None and self.hidden.target < self.hidden.size:
+            self._refit_head(globals_, small_globals, h_orig, h_small)
+        for t in self.others:
+            emit(t.name, small_globals[t.slot_name])
+        self.reader.close()
+        self.statistics.update(self._damage(h_orig, h_small))
+        return self.statistics
+
+    @torch.no_grad()
+    def _head_inputs(self, slot, h: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        """What the output head reads (the final norm's output), for every calibration token."""
+        head = slot.model.get_output_embeddings()
+        found = []
+
+        def catch(module, args):
+            found.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            raise _HeadReached
+
+        handle = head.register_forward_pre_hook(catch)
+        try:
+            for begin in range(0, len(self.ids), batch):
+                try:
+                    slot.logits(self.ids[begin:begin + batch], h[begin:begin + batch])
+                except _HeadReached:
+                    pass
+        finally:
+            handle.remove()
+        return torch.cat(found)
+
+    def _refit_head(self, globals_, small_globals, h_orig, h_small) -> None:
+        """After a cut of the residual stream, the head reads a final norm taken over fewer dimensions.
+        An untied head is re-solved like any reader; a tied one cannot change without changing the
+        embedding, so the final norm's gain takes a per-dimension least-squares rescale instead."""
+        x_orig = self._head_inputs(self.original, h_orig).double()
+        x_small = self._head_inputs(self.small, h_small).double()
+        kept = _expand(self.cut.final[(self.hidden.name, None)], self.hidden.unit)
+        head = next((t for t in self.others if t.reader and t.reader[1] == self.hidden.name), None)
+        if head is not None:
+            weight = globals_[head.slot_name].double()
+            gram, cross = x_small.T @ x_small, x_orig.T @ x_small
+            prior = weight[:, kept] * float(cross[kept, torch.arange(len(kept))].sum() / gram.diagonal().sum())
+            small_globals[head.slot_name] = refit(weight, cross, gram, self.ridge, prior).float()
+        else:
+            norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
+            if norm is None:
+                return
+            target = x_orig[:, kept]
+            scale = (target * x_small).sum(0) / x_small.pow(2).sum(0).clamp_min(1e-30)
+            gain = small_globals[norm.slot_name].double()
+            if self.hidden.norm == "rms_one_plus":
+                gain = (1 + gain) * scale - 1
+            else:
+                gain = gain * scale
+            small_globals[norm.slot_name] = gain.float()
+        self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
+
+    @torch.no_grad()
+    def _damage(self, h_orig: torch.Tensor, h_small: torch.Tensor, batch: int = 4) -> dict:
+        """KL(original ‖ small) per token and the perplexity ratio on the calibration tokens: an in-sample
+        estimate of the damage (held-out text will show more)."""
+        kl = nll_orig = nll_small = count = 0.0
+        for begin in range(0, len(self.ids), batch):
+            ids = self.ids[begin:begin + batch]
+            logp = torch.log_softmax(self.original.logits(ids, h_orig[begin:begin + batch]).float()[:, :-1], -1)
+            logq = torch.log_softmax(self.small.logits(ids, h_small[begin:begin + batch]).float()[:, :-1], -1)
+            target = ids[:, 1:, None]
+            kl += float((logp.exp() * (logp - logq)).sum())
+            nll_orig -= float(logp.gather(-1, target).sum())
+            nll_small -= float(logq.gather(-1, target).sum())
+            count += target.numel()
+        return {"calibration_kl": kl / count, "calibration_ppl_ratio": math.exp((nll_small - nll_orig) / count)}
+

@@ -1,0 +1,223 @@
+"""`down --method refit` (folding.layerwise, folding.refit): select units and re-solve their readers.
+
+Exactness is checked where it must hold: units that carry nothing (dead FFN neurons, heads whose output
+projection is zero, residual dimensions nothing writes or reads) are the ones dropped, and the smaller
+model computes the same logits. The least-squares and OBS kernels are checked against their closed forms.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures import build_checkpoint, read_config, relative_logit_error
+from tensorscale.folding.refit import drop_units, drop_units_fast, refit
+
+
+# ---- kernels ---------------------------------------------------------------------------------------
+
+def _problem(seed=0, n=4096, d=24, out=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64).add(0.2)
+    w = torch.randn(out, d, generator=g, dtype=torch.float64)
+    return x, w
+
+
+def test_refit_towards_the_prior_is_the_identity_on_the_same_input():
+    x, w = _problem()
+    gram = x.T @ x
+    assert torch.allclose(refit(w, gram, gram, ridge=0.1, prior=w), w, atol=1e-10)
+    # towards zero instead, the ridge shrinks it
+    assert not torch.allclose(refit(w, gram, gram, ridge=0.1), w, atol=1e-3)
+
+
+def test_refit_recovers_a_reader_of_a_scaled_and_mixed_input():
+    x, w = _problem(1)
+    mix = torch.randn(24, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x_new = x @ mix  # the same information, another basis
+    solved = refit(w, x.T @ x_new, x_new.T @ x_new, ridge=1e-14)
+    assert torch.allclose(x_new @ solved.T, x @ w.T, atol=1e-6)
+
+
+@pytest.mark.parametrize("dropper", ["blocks", "columns"])
+def test_dropping_units_returns_the_least_squares_fit_of_the_rest(dropper):
+    x, w = _problem(3)
+    gram = x.T @ x
+    if dropper == "blocks":
+        kept, solved = drop_units(w, gram, unit=4, drop=2, groups=[[0, 1, 2], [3, 4, 5]], ridge=1e-9)
+        columns = torch.cat([torch.arange(u * 4, u * 4 + 4) for u in kept])
+        assert len(kept) == 4 and sum(u < 3 for u in kept) == 2  # one unit from each group
+    else:
+        kept, solved = drop_units_fast(w, gram, drop=8, ridge=1e-9)
+        columns = torch.tensor(kept)
+        assert len(kept) == 16
+    xk = x[:, columns]
+    best = torch.linalg.solve(xk.T @ xk, (w @ x.T @ xk).T).T  # argmin ‖W x − W' x_kept‖
+    assert torch.allclose(solved, best, atol=1e-6)
+
+
+def test_dead_columns_are_dropped_first():
+    x, w = _problem(4)
+    w[:, [3, 7, 11]] = 0
+    kept, solved = drop_units_fast(w, x.T @ x, drop=3, ridge=1e-9)
+    assert set(range(24)) - set(kept) == {3, 7, 11}
+    assert torch.allclose(solved, w[:, kept], atol=1e-9)
+
+
+# ---- whole models: dead units are dropped exactly ------------------------------------------------------
+
+def _kill_units(folder, model_type, layers=2, ffn=(5, 17, 30, 41), head=1, hidden=(2, 9, 20, 27)):
+    """Make some units carry nothing: FFN neurons (down_proj columns zero), the query head `head` of every
+    kv group (o_proj columns zero), residual dimensions nothing writes or reads."""
+    path = f"{folder}/model.safetensors"
+    weights = load_file(path)
+    config = read_config(folder)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    group = config["num_attention_heads"] // config["num_key_value_heads"]
+    dead_heads = [g * group + head for g in range(config["num_key_value_heads"])]
+    hidden = list(hidden)
+    for name, tensor in weights.items():
+        if name.endswith("mlp.down_proj.weight"):
+            tensor[:, list(ffn)] = 0
+        if name.endswith("o_proj.weight"):
+            for h in dead_heads:
+                tensor[:, h * head_dim:(h + 1) * head_dim] = 0
+        if tensor.dim() == 2 and (name.endswith(("o_proj.weight", "down_proj.weight"))):
+            tensor[hidden, :] = 0
+        if tensor.dim() == 2 and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                "gate_proj.weight", "up_proj.weight", "lm_head.weight")):
+            tensor[:, hidden] = 0
+        if name.endswith("embed_tokens.weight"):
+            tensor[:, hidden] = 0
+        if name.endswith(("o_proj.bias", "down_proj.bias")):
+            tensor[hidden] = 0
+    save_file(weights, path, metadata={"format": "pt"})
+    return folder
+
+
+def _calibration_file(tmp_path):
+    from test_inference import SENTENCES
+
+    path = tmp_path / "calibration.txt"
+    path.write_text(" ".join(SENTENCES * 40))
+    return path
+
+
+def _down(args):
+    return subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
+def test_refit_drops_dead_units_exactly(tmp_path, model_type):
+    from test_inference import save_tokenizer
+
+    source = _kill_units(build_checkpoint(tmp_path / "src", model_type, tie_word_embeddings=False), model_type)
+    save_tokenizer(source)
+    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--intermediate-size", 44,
+                    "--num-attention-heads", 2, "--num-key-value-heads", 2, "--hidden-size", 28,
+                    "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 1024, "--json"])
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "refit" and summary["calibration"]["source"] == "file"
+    assert summary["calibration"]["kl"] < 1e-6
+    config = read_config(tmp_path / "out")
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (28, 44, 2)
+    # dropping units that carry nothing changes nothing: the RMS over fewer dimensions is re-solved away, up
+    # to its eps and the ridge (1e-4 on Llama, 5e-3 with Qwen2's q/k/v biases; a slice without refit: 6e-2)
+    assert relative_logit_error(source, tmp_path / "out") < 1e-2
+
+
+def test_refit_without_a_cut_of_hidden_is_exact_to_rounding(tmp_path):
+    from test_inference import save_tokenizer
+
+    source = _kill_units(build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=True), "llama", hidden=())
+    save_tokenizer(source)
+    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--intermediate-size", 44,
+                    "--num-attention-heads", 2, "--calibration", _calibration_file(tmp_path),
+                    "--calibration-tokens", 512, "-q"])
+    assert result.returncode == 0, result.stderr
+    assert read_config(tmp_path / "out")["tie_word_embeddings"] is True
+    assert relative_logit_error(source, tmp_path / "out") < 1e-5
+
+
+def test_data_free_refit_samples_its_own_text_and_reports_the_damage(tmp_path):
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    save_tokenizer(source)
+    result = _down(["-i", source, "-o", tmp_path / "out", "--intermediate-size", 32, "--calibration-tokens", 512])
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "estimated damage on text the model sampled itself" in result.stderr
+    assert "needs healing" in result.stderr  # a random model loses a lot: the warning is due
+    assert "units kept and readers re-solved" in result.stdout
+    relative_logit_error(source, tmp_path / "out")  # loads in stock transformers, no missing keys
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tensorscale-refit-")]  # workspace removed
+
+
+def test_auto_folds_a_hypercloned_model_exactly(tmp_path):
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    up = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "up", "-i", source, "-o", tmp_path / "up",
+                         "-edm", "2", "-upm", "2", "-q"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    result = _down(["-i", tmp_path / "up", "-o", tmp_path / "down", "-edd", "2", "-upd", "2", "--json"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["method"] == "fold"
+    assert relative_logit_error(source, tmp_path / "down") < 1e-4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "refit", "--calibration-tokens", "100"], "must be at least 256"),
+    (["--method", "fold", "--calibration", "CAL"], "--calibration is for --method refit"),
+])
+def test_refit_option_errors_are_one_line(tmp_path, args, message):
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama")
+    save_tokenizer(source)
+    cal = _calibration_file(tmp_path)
+    result = _down(["-i", source, "-o", tmp_path / "out", "--intermediate-size", 32,
+                    *[str(cal) if a == "CAL" else a for a in args], "--calibration", cal]
+                   if "--calibration" not in args else
+                   ["-i", source, "-o", tmp_path / "out", "--intermediate-size", 32,
+                    *[str(cal) if a == "CAL" else a for a in args]])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- budgets ----------------------------------------------------------------------------------------
+
+def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
+    from tensorscale.planning.allocation import Counter, allocate_budget
+
+    source = build_checkpoint(tmp_path / "src", "llama", intermediate_size=512, tie_word_embeddings=False)
+    counter = Counter(source, None)
+    total = counter.count(dict(counter.current))
+    targets = allocate_budget(source, None, {}, "10%", None)
+    assert set(targets) == {"intermediate_size"}  # the FFN alone pays for a small cut
+    assert counter.count({**counter.current, **targets}) <= 0.9 * total
+    deep = allocate_budget(source, None, {}, "45%", None)
+    assert deep["intermediate_size"] < targets["intermediate_size"] and set(deep) - {"intermediate_size"}  # then others
+    assert counter.count({**counter.current, **deep}) <= 0.55 * total
+    kept = allocate_budget(source, None, {"intermediate_size": 512}, "10%", None)
+    assert "intermediate_size" not in kept  # a size the user gave is kept; others pay
+
+
+@pytest.mark.parametrize("reduction, params, message", [
+    ("lots", None, "cannot read --reduction"), ("150%", None, "between 0% and 100%"),
+    (None, "5B", "ask for fewer"), ("10%", "1M", "give one budget"),
+])
+def test_budget_errors_are_one_line(tmp_path, reduction, params, message):
+    args = ["-i", build_checkpoint(tmp_path / "src", "llama"), "-o", tmp_path / "out", "--method", "fold"]
+    args += ["--reduction", reduction] if reduction else []
+    args += ["--params", params] if params else []
+    result = _down(args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
