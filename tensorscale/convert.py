@@ -90,7 +90,7 @@ def plan_down_by_method(source_label: str, options: Options, rules_path: str | N
     if text is not None and method == "fold":
         raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
     if method in ("auto", "fold"):
-        plan = plan_down(source_label, options, rules_path)
+        plan = plan_down(source_label, options, rules_path, progress=show_progress)
         if method == "fold" or folds_are_exact(plan):
             return plan, None
         del plan
