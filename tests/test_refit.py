@@ -241,3 +241,14 @@ def test_a_batch_down_job_refits_and_leaves_no_workspace(tmp_path):
     assert read_config(tmp_path / "out" / "small")["intermediate_size"] == 32
     relative_logit_error(source, tmp_path / "out" / "small")  # loads, no missing or unexpected keys
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tensorscale-refit-")]
+
+
+def test_refit_refuses_more_query_heads_than_its_kv_groups_hold(tmp_path):
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", num_attention_heads=4, num_key_value_heads=2)
+    save_tokenizer(source)
+    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--num-attention-heads", 3,
+                    "--num-key-value-heads", 1, "--calibration", _calibration_file(tmp_path)])
+    assert result.returncode == 2 and "at most 2 heads" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

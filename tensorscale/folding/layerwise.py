@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import interrupts
 from ..errors import TensorscaleError
 from ..reading.tensor_reader import ShardReader
 from ..rulebook.schema import split_role
@@ -378,6 +379,7 @@ class LayerwiseDown:
         self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
         h_small, kw_small = self.small.first_inputs(self.ids)
         for layer in sorted(self.layers):
+            interrupts.check()  # a Ctrl-C that landed inside a hook is raised here, between layers
             h_orig, h_small = self._layer(layer, h_orig, h_small, kw_orig, kw_small, emit)
             if self.progress:
                 self.progress("refit", layer)
