@@ -104,7 +104,7 @@ def _calibration_file(tmp_path):
     from test_inference import SENTENCES
 
     path = tmp_path / "calibration.txt"
-    path.write_text(" ".join(SENTENCES * 40))
+    path.write_text(" ".join(SENTENCES * 80))
     return path
 
 
@@ -122,10 +122,11 @@ def test_refit_drops_dead_units_exactly(tmp_path, model_type):
     save_tokenizer(source)
     result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--intermediate-size", 44,
                     "--num-attention-heads", 2, "--num-key-value-heads", 2, "--hidden-size", 28,
-                    "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 1024, "--json"])
+                    "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 2048, "--json"])
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["method"] == "refit" and summary["calibration"]["source"] == "file"
+    assert summary["calibration"]["held_out"] is True  # 1 of the 8 windows is kept back for the estimate
     assert summary["calibration"]["kl"] < 1e-6
     config = read_config(tmp_path / "out")
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (28, 44, 2)

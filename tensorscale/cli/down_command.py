@@ -142,6 +142,7 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
     if report is not None:
         summary["calibration"] = {"source": "file" if text is not None else "self-generated",
                                   "kl": report["calibration_kl"], "ppl_ratio": report["calibration_ppl_ratio"],
+                                  "held_out": report["calibration_held_out"],
                                   "massive_dimensions": report.get("massive", [])}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -111,7 +111,11 @@ class LayerwiseDown:
 
         self.source = source
         self.spaces = spaces
-        self.ids = ids
+        # Windows the refit never sees, for an honest estimate of the damage: in-sample, a refit on 8k
+        # tokens looked 100x better than on held-out text (SmolLM2-135M: ppl x1.003 against x1.25).
+        held = len(ids) // 8 if len(ids) >= 4 else 0
+        self.ids = ids[: len(ids) - held]
+        self.check_ids = ids[len(ids) - held:] if held else None
         self.progress = progress
         self.ridge = ridge
         self.target = target
@@ -378,9 +382,15 @@ class LayerwiseDown:
             small_globals[t.slot_name] = self._select(globals_[t.slot_name], t, "final")
         self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
         h_small, kw_small = self.small.first_inputs(self.ids)
+        check = None
+        if self.check_ids is not None:
+            check = [*self.original.first_inputs(self.check_ids), *self.small.first_inputs(self.check_ids)]
         for layer in sorted(self.layers):
             interrupts.check()  # a Ctrl-C that landed inside a hook is raised here, between layers
             h_orig, h_small = self._layer(layer, h_orig, h_small, kw_orig, kw_small, emit)
+            if check is not None:  # the slots now hold this layer, original and refitted
+                check[0] = self.original.run(check[0], check[1])
+                check[2] = self.small.run(check[2], check[3])
             if self.progress:
                 self.progress("refit", layer)
         if self.hidden is not None and self.hidden.target < self.hidden.size:
@@ -388,7 +398,10 @@ class LayerwiseDown:
         for t in self.others:
             emit(t.name, small_globals[t.slot_name])
         self.reader.close()
-        self.statistics.update(self._damage(h_orig, h_small))
+        if check is not None:
+            self.statistics.update(self._damage(self.check_ids, check[0], check[2]), calibration_held_out=True)
+        else:
+            self.statistics.update(self._damage(self.ids, h_orig, h_small), calibration_held_out=False)
         return self.statistics
 
     @torch.no_grad()
@@ -440,12 +453,12 @@ class LayerwiseDown:
         self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
 
     @torch.no_grad()
-    def _damage(self, h_orig: torch.Tensor, h_small: torch.Tensor, batch: int = 1) -> dict:
-        """KL(original ‖ small) per token and the perplexity ratio on the calibration tokens: an in-sample
-        estimate of the damage (held-out text will show more)."""
+    def _damage(self, windows: torch.Tensor, h_orig: torch.Tensor, h_small: torch.Tensor, batch: int = 1) -> dict:
+        """KL(original ‖ small) per token and the perplexity ratio on `windows` (the held-back calibration
+        windows; all of them when there were too few to hold any back)."""
         kl = nll_orig = nll_small = count = 0.0
-        for begin in range(0, len(self.ids), batch):
-            ids = self.ids[begin:begin + batch]
+        for begin in range(0, len(windows), batch):
+            ids = windows[begin:begin + batch]
             logp = torch.log_softmax(self.original.logits(ids, h_orig[begin:begin + batch]).float()[:, :-1], -1)
             logq = torch.log_softmax(self.small.logits(ids, h_small[begin:begin + batch]).float()[:, :-1], -1)
             target = ids[:, 1:, None]
