@@ -90,7 +90,7 @@ def plan_down_by_method(source_label: str, options: Options, rules_path: str | N
     if text is not None and method == "fold":
         raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
     if method in ("auto", "fold"):
-        plan = plan_down(source_label, options, rules_path)
+        plan = plan_down(source_label, options, rules_path, progress=show_progress)
         if method == "fold" or folds_are_exact(plan):
             return plan, None
         del plan
@@ -133,6 +133,7 @@ def _check_refit_possible(source_label: str, options: Options, rules_path: str |
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
     classify(match_all(source, rules, env), rules.depth.group if rules.depth is not None else "layer")
+    working_targets(rules, source.config, options)  # head counts refit can make
 
 
 @contextlib.contextmanager
@@ -206,6 +207,12 @@ def working_targets(rules, config: dict, options: Options) -> dict:
     ratios = down_ratios(rules, config, options)
     kv = round(current["num_key_value_heads"] * ratios["nkv"])
     group = current["num_attention_heads"] // current["num_key_value_heads"]
+    heads = round(current["num_attention_heads"] * ratios["nh"])
+    if heads > kv * group:
+        raise TensorscaleError(
+            f"refit keeps whole kv groups of {group} query heads and drops query heads inside them, so "
+            f"{kv} kv heads hold at most {kv * group} query heads, not {heads}; keep more kv heads "
+            f"(--num-key-value-heads) or ask for at most {kv * group} heads")
     return {"hidden_size": round(current["hidden_size"] * ratios["n"]), "num_key_value_heads": kv,
             "num_attention_heads": kv * group}
 

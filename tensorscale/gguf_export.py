@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 
+from . import interrupts
 from .errors import TensorscaleError
 
 DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
@@ -34,6 +35,7 @@ def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force
     """Write `plan` as one GGUF file; returns the Result of the safetensors pass with `output` set to the file."""
     from .convert import default_output, execute_plan
     from .writing.gguf_writer import gguf_architecture, write_gguf
+    from .writing.output_folder import record_committed
 
     gguf_architecture(plan.config)  # refuse an architecture we cannot write before any work
     out = gguf_output_path(output, default_output(plan.source, plan), force, plan.source.input_path)
@@ -44,10 +46,15 @@ def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force
     try:
         result = execute_plan(plan, folder, force=True, show_progress=show_progress, **options)
         write_gguf(folder, partial, outtype or DEFAULT_OUTTYPE, getattr(plan.source, "gguf", None))
-        os.replace(partial, out)
+        interrupts.check()  # a swallowed signal stops the run before the file is moved into place
+        with interrupts.deferred():  # one during the move waits until the record agrees with OUT
+            replaced = os.path.lexists(out)
+            os.replace(partial, out)
+            record_committed(out, replaced)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        if os.path.exists(partial):
-            os.remove(partial)
+        with interrupts.deferred():  # a second Ctrl-C does not leave the temporary checkpoint half removed
+            shutil.rmtree(folder, ignore_errors=True)
+            if os.path.exists(partial):
+                os.remove(partial)
     result.output = out
     return result

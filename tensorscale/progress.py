@@ -48,13 +48,15 @@ def _human(n: float) -> str:
 
 
 class Progress:
-    """Bytes done out of `total`, plus a count of finished items (tensors) shown beside them."""
+    """Bytes done out of `total`, plus a count of finished items (`noun`: tensors, layers) shown beside them."""
 
     STEPS = 10  # a plain line at each 10% ...
     MIN_INTERVAL_S = 2.0  # ... but not more often than this
 
-    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic, unit: str = "B"):
+    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic, unit: str = "B",
+                 noun: str = "tensors"):
         self.unit = unit  # "B": bytes (scaled to KiB, MiB, ...); any other word: a plain count of those
+        self.noun = noun  # what the items are: tensors, layers
         self.total = max(0, int(total))
         self.label = label
         self.items = items
@@ -82,7 +84,7 @@ class Progress:
             if nbytes:
                 self.bar.update(nbytes)
             if items and self.items:
-                self.bar.set_postfix_str(f"{self.items_done}/{self.items} tensors", refresh=False)
+                self.bar.set_postfix_str(f"{self.items_done}/{self.items} {self.noun}", refresh=False)
             return
         steps = self.done * self.STEPS // self.total if self.total else self.STEPS
         now = self.clock()
@@ -94,7 +96,7 @@ class Progress:
 
     def _line(self) -> None:
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        items = f", {self.items_done}/{self.items} tensors" if self.items else ""
+        items = f", {self.items_done}/{self.items} {self.noun}" if self.items else ""
         done, total = (_human(self.done), _human(self.total)) if self.unit == "B" else \
             (f"{self.done:,}", f"{self.total:,} {self.unit}")
         print(f"tensorscale: {self.label} {percent:3.0f}% ({done} of {total}{items})",
@@ -111,8 +113,8 @@ class Progress:
 
 
 def progress_for(total: int, label: str, items: int = 0, *, enabled: bool = True, stream=None,
-                 unit: str = "B") -> Progress | None:
+                 unit: str = "B", noun: str = "tensors") -> Progress | None:
     """A Progress, or None when progress is off (-q, --json, or a silencing environment variable)."""
     if not enabled or silenced_by_environment():
         return None
-    return Progress(total, label, items, stream, unit=unit)
+    return Progress(total, label, items, stream, unit=unit, noun=noun)

@@ -92,6 +92,8 @@ def _leftovers(folder):
     ({"command": "down", "input": "m", "output": "o", "hidden_size": 0}, "job 2: `hidden_size` must be a whole number >= 1"),
     ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "calibration": "none.txt"},
      "job 2: calibration text"),
+    ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "method": "best"},
+     "job 2: `method` must be auto, fold or refit"),
     ({"command": "sideways", "input": "m", "output": "o"}, "job 2: command must be `up` or `down`"),
     ({"command": "up", "input": "m", "output": "o", "embed_dim_multiplier": 0}, "job 2: `embed_dim_multiplier` must be a whole number >= 1"),
     ({"command": "up", "input": "m", "output": "o", "untie_embeddings": "yes"}, "job 2: `untie_embeddings` must be true or false"),

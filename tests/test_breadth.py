@@ -178,3 +178,62 @@ def test_gpt2_refit_refuses_fused_tensors_in_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "fused" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- StableLM's per-head q/k norms (one tensor per head index) ------------------------------------
+
+@pytest.mark.parametrize("n, m, tie, snr", [(2, 2, False, 20.0), (3, 2, True, None)])
+def test_stablelm_per_head_norms_fold_back_exactly(tmp_path, n, m, tie, snr):
+    """Before: down of a HyperCloned StableLM with qk_layernorm failed with "replicate.count must be a whole
+    number >= 0, got 0.5". Each output head now takes the norm of its cluster's first head (copies), so
+    down(up(M)) is M again: the same tensor names (norms.0..A-1), values, config and logits."""
+    from safetensors.torch import load_file
+
+    source = build_checkpoint(tmp_path / "src", "stablelm", tie_word_embeddings=tie, qk_layernorm=True,
+                              use_parallel_residual=True, use_qkv_bias=True)
+    up(source, tmp_path / "up", n, m, snr_db=snr)
+    assert read_config(tmp_path / "up")["num_attention_heads"] == 4 * n
+    plan = down(tmp_path / "up", tmp_path / "down", n, m)
+    assert all(fold.exact for fold in plan.folds.by_key.values())
+    assert same_config(source, tmp_path / "down")
+    original, folded = load_file(f"{source}/model.safetensors"), load_file(f"{tmp_path}/down/model.safetensors")
+    assert sorted(original) == sorted(folded)
+    norms = [name for name in original if "layernorm.norms." in name]
+    assert len(norms) == 2 * (4 + 2)  # layers × (q heads + kv heads), weights only (no bias)
+    for name in norms:
+        assert torch.equal(original[name], folded[name]), name
+    assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
+
+
+def test_stablelm_per_head_norms_follow_a_real_head_fold(tmp_path):
+    """Not a HyperCloned model: 4/2 heads down to 2/1. Every output head has one norm, taken from a source
+    head of its cluster, and the model loads with no missing or unexpected keys."""
+    from safetensors.torch import load_file
+
+    source = build_checkpoint(tmp_path / "src", "stablelm", qk_layernorm=True)
+    plan = plan_down(source, Options(targets=dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=16)))
+    execute_plan(plan, str(tmp_path / "down"), show_progress=False)
+    original, folded = load_file(f"{source}/model.safetensors"), load_file(f"{tmp_path}/down/model.safetensors")
+    for layer in range(2):
+        fold = plan.folds.by_key[("heads", layer)]
+        for j, head in enumerate(fold.representatives()):
+            assert fold.cluster[head] == j
+            name = f"model.layers.{layer}.self_attn.q_layernorm.norms.{{}}.weight"
+            assert torch.equal(folded[name.format(j)], original[name.format(head)])
+    assert not [name for name in folded if ".norms.2." in name or "k_layernorm.norms.1." in name]
+    model, info = load(tmp_path / "down")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.isfinite(logits(model)).all()
+
+
+@pytest.mark.parametrize("unit_of, match, words", [
+    ("nope", r"norms\.(?P<h>\d+)\.weight", "must name a space"),
+    ("heads", r"norms\.(\d+)\.weight", r"group \(\?P<h>"),
+])
+def test_replicate_unit_of_is_checked_when_the_rules_load(unit_of, match, words):
+    from tensorscale.rulebook.schema import RulesError, load_rules_text
+
+    text = ("name: t\nspaces:\n  heads: {size: hidden_size, grow: n}\ntensors:\n"
+            f"  - match: '{match}'\n    replicate: {{count: n, name: 'norms.{{h}}.weight', unit_of: {unit_of}}}\n")
+    with pytest.raises(RulesError, match=words):
+        load_rules_text(text)

@@ -135,6 +135,28 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(llama, tmp_path):
     assert result.stdout.startswith("wrote ") and len(result.stdout.splitlines()) == 1
 
 
+def test_down_shows_the_analysis_progress_and_quiet_or_json_silence_it(llama, tmp_path):
+    """down reads every weight before it writes (the analysis): minutes on a large model. Before: no progress
+    at all until the writing started."""
+    unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}
+
+    def down(out, *flags):
+        result = CliRunner().invoke(cli, ["down", llama, "-o", str(out), "-edd", "2", "-upd", "2", "--method", "fold",
+                                          *flags], env=unset)
+        assert result.exit_code == 0, result.output
+        return result
+
+    shown = down(tmp_path / "a")
+    lines = [line for line in shown.stderr.splitlines() if line.startswith("tensorscale: analysing")]
+    assert lines and lines[-1].startswith("tensorscale: analysing 100%") and lines[-1].endswith(", 2/2 layers)"), \
+        shown.stderr
+    assert shown.stderr.index("tensorscale: analysing") < shown.stderr.index("tensorscale: writing")
+    for flag in ("-q", "--json"):
+        silent = down(tmp_path / flag.strip("-"), flag)
+        assert silent.stderr == "", silent.stderr
+    assert json.loads(silent.stdout)["output"] == str(tmp_path / "json")
+
+
 @pytest.mark.parametrize("variable", ["TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"])
 def test_progress_variables_silence_progress(llama, tmp_path, variable):
     unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}

@@ -104,7 +104,7 @@ def _calibration_file(tmp_path):
     from test_inference import SENTENCES
 
     path = tmp_path / "calibration.txt"
-    path.write_text(" ".join(SENTENCES * 40))
+    path.write_text(" ".join(SENTENCES * 80))
     return path
 
 
@@ -113,7 +113,8 @@ def _down(args):
                           capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", pytest.param("mistral", marks=pytest.mark.slow),
+                                        pytest.param("qwen3", marks=pytest.mark.slow)])
 def test_refit_drops_dead_units_exactly(tmp_path, model_type):
     from test_inference import save_tokenizer
 
@@ -121,10 +122,11 @@ def test_refit_drops_dead_units_exactly(tmp_path, model_type):
     save_tokenizer(source)
     result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--intermediate-size", 44,
                     "--num-attention-heads", 2, "--num-key-value-heads", 2, "--hidden-size", 28,
-                    "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 1024, "--json"])
+                    "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 2048, "--json"])
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["method"] == "refit" and summary["calibration"]["source"] == "file"
+    assert summary["calibration"]["held_out"] is True  # 1 of the 8 windows is kept back for the estimate
     assert summary["calibration"]["kl"] < 1e-6
     config = read_config(tmp_path / "out")
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (28, 44, 2)
@@ -189,4 +191,65 @@ def test_refit_option_errors_are_one_line(tmp_path, args, message):
                     *[str(cal) if a == "CAL" else a for a in args]])
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- budgets ----------------------------------------------------------------------------------------
+
+def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
+    from tensorscale.planning.allocation import Counter, allocate_budget
+
+    source = build_checkpoint(tmp_path / "src", "llama", intermediate_size=512, tie_word_embeddings=False)
+    counter = Counter(source, None)
+    total = counter.count(dict(counter.current))
+    targets = allocate_budget(source, None, {}, "10%", None)
+    assert set(targets) == {"intermediate_size"}  # the FFN alone pays for a small cut
+    assert counter.count({**counter.current, **targets}) <= 0.9 * total
+    deep = allocate_budget(source, None, {}, "45%", None)
+    assert deep["intermediate_size"] < targets["intermediate_size"] and set(deep) - {"intermediate_size"}  # then others
+    assert counter.count({**counter.current, **deep}) <= 0.55 * total
+    kept = allocate_budget(source, None, {"intermediate_size": 512}, "10%", None)
+    assert "intermediate_size" not in kept  # a size the user gave is kept; others pay
+
+
+@pytest.mark.parametrize("reduction, params, message", [
+    ("lots", None, "cannot read --reduction"), ("150%", None, "between 0% and 100%"),
+    (None, "5B", "ask for fewer"), ("10%", "1M", "give one budget"),
+])
+def test_budget_errors_are_one_line(tmp_path, reduction, params, message):
+    args = ["-i", build_checkpoint(tmp_path / "src", "llama"), "-o", tmp_path / "out", "--method", "fold"]
+    args += ["--reduction", reduction] if reduction else []
+    args += ["--params", params] if params else []
+    result = _down(args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_down_job_refits_and_leaves_no_workspace(tmp_path):
+    import yaml
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    save_tokenizer(source)
+    (tmp_path / "out").mkdir()
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(yaml.safe_dump({"jobs": [
+        {"command": "down", "input": source, "output": str(tmp_path / "out" / "small"), "method": "refit",
+         "intermediate_size": 32, "calibration": str(_calibration_file(tmp_path)), "calibration_tokens": 512}]}))
+    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "batch", str(jobs), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert read_config(tmp_path / "out" / "small")["intermediate_size"] == 32
+    relative_logit_error(source, tmp_path / "out" / "small")  # loads, no missing or unexpected keys
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tensorscale-refit-")]
+
+
+def test_refit_refuses_more_query_heads_than_its_kv_groups_hold(tmp_path):
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", num_attention_heads=4, num_key_value_heads=2)
+    save_tokenizer(source)
+    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--num-attention-heads", 3,
+                    "--num-key-value-heads", 1, "--calibration", _calibration_file(tmp_path)])
+    assert result.returncode == 2 and "at most 2 heads" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

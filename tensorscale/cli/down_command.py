@@ -26,6 +26,11 @@ def down_target_options(func):
         click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
         click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
         click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count (divides the heads)."),
+        click.option("--reduction", default=None, metavar="P%",
+                     help="A budget instead of sizes: this share fewer parameters (e.g. 25%); the cuts are chosen "
+                          "in the order that measured cheapest (FFN, then query heads, then hidden)."),
+        click.option("--params", "params", default=None, metavar="N",
+                     help="A budget instead of sizes: this many parameters at most (e.g. 100M, 1.2B)."),
     ]
     return with_options(func, options)
 
@@ -85,7 +90,7 @@ def fold_summary(plan) -> dict:
 @revision_option
 @output_format_options
 def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
-         method, calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
+         reduction, params, method, calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
          as_json, quiet, allow_nonfinite, out_format, outtype):
     """Make a narrower model of the same architecture.
 
@@ -105,6 +110,13 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
 
     check_output_early(output, source, force)
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    if reduction is not None or params is not None:
+        from ..planning.allocation import allocate_budget
+
+        targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
+        if not as_json:
+            click.echo("tensorscale: budget allocated as " + ", ".join(
+                f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size)
     text = None
     if calibration is not None:
@@ -126,9 +138,11 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
     summary = result.summary()
     summary.update(fold_summary(plan))
     summary["method"] = "refit" if report is not None else "fold"
+    summary["targets"] = dict(options.targets)
     if report is not None:
         summary["calibration"] = {"source": "file" if text is not None else "self-generated",
                                   "kl": report["calibration_kl"], "ppl_ratio": report["calibration_ppl_ratio"],
+                                  "held_out": report["calibration_held_out"],
                                   "massive_dimensions": report.get("massive", [])}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import click
 
+from .. import interrupts
 from ..errors import TensorscaleError
 from .options import model_input
 from .revision import revision_option
@@ -107,14 +108,13 @@ def _interruptible(message: str):
     except KeyboardInterrupt:
         _exit_interrupted(message)
     except Exception:
-        from . import main
-
-        if main.was_interrupted():  # an import cut short by Ctrl-C fails on its retry: still an interrupt
+        if interrupts.received():  # an import cut short by Ctrl-C fails on its retry: still an interrupt
             _exit_interrupted(message)
         raise
 
 
 def _exit_interrupted(message: str):
+    interrupts.hold()
     click.echo("", err=True)
     click.echo(message, err=True)
     sys.exit(EXIT_INTERRUPTED)

@@ -9,12 +9,14 @@ need them, so `desc` and `--help` stay instant.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 
-import click
+from .. import __version__, interrupts
 
-from .. import __version__
+if __name__ == "__main__":  # `python -m tensorscale.cli.main`: take the signals before the rest loads
+    interrupts.install(raising=False)
+
+import click  # noqa: E402
 from ..errors import TensorscaleError
 from . import render
 from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
@@ -42,8 +44,7 @@ class _Group(click.Group):
             click.echo(f"tensorscale: error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            click.echo(f"tensorscale: {interrupted_message()}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            exit_interrupted()
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
@@ -52,10 +53,16 @@ class _Group(click.Group):
         except BrokenPipeError:
             sys.exit(0)
         except Exception:
-            if _interrupted:  # e.g. an import cut short by Ctrl-C fails on its retry: still an interrupt
-                click.echo(f"tensorscale: {interrupted_message()}", err=True)
-                sys.exit(EXIT_INTERRUPTED)
+            if interrupts.received():  # e.g. an import cut short by Ctrl-C fails on its retry: still an interrupt
+                exit_interrupted()
             raise
+
+
+def exit_interrupted():
+    """The one line an interrupt ends with, and exit status 130; a further signal is only recorded now."""
+    interrupts.hold()
+    click.echo(f"tensorscale: {interrupted_message()}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def interrupted_message() -> str:
@@ -98,29 +105,6 @@ def cli():
     Every command takes the model as MODEL or --input/-i MODEL: a folder, or a Hugging Face hub id.
     Results and --json go to stdout; progress, notes and -v logs go to stderr.
     """
-
-
-_interrupted = False
-
-
-def was_interrupted() -> bool:
-    """True once SIGINT/SIGTERM/SIGHUP arrived (for commands that word their own interrupt message)."""
-    return _interrupted
-
-
-def _interrupt(signum, frame):
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
-
-
-def _install_signal_handlers():
-    """SIGINT, SIGTERM and SIGHUP all unwind like Ctrl-C, so a temporary output is removed before exit."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            signal.signal(signum, _interrupt)
-        except (ValueError, OSError):  # not the main thread, or not supported here
-            pass
 
 
 def _input_option(func):
@@ -269,13 +253,19 @@ cli.add_command(down)
 @down_target_options
 def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
          strategy, add_layers, insert_at, duplicate_layers, edd, upd, hidden_size, intermediate_size,
-         num_attention_heads, num_key_value_heads):
-    """Dry run of `up` (or of `down`, given its divisors or targets): every tensor's rule, op chain, shapes
-    and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read the
-    weights once, since its clusters depend on them."""
+         num_attention_heads, num_key_value_heads, reduction, params):
+    """Dry run of `up` (or of `down`, given its divisors, targets or budget): every tensor's rule, op chain,
+    shapes and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read
+    the weights once, since its clusters depend on them."""
     from ..convert import default_output, plan_conversion, plan_down, targets_grow
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    if reduction is not None or params is not None:  # down's budget, allocated as `down` allocates it
+        from ..planning.allocation import allocate_budget
+
+        targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
+        click.echo("tensorscale: budget allocated as " + ", ".join(
+            f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
     up_asked = (edm != 1 or upm != 1 or snr_db is not None or untie_embeddings or strategy != "clone" or add_layers
                 or duplicate_layers is not None)
     if wants_down(edd, upd, targets) and (edd is not None or upd is not None or not targets_grow(source, targets, rules_path)):
@@ -390,14 +380,31 @@ add_to_every_command(cli, verbose_option)  # -v after the command name too: `ten
 
 
 def main():
-    _install_signal_handlers()
-    from ..progress import quiet_hub_bars_in_logs
+    """SIGINT, SIGTERM and SIGHUP unwind like Ctrl-C (a temporary output is removed on the way). One whose
+    KeyboardInterrupt Python swallowed (interrupts.py) still ends the run: at the engine's next safe point,
+    or here, where a command that finished anyway exits 130 with the interrupt's one line."""
+    interrupts.install()
+    status, interrupted = 1, False
+    try:
+        interrupts.check()  # one that came while the command line loaded
+        from ..progress import quiet_hub_bars_in_logs
 
-    quiet_hub_bars_in_logs()
-    from ..heap import keep_freed_chunks
+        quiet_hub_bars_in_logs()
+        from ..heap import keep_freed_chunks
 
-    keep_freed_chunks()
-    cli(prog_name="tensorscale")
+        keep_freed_chunks()
+        cli(prog_name="tensorscale")
+        status = 0
+    except SystemExit as exc:
+        status = exc.code
+    except KeyboardInterrupt:  # one that came while an error was being reported
+        interrupted = True
+    finally:
+        interrupts.hold()  # the exit status is decided: later signals (e.g. during atexit) are only recorded
+    if (interrupted or interrupts.received()) and status != EXIT_INTERRUPTED:
+        click.echo(f"tensorscale: {interrupted_message()}", err=True)
+        status = EXIT_INTERRUPTED
+    sys.exit(status)
 
 
 if __name__ == "__main__":

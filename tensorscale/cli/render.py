@@ -161,8 +161,9 @@ DAMAGE_WARNING_KL = 0.1  # nats per token on the calibration text: beyond this t
 def damage_note(calibration: dict) -> str:
     """What a refitted (not exact) down costs, estimated on the calibration text, and what to do about it."""
     where = "the calibration text" if calibration["source"] == "file" else "text the model sampled itself"
-    line = (f"tensorscale: estimated damage on {where}: KL {calibration['kl']:.3f} nats/token, perplexity "
-            f"x{calibration['ppl_ratio']:.2f} (held-out text usually shows more)")
+    part = "windows of " + where + " the refit did not see" if calibration.get("held_out") else where
+    line = (f"tensorscale: estimated damage on {part}: KL {calibration['kl']:.3f} nats/token, perplexity "
+            f"x{calibration['ppl_ratio']:.2f} (text of another kind may show more)")
     if calibration["kl"] > DAMAGE_WARNING_KL:
         line += ("\ntensorscale: warning: this is not an exact inverse of `up`; the smaller model needs healing "
                  "(continued training) before it matches the original")

@@ -24,10 +24,11 @@ import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .. import interrupts
 from ..errors import TensorscaleError
 from ..ops.library import Fused, OpContext
 from ..planning.plan import match_rule
@@ -38,6 +39,7 @@ from ..rulebook.compile import Space
 from ..rulebook.schema import RuleSet, split_role
 from .clustering import cluster_units
 from .fold import Fold, Folds
+from .head_groups import check_head_targets, needs_equal_groups
 
 SKETCH = 256  # dimensions of a unit's sketch
 MAX_SAMPLES = 4096  # rows (or columns) of one tensor that a sketch looks at
@@ -139,18 +141,68 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
 
 def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
             progress=None) -> Folds:
-    """Cluster every folded space (data-free: from the weights alone)."""
+    """Cluster every folded space (data-free: from the weights alone).
+
+    `progress`: True for a bar on stderr ("analysing", bytes of weights read, layers done; the same Progress
+    as writing's, so the environment can silence it), or a callable (nbytes, layers) to report to."""
+    check_head_targets(spaces)  # before any weight is read
     matches = match_all(source, rule_set, env)
     # The coarsest float dtype of the checkpoint sets how far apart copies may be after rounding.
     coarse = [m.info.dtype for m in matches if m.info.dtype in ("BF16", "F16")]
     dtype = "BF16" if "BF16" in coarse else (coarse[0] if coarse else "F32")
     folded = {name for name, space in spaces.items() if space.target != space.size}
     folds = Folds()
+    bar = _analysis_progress(progress, matches, spaces, folded)
+    tick = bar.update if bar is not None else (progress if callable(progress) else None)
+    completed = False
+    try:
+        _analyse_spaces(matches, spaces, folded, folds, seed, dtype, tick)
+        completed = True
+    finally:
+        if bar is not None:
+            bar.close(completed)
+    return folds
+
+
+def _global_spaces(spaces: dict[str, Space], folded: set[str]) -> list[Space]:
+    return [s for s in spaces.values() if s.name in folded and s.per is None and s.clusters_of is None]
+
+
+def _global_matches(space: Space, matches: list[Match], spaces: dict[str, Space]) -> list[tuple[Match, list, bool]]:
+    """(match, its blocks in `space`, whether it is noise-free) for every tensor with an axis in `space`."""
+    found = []
+    for match in matches:
+        blocks = match.blocks(spaces)
+        mine = [(axis, start, length) for axis, start, length, name, _ in blocks if name == space.name]
+        if mine:
+            found.append((match, mine, not any(role == "in" for *_, role in blocks)))
+    return found
+
+
+def _analysis_progress(progress, matches: list[Match], spaces: dict[str, Space], folded: set[str]):
+    """The analysis's bar, when `progress` is True: bytes of the tensors each phase reads, and layers."""
+    if progress is not True:
+        return None
+    from ..progress import progress_for
+
+    total = sum(m.info.nbytes for space in _global_spaces(spaces, folded)
+                for m, _, _ in _global_matches(space, matches, spaces))
+    pers = {s.per for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None}
+    layer_matches = [m for m in matches if any(per in m.env for per in pers)]
+    layers = {m.env.get(per) for m in layer_matches for per in pers if per in m.env}
+    return progress_for(total + sum(m.info.nbytes for m in layer_matches), "analysing", len(layers), noun="layers")
+
+
+def _analyse_spaces(matches: list[Match], spaces: dict[str, Space], folded: set[str], folds: Folds, seed: int,
+                    dtype: str, tick) -> None:
+    """Fold the global spaces, then every layer's (see the module doc); `tick(nbytes, layers)` reports."""
     with ShardReader() as reader, _workers() as pool:
-        for space in spaces.values():
-            if space.name in folded and space.per is None and space.clusters_of is None:
-                folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, spaces, seed, dtype, pool)
+        for space in _global_spaces(spaces, folded):
+            folds.by_key[(space.name, None)] = _fold_global(space, matches, reader, spaces, seed, dtype, pool, tick)
         per_layer = [s for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None]
+        # kv heads that must serve more q heads than one source kv head has are merged in equal groups.
+        balanced = {s.within for s in per_layer if s.within in spaces and needs_equal_groups(s, spaces[s.within])}
+        per_layer = [replace(s, equal=True) if s.name in balanced else s for s in per_layer]
         # Spaces others are `within` go first (kv heads before q heads).
         parents = {s.within for s in per_layer}
         per_layer.sort(key=lambda s: 0 if s.name in parents else 1)
@@ -169,11 +221,18 @@ def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str,
                 local.by_key[key] = _fold_instance(space, instance, matches, reader, spaces, local, seed, dtype)
             return {key: fold for key, fold in local.by_key.items() if key not in shared}
 
+        pers = {s.per for s in per_layer}
+        layer_bytes = defaultdict(int)
+        for match in matches:
+            for per in pers:
+                if per in match.env:
+                    layer_bytes[match.env[per]] += match.info.nbytes
+                    break
         for instance, found in zip(instances, pool.map(fold_layer, instances)):
             folds.by_key.update(found)  # in layer order, whichever thread finished first
-            if progress:
-                progress(instance)
-    return folds
+            interrupts.check()  # a safe point (tensorscale/interrupts.py)
+            if tick:
+                tick(layer_bytes[instance], 1)
 
 
 ANALYSIS_WORKERS = 2  # threads that sketch tensors (and fold layers) at once
@@ -199,13 +258,8 @@ def _workers():
 
 
 def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces: dict[str, Space], seed: int,
-                 dtype: str, pool: ThreadPoolExecutor) -> Fold:
-    mine_by_match = []
-    for match in matches:
-        blocks = match.blocks(spaces)
-        mine = [(axis, start, length) for axis, start, length, name, _ in blocks if name == space.name]
-        if mine:
-            mine_by_match.append((match, mine, not any(role == "in" for *_, role in blocks)))
+                 dtype: str, pool: ThreadPoolExecutor, tick=None) -> Fold:
+    mine_by_match = _global_matches(space, matches, spaces)
 
     def sketches(item) -> list[torch.Tensor]:
         match, mine, _ = item
@@ -229,6 +283,8 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces
             if clean:  # no axis reads a tiled space (embeddings, norms, biases): exact copies on a cloned model
                 noise_free += sketch
                 clean_count += 1
+        if tick:
+            tick(match.info.nbytes, 0)
     what = f"space {space.name}"
     labels, exact = cluster_units(noise_free if clean_count else everything, space.target_units, equal=space.equal,
                                   what=what, seed=seed, dtype=dtype)

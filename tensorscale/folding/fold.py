@@ -33,6 +33,13 @@ class Fold:
             counts[c] += 1
         return counts
 
+    def representatives(self) -> list[int]:
+        """Per cluster, the source unit whose per-unit tensors it takes (a per-head norm): its first member."""
+        first = [-1] * self.clusters
+        for unit in range(len(self.cluster) - 1, -1, -1):
+            first[self.cluster[unit]] = unit
+        return first
+
     def merge_op(self, axis: int, role: str, space) -> Merge:
         """The merge of this clustering for one axis role. Made once per axis and role, and shared by
         every tensor that has that role (one merge of the residual stream for all of a model's layers)."""

@@ -40,6 +40,17 @@ def refit(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, ridge: 
     return solved.T
 
 
+def _remove_block(w: torch.Tensor, hinv: torch.Tensor, block: torch.Tensor) -> None:
+    """OBS removal of the columns `block`, in place: the other columns absorb what they can of the removed
+    ones (w -= w_B (H⁻¹_BB)⁻¹ H⁻¹_B:), and H⁻¹ becomes the inverse over the columns left."""
+    inv_bb = torch.linalg.inv(hinv[block][:, block])
+    w -= w[:, block] @ inv_bb @ hinv[block, :]
+    hinv -= hinv[:, block] @ inv_bb @ hinv[block, :]
+    w[:, block] = 0
+    hinv[block, :] = 0
+    hinv[:, block] = 0
+
+
 def drop_units(weight: torch.Tensor, gram: torch.Tensor, unit: int, drop: int, groups: list[list[int]] | None = None,
                ridge: float = RIDGE) -> tuple[list[int], torch.Tensor]:
     """Greedily drop `drop` input units (blocks of `unit` columns) of `weight` [out, in] whose removal, with
@@ -72,13 +83,7 @@ def drop_units(weight: torch.Tensor, gram: torch.Tensor, unit: int, drop: int, g
                 float((wb.square().sum()) / hinv[u, u])
             if best_cost is None or cost < best_cost:
                 best, best_cost = u, cost
-        block = slice(best * unit, (best + 1) * unit)
-        inv_bb = torch.linalg.inv(hinv[block, block])
-        w -= w[:, block] @ inv_bb @ hinv[block, :]
-        hinv -= hinv[:, block] @ inv_bb @ hinv[block, :]
-        w[:, block] = 0
-        hinv[block, :] = 0
-        hinv[:, block] = 0
+        _remove_block(w, hinv, torch.arange(best * unit, (best + 1) * unit))
         alive[best] = False
         if quota is not None:
             quota[group_of[best]] -= 1
@@ -104,12 +109,7 @@ def drop_units_fast(weight: torch.Tensor, gram: torch.Tensor, drop: int, ridge: 
         cost = w.square().sum(0) / hinv.diagonal().clamp_min(1e-300)
         cost[~alive] = float("inf")
         block = torch.topk(cost, min(size, left), largest=False).indices
-        inv_bb = torch.linalg.inv(hinv[block][:, block])
-        w -= w[:, block] @ inv_bb @ hinv[block, :]
-        hinv -= hinv[:, block] @ inv_bb @ hinv[block, :]
-        w[:, block] = 0
-        hinv[block, :] = 0
-        hinv[:, block] = 0
+        _remove_block(w, hinv, block)
         alive[block] = False
         left -= len(block)
     kept = alive.nonzero().flatten()

@@ -434,7 +434,10 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
         if rule.drop or name == retie:
             dropped.append(entry.name)
             continue
-        if rule.replicate_count is not None:
+        if rule.replicate_count is not None and folds is not None:
+            for out_name in _down_unit_names(rule, rule_env, spaces, folds, entry):
+                add(out_name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
+        elif rule.replicate_count is not None:
             count = _count(rule.replicate_count, rule_env, rule.label)
             for k in range(count):
                 out_name = _render(rule.replicate_name, {**rule_env, **entry.rename, "k": k}, rule.label)
@@ -530,6 +533,26 @@ def _truthy(expression, env, where) -> bool:
         return bool(expression.evaluate(env))
     except ExpressionError as exc:
         raise TensorscaleError(f"{where}: when: {exc}") from None
+
+
+def _down_unit_names(rule, env, spaces, folds, entry) -> list[str]:
+    """`down` of a tensor written once per unit (StableLM's per-head q/k norms, `replicate.unit_of`): the
+    mirror of `up`'s copies. Output unit j takes the tensor of its cluster's representative (the first
+    member; on a HyperCloned model all members are copies, so their tensors are equal), under the name the
+    template gives unit j; the other source units' tensors are not written."""
+    if rule.replicate_unit_of is None:
+        raise TensorscaleError(f"{rule.label}: down cannot fold a tensor written per unit without replicate.unit_of "
+                               "(the space whose units the regex group h counts) in the rules file")
+    space = spaces[rule.replicate_unit_of]
+    if space.target == space.size:
+        return [entry.name]
+    try:
+        unit = int(env["h"])
+    except (KeyError, TypeError, ValueError):
+        raise TensorscaleError(f"{rule.label}: replicate.unit_of needs the unit index as the regex group (?P<h>...)") from None
+    representatives = folds.lookup(space, env, rule.label).representatives()
+    return [_render(rule.replicate_name, {**env, **entry.rename, "h": j, "k": 0}, rule.label)
+            for j, source in enumerate(representatives) if source == unit]
 
 
 def _count(expression, env, where) -> int:

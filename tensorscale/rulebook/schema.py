@@ -101,6 +101,9 @@ class TensorRule:
     # When this holds (over config and let values), some tensor must fully match `regex`: a checkpoint
     # without its embedding, final norm or (untied) head is incomplete, not a smaller model.
     required: Expression | None = None
+    # The space whose units the regex group `h` counts, for a tensor written once per unit (StableLM's
+    # per-head norms, `replicate.unit_of`): `down` writes, for each output unit, the tensor of its source.
+    replicate_unit_of: str | None = None
 
     @property
     def label(self) -> str:
@@ -387,15 +390,20 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
     regex = _pattern(pattern, where)
     where = f"{path}: tensors[{index}] ({pattern})"
     replicate = item.get("replicate")
-    count = template = None
+    count = template = unit_of = None
     if replicate is not None:
         replicate = _mapping(replicate, f"{where}: replicate")
-        _unknown(replicate, {"count", "name"}, f"{where}: replicate")
+        _unknown(replicate, {"count", "name", "unit_of"}, f"{where}: replicate")
         if "count" not in replicate or not isinstance(replicate.get("name"), str):
             raise RulesError(f"{where}: replicate needs 'count' and a 'name' template")
         count = _expr(replicate["count"], where)
         template = replicate["name"]
         validate_template(template, where)
+        unit_of = replicate.get("unit_of")
+        if unit_of is not None and (not isinstance(unit_of, str) or unit_of not in spaces):
+            raise RulesError(f"{where}: replicate.unit_of must name a space of the rules file, got {unit_of!r}")
+        if unit_of is not None and "(?P<h>" not in pattern:
+            raise RulesError(f"{where}: replicate.unit_of needs the unit index as the regex group (?P<h>...)")
     drop = bool(item.get("drop", False))
     transform = _transform(item, where, spaces)
     if drop and not transform.is_copy():
@@ -404,7 +412,7 @@ def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
     return TensorRule(
         index, pattern, regex, transform, _expr(item["when"], where) if "when" in item else None,
         count, template, drop, _component(item, where),
-        _expr(required, f"{where}: required") if required not in (None, False) else None,
+        _expr(required, f"{where}: required") if required not in (None, False) else None, unit_of,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .. import interrupts
 from ..ops.library import OpContext
 from ..planning.plan import Plan, ShardPlan, TensorPlan
 from ..reading.safetensors_header import DTYPE_SIZES
@@ -50,6 +51,7 @@ def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, pr
     lock = threading.Lock()
 
     def one(tensor: TensorPlan) -> None:
+        interrupts.check()  # a safe point: a signal whose KeyboardInterrupt was swallowed stops the run here
         with torch.inference_mode():
             digest = hashlib.sha256() if hashes is not None else None
             write_tensor(plan, tensor, out, reader, _locked(progress, lock), digest)
@@ -263,6 +265,7 @@ def _write_group(rows: _Rows, segment, starts: list[int], out: ShardFile, progre
     try:
         done = 0
         while done < segment.count:
+            interrupts.check()
             count = min(rows.rows_per_chunk, segment.count - done)
             source = None if segment.is_fill else segment.source_start + done
             rows.ctx.used_generator = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 
+from .. import interrupts
 from ..errors import TensorscaleError
 from ..reading.gguf_source import architecture_table, gguf_arch_enum
 
@@ -186,6 +187,7 @@ def write_gguf(folder: str, path: str, outtype: str, source_header=None, progres
         writer.write_padding(handle, handle.tell())
         with ShardReader() as reader:
             for tensor in tensors:
+                interrupts.check()  # a safe point (interrupts.py)
                 written = 0
                 for chunk in tensor.chunks(reader):
                     handle.write(chunk)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .. import interrupts
 from ..ops.library import Merge, OpContext
 from ..planning.plan import TensorPlan
 from ..reading.safetensors_header import DTYPE_SIZES
@@ -77,6 +78,7 @@ def write_merged_rows(tensor: TensorPlan, row_mixing: tuple[int, Merge], seed: i
         reader.prefetch(tensor.source)
     try:
         for first, stop in slices:
+            interrupts.check()  # a safe point (interrupts.py)
             units, part = merge.part(first, stop)
             rows = (units[:, None] * merge.unit + torch.arange(merge.unit)).reshape(-1).tolist()
             x = reader.read_row_list(tensor.source, rows)

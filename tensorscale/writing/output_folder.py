@@ -19,6 +19,7 @@ import secrets
 import shutil
 import stat
 
+from .. import interrupts
 from ..errors import TensorscaleError
 from ..reading.cache_layout import allowed_root, link_allowed
 from ..reading.source import INDEX_NAME, PICKLE_SUFFIXES
@@ -38,8 +39,14 @@ _COMMITTED: list[tuple[str, bool]] = []
 
 
 def committed_outputs() -> list[tuple[str, bool]]:
-    """(OUT, replaced an old OUT) for every output this process has completed, in order."""
-    return list(_COMMITTED)
+    """(OUT, replaced an old OUT) for every output this process has completed, in order. A temporary folder
+    of ours (the checkpoint that `--format gguf` converts, gguf_export.py) is not an output: it is removed."""
+    return [(out, replaced) for out, replaced in _COMMITTED if TMP_MARKER not in os.path.basename(out)]
+
+
+def record_committed(output: str, replaced: bool) -> None:
+    """For an output moved into place by other code than OutputFolder.commit (a GGUF file)."""
+    _COMMITTED.append((output, replaced))
 
 
 def check_output_path(output: str, source_folder: str | None, force: bool, extra_kept: tuple[str, ...] = ()) -> str:
@@ -226,8 +233,15 @@ class OutputFolder:
         An existing OUT is swapped with the new folder in one atomic step (renameat2 RENAME_EXCHANGE), so
         at every instant OUT is either the old complete folder or the new one; the old one then sits under
         our temporary name and is deleted (or, if we are killed first, cleaned by the next run). A symlink
-        OUT is replaced as a link: the folder it pointed to is left alone.
+        OUT is replaced as a link: the folder it pointed to is left alone. A signal that came before (its
+        KeyboardInterrupt may have been swallowed) stops the run here; one that comes during the swap waits
+        until OUT and the record of it agree (interrupts.py), so the interrupt's message tells the truth.
         """
+        interrupts.check()
+        with interrupts.deferred():
+            self._move_into_place()
+
+    def _move_into_place(self) -> None:
         reserved = self.path(RESERVE_FILE)
         if os.path.lexists(reserved):
             os.remove(reserved)
@@ -248,10 +262,11 @@ class OutputFolder:
         self._release_lock()
 
     def abort(self) -> None:
-        """Remove the temporary folder (after a swap: the old OUT) and our lock."""
-        if os.path.lexists(self.tmp):
-            _remove_path(self.tmp)
-        self._release_lock()
+        """Remove the temporary folder (after a swap: the old OUT) and our lock, not cut short by a signal."""
+        with interrupts.deferred():
+            if os.path.lexists(self.tmp):
+                _remove_path(self.tmp)
+            self._release_lock()
 
     def reserve(self, nbytes: int) -> None:
         """Claim the whole output's size on the disk before the first write (each shard then takes its share

@@ -41,13 +41,29 @@ class SpillFolder:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending tensors as one safetensors shard (our own header writer, plain writes: the
+        folder is read once, by the engine, right after)."""
         if not self.pending:
             return
-        from safetensors.torch import save_file
+        from ..reading.tensor_reader import SAFETENSORS_DTYPES
+        from .safetensors_writer import as_bytes, header_bytes
 
         self.shards += 1
         filename = f"spill-{self.shards:05d}.safetensors"
-        save_file(self.pending, os.path.join(self.folder, filename), metadata={"format": "pt"})
+        entries, offset = [], 0
+        for name, tensor in self.pending.items():
+            size = tensor.numel() * tensor.element_size()
+            entries.append((name, SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape), offset, offset + size))
+            offset += size
+        path = os.path.join(self.folder, filename)
+        try:
+            with open(path, "wb") as handle:
+                handle.write(header_bytes(entries))
+                for tensor in self.pending.values():
+                    handle.write(as_bytes(tensor).numpy().tobytes())
+        except OSError as exc:
+            raise TensorscaleError(f"cannot write the refitted tensors to {self.folder}: {exc.strerror} "
+                                   "(is the disk full?)") from None
         for name in self.pending:
             self.weight_map[name] = filename
         self.pending = {}

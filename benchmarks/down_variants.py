@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Compare variants of `down`'s layer-wise refit on the real model, one target shape at a time.
+
+    python benchmarks/down_variants.py intermediate_size=1280 target=self tokens=4096 eval=2048
+    python benchmarks/down_variants.py hidden_size=540 intermediate_size=1408 target=cross ridge=0.01
+
+Keys: the four target sizes (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads),
+target (cross: reproduce the original layer from the original stream; self: plain OBS compensation on
+the small stream's own inputs), prior (1: the ridge pulls towards the original weights; 0: towards zero),
+ridge, tokens (calibration tokens of the Python docs outside library/), eval (held-out tokens per domain).
+It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
+KL and top-1 on the two domains of real_texts.py. The model and texts: see real_model.py, real_texts.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def main(argv: list[str]) -> int:
+    import real_eval
+    from real_model import real_model_folder
+    from real_texts import calibration_text, eval_texts
+    from transformers import AutoTokenizer
+
+    from tensorscale.convert import _pin_head_dim, working_targets
+    from tensorscale.folding.analysis import match_all
+    from tensorscale.folding.calibration import calibration_ids
+    from tensorscale.folding.layerwise import LayerwiseDown
+    from tensorscale.planning.plan import Options, evaluate_env, rewrite_config
+    from tensorscale.reading.source import open_source
+    from tensorscale.rulebook.compile import resolve_spaces
+    from tensorscale.rulebook.registry import resolve_rules
+    from tensorscale.writing.spill import SpillFolder
+
+    args = dict(a.split("=", 1) for a in argv)
+    targets = {k: int(v) for k, v in args.items() if k in SIZES}
+    folder = real_model_folder("float32")
+    source = open_source(folder)
+    rules = resolve_rules(source.config, None)
+    options = Options(mode="down", targets=targets)
+    env = evaluate_env(rules, source.config, options)
+    new_config = rewrite_config(rules, source.config, env, options)
+    working = Options(mode="down", targets=working_targets(rules, source.config, options))
+    working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
+    for config in (new_config, working_config):
+        _pin_head_dim(config, env)
+    ids = calibration_ids(folder, folder, calibration_text(), int(args.get("tokens", 8192)))
+    started = time.time()
+    engine = LayerwiseDown(source, resolve_spaces(rules, env), new_config, working_config,
+                           match_all(source, rules, env), "layer", ids, ridge=float(args.get("ridge", 1e-2)),
+                           target=args.get("target", "cross"), prior=args.get("prior", "1") == "1")
+    with tempfile.TemporaryDirectory(dir=os.path.join(HERE, "work")) as out:
+        spill = SpillFolder(out)
+        report = engine.run(spill.add)
+        spill.finish(new_config)
+        for name in os.listdir(folder):
+            if name.startswith("tokenizer") or name == "generation_config.json":
+                os.symlink(os.path.join(folder, name), os.path.join(out, name))
+        seconds = time.time() - started
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        reference_model = real_eval.load(folder)
+        before = sum(p.numel() for p in reference_model.parameters())
+        windows = real_eval.domain_windows(tokenizer, eval_texts(), int(args.get("eval", 4096)))
+        reference = real_eval.Reference(reference_model, windows)
+        small = real_eval.load(out)
+        after = sum(p.numel() for p in small.parameters())
+        measured = reference.compare(small)
+    print(f"{argv}: params cut {1 - after / before:.3f}, refit {seconds:.0f} s, calibration estimate "
+          f"KL {report['calibration_kl']:.3f} ppl x{report['calibration_ppl_ratio']:.3f}")
+    for domain, row in measured.items():
+        print(f"  {domain:14s} ppl ratio x{row['ppl_ratio']:.3f}  KL {row['kl']:.3f}  top-1 {row['top1']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    raise SystemExit(main(sys.argv[1:]))
