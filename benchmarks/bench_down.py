@@ -475,7 +475,8 @@ def detail_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (and a line saying the plot is skipped) without it."""
     try:
         import matplotlib
 
@@ -483,6 +484,21 @@ def plot(result: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("plot skipped: matplotlib is not importable (pip install matplotlib)")
+        return None
+    return plt
+
+
+def finish_plot(plt, fig, axes, path: str) -> bool:
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot(result: dict, path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     styles = {"down": ("C0", "o", "-"), "down+calib": ("C1", "o", "-"), "slice": ("C7", "x", ":"),
@@ -501,11 +517,7 @@ def plot(result: dict, path: str) -> bool:
     axes[2].set(xlabel="parameter reduction (%)", ylabel="top-1 agreement with original", title="top-1 agreement")
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return finish_plot(plt, fig, axes, path)
 
 
 # ------------------------------------------------------------------------------ quality on the real model
@@ -848,13 +860,8 @@ def real_tables(result: dict) -> str:
 
 
 def real_plot(result: dict, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot skipped: matplotlib is not importable (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return False
     methods = [m for m in REAL_METHODS if any(r["method"] == m and "eval" in r for r in result["rows"])]
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(6.5 * len(DOMAINS), 4.5))
@@ -869,11 +876,7 @@ def real_plot(result: dict, path: str) -> bool:
         ax.set(xlabel="parameter reduction (%)", ylabel="held-out ppl small / original (log)",
                title=f"SmolLM2-135M, {domain} (ppl {result['original_ppl'][domain]:.1f})")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return finish_plot(plt, fig, axes, path)
 
 
 # -------------------------------------------------------------------------------------------------- speed
