@@ -3,8 +3,9 @@
 Parameters are counted from the rules alone (headers only): every tensor's size is the product of its
 axes, and an axis in a space shrinks with that space's target. Cuts are allocated in the order that
 measured cheapest per parameter on a real pretrained model (SmolLM2-135M, `down --method refit`,
-benchmarks/README.md): the FFN first (FFN 1536 -> 1280, -9.9% parameters: held-out ppl x1.22 / x1.65,
-against x1.62 / x2.63 for the same cut spread over hidden 540 and FFN 1408), down to FFN_FLOOR of its
+benchmarks/down_variants.py, 4,096 calibration tokens): the FFN first (FFN 1536 -> 1280, -9.9% parameters:
+held-out ppl x1.25 / x1.74, against x1.62 / x2.63 for a -10.9% cut spread over hidden 540 and FFN 1408),
+down to FFN_FLOOR of its
 width; then query heads inside their kv groups, down to HEADS_FLOOR; then the residual stream, down to
 HIDDEN_FLOOR; then the FFN further. Sizes the user gave are kept; only the others are chosen.
 """
