@@ -104,7 +104,7 @@ def _calibration_file(tmp_path):
     from test_inference import SENTENCES
 
     path = tmp_path / "calibration.txt"
-    path.write_text(" ".join(SENTENCES * 80))
+    path.write_text(" ".join(SENTENCES * 200))
     return path
 
 

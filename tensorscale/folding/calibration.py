@@ -65,6 +65,9 @@ def self_generated_ids(folder: str, label: str, config: dict, tokens: int, seed:
             result = model(input_ids=step, past_key_values=past, use_cache=True)
             past = result.past_key_values
             probs = torch.softmax(result.logits[:, -1].float(), dim=-1)
+            if not bool(torch.isfinite(probs).all()):
+                raise TensorscaleError(f"{label} computes NaN or Inf (its weights hold NaN or Inf?): refit cannot "
+                                       "calibrate on it; repair the checkpoint, or fold it: --method fold --allow-nonfinite")
             step = torch.multinomial(probs, 1, generator=generator)
             ids = torch.cat([ids, step], dim=1)
         out.append(ids)

@@ -138,7 +138,11 @@ class LayerwiseDown:
         self._moment_cache = None
 
     def read(self, roles: TensorRoles) -> torch.Tensor:
-        return self.reader.read(roles.info).float()
+        tensor = self.reader.read(roles.info).float()
+        if not bool(torch.isfinite(tensor).all()):
+            raise TensorscaleError(f"tensor {roles.name} holds NaN or Inf: refit cannot re-solve around it; repair "
+                                   "the checkpoint, or fold it: --method fold --allow-nonfinite")
+        return tensor
 
     # ---- selection of global units -------------------------------------------------------------
     def _globals(self) -> dict:
