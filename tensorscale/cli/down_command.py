@@ -35,6 +35,19 @@ def down_target_options(func):
     return with_options(func, options)
 
 
+def budget_targets(source, rules_path, targets: dict, reduction, params, edd, upd, announce: bool = True) -> dict:
+    """`targets`, or with --reduction/--params the sizes the budget allocates (said on stderr)."""
+    if reduction is None and params is None:
+        return targets
+    from ..planning.allocation import allocate_budget
+
+    targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
+    if announce:
+        click.echo("tensorscale: budget allocated as " + ", ".join(
+            f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
+    return targets
+
+
 def wants_down(edd, upd, targets: dict) -> bool:
     return edd is not None or upd is not None or any(v is not None for v in targets.values())
 
@@ -110,18 +123,10 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
 
     check_output_early(output, source, force)
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
-    if reduction is not None or params is not None:
-        from ..planning.allocation import allocate_budget
-
-        targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
-        if not as_json:
-            click.echo("tensorscale: budget allocated as " + ", ".join(
-                f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
+    targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd, announce=not as_json)
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size)
     text = None
-    if calibration is not None:
-        if method == "fold":
-            raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
+    if calibration is not None:  # plan_down_by_method refuses it with --method fold, before any work
         from ..folding.calibration import read_calibration_text
 
         text = read_calibration_text(calibration)

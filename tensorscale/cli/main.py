@@ -19,7 +19,7 @@ if __name__ == "__main__":  # `python -m tensorscale.cli.main`: take the signals
 import click  # noqa: E402
 from ..errors import TensorscaleError
 from . import render
-from .down_command import TARGET_OPTIONS, down, down_options, down_target_options, wants_down
+from .down_command import TARGET_OPTIONS, budget_targets, down, down_options, down_target_options, wants_down
 from .options import ALLOW_NONFINITE, add_to_every_command, model_input, verbose_option, with_options
 from .revision import command_line, remember_arguments, revision_option
 from .output_format import output_format_options
@@ -260,12 +260,7 @@ def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_
     from ..convert import default_output, plan_conversion, plan_down, targets_grow
 
     targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
-    if reduction is not None or params is not None:  # down's budget, allocated as `down` allocates it
-        from ..planning.allocation import allocate_budget
-
-        targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
-        click.echo("tensorscale: budget allocated as " + ", ".join(
-            f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
+    targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd)  # as `down` allocates it
     up_asked = (edm != 1 or upm != 1 or snr_db is not None or untie_embeddings or strategy != "clone" or add_layers
                 or duplicate_layers is not None)
     if wants_down(edd, upd, targets) and (edd is not None or upd is not None or not targets_grow(source, targets, rules_path)):
