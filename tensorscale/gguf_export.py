@@ -45,7 +45,8 @@ def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force
     partial = f"{folder}.gguf"
     try:
         result = execute_plan(plan, folder, force=True, show_progress=show_progress, **options)
-        write_gguf(folder, partial, outtype or DEFAULT_OUTTYPE, getattr(plan.source, "gguf", None))
+        write_gguf(folder, partial, outtype or DEFAULT_OUTTYPE, getattr(plan.source, "gguf", None),
+                   name=os.path.splitext(os.path.basename(out))[0])
         interrupts.check()  # a swallowed signal stops the run before the file is moved into place
         with interrupts.deferred():  # one during the move waits until the record agrees with OUT
             replaced = os.path.lexists(out)

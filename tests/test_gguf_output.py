@@ -87,6 +87,7 @@ def test_safetensors_source_to_gguf(tmp_path):
     run("up", "-i", folder, "-o", out, "-upm", "2", "-q", "--format", "gguf", "--outtype", "f32")
     _, meta = fields(str(out))
     assert meta["qwen2.feed_forward_length"] == 1024 and meta["qwen2.embedding_length"] == 256
+    assert meta["general.name"] == "from-hf"  # the file's name, not the temporary folder's it was built in
     assert relative_logit_error(folder_model(folder), transformers_gguf_model(str(out)), 96) <= TOLERANCE
 
 

@@ -146,8 +146,11 @@ def plan_tensors(source, arch: str, entry: dict, outtype: str) -> list[_TensorOu
     return out
 
 
-def write_gguf(folder: str, path: str, outtype: str, source_header=None, progress=None) -> None:
-    """Write the safetensors checkpoint in `folder` as the GGUF file `path` (header first, then the data)."""
+def write_gguf(folder: str, path: str, outtype: str, source_header=None, progress=None, name: str | None = None) -> None:
+    """Write the safetensors checkpoint in `folder` as the GGUF file `path` (header first, then the data).
+
+    `name` is `general.name` when the source had no GGUF header to copy it from (default: the folder's
+    name; pass the final file's stem when `folder` is a temporary one)."""
     import gguf
     import numpy as np
 
@@ -171,7 +174,7 @@ def write_gguf(folder: str, path: str, outtype: str, source_header=None, progres
             writer.add_key_value(key, value, gguf.GGUFValueType(kind),
                                  gguf.GGUFValueType(element) if element is not None else None)
     else:
-        writer.add_name(os.path.basename(os.path.normpath(folder)))
+        writer.add_name(name or os.path.basename(os.path.normpath(folder)))
     for key, (value, kind) in model_keys.items():
         writer.add_key_value(key, value, gguf.GGUFValueType(kind))
     writer.add_file_type(int(files[outtype]))
