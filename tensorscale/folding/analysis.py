@@ -31,7 +31,7 @@ import torch
 from .. import interrupts
 from ..errors import TensorscaleError
 from ..ops.library import Fused, OpContext
-from ..planning.plan import match_rule
+from ..rulebook.evaluate import match_rule
 from ..reading.safetensors_header import DTYPE_SIZES
 from ..reading.source import ModelSource
 from ..reading.tensor_reader import ShardReader
