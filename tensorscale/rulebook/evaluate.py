@@ -113,3 +113,28 @@ def render_name(template, env, where) -> str:
         return render_template(template, env)
     except ExpressionError as exc:
         raise TensorscaleError(f"{where}: name template: {exc}") from None
+
+
+# The growth ratios (new size / old size) rules see. `down` runs the same rules with them below 1.
+RATIO_NAMES = ("n", "m", "nh", "nkv", "n_tiles")
+
+
+def inverted(ratios: dict) -> dict:
+    """The ratios of the `down` that undoes a rewrite with `ratios`: every growth ratio r is 1/r."""
+    return {key: (1 / value if key in RATIO_NAMES and value else value) for key, value in ratios.items()}
+
+
+def scale_inverts(rule_set: RuleSet, transform, config: dict, ratios: dict, **options) -> bool:
+    """The rule that lets one rules file drive `up` and `down`: a tensor rule's scale, evaluated with the
+    ratios inverted (n -> 1/n, as `down` evaluates it, `let` values included), undoes the scale at n.
+    `1 / n_tiles` and `1 / sqrt(n)` do; `1 / n + 1` does not. With an offset (y = x·c + o; (1+w) gains
+    have o = c − 1) the two affine maps must compose to the identity: c·c' = 1 and o·c' + o' = 0."""
+    def affine(env):
+        factor = 1 if transform.scale is None else transform.scale.evaluate(env)
+        offset = 0 if transform.scale_offset is None else transform.scale_offset.evaluate(env)
+        return float(factor), float(offset)
+
+    up = evaluate_let(rule_set, rules_env(config, ratios, **options))
+    down = evaluate_let(rule_set, rules_env(config, inverted(ratios), **options))
+    (c, o), (c_back, o_back) = affine(up), affine(down)
+    return abs(c * c_back - 1) < 1e-9 and abs(o * c_back + o_back) < 1e-9

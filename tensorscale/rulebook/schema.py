@@ -24,6 +24,7 @@ from ..strict_yaml import load_yaml, read_text_file
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
 from .patterns import Pattern
+from .roles import split_role
 
 KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched",
                    "depth"}
@@ -35,9 +36,6 @@ KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component"
 KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "norm", "note"}
 # How a space is normalised, where something normalises it as a whole (see SpaceSpec.norm).
 NORM_KINDS = ("rms", "rms_one_plus", "layer")
-IN_SUFFIX = ".in"
-NORM_SUFFIX = ".norm"
-ROLE_SUFFIXES = (IN_SUFFIX, NORM_SUFFIX)
 COMPONENTS = {"embeddings", "attention", "mlp", "norms", "head", "other"}
 
 
@@ -458,14 +456,6 @@ def _axis_label(label, where, spaces):
     if space not in spaces:
         raise RulesError(f"{where}: axis role {label!r} names no space (spaces: {', '.join(spaces) or 'none'})")
     return label
-
-
-def split_role(label: str) -> tuple[str, str]:
-    """'hidden.in' -> ('hidden', 'in'); 'hidden.norm' -> ('hidden', 'norm'); 'hidden' -> ('hidden', 'out')."""
-    for suffix in ROLE_SUFFIXES:
-        if label.endswith(suffix):
-            return label[: -len(suffix)], suffix[1:]
-    return label, "out"
 
 
 def _op_chain(ops, where) -> list[OpSpec]:
