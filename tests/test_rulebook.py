@@ -139,3 +139,120 @@ def test_the_import_walker_sees_deferred_imports(tmp_path):
     assert "tensorscale.rulebook.evaluate" in names and "tensorscale.reading.source" in names
     ast_probe = PACKAGE / "planning" / "allocation.py"  # imports plan inside a method
     assert "tensorscale.planning.plan" in set(_imports(ast_probe))
+
+
+# ---- extends -------------------------------------------------------------------------------------------
+
+from tensorscale.rulebook import schema  # noqa: E402
+from tensorscale.rulebook.extends import merge  # noqa: E402
+from tensorscale.rulebook.registry import resolved_text, shipped_text  # noqa: E402
+from tensorscale.rulebook.schema import RulesError  # noqa: E402
+
+BASE = {
+    "name": "base", "detect": {"model_type": ["base"]},
+    "let": {"a": "1", "b": "a + 1"}, "checks": [{"assert": "a == 1"}],
+    "spaces": {"hidden": {"size": "h", "grow": "n"}, "ffn": {"size": "f", "grow": "m"}},
+    "config": {"h": "h * n", "f": "f * m", "head_dim": "head_dim"},
+    "tensors": [{"match": "x", "axes": ["hidden"]}, {"match": "y", "when": "t", "axes": ["hidden.in"], "scale": "1 / n"},
+                {"match": "y", "axes": ["hidden.in"]}, {"match": "z", "axes": ["ffn"]}],
+    "create": [{"name": "c", "from": "x", "axes": ["hidden"]}],
+    "depth": {"count": "layers", "lists": ["a"], "identity": [{"match": "x", "fill": 0}]},
+}
+
+
+def test_extends_merges_mappings_by_key_extends_checks_and_merges_rules_in_place():
+    refining = {
+        "name": "mine", "extends": "base",
+        "let": {"b": "a + 2", "c": "b"},  # replaced in place, added after
+        "checks": [{"assert": "b == 3"}],
+        "spaces": {"ffn": {"size": "f", "grow": "m", "per": "layer"}},  # a space is replaced whole
+        "config": {"head_dim": None},  # null removes the base's key
+        "tensors": [{"match": "y", "when": "t", "axes": ["hidden.in"]},  # same match and when: replaced in place
+                    {"match": "x", "omit": True},
+                    {"match": "w", "after": "y", "axes": ["-"]},  # after the base's last rule matching y
+                    {"match": "v", "axes": ["-"]}],
+        "depth": {"lists": ["b"]},
+        "unmatched": "copy",
+    }
+    merged = merge(BASE, refining, "mine.yaml")
+    assert merged["name"] == "mine" and "detect" not in merged and "extends" not in merged
+    assert list(merged["let"].items()) == [("a", "1"), ("b", "a + 2"), ("c", "b")]
+    assert merged["checks"] == [{"assert": "a == 1"}, {"assert": "b == 3"}]
+    assert merged["spaces"]["ffn"] == {"size": "f", "grow": "m", "per": "layer"} and "hidden" in merged["spaces"]
+    assert list(merged["config"]) == ["h", "f"]
+    assert merged["tensors"] == [{"match": "y", "when": "t", "axes": ["hidden.in"]}, {"match": "y", "axes": ["hidden.in"]},
+                                 {"match": "w", "axes": ["-"]}, {"match": "z", "axes": ["ffn"]}, {"match": "v", "axes": ["-"]}]
+    assert merged["create"] == BASE["create"] and merged["unmatched"] == "copy"
+    assert merged["depth"] == {"count": "layers", "lists": ["b"], "identity": [{"match": "x", "fill": 0}]}
+    assert BASE["let"] == {"a": "1", "b": "a + 1"} and len(BASE["tensors"]) == 4  # the base is not changed
+
+
+def _bases(files):
+    return lambda name: __import__("copy").deepcopy(files.get(name))
+
+
+@pytest.mark.parametrize("files, text, words", [
+    ({}, "name: mine\nextends: nope\n", ["mine.yaml: extends 'nope' names no shipped rules file", "rules list"]),
+    ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "name: mine\nextends: a\n",
+     ["mine.yaml (through rules/b.yaml): extends cycle a -> b -> a", "remove the extends"]),
+    ({"a": {"extends": "a"}}, "name: mine\nextends: a\n", ["mine.yaml (through rules/a.yaml): extends cycle a -> a"]),
+    ({}, "name: mine\nextends: [a]\n", ["mine.yaml: extends must name a shipped rules file"]),
+    ({"a": BASE}, "name: mine\nextends: a\ntensors:\n  - {match: q, omit: true}\n",
+     ["mine.yaml: tensors[0]: omit: true removes a base rule, but the base has none"]),
+    ({"a": BASE}, "name: mine\nextends: a\ntensors:\n  - {match: q, after: nothing, axes: ['-']}\n",
+     ["mine.yaml: tensors[0]: after 'nothing' matches no base rule"]),
+])
+def test_extends_errors_are_one_line_naming_the_file_and_the_fix(monkeypatch, files, text, words):
+    monkeypatch.setattr(schema, "shipped_data", _bases(files))
+    with pytest.raises(RulesError) as caught:
+        schema.load_rules_text(text, "mine.yaml")
+    message = str(caught.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def test_a_users_file_extends_a_shipped_base():
+    mine = schema.load_rules_text("name: mine\ndetect: {model_type: [mine]}\nextends: llama\n"
+                                  "let: {tied: 'true'}\n", "mine.yaml")
+    llama = shipped_rules()["llama"]
+    assert mine.name == "mine" and mine.detect_model_types == ["mine"]
+    assert [r.pattern for r in mine.tensors] == [r.pattern for r in llama.tensors]
+    assert dict(mine.let)["tied"].source == "true" and [c[1] for c in mine.checks] == [c[1] for c in llama.checks]
+
+
+def test_the_decoder_family_extends_one_base_and_bases_are_not_architectures():
+    family = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"}
+    assert {name for name in shipped_rules() if "extends: _decoder" in shipped_text(name)} == family
+    assert not any(name.startswith("_") for name in shipped_rules())
+    assert "tensors:" in shipped_text("_decoder")
+
+
+@pytest.mark.parametrize("name", sorted(shipped_rules()))
+def test_rules_show_resolved_is_the_complete_file_the_engine_reads(name, tmp_path):
+    from click.testing import CliRunner
+
+    from tensorscale.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["rules", "show", name, "--resolved"])
+    assert result.exit_code == 0 and "extends" not in result.output
+    again = schema.load_rules_text(result.output, f"rules/{name}.yaml")
+    assert _canon(again) == _canon(shipped_rules()[name])
+    assert result.output.rstrip("\n") == resolved_text(name).rstrip("\n")
+
+
+def _canon(value):
+    import dataclasses
+
+    from tensorscale.rulebook.expr import Expression
+    from tensorscale.rulebook.patterns import Pattern
+
+    if isinstance(value, Expression):
+        return ("expr", value.source)
+    if isinstance(value, Pattern):
+        return ("re", value.pattern)
+    if dataclasses.is_dataclass(value):
+        return {f.name: _canon(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: _canon(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canon(item) for item in value]
+    return value

@@ -23,8 +23,10 @@ from ..errors import TensorscaleError
 from ..strict_yaml import load_yaml, read_text_file
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
+from .extends import resolve_extends
 from .patterns import Pattern
 from .roles import split_role
+from .shipped import shipped_data
 
 KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched",
                    "depth"}
@@ -166,15 +168,23 @@ MAX_OP_NODES = 10_000  # ops, fused parts and axis roles in one file, counted as
 
 
 def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
-    """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml)."""
+    """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml); an
+    `extends:` base is merged in first (rulebook.extends says how), so what is validated is the result."""
+    return _build(resolved_data(text, path), path)
+
+
+def resolved_data(text: str, path: str = "<rules>"):
+    """The plain data of a rules file with its `extends:` base merged in, not yet validated."""
     try:
         data = load_yaml(text, path, aliases=False)
+        _count_nodes(data, path)
+        data = resolve_extends(data, path, shipped_data)
     except RulesError:
         raise
     except TensorscaleError as exc:
         raise RulesError(str(exc)) from None
     _count_nodes(data, path)
-    return _build(data, path)
+    return data
 
 
 def _count_nodes(data, path: str) -> None:
