@@ -216,7 +216,7 @@ def test_a_users_file_extends_a_shipped_base():
     llama = shipped_rules()["llama"]
     assert mine.name == "mine" and mine.detect_model_types == ["mine"]
     assert [r.pattern for r in mine.tensors] == [r.pattern for r in llama.tensors]
-    assert dict(mine.let)["tied"].source == "true" and [c[1] for c in mine.checks] == [c[1] for c in llama.checks]
+    assert dict(mine.let)["tied"].source == "true" and [c.message for c in mine.checks] == [c.message for c in llama.checks]
 
 
 def test_the_decoder_family_extends_one_base_and_bases_are_not_architectures():
@@ -256,3 +256,92 @@ def _canon(value):
     if isinstance(value, (list, tuple)):
         return [_canon(item) for item in value]
     return value
+
+
+# ---- validation as data --------------------------------------------------------------------------------
+
+from tensorscale.rulebook.validate import yaml_keys  # noqa: E402
+
+SPACES = "spaces: {hidden: {size: 4, grow: n}}\n"
+
+
+@pytest.mark.parametrize("text, line", [
+    # unknown keys: the file, the place (the rule, with its pattern), the key, and the keys that exist
+    (SPACES + "tensors:\n  - {match: 'a\\.w', axis: [hidden]}\n",
+     "r.yaml: tensors[0]: unknown key 'axis' (known: axes, component, copy, drop, match, note, ops, replicate, "
+     "required, scale, when)"),
+    (SPACES + "tensors:\n  - {match: 'a\\.w', axes: [hidden], replicate: {count: 2, name: 'b{k}', times: 3}}\n",
+     "r.yaml: tensors[0] (a\\.w): replicate: unknown key 'times' (known: count, name, note, unit_of)"),
+    ("spaces: {hidden: {size: 4, grows: n}}\ntensors: [{match: a}]\n",
+     "r.yaml: spaces.hidden: unknown key 'grows' (known: clone, clusters_of, equal, grow, norm, note, per, scaled, "
+     "size, unit, within)"),
+    ("tensors: [{match: a}]\ncolour: red\n", "r.yaml: unknown key 'colour' (known: checks, config, create, depth, "
+     "description, detect, let, name, note, spaces, targets, tensors, tie, unmatched)"),
+    # wrong types: what the value must be
+    ("spaces: {hidden: {size: 4, scaled: 'yes'}}\ntensors: [{match: a}]\n", "r.yaml: spaces.hidden: scaled must be true or false"),
+    ("spaces: {hidden: {size: 4, clone: copy}}\ntensors: [{match: a}]\n",
+     "r.yaml: spaces.hidden: clone must be 'tile' or 'interleave'"),
+    ("spaces: {hidden: {size: 4, norm: batch}}\ntensors: [{match: a}]\n",
+     "r.yaml: spaces.hidden: norm must be one of rms, rms_one_plus, layer"),
+    (SPACES + "tensors:\n  - {match: 'a\\.w', axes: [hidden], component: brain}\n",
+     "r.yaml: tensors[0] (a\\.w): component must be one of attention, embeddings, head, mlp, norms, other"),
+    (SPACES + "tensors:\n  - {match: 'a\\.w', drop: 1}\n", "r.yaml: tensors[0] (a\\.w): drop must be true or false"),
+    ("detect: {model_type: 3}\ntensors: [{match: a}]\n", "r.yaml: detect.model_type must be a string or a list of strings"),
+    ("tensors: [{match: a}]\nunmatched: skip\n", "r.yaml: unmatched must be 'error' or 'copy'"),
+    ("tensors: [{match: a}]\ncreate: {name: x}\n", "r.yaml: create must be a list"),
+    # missing keys: which one, and what it is for
+    ("spaces: {hidden: {grow: n}}\ntensors: [{match: a}]\n", "r.yaml: spaces.hidden needs 'size'"),
+    (SPACES + "tensors:\n  - {axes: [hidden]}\n", "r.yaml: tensors[0] needs 'match', a regular expression for tensor names"),
+    (SPACES + "tensors:\n  - {match: 'a\\.w', replicate: {count: 2}}\n",
+     "r.yaml: tensors[0] (a\\.w): replicate needs 'count' and a 'name' template"),
+    ("tensors: [{match: a}]\ncreate: [{name: x, axes: ['-']}]\n", "r.yaml: create[0] needs 'name' and 'from' tensor names"),
+    ("tensors: [{match: a}]\nchecks: [{message: m}]\n", "r.yaml: checks[0] needs 'assert'"),
+    ("spaces: {}\n", "r.yaml: 'tensors' must be a non-empty list of rules"),
+])
+def test_rules_errors_are_one_line_naming_the_file_the_rule_and_the_fix(text, line):
+    with pytest.raises(RulesError) as caught:
+        schema.load_rules_text("name: r\n" + text, "r.yaml")
+    assert str(caught.value) == line
+
+
+def test_the_known_keys_are_the_dataclass_fields():
+    """One definition: a field added to a rule's dataclass is a key the files may give, and nothing else is."""
+    import dataclasses
+
+    def keys(cls):
+        found = set()
+        for field in dataclasses.fields(cls):
+            if field.metadata.get("inline"):
+                found |= keys(field.metadata["inline"])
+            elif field.metadata.get("yaml", True):
+                found.add(field.metadata.get("key") or field.name)
+        return found
+
+    for cls in (schema.RuleSet, schema.SpaceSpec, schema.TensorRule, schema.CreateRule, schema.DepthSpec,
+                schema.IdentityRule, schema.Replicate, schema.Check, schema.Detect):
+        assert set(yaml_keys(cls)) == keys(cls) | {"note"}, cls
+    assert {"axes", "ops", "scale", "match", "replicate"} <= set(yaml_keys(schema.TensorRule))
+    assert "index" not in yaml_keys(schema.TensorRule) and "path" not in yaml_keys(schema.RuleSet)
+
+
+# ---- what the engine no longer hard-wires --------------------------------------------------------------
+
+def test_targets_and_tie_key_are_declared_by_the_rules():
+    from tensorscale.planning.plan import Options, current_units
+    from tensorscale.rulebook.targets import DEFAULT_TARGETS, DEFAULT_TIE_KEY
+
+    text = ("name: t\nspaces:\n  residual: {size: d, grow: n}\n  mlp: {size: f, grow: m}\n"
+            "  att: {size: a * 4, unit: 4, grow: nh}\n"
+            "targets: {hidden_size: residual, intermediate_size: mlp, num_attention_heads: att}\ntie: tied\n"
+            "tensors: [{match: w, axes: [residual, mlp.in]}]\n")
+    rules = schema.load_rules_text(text, "t.yaml")
+    assert rules.targets == {**DEFAULT_TARGETS, "hidden_size": "residual", "intermediate_size": "mlp",
+                             "num_attention_heads": "att"} and rules.tie == "tied"
+    assert current_units(rules, {"d": 8, "f": 12, "a": 2}, Options()) == {
+        "hidden_size": 8, "intermediate_size": 12, "num_attention_heads": 2, "num_key_value_heads": 2}
+    for name, shipped in shipped_rules().items():
+        assert shipped.tie == DEFAULT_TIE_KEY and set(shipped.targets) == set(DEFAULT_TARGETS), name
+    with pytest.raises(RulesError, match=r"t.yaml: targets: unknown size option 'width' \(known: hidden_size"):
+        schema.load_rules_text(text.replace("hidden_size: residual", "width: residual"), "t.yaml")
+    with pytest.raises(RulesError, match=r"t.yaml: targets.hidden_size must name a space of the rules file"):
+        schema.load_rules_text(text.replace("hidden_size: residual", "hidden_size: hidden"), "t.yaml")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import TensorscaleError
 from ..strict_yaml import load_yaml, read_text_file
 from ..reading.source import looks_like_hub_id
+from ..rulebook.targets import TARGET_KEYS
 
 MAX_JOBS_BYTES = 16 * 2**20
 COMMANDS = ("up", "down")
@@ -29,7 +30,7 @@ COMMON_OPTIONS = {
     "verify_files": False,
     "allow_nonfinite": False,
 }
-DOWN_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+DOWN_TARGETS = TARGET_KEYS  # the size options
 UP_OPTIONS = {
     "embed_dim_multiplier": 1,
     "up_proj_multiplier": 1,

@@ -24,6 +24,7 @@ from ..rulebook.evaluate import (
 )
 from ..rulebook.expr import ExpressionError
 from ..rulebook.schema import RuleSet, Transform
+from ..rulebook.targets import TARGET_KEYS
 from . import depth
 from .completeness import check_complete
 
@@ -35,12 +36,6 @@ MAX_OUTPUT_BYTES = 2**50  # 1 PiB: beyond any disk; the free space itself is che
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-TARGET_SPACES = {  # option name -> the conventional space it sizes (rules files name their spaces so)
-    "hidden_size": "hidden",
-    "intermediate_size": "ffn",
-    "num_attention_heads": "heads",
-    "num_key_value_heads": "kv_heads",
-}
 
 
 @dataclass
@@ -60,7 +55,7 @@ class Options:
     mode: str = "up"
     embed_dim_divisor: int | None = None
     up_proj_divisor: int | None = None
-    targets: dict = field(default_factory=dict)  # TARGET_SPACES key -> size or count
+    targets: dict = field(default_factory=dict)  # TARGET_KEYS key -> size or count
     strategy: str = "clone"  # up: "clone" (HyperCloning / Net2Net) or "pad" (top-left block, zeros elsewhere)
     add_layers: int = 0  # up: identity layers to insert
     insert_at: tuple[int, ...] | None = None  # up: source layer indices the identity layers go before
@@ -86,7 +81,7 @@ class Options:
             raise TensorscaleError(f"--add-layers {self.add_layers:,} is more than {MAX_ADDED_LAYERS:,} layers")
         if self.mode == "down" and (self.strategy != "clone" or self.add_layers or self.duplicate_layers):
             raise TensorscaleError("--strategy, --add-layers and --duplicate-layers are options of up, not down")
-        unknown = set(self.targets) - set(TARGET_SPACES)
+        unknown = set(self.targets) - set(TARGET_KEYS)
         if unknown:
             raise TensorscaleError(f"unknown target {sorted(unknown)[0]}")
         if self.dtype not in DTYPE_CHOICES:
@@ -211,10 +206,11 @@ def down_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
 
 
 def current_units(rule_set: RuleSet, config: dict, options: Options) -> dict:
-    """The model's size in each TARGET_SPACES key (hidden and FFN in dimensions, heads in counts)."""
+    """The model's size in each TARGET_KEYS key (hidden and FFN in dimensions, heads in counts), read from the
+    spaces the rules file's `targets` name."""
     env = evaluate_let(rule_set, base_env(config, options, UNIT_RATIOS))
     spaces = resolve_spaces(rule_set, env)
-    current = {key: (spaces[name].units if name in spaces else None) for key, name in TARGET_SPACES.items()}
+    current = {key: (spaces[name].units if name in spaces else None) for key, name in rule_set.targets.items()}
     if current["num_key_value_heads"] is None:
         current["num_key_value_heads"] = current["num_attention_heads"]
     return current
@@ -340,7 +336,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
     layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
     depth.rewrite_config(rule_set, source.config, new_config, layers)
     if retie:
-        new_config["tie_word_embeddings"] = True
+        new_config[rule_set.tie] = True
     check_new_config(rule_set, new_config, spaces, options)
     layouts = plan_layouts(spaces, options.strategy) if folds is None else None
 

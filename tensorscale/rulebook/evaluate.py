@@ -19,7 +19,8 @@ MAX_REPLICATE = 65_536  # copies one tensor rule may write
 def rules_env(config: dict, ratios: dict, *, snr_db=None, untie_embeddings: bool = False) -> dict:
     """Config fields plus the options rules see: n (hidden), m (FFN), nh (heads), nkv (kv heads) as growth
     ratios (new size / old size), n_tiles, snr_db and untie_embeddings."""
-    env = {key: value for key, value in config.items() if isinstance(value, (int, float, str, bool, list)) or value is None}
+    env = {key: value for key, value in config.items()
+           if isinstance(value, (int, float, str, bool, list)) or value is None}
     ratios = dict(ratios)
     # n_tiles: how many whole copies of the source hidden state the new one holds (a tied head sums them).
     # Tiling: n. Down: n too (a fraction). Zero-padding: 1; any width: the whole part of n, the rest padded.

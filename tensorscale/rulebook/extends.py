@@ -7,8 +7,8 @@ as ``_decoder``, are bases: they are only extended, never detected or listed). T
 validated; the merged result is what ``tensorscale rules show NAME --resolved`` prints. Merge semantics:
 
 - ``name``, ``description`` and ``detect`` are the refining file's own: never inherited.
-- Mappings ``let``, ``spaces``, ``config`` and ``depth`` are merged key by key: a key the refining file
-  gives replaces the base's value whole (a space's whole definition, a config expression, depth's
+- Mappings ``let``, ``spaces``, ``config``, ``targets`` and ``depth`` are merged key by key: a key the refining
+  file gives replaces the base's value whole (a space's whole definition, a config expression, depth's
   ``lists``) and keeps the base's position (``let`` and ``config`` are evaluated in order); a new key is
   added after the base's keys; a key given as ``null`` (``~``) removes the base's key.
 - ``checks`` is extended: the base's checks, then the refining file's.
@@ -25,7 +25,7 @@ from __future__ import annotations
 from ..errors import TensorscaleError
 
 MAX_EXTENDS_DEPTH = 8
-MERGED_MAPPINGS = ("let", "spaces", "config", "depth")
+MERGED_MAPPINGS = ("let", "spaces", "config", "depth", "targets")
 OWN_KEYS = ("name", "description", "detect", "extends")
 
 
@@ -46,7 +46,8 @@ def resolve_extends(data, path: str, bases, chain: tuple[str, ...] = ()) -> obje
         cycle = " -> ".join([*chain, name])
         raise ExtendsError(f"{where}: extends cycle {cycle}; remove the extends that closes it")
     if len(chain) >= MAX_EXTENDS_DEPTH:
-        raise ExtendsError(f"{where}: extends is nested more than {MAX_EXTENDS_DEPTH} deep; extend a file nearer the base")
+        raise ExtendsError(f"{where}: extends is nested more than {MAX_EXTENDS_DEPTH} deep; "
+                           "extend a file nearer the base")
     base = bases(name)
     if base is None:
         raise ExtendsError(f"{where}: extends {name!r} names no shipped rules file; `tensorscale rules list` shows "
