@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
-from ..strict_yaml import load_yaml, read_text_file
+from ..strict_yaml import load_yaml_file
 from ..reading.source import looks_like_hub_id
 from ..rulebook.targets import TARGET_KEYS
 
@@ -119,10 +119,8 @@ def load_jobs(path: str) -> list[Job]:
     """Read and validate the whole jobs file; raise one TensorscaleError line on the first problem."""
     if not os.path.lexists(path):
         raise TensorscaleError(f"jobs file {path} does not exist; check the path")
-    text = read_text_file(path, "jobs file", MAX_JOBS_BYTES)
     # safe loading (plain data only), a key given twice refused, nesting bounded (strict_yaml)
-    data = load_yaml(text, path)
-    return parse_jobs(data, path)
+    return parse_jobs(load_yaml_file(path, "jobs file", MAX_JOBS_BYTES), path)
 
 
 def parse_jobs(data, path: str = "<jobs>") -> list[Job]:

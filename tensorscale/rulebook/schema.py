@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import TensorscaleError
-from ..strict_yaml import load_yaml, read_text_file
+from ..strict_yaml import load_yaml, load_yaml_file
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
 from .extends import resolve_extends
@@ -384,7 +384,10 @@ MAX_OP_NODES = 10_000  # ops, fused parts and axis roles in one file, counted as
 def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
     """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml); an
     `extends:` base is merged in first (rulebook.extends says how), so what is validated is the result."""
-    data = resolved_data(text, path)
+    return _from_data(resolved_data(text, path), path)
+
+
+def _from_data(data, path: str) -> RuleSet:
     if not isinstance(data, dict):
         raise RulesError(f"{path}: a rules file must be a YAML mapping with at least 'name' and 'tensors'")
     try:
@@ -398,13 +401,16 @@ def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
 def resolved_data(text: str, path: str = "<rules>"):
     """The plain data of a rules file with its `extends:` base merged in, not yet validated."""
     try:
-        data = load_yaml(text, path, aliases=False)
-        _count_nodes(data, path)
-        data = resolve_extends(data, path, shipped_data)
+        return _resolved(load_yaml(text, path, aliases=False), path)
     except RulesError:
         raise
     except TensorscaleError as exc:
         raise RulesError(str(exc)) from None
+
+
+def _resolved(data, path: str):
+    _count_nodes(data, path)
+    data = resolve_extends(data, path, shipped_data)
     _count_nodes(data, path)
     return data
 
@@ -425,10 +431,12 @@ def _count_nodes(data, path: str) -> None:
 
 def load_rules_file(path: str) -> RuleSet:
     try:
-        text = read_text_file(path, "rules file", MAX_RULES_BYTES)
+        data = _resolved(load_yaml_file(path, "rules file", MAX_RULES_BYTES, aliases=False), path)
+    except RulesError:
+        raise
     except TensorscaleError as exc:
         raise RulesError(str(exc)) from None
-    return load_rules_text(text, path)
+    return _from_data(data, path)
 
 
 def _pattern(source: str, where: str) -> Pattern:
