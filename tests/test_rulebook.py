@@ -297,6 +297,8 @@ SPACES = "spaces: {hidden: {size: 4, grow: n}}\n"
     ("tensors: [{match: a}]\ncreate: [{name: x, axes: ['-']}]\n", "r.yaml: create[0] needs 'name' and 'from' tensor names"),
     ("tensors: [{match: a}]\nchecks: [{message: m}]\n", "r.yaml: checks[0] needs 'assert'"),
     ("spaces: {}\n", "r.yaml: 'tensors' must be a non-empty list of rules"),
+    ("tensors:\n  - {match: 'a\\.w', axes: [hidden]}\n", "r.yaml: tensors[0] (a\\.w): axis role 'hidden' names no space "
+     "(spaces: none)"),
 ])
 def test_rules_errors_are_one_line_naming_the_file_the_rule_and_the_fix(text, line):
     with pytest.raises(RulesError) as caught:

@@ -111,6 +111,8 @@ def _read_fields(cls, value: dict, where: str, context: dict, given: dict) -> di
             if _required(field):
                 missing = _meta(field, "missing") or f"needs {name!r}"
                 raise ValidationError(f"{where}{'' if missing.startswith(':') else ' '}{missing}")
+            # the default, so that later fields see it (the tensors of a file without spaces see {})
+            found[field.name] = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
             continue
         parse = _meta(field, "parse")
         raw = value[name]
