@@ -7,12 +7,11 @@ import json
 import click
 
 from ..errors import TensorscaleError
+from ..rulebook.targets import TARGET_KEYS as TARGET_OPTIONS  # the size options, in the order of the flags
 from . import render
 from .options import ALLOW_NONFINITE, model_input, with_options
 from .revision import command_line, revision_option
 from .output_format import output_format_options
-
-TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 
 def down_target_options(func):
