@@ -756,6 +756,8 @@ def stage_state(study: Study, name: str) -> str:
     if res.get("done"):
         missing = [o for o in stage_outputs(name) if not os.path.isdir(os.path.join(study.work, o))]
         return f"outputs missing ({', '.join(missing)}): to redo" if missing else "done"
+    if "start_step" not in res:  # d.heal: steps until its CPU budget runs out
+        return f"partial ({res['steps'][-1] if res['steps'] else 0} steps)"
     return f"partial ({res['steps'][-1] - res['start_step']} of {res['end_step'] - res['start_step']} steps)"
 
 
