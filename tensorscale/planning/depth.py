@@ -129,11 +129,7 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
                 raise TensorscaleError(f"--at position {position!r} is out of range: the model has {count} layers, "
                                        f"so positions go from 0 (before the first) to {count} (after the last)")
             before.setdefault(position, []).append(max(0, position - 1))
-        from .plan import first_failed_check  # plan imports this module
-
-        message = first_failed_check(spec.identity_checks, env, f"{rule_set.path}: depth.identity_checks")
-        if message is not None:
-            raise TensorscaleError(f"--add-layers cannot insert exact identity layers: {message} (rules {rule_set.name})")
+        # the rules' depth.identity_checks are the planner's to check (planning.plan), once the layout is known
     elif options.insert_at is not None:
         raise TensorscaleError("--at says where --add-layers inserts; give --add-layers K too")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import TensorscaleError
-from ..planning.plan import Options, evaluate_env, match_rule
+from ..planning.plan import UpOptions, evaluate_env, match_rule
 from ..reading.source import ModelSource
 from .registry import resolve_rules
 
@@ -13,7 +13,7 @@ def check_rules(source: ModelSource, rules_path: str | None) -> dict:
     report = {"rules": rule_set.name, "path": rule_set.path, "tensors": len(source.tensors),
               "unmatched_tensors": [], "unused_rules": [], "matches": {}, "error": None}
     try:
-        env = evaluate_env(rule_set, source.config, Options())
+        env = evaluate_env(rule_set, source.config, UpOptions())
     except TensorscaleError as exc:
         report["error"] = str(exc)
         return report
