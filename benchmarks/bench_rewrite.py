@@ -122,7 +122,7 @@ def one_size(work: str, params: float, baseline_max: float, floor_repeats: int =
     row.update(up_s=up["elapsed"], up_rss=up["max_rss"], up_anon=up["peak_anon"], up_user=up["user"],
                up_sys=up["sys"], up_cpu=up["user"] + up["sys"], out_bytes=up["out_bytes"], others_cpu=up["other_cpu_s"])
     warm(inputs)
-    down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--quiet"], out)
+    down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--method", "fold", "--quiet"], out)
     shutil.rmtree(out)
     row.update(down_s=down["elapsed"], down_rss=down["max_rss"], down_anon=down["peak_anon"])
     if params <= baseline_max:
@@ -146,7 +146,7 @@ def down_only(work: str, params: float) -> dict:
     check_space(work, in_bytes)
     out = os.path.join(work, "out")
     warm(inputs)
-    down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--quiet"], out)
+    down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--method", "fold", "--quiet"], out)
     shutil.rmtree(out)
     row = {"size": label(params), "params": params, "in_bytes": in_bytes, "down_s": down["elapsed"],
            "down_rss": down["max_rss"], "down_anon": down["peak_anon"]}

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     out = os.path.join(work, "out")
                     command = [sys.executable, "-m", "tensorscale.cli.main", "down", "-i", args.model, "-o", out,
-                               "--force", "--quiet", "--seed", str(seed), "--hidden-size", str(hidden),
+                               "--force", "--quiet", "--method", "fold", "--seed", str(seed), "--hidden-size", str(hidden),
                                "--intermediate-size", str(inter), "--num-attention-heads", str(heads),
                                "--num-key-value-heads", str(kv)]
                     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": code})

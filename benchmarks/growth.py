@@ -195,7 +195,8 @@ def tensorscale_up(source: str, out: str, extra: list[str]) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return {"command": "tensorscale " + " ".join(cmd[1:]), "seconds": time.time() - t0}
+    command = "tensorscale " + " ".join(cmd[1:])
+    return {"command": command.replace(REPO + os.sep, ""), "seconds": time.time() - t0}  # paths from the repo
 
 
 def load_model(folder: str):
@@ -405,7 +406,6 @@ def expand_stage(study: Study, scale: str) -> dict:
             delta = (big(input_ids=probe).logits - ref).abs().max().item()
         info.update(max_delta_logit=delta, logit_scale=ref.abs().max().item(), params=params_of(big),
                     loss=corpus.evaluate(big, windows))
-        info["command"] = info["command"].replace(REPO + os.sep, "")
         out["expansions"][name] = info
         print(f"{scale}.expand {name}: {info['params']:,} params, max |delta logit| {delta:.2e}, "
               f"held-out loss {info['loss']:.4f} (small {out['small_loss']:.4f})")
@@ -476,7 +476,6 @@ def p_grow(study: Study) -> dict:
     folder = os.path.join(study.work, "p", "x2x2")
     info = tensorscale_up(os.path.join(study.work, "p.phase1", "final"), folder,
                           ["-edm", "2", "-upm", "2", "--snr-db", str(SNR_DB)])
-    info["command"] = info["command"].replace(REPO + os.sep, "")
     out = {"stage": "p.grow", "done": True, "from_flops": p1["flops_total"][-1], **info}
     write_json(os.path.join(study.stage_dir, "p.grow.json"), out)
     return out
@@ -485,7 +484,6 @@ def p_grow(study: Study) -> dict:
 def p_oneshot_expand(study: Study) -> dict:
     folder = os.path.join(study.work, "p", "x4")
     info = tensorscale_up(study.args.source, folder, ["-edm", "4", "-upm", "4", "--snr-db", str(SNR_DB)])
-    info["command"] = info["command"].replace(REPO + os.sep, "")
     same = same_shape_config(folder, os.path.join(study.work, "s2", "iso")) if os.path.isdir(
         os.path.join(study.work, "s2", "iso")) else None
     out = {"stage": "p.x4", "done": True, "same_config_as_s2_large": same, **info}

@@ -78,11 +78,12 @@ def plan_down_by_method(source_label: str, options: DownOptions, rules_path: str
 
 def _refit_with_calibration(source_label, options, rules_path, text, tokens, spill_folder, show_progress):
     from .folding.calibration import calibration_ids, self_generated_ids
-    from .inference.loading import require_transformers, resolve
+    from .gguf_import import runnable_source
+    from .inference.loading import require_transformers
 
     require_transformers("down (refit)")
     _check_refit_possible(source_label, options, rules_path)  # before minutes of sampling, not after
-    model = resolve(source_label)
+    model = runnable_source(source_label)
     if text is not None:
         ids = calibration_ids(model.folder, model.label, text, tokens)
     else:

@@ -35,3 +35,19 @@ def imported_folder(path: str, *, dtype: str = "keep") -> str:
             any(name.endswith(".safetensors") for name in os.listdir(folder))):
         import_gguf(path, folder, dtype=dtype)
     return folder
+
+
+def runnable_source(label: str):
+    """A model input as a ModelSource that transformers can load: a local folder or hub id as it is (its
+    headers checked, fetched without pickles), a GGUF file (or the side folder that describes one, as
+    `up --verify` passes it) as its imported safetensors checkpoint.
+
+    Here, not in inference/: importing a GGUF runs the engine (convert.py), and the engine's refit runs
+    models through inference/, so inference must not import the engine back."""
+    from .reading.gguf_source import side_folder_gguf
+    from .reading.source import local_path, open_source
+
+    path = local_path(label)
+    gguf = path if path.lower().endswith(".gguf") and os.path.isfile(path) else \
+        side_folder_gguf(path) if os.path.isdir(path) else None
+    return open_source(imported_folder(gguf) if gguf is not None else label)

@@ -89,10 +89,11 @@ def test_gen_greedy_is_deterministic_and_streams_after_the_prompt(models):
 
 
 def test_gen_streams_pieces_as_they_decode(models):
+    from tensorscale.gguf_import import runnable_source
     from tensorscale.inference.generate import Settings, generate
 
     pieces = []
-    result = generate(models["talking"], "once upon a", Settings(n_predict=6, greedy=True), on_text=pieces.append)
+    result = generate(runnable_source(models["talking"]), models["talking"], "once upon a", Settings(n_predict=6, greedy=True), on_text=pieces.append)
     assert result["tokens"] >= 2 and len(pieces) >= 2, (result, pieces)  # not one lump at the end
     assert "".join(pieces).split() == result["completion"].split()
 

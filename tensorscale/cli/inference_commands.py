@@ -65,7 +65,9 @@ def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repe
       tensorscale gen examples/pydoc-llama -p "Return the" -n 30 --greedy
       tensorscale gen HuggingFaceTB/SmolLM2-135M-Instruct --chat -p "What is the capital of France?"
     """
+    from ..gguf_import import runnable_source
     from ..inference.generate import Settings, generate
+    from ..inference.loading import require_transformers
 
     settings = Settings(n_predict, temperature, top_k, top_p, greedy, seed, repeat_penalty,
                         chat or system is not None, system, dtype, device)
@@ -78,8 +80,10 @@ def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repe
         click.echo(f"tensorscale: note: {text}", err=True)
 
     with _interruptible(interrupted):
+        require_transformers("gen")  # before a GGUF input is imported for it
+        model = runnable_source(source)
         if as_json:
-            click.echo(json.dumps(generate(source, prompt, settings, on_note=note), indent=2))
+            click.echo(json.dumps(generate(model, source, prompt, settings, on_note=note), indent=2))
             return
         started = []
 
@@ -91,7 +95,7 @@ def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repe
             click.echo(text, nl=False)
             sys.stdout.flush()
 
-        result = generate(source, prompt, settings, on_text=stream, on_note=note)
+        result = generate(model, source, prompt, settings, on_text=stream, on_note=note)
         if not started and not settings.chat:
             click.echo(prompt, nl=False)
         click.echo()
@@ -144,12 +148,16 @@ def verify(paths, source, output, text_path, tolerance, seed, dtype, device, as_
       tensorscale verify ./tiny-llama ./tiny-llama-x2
       tensorscale verify -i ./tiny-llama -o ./tiny-llama-x2 --text notes.txt --json
     """
+    from ..gguf_import import runnable_source
+    from ..inference.loading import require_transformers
     from ..inference.verify import read_texts, verify as run_verify
 
     source, output = _two_models(paths, source, output)
     texts = read_texts(text_path) if text_path else None
     with _interruptible("tensorscale: interrupted"):
-        report = run_verify(source, output, texts=texts, tolerance=tolerance, seed=seed, dtype=dtype, device=device)
+        require_transformers("verify")  # before a GGUF input is imported for it
+        report = run_verify(runnable_source(source), runnable_source(output), source, output, texts=texts,
+                            tolerance=tolerance, seed=seed, dtype=dtype, device=device)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else verify_text(report))
     if not report.passed:
         sys.exit(EXIT_FAILED)
@@ -196,9 +204,11 @@ class UpVerification:
         return self.plan.depth is not None and not self.plan.depth.function_preserving
 
     def __call__(self, folder: str) -> dict:
+        from ..gguf_import import runnable_source
         from ..inference.verify import verify as run_verify
 
-        report = run_verify(self.plan.source.folder, folder, tolerance=self.tolerance)
+        source = self.plan.source.folder
+        report = run_verify(runnable_source(source), runnable_source(folder), source, folder, tolerance=self.tolerance)
         report.source = self.plan.source.label
         self.report = report
         return dict(report.to_dict(), expected_change=self.expected_change)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 
 def human_bytes(n: int) -> str:
     value = float(n)
@@ -187,11 +185,3 @@ def check_text(report: dict) -> str:
         lines.append(f"{len(report['unused_rules'])} rule(s) match no tensor (fine for optional tensors such as biases):")
         lines.extend(f"  {label}" for label in report["unused_rules"])
     return "\n".join(lines)
-
-
-def short_path(path: str) -> str:
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:
-        return path
-    return relative if not relative.startswith("..") else path

@@ -18,7 +18,6 @@ are two views of the same units, so their sketches add up and both fold with the
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import defaultdict
@@ -31,6 +30,7 @@ import torch
 from .. import interrupts
 from ..errors import TensorscaleError
 from ..ops.library import Fused, OpContext
+from ..ops.seeding import seeded_generator
 from ..planning.plan import match_rule
 from ..reading.safetensors_header import DTYPE_SIZES
 from ..reading.source import ModelSource
@@ -74,13 +74,8 @@ class Match:
         return found
 
 
-def _generator(*parts) -> torch.Generator:
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
 def _projection(features: int, key) -> torch.Tensor:
-    return torch.randn(features, SKETCH, generator=_generator("sketch", key)) / math.sqrt(SKETCH)
+    return torch.randn(features, SKETCH, generator=seeded_generator("sketch", key)) / math.sqrt(SKETCH)
 
 
 def _sample(count: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import TensorscaleError
-from .loading import check_device, load_model, load_tokenizer, require_transformers, resolve
+from .loading import check_device, load_model, load_tokenizer, require_transformers
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.0}
@@ -162,7 +162,7 @@ def fit_context(ids, n_predict: int, limit: int | None, on_note: Callable[[str],
     return ids[:, -room:]
 
 
-def generate(label: str, prompt: str, settings: Settings, on_text: Callable[[str], None] | None = None,
+def generate(source, label: str, prompt: str, settings: Settings, on_text: Callable[[str], None] | None = None,
              on_note: Callable[[str], None] | None = None) -> dict:
     """Complete `prompt`; `on_text` receives each new piece of text as soon as it decodes to whole characters,
     `on_note` what the user should know (a cut prompt)."""
@@ -172,7 +172,6 @@ def generate(label: str, prompt: str, settings: Settings, on_text: Callable[[str
     from transformers import GenerationConfig
 
     check_device(settings.device)
-    source = resolve(label)
     tokenizer = load_tokenizer(source.folder, label, "gen")  # before the model: fail fast on a missing tokenizer
     ids = fit_context(prompt_ids(tokenizer, prompt, settings, label), settings.n_predict,
                       context_length(source.config), on_note)

@@ -32,24 +32,6 @@ def require_transformers(command: str):
     return transformers
 
 
-def resolve(label: str):
-    """A local folder (or hub id, fetched without pickles) as a ModelSource, its headers checked.
-
-    A GGUF file (or the side folder that describes one, as `up --verify` passes it) resolves to its
-    imported safetensors checkpoint, which transformers loads like any other."""
-    from ..reading.gguf_source import side_folder_gguf
-    from ..reading.source import local_path, open_source
-
-    path = local_path(label)
-    gguf = path if path.lower().endswith(".gguf") and os.path.isfile(path) else \
-        side_folder_gguf(path) if os.path.isdir(path) else None
-    if gguf is not None:
-        from ..gguf_import import imported_folder
-
-        return open_source(imported_folder(gguf))
-    return open_source(label)
-
-
 def has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
 

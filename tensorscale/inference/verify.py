@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import TensorscaleError
-from .loading import check_device, has_tokenizer, load_model, load_tokenizer, require_transformers, resolve, vocab_size
+from .loading import check_device, has_tokenizer, load_model, load_tokenizer, require_transformers, vocab_size
 
 DEFAULT_TOLERANCE = 1e-4
 # Pass marks by the dtype both models run in. float32: rounding through a network stays near 1e-7..1e-6.
@@ -70,9 +70,10 @@ def default_tolerance(dtype: str = "float32") -> float:
     return COMPUTE_TOLERANCE.get(dtype, DEFAULT_TOLERANCE)
 
 
-def verify(source_label: str, output_label: str, *, texts: list[str] | None = None,
+def verify(src, dst, source_label: str, output_label: str, *, texts: list[str] | None = None,
            tolerance: float | None = None, seed: int = 0, dtype: str = "float32", device: str = "cpu") -> Report:
-    """Compare SRC and DST on the same token ids; `passed` is relative_logit_error <= tolerance (by default
+    """Compare SRC and DST (ModelSources that transformers loads: gguf_import.runnable_source) on the same
+    token ids; `passed` is relative_logit_error <= tolerance (by default
     the mark for `dtype`, default_tolerance)."""
     if tolerance is None:
         tolerance = default_tolerance(dtype)
@@ -82,7 +83,6 @@ def verify(source_label: str, output_label: str, *, texts: list[str] | None = No
     import torch
 
     check_device(device)
-    src, dst = resolve(source_label), resolve(output_label)
     vocab = _common_vocab(src, dst, source_label, output_label)
     sequences, inputs = _token_ids(src, dst, source_label, output_label, vocab, texts, seed)
 

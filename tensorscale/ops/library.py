@@ -1,24 +1,30 @@
-"""The operator vocabulary of rules files.
+"""The operator vocabulary of rules files, and the one interface every op implements.
 
-Each op knows three things, so that shapes are planned before data is touched:
+Shapes are planned before data is touched, and every op can say how to undo it:
 - ``out_shape``: the output shape from the input shape;
 - ``apply``: the transformation of a tensor (or of a chunk of rows, when the op leaves axis 0 alone);
 - ``map_rows``: for ops on axis 0 that only copy or reorder rows, how output rows map to input rows, which
-  lets the engine stream large tensors in row chunks.
+  lets the engine stream large tensors in row chunks;
+- ``inverse``: the op that undoes this one (``inverse(shape)(op(x)) == x``), or `NoInverse` saying why
+  there is none.
+
+Growth is one idea with three fast kernels: `Tile`, `Interleave` and `TileDivide` are each a `Gather` (new
+unit j is a copy of old unit sources[j]; ``as_gather`` gives it), and `Merge` is Gather's adjoint, the op
+`down` is made of: it folds the copies back (``Gather.inverse`` is a Merge, ``Merge.adjoint`` a Gather).
 Arithmetic runs in float32; ops that only move data keep the stored dtype, so copies are exact and cheap.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ..errors import TensorscaleError
 from .rowmap import RowMap, Segment
+from .seeding import seeded_generator
 
 
 class _LazyTorch:
@@ -45,22 +51,54 @@ class OpContext:
 
     def generator(self, op_index: int) -> torch.Generator:
         """A generator keyed by seed, tensor, chunk and op, so noise never depends on execution order."""
-        digest = hashlib.sha256(f"{self.seed}|{self.tensor_name}|{self.chunk_key}|{op_index}".encode()).digest()
-        generator = torch.Generator()
-        generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        return generator
+        return seeded_generator(self.seed, self.tensor_name, self.chunk_key, op_index)
+
+
+def part_key(op_index: int, part_index: int, inner_index: int) -> int:
+    """The noise key of op `inner_index` of part `part_index` inside the fused op at `op_index`.
+
+    One number, so that `OpContext.generator` keys every op alike. This exact encoding is part of the
+    output: changing it would change the noise, and so the bytes, that a given --seed wrote before."""
+    return op_index * 1000 + part_index * 100 + inner_index
+
+
+class NoInverse(TensorscaleError):
+    """An op that cannot be undone; the message says why (what it loses)."""
 
 
 class Op:
-    name = "op"
-    arithmetic = False  # True when the op computes new values (then it runs in float32)
-    # Subclasses define `axis`, the axis they act on, or None for elementwise ops.
+    """One step of a tensor's op chain.
+
+    Every op declares:
+    - `name` (class): its name in rules files and plans;
+    - `arithmetic` (class): True when it computes new values (then it runs in float32); False when it only
+      moves or copies data (then it keeps the stored dtype);
+    - `axis`: the axis it acts on, or None for an elementwise op. Planning streams row chunks through every
+      op whose axis is not 0, and asks the axis-0 ops for their row maps (`map_rows`).
+    Every op implements `out_shape`, `apply` and `describe`; the other methods have defaults here:
+    - `apply_into`: a fast path that writes the result into the output's own buffer (default: none);
+    - `map_rows`: the row map of an axis-0 op that only moves rows (default: None, the op mixes rows);
+    - `draws_noise`: whether `apply` draws from the context's generator (default: no);
+    - `as_merge`: the op as one Merge along its axis, which the writer can produce a slice at a time
+      (default: None);
+    - `inverse`: the op that undoes it (default: NoInverse with `no_inverse`, the reason).
+    """
+
+    name: ClassVar[str] = "op"
+    arithmetic: ClassVar[bool] = False
+    no_inverse: ClassVar[str] = "it has no inverse"
+    axis: int | None  # each op sets it (a dataclass field, or a class constant); no default, so none forgets
 
     def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
 
     def apply(self, x: torch.Tensor, ctx: OpContext, op_index: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor, ctx: OpContext, op_index: int) -> bool:
+        """apply(), written into `out`; False where this op has no such path (the caller copies apply()'s
+        result instead)."""
+        return False
 
     def map_rows(self, row_map: RowMap) -> RowMap | None:
         """How output rows of axis 0 come from input rows, or None if this op mixes rows."""
@@ -70,6 +108,14 @@ class Op:
         """Whether apply() draws from ctx.generator. Noise is keyed by row chunk, so such an op must see
         the rows in the planned chunks; one that draws none gives the same rows however they are grouped."""
         return False
+
+    def as_merge(self) -> "Merge | None":
+        return None
+
+    def inverse(self, shape: tuple[int, ...]) -> "Op":
+        """The op g with g(self(x)) == x for every x of `shape` (up to float rounding where the ops compute),
+        or NoInverse saying what this op loses."""
+        raise NoInverse(f"{self.describe()}: {self.no_inverse}")
 
     def describe(self) -> str:
         return self.name
@@ -114,6 +160,14 @@ class Tile(Op):
     def map_rows(self, row_map):
         return row_map.repeat(self.times)
 
+    def as_gather(self, shape) -> "Gather":
+        """This tile as a Gather (its faster kernel gives the same bytes): entry j copies j mod size."""
+        size = shape[self.axis]
+        return Gather(self.axis, 1, tuple(range(size)) * self.times)
+
+    def inverse(self, shape):
+        return self.as_gather(shape).inverse(shape)
+
     def describe(self):
         return f"tile(axis={self.axis}, x{self.times})"
 
@@ -143,6 +197,14 @@ class Interleave(Op):
 
     def map_rows(self, row_map):
         return row_map.repeat_units(self.times, self.unit)
+
+    def as_gather(self, shape) -> "Gather":
+        """This interleave as a Gather: new unit j copies unit j // times."""
+        units = shape[self.axis] // self.unit
+        return Gather(self.axis, self.unit, tuple(u for u in range(units) for _ in range(self.times)))
+
+    def inverse(self, shape):
+        return self.as_gather(shape).inverse(shape)
 
     def describe(self):
         return f"interleave(axis={self.axis}, x{self.times}, unit={self.unit})"
@@ -207,16 +269,20 @@ class TileDivide(Op):
             for k in range(self.times - 1):
                 out.narrow(self.axis, k * size, size).copy_(rounded)
             last = x - rounded.float() * (self.times - 1)
+            out.narrow(self.axis, (self.times - 1) * size, size).copy_(last.to(store))
         else:
-            blocks = _add_pair_noise([base] * self.times, x, self.axis, self.times, self.snr_db, ctx.generator(op_index))
-            running = torch.zeros_like(x)
-            for k in range(self.times - 1):
-                rounded = blocks[k].to(store)
-                out.narrow(self.axis, k * size, size).copy_(rounded)
-                running += rounded.float()
-            last = x - running
-        out.narrow(self.axis, (self.times - 1) * size, size).copy_(last.to(store))
+            std = _noise_std(x, self.axis, self.times, self.snr_db)
+            blocks = _pair_noise([base] * self.times, std, ctx.generator(op_index))
+            _store_compensated(blocks, x, store, lambda k, block: out.narrow(self.axis, k * size, size).copy_(block))
         return True if given else out
+
+    def as_gather(self, shape) -> "Gather":
+        """This op as a dividing Gather. Without noise both give the same bytes; with noise the same
+        distribution (Gather draws it in its own layout)."""
+        return Gather(self.axis, 1, tuple(range(shape[self.axis])) * self.times, divide=True, snr_db=self.snr_db)
+
+    def inverse(self, shape):
+        return self.as_gather(shape).inverse(shape)
 
     def describe(self):
         noise = f", noise {self.snr_db:g} dB" if self.snr_db is not None else ""
@@ -246,11 +312,14 @@ class Noise(Op):
     def draws_noise(self):
         return True
 
+    no_inverse = ("the noise is drawn, not stored: only the blocks' sum survives it (a Merge of weight 1 "
+                  "recovers that)")
+
     def apply(self, x, ctx, op_index):
         x = x.float()
         blocks = list(torch.chunk(x, self.blocks, dim=self.axis))
         total = sum(blocks)
-        noisy = _add_pair_noise(blocks, total, self.axis, self.blocks, self.snr_db, ctx.generator(op_index))
+        noisy = _pair_noise(blocks, _noise_std(total, self.axis, self.blocks, self.snr_db), ctx.generator(op_index))
         return torch.cat(noisy, dim=self.axis)
 
     def describe(self):
@@ -274,6 +343,11 @@ class Scale(Op):
     def map_rows(self, row_map):
         return row_map  # elementwise: rows stay where they are
 
+    def inverse(self, shape):
+        if not self.factor:
+            raise NoInverse(f"{self.describe()}: a factor of 0 forgets the input")
+        return Scale(1.0 / self.factor, -self.offset / self.factor)
+
     def describe(self):
         return f"scale(x{self.factor:g}" + (f", +{self.offset:g})" if self.offset else ")")
 
@@ -286,6 +360,7 @@ class Slice(Op):
     start: int
     stop: int
     name = "slice"
+    no_inverse = "it drops the entries outside [start, stop) (Pad puts zeros back: a right inverse only)"
 
     def out_shape(self, shape):
         self._check_axis(shape)
@@ -333,6 +408,10 @@ class Pad(Op):
     def map_rows(self, row_map):
         return RowMap([Segment(self.before, None, self.value), *row_map.segments, Segment(self.after, None, self.value)])
 
+    def inverse(self, shape):
+        self._check_axis(shape)
+        return Slice(self.axis, self.before, self.before + shape[self.axis])
+
     def describe(self):
         return f"pad(axis={self.axis}, {self.before}+{self.after}, value={self.value:g})"
 
@@ -377,7 +456,7 @@ class Fused(Op):
         outputs = []
         for part_index, (piece, chain) in enumerate(zip(pieces, self.parts)):
             for inner_index, op in enumerate(chain):
-                piece = op.apply(piece, ctx, op_index * 1000 + part_index * 100 + inner_index)
+                piece = op.apply(piece, ctx, part_key(op_index, part_index, inner_index))
             outputs.append(piece)
         dtype = torch.float32 if any(t.dtype != outputs[0].dtype for t in outputs) else outputs[0].dtype
         return torch.cat([t.to(dtype) for t in outputs], dim=self.axis)
@@ -408,6 +487,20 @@ class Fused(Op):
                 scale += [value] * merge.unit
         return Merge(self.axis, cluster, weight, scale, 1, "fused")
 
+    def inverse(self, shape):
+        """Each part's chain undone in reverse, on the part sizes this op writes."""
+        self.out_shape(shape)  # checks the parts
+        sizes, chains = [], []
+        for size, chain in zip(self.sizes, self.parts):
+            part_shape = _replace(shape, self.axis, size)
+            undo = []
+            for op in chain:
+                undo.insert(0, op.inverse(part_shape))
+                part_shape = op.out_shape(part_shape)
+            sizes.append(part_shape[self.axis])
+            chains.append(undo)
+        return Fused(self.axis, sizes, chains)
+
     def map_rows(self, row_map):
         maps, begin = [], 0
         for size, chain in zip(self.sizes, self.parts):
@@ -430,16 +523,33 @@ class Fused(Op):
         return f"fused(axis={self.axis}, [{inner}])"
 
 
-def _add_pair_noise(blocks, whole, axis, times, snr_db, generator):
-    """+e on block 2j, -e on block 2j+1; e's scale is the signal RMS along `axis` over 10^(snr/20)."""
-    signal_rms = whole.pow(2).mean(dim=axis, keepdim=True).sqrt() / times
-    std = signal_rms * (10.0 ** (-snr_db / 20.0))
+def _noise_std(whole, dims, copies: int, snr_db: float):
+    """HyperCloning's noise scale: the RMS of one of `copies` equal shares of `whole` along the grown axis
+    (`dims`), 10^(snr/20) below it."""
+    return whole.pow(2).mean(dim=dims, keepdim=True).sqrt() / copies * 10.0 ** (-snr_db / 20.0)
+
+
+def _pair_noise(blocks: list, std, generator) -> list:
+    """+e on block 2j, -e on block 2j+1 (e ~ N(0, std^2), drawn in that order): the copies differ, their
+    sum does not, so a consumer of all of them computes what it did (symmetry breaking)."""
     out = list(blocks)
-    for first in range(0, times - 1, 2):
+    for first in range(0, len(blocks) - 1, 2):
         eps = torch.randn(blocks[first].shape, generator=generator) * std
         out[first] = blocks[first] + eps
         out[first + 1] = blocks[first + 1] - eps
     return out
+
+
+def _store_compensated(blocks: list, whole, store, put: Callable) -> None:
+    """Round the blocks to `store` one after another, the last taking what the rounded others leave of
+    `whole`, so the stored blocks sum back to `whole` as closely as the dtype allows (a plain round(W/3) in
+    bf16 loses 0.4-3% of the logits). put(k, rounded) stores block k."""
+    running = torch.zeros_like(whole)
+    for k in range(len(blocks) - 1):
+        rounded = blocks[k].to(store)
+        put(k, rounded)
+        running += rounded.float()
+    put(len(blocks) - 1, (whole - running).to(store))
 
 
 MERGE_SLICE_BYTES = 2**23  # float32 bytes of gathered rows a merge holds at once
@@ -486,6 +596,8 @@ class Merge(Op):
     label: str = ""
     name = "merge"
     arithmetic = True
+    no_inverse = ("it folds several units into one (no left inverse); it is the inverse of the Gather that "
+                  "made the copies, and `adjoint` gives that Gather")
     grouped = None  # the size groups, where part() computed them already
 
     def __post_init__(self):
@@ -513,6 +625,23 @@ class Merge(Op):
 
     def as_merge(self) -> "Merge":
         return self
+
+    def adjoint(self) -> "Gather":
+        """The Gather g that this merge undoes: self(g(y)) == y. A merge of cluster means (weights 1/size,
+        scale 1: producers and norm gains) undoes copies; a merge of sums (weights and scales 1: consumers)
+        undoes a dividing gather; a unit of weight 0 is a zero unit of the gather. Other settings (down's
+        rescaled clusters) come from no Gather."""
+        counts = [0] * len(self.scale)
+        for label, weight in zip(self.cluster, self.weight):
+            counts[label] += weight != 0.0
+        sources = tuple(label if weight != 0.0 else None for label, weight in zip(self.cluster, self.weight))
+        if all(abs(scale - 1.0) < 1e-12 for scale in self.scale):
+            if all(weight == 0.0 or abs(weight * counts[label] - 1.0) < 1e-9
+                   for label, weight in zip(self.cluster, self.weight)):
+                return Gather(self.axis, self.unit, sources)
+            if all(weight in (0.0, 1.0) for weight in self.weight):
+                return Gather(self.axis, self.unit, sources, divide=True)
+        raise NoInverse(f"{self.describe()}: only a merge of means or of sums undoes a gather")
 
     def part(self, first: int, stop: int) -> tuple[torch.Tensor, "Merge"]:
         """Clusters [first, stop) on their own: the input units they take (ascending) and the Merge of just
@@ -641,20 +770,22 @@ class Gather(Op):
                 slots = [torch.tensor([copies[src][k] for src in group], dtype=torch.long) for k in range(count)]
                 blocks = [whole / count] * count
                 if self.snr_db is not None and count > 1:
-                    # zero-sum noise on pairs of copies, scaled by the signal RMS along the gathered axis
-                    std = whole.pow(2).mean(dim=(0, 1), keepdim=True).sqrt() / count * 10.0 ** (-self.snr_db / 20.0)
-                    blocks = list(blocks)
-                    for first in range(0, count - 1, 2):
-                        eps = torch.randn(whole.shape, generator=generator) * std
-                        blocks[first] = blocks[first] + eps
-                        blocks[first + 1] = blocks[first + 1] - eps
-                running = torch.zeros_like(whole)
-                for k in range(count - 1):
-                    rounded = blocks[k].to(store)
-                    out[slots[k]] = rounded
-                    running += rounded.float()
-                out[slots[count - 1]] = (whole - running).to(store)
+                    # the gathered axis is dims (0, 1) here: units, then the entries of each unit
+                    blocks = _pair_noise(blocks, _noise_std(whole, (0, 1), count, self.snr_db), generator)
+                _store_compensated(blocks, whole, store, lambda k, block: out.__setitem__(slots[k], block))
         return out.flatten(0, 1).movedim(0, self.axis)
+
+    def inverse(self, shape):
+        """The Merge that folds the copies back (this gather's adjoint): the mean of a unit's copies for a
+        copying gather, their sum for a dividing one. Zero units are left out (weight 0)."""
+        units = self._units_in(shape)
+        copies = self._copies()
+        missing = [unit for unit in range(units) if unit not in copies]
+        if missing:
+            raise NoInverse(f"{self.describe()}: unit {missing[0]} of {units} is not copied anywhere, so it is lost")
+        cluster = [0 if src is None else src for src in self.sources]
+        weight = [0.0 if src is None else (1.0 if self.divide else 1.0 / len(copies[src])) for src in self.sources]
+        return Merge(self.axis, cluster, weight, [1.0] * units, self.unit, "inverse of gather")
 
     def map_rows(self, row_map):
         if self.divide:
@@ -681,7 +812,8 @@ class Fill(Op):
 
     value: float
     name = "fill"
-    axis = 0  # so planning asks for its row map, which replaces every row with the fill
+    axis = 0  # it writes whole rows from nothing: an axis-0 op whose row map is one run of filled rows
+    no_inverse = "nothing of its input survives"
 
     def out_shape(self, shape):
         return shape
@@ -696,7 +828,8 @@ class Fill(Op):
         return f"fill({self.value:g})"
 
 
-# name -> (constructor, {yaml parameter: constructor argument}) for rules files.
+# The ops a rules file may name in an `ops:` chain (a `fused` chain is built by the compiler): rules name
+# them by these keys and give their dataclass fields as parameters (checked in rulebook/schema.py).
 OP_TYPES: dict[str, Callable[..., Op]] = {
     "tile": Tile,
     "interleave": Interleave,

@@ -181,13 +181,6 @@ class TensorPlan:
     def numel(self) -> int:
         return math.prod(self.out_shape)
 
-    @property
-    def needs_float(self) -> bool:
-        return any(op.arithmetic for op in self.ops)
-
-    def describe_ops(self) -> str:
-        return " -> ".join(op.describe() for op in self.ops) or "copy"
-
 
 @dataclass
 class ShardPlan:

@@ -225,7 +225,7 @@ def cache_folder(header: GgufHeader) -> str:
 def open_gguf(path: str, *, headers_only: bool = False, label: str | None = None):
     """A ModelSource for a GGUF file. Unless `headers_only`, the side folder (config, tokenizer) is written."""
     from ..rulebook.registry import resolve_rules
-    from .source import ModelSource
+    from .model_source import ModelSource
 
     header = read_gguf_header(path)
     config = build_config(header)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from ..errors import TensorscaleError
 from .safetensors_header import TensorInfo, DTYPE_SIZES
-from .source import HUB_PATTERNS, ModelSource, open_local, split_revision
+from .model_source import HUB_PATTERNS, ModelSource, open_local, split_revision
 
 PROBE_SECONDS = 3.0
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")

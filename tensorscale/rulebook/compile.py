@@ -48,18 +48,6 @@ class Space:
     def target_units(self) -> int:
         return self.target // self.unit
 
-    @property
-    def grow(self) -> int:
-        """The whole-number growth factor `up` tiles by."""
-        if self.size == 0:
-            return 1
-        if self.target % self.size:
-            raise TensorscaleError(
-                f"space {self.name}: growing {self.size} to {self.target} is not a whole multiple; "
-                "up tiles by whole factors"
-            )
-        return self.target // self.size
-
 
 # The largest space (in dimensions) a plan accepts: 2**21 is 8x the widest real model's largest space (a
 # 256k vocabulary), and small enough that per-unit layouts and row maps plan in seconds. Checked

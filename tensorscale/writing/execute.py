@@ -106,7 +106,7 @@ def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _run_ops(ops, x, ctx, compute_float):
+def _run_ops(ops, x, ctx):
     # Each arithmetic op converts to float32 itself, as late as it can: copies and tiles stay in the
     # stored dtype, and tile_divide by 2 works on bf16 directly (see TileDivide).
     for index, op in enumerate(ops):
@@ -114,7 +114,7 @@ def _run_ops(ops, x, ctx, compute_float):
     return x
 
 
-def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext, compute_float: bool):
+def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext):
     """A tensor whose axis-0 ops compute across rows and are not merges that merged_rows.py writes a slice
     at a time: `up`'s tile_divide of a consumer axis stored first (GPT-2's Conv1D), noisy ops.
 
@@ -125,7 +125,7 @@ def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext, compu
     row_local = [op for op in tensor.ops if op.axis != 0]
     mixing = [op for op in tensor.ops if op.axis == 0]
     if len(tensor.source.shape) < 2 or not row_local or not mixing:
-        return _run_ops(tensor.ops, reader.read(tensor.source), ctx, compute_float)
+        return _run_ops(tensor.ops, reader.read(tensor.source), ctx)
     shape = tensor.source.shape
     for op in row_local:
         shape = op.out_shape(shape)
@@ -134,12 +134,12 @@ def _whole_tensor(tensor: TensorPlan, reader: ShardReader, ctx: OpContext, compu
     for begin in range(0, rows, step):
         end = min(rows, begin + step)
         ctx.chunk_key = begin
-        part = _run_ops(row_local, reader.read_rows(tensor.source, begin, end), ctx, compute_float)
+        part = _run_ops(row_local, reader.read_rows(tensor.source, begin, end), ctx)
         if middle is None:
             middle = torch.empty(shape, dtype=part.dtype)
         middle[begin:end] = part
     ctx.chunk_key = -1  # the axis-0 phase has its own noise stream
-    return _run_ops(mixing, middle, ctx, compute_float)
+    return _run_ops(mixing, middle, ctx)
 
 
 class _TrackingContext(OpContext):
@@ -194,8 +194,7 @@ class _Rows:
         for index, op in enumerate(ops[:-1]):
             x = op.apply(x, ctx, index)
         last = len(ops) - 1
-        into = getattr(ops[-1], "apply_into", None) if ops and target is not None else None
-        if into is None or not into(x, target, ctx, last):
+        if not (ops and target is not None and ops[-1].apply_into(x, target, ctx, last)):
             y = _finish(ops[-1].apply(x, ctx, last) if ops else x, self.store)
             if target is not None:
                 target.copy_(y.reshape(target.shape))
@@ -211,20 +210,30 @@ class _Rows:
 
 def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None,
                  digest=None) -> None:
-    store = torch_dtype(tensor.out_dtype)
-    row_mixing = row_merge(tensor) if tensor.row_map is None and tensor.nbytes else None
+    """Write one tensor by the one of three paths its plan allows, chosen here and only here:
+
+    1. row-mapped (planning found a row map: copies, tiles, slices and fills along axis 0): streamed in row
+       chunks, each chunk through the remaining ops straight into the output's staging buffer;
+    2. a merge along axis 0 (down's folds of rows): a slice of clusters at a time (merged_rows.py);
+    3. anything else that mixes rows (a tile_divide of a consumer axis stored first, noisy axis-0 ops):
+       held whole for its axis-0 ops, after the other ops ran on streamed chunks (_whole_tensor)."""
+    if tensor.row_map is not None:
+        if tensor.nbytes:
+            _write_row_mapped(plan, tensor, out, reader, progress, digest)
+        return
+    row_mixing = row_merge(tensor) if tensor.nbytes else None
     if row_mixing is not None:
         write_merged_rows(tensor, row_mixing, plan.options.seed, out, reader, progress, digest)
         return
-    if tensor.row_map is None:
-        ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
-        y = _finish(_whole_tensor(tensor, reader, ctx, tensor.needs_float), store)
-        out.write_tensor_bytes(y, tensor.offset, digest)
-        if progress:
-            progress(tensor.nbytes, 0)
-        return
-    if tensor.nbytes == 0:
-        return
+    store = torch_dtype(tensor.out_dtype)
+    ctx = OpContext(store_dtype=store, seed=plan.options.seed, tensor_name=tensor.name)
+    out.write_tensor_bytes(_finish(_whole_tensor(tensor, reader, ctx), store), tensor.offset, digest)
+    if progress:
+        progress(tensor.nbytes, 0)
+
+
+def _write_row_mapped(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader,
+                      progress: Progress | None, digest) -> None:
     rows = _Rows(plan, tensor, reader)
     try:
         # Segments that repeat the same source rows (a tile along axis 0) form one group, produced once.

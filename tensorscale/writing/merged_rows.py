@@ -36,7 +36,7 @@ def row_merge(tensor: TensorPlan) -> tuple[int, Merge] | None:
     that this module can write a slice at a time, else None."""
     shape = tensor.source.shape
     mixing = [(index, op) for index, op in enumerate(tensor.ops) if op.axis == 0]
-    if len(shape) < 2 or len(mixing) != 1 or not hasattr(mixing[0][1], "as_merge"):
+    if len(shape) < 2 or len(mixing) != 1:
         return None
     if any(op.draws_noise() for op in tensor.ops):
         return None
