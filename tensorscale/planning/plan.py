@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from ..errors import TensorscaleError
 from ..ops.library import Op, Scale
@@ -148,7 +148,7 @@ class DownSection:
     because the output is tied again. "refit": the folder of refitted tensors the plan writes from (the plan's
     `source` stays the real model, for provenance, side files and the input checks)."""
 
-    method: str
+    method: Literal["fold", "refit"]
     folds: UnitFolds | None = None
     retied: str | None = None
     spill: ModelSource | None = None
