@@ -31,7 +31,10 @@ Protocol (stated once more, with the results, in benchmarks/README.md):
 Stages (see STAGES): s1.* grows the 2.4M examples/pydoc-llama to 8.1M; s2.* pretrains an 8.1M model
 here with the reference recipe and grows it to 29M; p.* grows 2.4M -> x2 -> x2 with training in between
 against one-shot x4 and tabula rasa x4 (the latter is s2.tabula: the same config, data and schedule);
-d.* (down as initialisation) is declared but waits for the new `tensorscale down`.
+d.* is the mirror: d.s1.down narrows the trained 8.1M tabula rasa back to 2.4M with `tensorscale down
+--method refit`, d.s1.down-init trains it on against d.s1.scratch (the same size from scratch, same schedule
+and data), and d.heal trains SmolLM2-135M-Instruct after a 25% down until it is within 10% of the original
+perplexity on held-out text, or --heal-minutes of CPU run out.
 
 Every training stage checkpoints its model, optimizer and curve (work folder) every few minutes and at
 any stop (--max-minutes), and writes its curve to results/growth/<stage>.json as it goes; running the
@@ -103,6 +106,13 @@ def parse_args(argv=None):
                    help="steps a stage trains before the next of its group takes a turn")
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
+    p.add_argument("--heal-minutes", type=float, default=60.0, help="d.heal: CPU minutes of continued training")
+    p.add_argument("--heal-steps", type=int, default=400, help="d.heal: the steps its cosine is laid over")
+    p.add_argument("--heal-batch", type=int, default=4, help="d.heal: windows of 256 tokens per step")
+    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-eval-every", type=int, default=25)
+    p.add_argument("--heal-eval-tokens", type=int, default=2048, help="d.heal: held-out tokens per domain")
+    p.add_argument("--heal-calibration-tokens", type=int, default=8192, help="d.heal: the down's calibration")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop each training stage after this many steps of this call (tests resumption)")
     return p.parse_args(argv)
@@ -185,9 +195,14 @@ def data_order(n_tokens: int, study: Study, seed: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ models
 
 def tensorscale_up(source: str, out: str, extra: list[str]) -> dict:
-    """The real CLI, in a subprocess, exactly as a user runs it."""
+    """`tensorscale up`, the real CLI in a subprocess, exactly as a user runs it."""
+    return tensorscale_cli("up", source, out, ["--seed", "0", *extra])
+
+
+def tensorscale_cli(command: str, source: str, out: str, extra: list[str]) -> dict:
+    """A tensorscale command (float32 output, JSON summary), in a subprocess, exactly as a user runs it."""
     exe = shutil.which("tensorscale", path=os.path.dirname(sys.executable)) or shutil.which("tensorscale")
-    cmd = [exe, "up", "-i", source, "-o", out, "--dtype", "float32", "--seed", "0", "--json", *extra]
+    cmd = [exe, command, "-i", source, "-o", out, "--dtype", "float32", "--json", *extra]
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -426,8 +441,9 @@ def recipe_run(study: Study, scale: str, recipe: str) -> Run:
         make, before = (lambda: load_model(folder)), flops_small
     _, windows = data(study)
     probes = {"clone_divergence": clone_divergence(windows[:8], 2)} if recipe != "small" else {}
+    # the trained model is kept: down-as-initialisation (d.*) starts from a trained large one
     return Run(f"{scale}.{recipe}", make, 0, steps, schedule, steps, before, study.args.data_seed, probes,
-               meta={"scale": scale, "recipe": recipe})
+               save_final=os.path.join(study.work, f"{scale}.{recipe}", "final"), meta={"scale": scale, "recipe": recipe})
 
 
 def pretrain_s2(study: Study) -> dict:
@@ -491,10 +507,204 @@ def p_oneshot_expand(study: Study) -> dict:
     return out
 
 
-def down_pending(study: Study) -> dict:
-    raise Pending("d.down-init (down as initialisation: a small model from `tensorscale down` of a trained "
-                  "large one vs the same size from scratch; healing of SmolLM2-135M after a 25% down) is not "
-                  "written yet: it waits for the new `tensorscale down` being built in another branch")
+# ------------------------------------------------------------------- down as initialisation (d.*)
+
+DOWN_LARGE = "s1.tabula"            # the trained large model that d.s1.down narrows: trained from scratch, no clones
+DOWN_CALIBRATION_TOKENS = 8192
+
+
+def small_shape() -> dict:
+    """The reference's (examples/pydoc-llama) width: d.s1.down's target and d.s1.scratch's config."""
+    cfg = read_json(os.path.join(REFERENCE, "config.json"))
+    return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")}
+
+
+def write_calibration(study: Study, tokens: int) -> str:
+    """The first `tokens` of the training stream as text (the training data, so no held-out text is used)."""
+    from transformers import AutoTokenizer
+    train_stream, _ = data(study)
+    path = os.path.join(study.work, "d", "calibration.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    text = AutoTokenizer.from_pretrained(REFERENCE).decode(train_stream[: 2 * tokens].tolist())
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def d_s1_down(study: Study) -> dict:
+    """`tensorscale down --method refit` of the trained large model to the reference's width (8.06M -> 2.41M)."""
+    large = os.path.join(study.work, DOWN_LARGE, "final")
+    if not os.path.isdir(large):
+        raise Pending(f"{DOWN_LARGE} has not saved its trained model ({large}); run that stage to its end")
+    _, windows = data(study)
+    out = os.path.join(study.work, "d", "s1-down")
+    flags = [x for key, value in small_shape().items() for x in (f"--{key.replace('_', '-')}", str(value))]
+    info = tensorscale_cli("down", large, out, ["--method", "refit", "--calibration", write_calibration(
+        study, DOWN_CALIBRATION_TOKENS), "--calibration-tokens", str(DOWN_CALIBRATION_TOKENS), *flags])
+    large_model, small = load_model(large), load_model(out)
+    large_res = read_json(os.path.join(study.stage_dir, f"{DOWN_LARGE}.json"))
+    res = {"stage": "d.s1.down", "done": True, **info, "large": os.path.relpath(large, REPO),
+           "large_params": params_of(large_model), "params": params_of(small),
+           "large_loss": corpus.evaluate(large_model, windows), "loss": corpus.evaluate(small, windows),
+           # what the large model cost: its training (tabula rasa, so nothing before it)
+           "large_flops": large_res["flops_total"][-1]}
+    print(f"d.s1.down: {res['large_params']:,} -> {res['params']:,} parameters, held-out loss "
+          f"{res['large_loss']:.4f} -> {res['loss']:.4f}")
+    write_json(os.path.join(study.stage_dir, "d.s1.down.json"), res)
+    return res
+
+
+def down_init_runs(study: Study) -> dict:
+    """d.s1.down-init: the downed model trained on; d.s1.scratch: the same size from scratch. One schedule
+    for both (train_reference's standard one: the downed model is damaged, not a converged small model),
+    the same data order and budget as scale 1: only the initialisation differs."""
+    steps = study.args.s1_steps
+    folder = os.path.join(study.work, "d", "s1-down")
+
+    def scratch():
+        return random_model(REFERENCE, study.args.seed)
+
+    def flops_before():
+        path = os.path.join(study.stage_dir, "d.s1.down.json")
+        return read_json(path)["large_flops"] if os.path.exists(path) else None
+
+    return {
+        "d.s1.down-init": Run("d.s1.down-init", lambda: load_model(folder), 0, steps, "standard", steps,
+                              flops_before(), study.args.data_seed, meta={"recipe": "down-init"}),
+        "d.s1.scratch": Run("d.s1.scratch", scratch, 0, steps, "standard", steps, 0.0, study.args.data_seed,
+                            meta={"recipe": "scratch"}),
+    }
+
+
+HEAL_LEVEL = {"hidden_size": 576, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 3}
+HEAL_TARGET = 1.10                  # "within 10% of the original perplexity"
+
+
+def heal_stage(study: Study) -> dict:
+    """SmolLM2-135M-Instruct after a 25% `down` (refit on Python docs), trained on by continued pretraining on
+    more of the same calibration domain until --heal-minutes of CPU, with held-out perplexity (two domains
+    never trained on: the Python library reference, Debian's licenses) against the original's. Resumable."""
+    import real_eval
+    import real_model
+    import real_texts
+    from transformers import AutoTokenizer
+
+    args = study.args
+    source = real_model.real_model_folder("float32")
+    work = os.path.join(study.work, "d.heal")
+    os.makedirs(work, exist_ok=True)
+    result_path = os.path.join(study.stage_dir, "d.heal.json")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    text = real_texts.calibration_text()
+    windows = real_eval.domain_windows(tokenizer, real_texts.eval_texts(), args.heal_eval_tokens)
+    downed = os.path.join(work, "down")
+    res = read_json(result_path) if os.path.exists(result_path) else None
+    if res is None or not os.path.isdir(downed):
+        cal = os.path.join(work, "calibration.txt")
+        with open(cal, "w") as f:
+            f.write(text[: 400_000])
+        flags = [x for key, value in HEAL_LEVEL.items() for x in (f"--{key.replace('_', '-')}", str(value))]
+        info = tensorscale_cli("down", source, downed, ["--method", "refit", "--calibration", cal,
+                                                        "--calibration-tokens", str(args.heal_calibration_tokens),
+                                                        *flags])
+        original = real_eval.load(source)
+        original_ppl = {name: corpus_ppl(original, w) for name, w in windows.items()}
+        res = {"stage": "d.heal", "done": False, "down": info, "level": HEAL_LEVEL, "target_ratio": HEAL_TARGET,
+               "source_params": params_of(original), "original_ppl": original_ppl, "steps": [], "tokens": [],
+               "ppl": {name: [] for name in windows}, "ppl_ratio": {name: [] for name in windows},
+               "train_loss": [], "seconds": 0.0, "cpu_seconds": 0.0, "batch": args.heal_batch,
+               "seq_len": real_eval.WINDOW, "lr": args.heal_lr, "steps_planned": args.heal_steps,
+               "eval_tokens": {n: int(w.numel()) for n, w in windows.items()},
+               "train_text": "Python docs .rst.txt outside library/ and whatsnew/ (benchmarks/real_texts.py), "
+                             "from token 0 (its first 8,192 tokens are also the down's calibration)",
+               "machine": corpus.machine(), "date": datetime.date.today().isoformat()}
+        del original
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    per_step = args.heal_batch * real_eval.WINDOW
+    model = real_eval.load(downed)
+    res["params"] = params_of(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.heal_lr, weight_decay=0.0)
+    state_path = os.path.join(work, "state.pt")
+    step = 0
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"d.heal: resuming at step {step}")
+
+    def lr_at(step):
+        warm = min(1.0, (step + 1) / REWARM_STEPS)
+        return corpus.Schedule(lr=args.heal_lr, warmup=0).at(step, args.heal_steps) * warm
+
+    def record():
+        model.train(False)
+        res["steps"].append(step)
+        res["tokens"].append(step * per_step)
+        line = []
+        for name, w in windows.items():
+            ppl = corpus_ppl(model, w)
+            res["ppl"][name].append(ppl)
+            res["ppl_ratio"][name].append(ppl / res["original_ppl"][name])
+            line.append(f"{name} ppl x{res['ppl_ratio'][name][-1]:.3f}")
+        model.train(True)
+        print(f"d.heal step {step} ({step * per_step:,} tokens): {', '.join(line)}", flush=True)
+
+    def save(done):
+        res["done"] = done
+        res["tokens_to_target"] = {name: next((t for t, r in zip(res["tokens"], ratios) if r <= HEAL_TARGET), None)
+                                   for name, ratios in res["ppl_ratio"].items()}
+        write_json(result_path, res)
+
+    if not res["steps"]:
+        record()
+        save(False)
+    model.train(True)
+    t0, c0, seconds0, cpu0, running = time.time(), time.process_time(), res["seconds"], res["cpu_seconds"], []
+    while step < args.heal_steps and res["cpu_seconds"] < 60 * args.heal_minutes:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        start = (step * per_step) % (len(ids) - per_step - 1)
+        x = torch.tensor(ids[start:start + per_step]).reshape(args.heal_batch, real_eval.WINDOW)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running.append(loss.item())
+        step += 1
+        res["seconds"], res["cpu_seconds"] = seconds0 + time.time() - t0, cpu0 + time.process_time() - c0
+        if step % args.heal_eval_every == 0 or step in (5, 10) or step == args.heal_steps:
+            res["train_loss"].append(sum(running) / len(running))
+            running = []
+            record()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+            save(False)
+        if study.out_of_time():
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+            save(False)
+            raise Paused(f"d.heal: stopped at step {step}; run again to resume")
+    if res["steps"][-1] != step:
+        record()
+    save(True)
+    return res
+
+
+def corpus_ppl(model, windows) -> float:
+    """Perplexity of `model` on fixed windows (batches of real_eval.BATCH), as real_eval measures it."""
+    import math
+
+    import real_eval
+    nll = count = 0.0
+    with torch.no_grad():
+        for b in range(0, len(windows), real_eval.BATCH):
+            x = windows[b:b + real_eval.BATCH]
+            logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+            nll += float(-logp.gather(-1, x[:, 1:, None]).sum())
+            count += x[:, 1:].numel()
+    return math.exp(nll / count)
 
 
 def stages(study: Study) -> list[tuple[str, object, str | None]]:
@@ -520,7 +730,10 @@ def stages(study: Study) -> list[tuple[str, object, str | None]]:
     out.append(("p.phase2", phase2, "p"))
     out.append(("p.oneshot", lambda: train_stage(study, progressive_runs(study)["p.oneshot"]), "p"))
     out += [(f"s2.{r}", recipe("s2", r), "s2b") for r in ("pad", "iso")]
-    out.append(("d.down-init", lambda: down_pending(study), None))
+    out.append(("d.s1.down", lambda: d_s1_down(study), None))
+    out += [(name, (lambda name=name: train_stage(study, down_init_runs(study)[name])), "d")
+            for name in ("d.s1.down-init", "d.s1.scratch")]
+    out.append(("d.heal", lambda: heal_stage(study), None))
     return out
 
 
@@ -531,7 +744,8 @@ def stage_outputs(name: str) -> list[str]:
         return [os.path.join(name.split(".")[0], e) for e in EXPANSIONS]
     return {"p.grow": [os.path.join("p", "x2x2")], "p.x4": [os.path.join("p", "x4")],
             "s2.pretrain": [os.path.join("s2.pretrain", "final")],
-            "p.phase1": [os.path.join("p.phase1", "final")]}.get(name, [])
+            "p.phase1": [os.path.join("p.phase1", "final")], "d.s1.down": [os.path.join("d", "s1-down")],
+            **{f"s1.{r}": [os.path.join(f"s1.{r}", "final")] for r in ("tabula",)}}.get(name, [])
 
 
 def stage_state(study: Study, name: str) -> str:
@@ -717,6 +931,52 @@ def plot_progressive(prog: dict, results: str) -> str:
     return path
 
 
+def plot_down_init(summary: dict, results: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {"down-init": "init: `down` of the trained 8.06M (refit)", "scratch": "init: random (tabula rasa)"}
+    colors = {"down-init": "tab:blue", "scratch": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for k, c in summary["curves"].items():
+        ax.plot(c["tokens"], c["val_loss"], marker="o", ms=2.5, color=colors[k],
+                label=labels[k] + ("" if c["done"] else " (partial)"))
+    if summary.get("scratch_catches_up_tokens"):
+        ax.axvline(summary["scratch_catches_up_tokens"], color="k", ls=":", lw=1, label="scratch catches up")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens trained at 2.41M")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Down as initialisation: the same 2.41M model, two starts")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(results, "growth_down_init.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_healing(summary: dict, results: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, ratios in summary["ppl_ratio"].items():
+        ax.plot(summary["tokens"], ratios, marker="o", ms=2.5, label=f"held out: {name}")
+    ax.axhline(summary["target_ratio"], color="k", ls=":", lw=1, label=f"within {summary['target_ratio'] - 1:.0%}")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens of continued training (Python docs outside the held-out library reference)")
+    ax.set_ylabel("perplexity / original's")
+    ax.set_title("Healing SmolLM2-135M after a 25% `down`" + ("" if summary["done"] else " (partial)"))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(results, "growth_healing.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def table(summary: dict) -> str:
     lines = ["| recipe | params | start loss | end loss | tokens | total FLOPs | CPU s | done |", "|---|---|---|---|---|---|---|---|"]
     for r, c in summary["curves"].items():
@@ -724,6 +984,33 @@ def table(summary: dict) -> str:
                      f"{c['tokens'][-1]:,} | {c['flops_total'][-1]:.2e} | {c['cpu_seconds']:.0f} | "
                      f"{'yes' if c['done'] else 'partial'} |")
     return "\n".join(lines)
+
+
+def down_init_summary(study: Study) -> dict | None:
+    """The mirror experiment: the downed large model trained on against the same size from scratch, and
+    where (if anywhere) scratch catches up: the tokens (and total FLOPs) at which its loss first matches."""
+    down_path = os.path.join(study.stage_dir, "d.s1.down.json")
+    if not os.path.exists(down_path):
+        return None
+    runs = {name: load_stage(study, f"d.s1.{name}") for name in ("down-init", "scratch")}
+    out = {"down": read_json(down_path), "curves": {n: curve(r) for n, r in runs.items() if r}}
+    if all(runs.values()):
+        a, b = runs["scratch"], runs["down-init"]
+        out["scratch_catches_up_tokens"] = crossing(a["tokens"], a["val_loss"], b["tokens"], b["val_loss"])
+        out["scratch_catches_up_flops"] = crossing(a["flops_total"], a["val_loss"], b["flops_total"], b["val_loss"])
+        out["final_loss"] = {n: r["val_loss"][-1] for n, r in runs.items()}
+        out["complete"] = all(r.get("done") for r in runs.values())
+    return out
+
+
+def healing_summary(study: Study) -> dict | None:
+    path = os.path.join(study.stage_dir, "d.heal.json")
+    if not os.path.exists(path):
+        return None
+    res = read_json(path)
+    return {k: res.get(k) for k in ("done", "level", "source_params", "params", "original_ppl", "target_ratio",
+                                    "tokens_to_target", "steps", "tokens", "ppl_ratio", "cpu_seconds", "batch",
+                                    "lr", "steps_planned", "eval_tokens", "train_text", "machine", "date")}
 
 
 def report(study: Study) -> dict:
@@ -749,6 +1036,7 @@ def report(study: Study) -> dict:
             "recipe2": RECIPE2},
         "date": datetime.date.today().isoformat(), "commit": commit, "machine": corpus.machine(),
         "command": "python benchmarks/growth.py", "scales": scales, "progressive": prog,
+        "down_init": down_init_summary(study), "healing": healing_summary(study),
         "stages": {n: stage_state(study, n) for n, _, _ in stages(study)},
     }
     write_json(os.path.join(a.results, "growth.json"), out)
@@ -758,6 +1046,10 @@ def report(study: Study) -> dict:
             pngs += plot_scale(s, a.results)
         if prog and prog["curves"]:
             pngs.append(plot_progressive(prog, a.results))
+        if out["down_init"] and out["down_init"]["curves"]:
+            pngs.append(plot_down_init(out["down_init"], a.results))
+        if out["healing"] and out["healing"]["steps"]:
+            pngs.append(plot_healing(out["healing"], a.results))
     except ImportError:
         print("matplotlib not importable: no plots written")
     for s in scales:
@@ -793,10 +1085,6 @@ def run_stages(study: Study, chosen: list) -> None:
             if not todo:
                 break
             for name, fn, _ in todo:
-                if name.startswith("d.") and not args.stages:
-                    print(f"{name}: pending (needs the new `tensorscale down`); skipped")
-                    members.remove((name, fn, _))
-                    continue
                 print(f"\n=== {name}", flush=True)
                 study.chunk = args.chunk_steps if group and len(todo) > 1 else None
                 try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -16,7 +15,7 @@ from .planning.plan import DownOptions, DownSection, Plan, ShardPlan, UpOptions,
 from .reading.source import INDEX_NAME, ModelSource, open_source
 from .rulebook.registry import resolve_rules
 from .writing.integrity import MANIFEST_NAME, build_manifest, check_shard_file, verify_tensor_hashes
-from .writing.output_folder import OutputFolder, check_output_path, release_reservation
+from .writing.output_folder import OutputFolder, SpillWorkspace, check_output_path, release_reservation
 
 # Room each shard's header may take beyond its tensors' bytes, in the whole-output disk reservation.
 HEADER_ALLOWANCE = 2**20
@@ -115,18 +114,9 @@ def _check_refit_possible(source_label: str, options: DownOptions, rules_path: s
     working_targets(rules, source.config, options)  # head counts refit can make
 
 
-@contextlib.contextmanager
-def refit_workspace(output: str | None):
-    """A temporary folder for refitted tensors, beside OUT (the same disk), removed whatever happens."""
-    import shutil
-    import tempfile
-
-    parent = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
-    folder = tempfile.mkdtemp(prefix=".tensorscale-refit-", dir=parent if os.path.isdir(parent) else None)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+def refit_workspace(output: str | None) -> SpillWorkspace:
+    """The temporary folder refitted tensors spill to, beside OUT (output_folder.SpillWorkspace)."""
+    return SpillWorkspace(output)
 
 
 def plan_refit_down(source_label: str, options: DownOptions, rules_path: str | None, ids, spill_folder: str,

@@ -103,6 +103,38 @@ def test_stage1_runs_resumes_and_reports(tmp_path, data_cache):
     assert len(resumed) == 3    # steps 0, 2 and 4, each once, although the run was cut at step 2
 
 
+@pytest.mark.slow
+def test_down_as_initialisation_and_healing_stages(tmp_path, data_cache):
+    """d.*: the trained large model is narrowed by the real `tensorscale down --method refit` to the small
+    shape, trained on beside the same size from scratch; d.heal downs the real SmolLM2 and trains it on.
+    Toy budgets: the machinery, not the numbers."""
+    growth = load_growth()
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    os.link(data_cache, work / "data.pt")
+    heal = ["--heal-steps", "2", "--heal-batch", "1", "--heal-eval-every", "1", "--heal-eval-tokens", "256",
+            "--heal-calibration-tokens", "512"]
+    growth.main(toy(work, results, "--stages", "s1.expand,s1.tabula,d", *heal))
+    out = json.loads((results / "growth.json").read_text())
+    down = out["down_init"]["down"]
+    assert "tensorscale down" in down["command"] and "--method refit" in down["command"]
+    small = growth.load_model(str(work / "d" / "s1-down"))
+    config = json.loads((work / "d" / "s1-down" / "config.json").read_text())
+    assert {k: config[k] for k in growth.small_shape()} == growth.small_shape()
+    assert down["params"] == growth.params_of(small) < down["large_params"] / 3
+    curves = out["down_init"]["curves"]
+    assert set(curves) == {"down-init", "scratch"} and all(c["done"] for c in curves.values())
+    assert curves["down-init"]["params"] == curves["scratch"]["params"] == down["params"]
+    assert curves["down-init"]["val_loss"][0] == pytest.approx(down["loss"], abs=1e-4)  # it starts from the down
+    assert curves["down-init"]["flops_total"][0] == down["large_flops"] > 0 == curves["scratch"]["flops_total"][0]
+    healing = out["healing"]
+    assert healing["done"] and healing["steps"] == [0, 1, 2] and healing["params"] < 0.8 * healing["source_params"]
+    for name, ratios in healing["ppl_ratio"].items():
+        assert len(ratios) == 3 and ratios[0] > 1, name  # a 25% cut starts worse than the original
+    if importlib.util.find_spec("matplotlib"):
+        assert (results / "growth_down_init.png").exists() and (results / "growth_healing.png").exists()
+
+
 def test_crossing_is_the_first_catch_up():
     growth = load_growth()
     x = [0, 10, 20, 30]

@@ -212,6 +212,34 @@ def test_an_interrupt_while_gguf_is_written_says_nothing_was_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
+def test_a_killed_refit_workspace_is_removed_by_the_next_run_and_a_live_one_kept(tmp_path):
+    """SIGKILL runs no cleanup: the refit's spill folder stays behind, and the next `down` beside it removes
+    it (its kernel lock died with the run); a running refit's folder is never touched."""
+    from tensorscale.writing.output_folder import SPILL_MARKER, SpillWorkspace, remove_stale_spills
+
+    opener = (f"import os, signal, sys, time; sys.path[:0] = {sys.path!r}; "
+              "from tensorscale.writing.output_folder import SpillWorkspace; "
+              f"folder = SpillWorkspace({str(tmp_path / 'out')!r}).open(); open(folder + '/t', 'w').write('x'); "
+              "print(folder, flush=True); ")
+    killed = subprocess.run([sys.executable, "-c", opener + "os.kill(os.getpid(), signal.SIGKILL)"],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    dead = killed.stdout.strip()
+    assert os.path.isdir(dead) and os.path.exists(dead + ".lock")
+    live = subprocess.Popen([sys.executable, "-c", opener + "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        alive = live.stdout.readline().strip()
+        with SpillWorkspace(str(tmp_path / "out")) as mine:
+            assert os.path.isdir(mine)
+            assert not os.path.exists(dead) and not os.path.exists(dead + ".lock")  # removed on open
+            assert os.path.isdir(alive) and remove_stale_spills(str(tmp_path)) == []  # kept: its run lives
+    finally:
+        live.kill()
+        live.wait()
+    assert remove_stale_spills(str(tmp_path)) == [os.path.basename(alive)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(SPILL_MARKER)]
+
+
 def test_disk_full_is_a_clean_error(big, tmp_path):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))

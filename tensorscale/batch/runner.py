@@ -102,19 +102,17 @@ def _plan(job: Job, executor, state: JobState):
 
     if job.command == "down":
         import atexit
-        import shutil
-        import tempfile
-
         from ..convert import plan_down_by_method
+        from ..writing.output_folder import SpillWorkspace
 
         text = None
         if job.options["calibration"] is not None:
             from ..folding.calibration import read_calibration_text
 
             text = read_calibration_text(job.options["calibration"])
-        parent = os.path.dirname(os.path.abspath(job.output))
-        spill = tempfile.mkdtemp(prefix=".tensorscale-refit-", dir=parent if os.path.isdir(parent) else None)
-        atexit.register(shutil.rmtree, spill, True)  # a job that fails before writing leaves nothing either
+        workspace = SpillWorkspace(job.output)
+        spill = workspace.open()
+        atexit.register(workspace.close)  # a job that fails before writing leaves nothing either
         plan, _ = plan_down_by_method(job.input, job.engine_options(), job.rules, job.options["method"], text,
                                       job.options["calibration_tokens"], spill)
 
@@ -125,7 +123,7 @@ def _plan(job: Job, executor, state: JobState):
             try:
                 run_shards_in_order(plan, folder, verify_files, None)
             finally:
-                shutil.rmtree(spill, ignore_errors=True)  # refitted tensors, now written (fold leaves it empty)
+                workspace.close()  # refitted tensors, now written (fold leaves it empty)
             for _ in plan.shards:
                 state.shard_done(None)
 

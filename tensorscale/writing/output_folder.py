@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 
 from .. import interrupts
 from ..errors import TensorscaleError
@@ -351,3 +352,81 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+SPILL_MARKER = ".tensorscale-refit-"
+
+
+class SpillWorkspace:
+    """A temporary folder for `down`'s refitted tensors, beside OUT (the same disk), removed when closed.
+
+    Like OUT's temporary folder it lives under a kernel lock (`<folder>.lock`, taken before the folder is
+    made and released when the process dies), so a run killed with SIGKILL, which runs no cleanup, leaves
+    a folder that the next `down` beside it removes; a live run's folder is never touched."""
+
+    def __init__(self, output: str | None):
+        parent = os.path.dirname(os.path.abspath(output)) if output else os.getcwd()
+        self.parent = parent if os.path.isdir(parent) else tempfile.gettempdir()
+        self.folder = os.path.join(self.parent, f"{SPILL_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+        self._lock_fd: int | None = None
+
+    def open(self) -> str:
+        remove_stale_spills(self.parent)
+        lock, private = f"{self.folder}.lock", f"{self.folder}.newlock"
+        fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(private, lock)  # another run never sees this lock file unlocked
+            os.mkdir(self.folder)
+        except BaseException:
+            os.close(fd)
+            for path in (private, lock):
+                if os.path.lexists(path):
+                    os.unlink(path)
+            raise
+        self._lock_fd = fd
+        return self.folder
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            try:
+                os.unlink(f"{self.folder}.lock")
+            except OSError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> str:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def remove_stale_spills(parent: str) -> list[str]:
+    """Remove the refit workspaces (and their lock files) in `parent` whose run is dead."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        if not name.startswith(SPILL_MARKER) or name.endswith((".lock", ".newlock")):
+            continue
+        lock = os.path.join(parent, f"{name}.lock")
+        if os.path.lexists(lock) and not _lock_is_free(lock):
+            continue  # a live run's
+        _remove_path(os.path.join(parent, name))
+        removed.append(name)
+        if os.path.lexists(lock):
+            os.unlink(lock)
+    for name in names:  # locks whose folder is gone, and private locks a kill left before their rename
+        path = os.path.join(parent, name)
+        if name.startswith(SPILL_MARKER) and name.endswith((".lock", ".newlock")) and os.path.lexists(path) \
+                and _lock_is_free(path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return removed
