@@ -99,7 +99,8 @@ def run_all(sources: pathlib.Path, scratch: pathlib.Path) -> dict[str, dict]:
             proc = subprocess.run([sys.executable, "-m", "tensorscale", *args], capture_output=True, text=True,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
             written = out if out.exists() else pathlib.Path(f"{out}.gguf")
-            folders = {str(scratch): "SCRATCH", str(sources): "SOURCES"}
+            # the current folder too: `plan` prints a default output path built from it
+            folders = {str(scratch): "SCRATCH", str(sources): "SOURCES", os.getcwd(): "CWD"}
             entry = {"rc": proc.returncode, "files": file_digests(written, folders) if written.exists() else {}}
             if name.startswith("plan"):
                 stdout = proc.stdout

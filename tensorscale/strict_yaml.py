@@ -98,3 +98,8 @@ def load_yaml(text: str, path: str, *, aliases: bool = True):
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def load_yaml_file(path: str, what: str, limit: int, *, aliases: bool = True):
+    """Plain data from a YAML file of at most `limit` bytes: the one reader of rules and jobs files."""
+    return load_yaml(read_text_file(path, what, limit), path, aliases=aliases)

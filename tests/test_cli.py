@@ -145,7 +145,9 @@ def test_rules_list_and_show():
     listed = run("rules", "list")
     assert listed.exit_code == 0 and "llama" in listed.output
     shown = run("rules", "show", "llama")
-    assert shown.exit_code == 0 and "tensors:" in shown.output
+    assert shown.exit_code == 0 and "extends: _decoder" in shown.output and "tensors:" not in shown.output
+    resolved = run("rules", "show", "llama", "--resolved")
+    assert resolved.exit_code == 0 and "tensors:" in resolved.output and "extends" not in resolved.output
     missing = run("rules", "show", "nope")
     assert missing.exit_code == 2 and "rules list" in missing.output
 

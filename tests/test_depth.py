@@ -21,7 +21,6 @@ from tensorscale.planning.plan import DownOptions, UpOptions
 from tensorscale.rulebook.schema import RulesError, load_rules_text
 
 TOLERANCE = 1e-5
-RULES_DIR = os.path.join(os.path.dirname(__file__), "..", "rules")
 MEASURED: dict = {}  # worst error per architecture, printed at the end with -s
 
 
@@ -283,9 +282,10 @@ def test_bad_depth_options_are_one_line(tmp_path, args, words):
 
 def test_rules_without_depth_and_inexact_architectures(tmp_path):
     source = build(tmp_path / "src", "llama")
-    with open(os.path.join(RULES_DIR, "llama.yaml")) as handle:
-        text = handle.read()
-    (tmp_path / "flat.yaml").write_text(text[: text.index("\n# Depth growth")] + "\n")
+    from tensorscale.rulebook.registry import resolved_text
+
+    text = resolved_text("llama")  # the complete file, its `extends:` base merged in
+    (tmp_path / "flat.yaml").write_text(text[: text.index("\ndepth:")] + "\n")
     for args in (["--add-layers", "1"], ["--duplicate-layers", "0:1"]):
         result = run("up", "-i", source, "-o", tmp_path / "out", "--rules", tmp_path / "flat.yaml", *args)
         assert result.exit_code == 2 and "no depth section" in result.output, result.output

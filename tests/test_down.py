@@ -17,7 +17,8 @@ from tensorscale.planning.plan import DownOptions, UpOptions
 from tensorscale.reading.source import open_source
 from tensorscale.rulebook.registry import resolve_rules
 from tensorscale.rulebook.schema import split_role
-from tensorscale.planning.plan import match_rule, evaluate_env
+from tensorscale.planning.plan import evaluate_env
+from tensorscale.rulebook.evaluate import match_rule
 
 TOLERANCE = 1e-5
 IGNORED_CONFIG = {"transformers_version"}

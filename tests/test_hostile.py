@@ -89,7 +89,7 @@ def test_huge_size_options_in_plan(model, tmp_path):
 
 def rules_file(tmp_path, edit, name="hostile.yaml"):
     path = tmp_path / name
-    text = shipped_text("llama")
+    text = "name: llama\n" + shipped_text("_decoder")  # llama is the decoder base, with its name
     edited = edit(text)
     assert edited != text, "the edit did not apply"
     path.write_text(edited)

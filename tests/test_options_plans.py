@@ -131,7 +131,8 @@ def test_plan_up_and_plan_down_from_the_command_line(llama, wide, tmp_path):
     down = _invoke("plan", "down", wide, "-edd", "2", "-upd", "2", "--json", "-o", tmp_path / "y")
     assert down.exit_code == 0, down.output
     down_data = json.loads(down.stdout)
-    assert down_data["mode"] == "down" and down_data["config_changes"]["hidden_size"] == {"from": 2 * hidden, "to": hidden}
+    assert down_data["mode"] == "down"
+    assert down_data["config_changes"]["hidden_size"] == {"from": 2 * hidden, "to": hidden}
     assert "plan up" in _invoke("plan", "--help").stdout
 
 

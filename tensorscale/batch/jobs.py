@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
-from ..strict_yaml import load_yaml, read_text_file
+from ..strict_yaml import load_yaml_file
 from ..reading.source import looks_like_hub_id
+from ..rulebook.targets import TARGET_KEYS
 
 MAX_JOBS_BYTES = 16 * 2**20
 COMMANDS = ("up", "down")
@@ -29,7 +30,7 @@ COMMON_OPTIONS = {
     "verify_files": False,
     "allow_nonfinite": False,
 }
-DOWN_TARGETS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+DOWN_TARGETS = TARGET_KEYS  # the size options
 UP_OPTIONS = {
     "embed_dim_multiplier": 1,
     "up_proj_multiplier": 1,
@@ -116,10 +117,8 @@ def load_jobs(path: str) -> list[Job]:
     """Read and validate the whole jobs file; raise one TensorscaleError line on the first problem."""
     if not os.path.lexists(path):
         raise TensorscaleError(f"jobs file {path} does not exist; check the path")
-    text = read_text_file(path, "jobs file", MAX_JOBS_BYTES)
     # safe loading (plain data only), a key given twice refused, nesting bounded (strict_yaml)
-    data = load_yaml(text, path)
-    return parse_jobs(data, path)
+    return parse_jobs(load_yaml_file(path, "jobs file", MAX_JOBS_BYTES), path)
 
 
 def parse_jobs(data, path: str = "<jobs>") -> list[Job]:

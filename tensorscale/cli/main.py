@@ -324,11 +324,12 @@ def rules_list(as_json):
 
 @rules.command("show")
 @click.argument("arch")
-def rules_show(arch):
+@click.option("--resolved", is_flag=True, help="Merge in the file's `extends:` base: the complete rules the engine reads.")
+def rules_show(arch, resolved):
     """Print a shipped rules file (a good start for your own)."""
-    from ..rulebook.registry import shipped_text
+    from ..rulebook.registry import resolved_text, shipped_text
 
-    click.echo(shipped_text(arch).rstrip("\n"))
+    click.echo((resolved_text(arch) if resolved else shipped_text(arch)).rstrip("\n"))
 
 
 @rules.command("check")

@@ -14,6 +14,7 @@ import sys
 import click
 
 from ..errors import TensorscaleError
+from ..rulebook.targets import TARGET_KEYS  # the order of the four flags below
 
 MODEL_HELP = "Model folder, or a Hugging Face hub id (org/name)."
 
@@ -121,9 +122,6 @@ MANIFEST = click.option("--manifest", is_flag=True,
                         help="Write tensorscale-manifest.json: source and output hashes, command, version.")
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
-TARGET_OPTIONS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-
-
 def seed_option(what: str):
     """--seed, which seeds what each direction draws at random (up's noise, down's clustering)."""
     return click.option("--seed", type=int, default=0, show_default=True, help=f"Seed {what}.")
@@ -131,14 +129,15 @@ def seed_option(what: str):
 
 def target_size_options(hidden: str, kv_heads: str):
     """--hidden-size, --intermediate-size, --num-attention-heads, --num-key-value-heads, passed on together as
-    `targets` (TARGET_OPTIONS key -> the size given, or None); `hidden` and `kv_heads` end their help."""
+    `targets` (rulebook.targets.TARGET_KEYS key -> the size given, or None); `hidden` and `kv_heads` end
+    their help."""
 
     def decorate(func):
         @functools.wraps(func)
         def command(*args, hidden_size=None, intermediate_size=None, num_attention_heads=None,
                     num_key_value_heads=None, **kwargs):
             sizes = (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
-            return func(*args, targets=dict(zip(TARGET_OPTIONS, sizes)), **kwargs)
+            return func(*args, targets=dict(zip(TARGET_KEYS, sizes)), **kwargs)
 
         return with_options(command, [
             click.option("--hidden-size", type=int, default=None, help=f"Target hidden size ({hidden})."),

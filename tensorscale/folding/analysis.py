@@ -31,12 +31,13 @@ from .. import interrupts
 from ..errors import TensorscaleError
 from ..ops.library import Fused, OpContext
 from ..ops.seeding import seeded_generator
-from ..planning.plan import match_rule
+from ..rulebook.evaluate import match_rule
 from ..reading.safetensors_header import DTYPE_SIZES
 from ..reading.source import ModelSource
 from ..reading.tensor_reader import ShardReader
 from ..rulebook.compile import Space
-from ..rulebook.schema import RuleSet, split_role
+from ..rulebook.roles import Role, split_role
+from ..rulebook.schema import RuleSet
 from .clustering import cluster_units
 from .fold import Fold, Folds
 from .head_groups import check_head_targets, needs_equal_groups
@@ -170,7 +171,7 @@ def _global_matches(space: Space, matches: list[Match], spaces: dict[str, Space]
         blocks = match.blocks(spaces)
         mine = [(axis, start, length) for axis, start, length, name, _ in blocks if name == space.name]
         if mine:
-            found.append((match, mine, not any(role == "in" for *_, role in blocks)))
+            found.append((match, mine, not any(role == Role.IN for *_, role in blocks)))
     return found
 
 
@@ -353,8 +354,8 @@ def _residual_unmerge(axis: int, label: str, spaces: dict[str, Space], folds: Fo
     label is not such a reader or that space is not folded (yet)."""
     name, role = split_role(label)
     space = spaces[name]
-    if role == "in" and space.per is None and (name, None) in folds.by_key:
-        return folds.by_key[(name, None)].merge_op(axis, "in", space)
+    if role == Role.IN and space.per is None and (name, None) in folds.by_key:
+        return folds.by_key[(name, None)].merge_op(axis, Role.IN, space)
     return None
 
 
@@ -386,7 +387,7 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
         if match.env.get(space.per) != instance:
             continue
         mine = [(axis, start, length, name) for axis, start, length, name, role in match.blocks(spaces)
-                if role != "in" and (name == space.name or spaces[name].clusters_of == space.name)]
+                if role != Role.IN and (name == space.name or spaces[name].clusters_of == space.name)]
         if not mine:
             continue
         if len(match.info.shape) == 2 and len(mine) == 1 and mine[0][0] == 0 and mine[0][2] is None:

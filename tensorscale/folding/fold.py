@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
 from ..ops.library import Merge
+from ..rulebook.roles import ROLE_OPS
 
 
 @dataclass
@@ -54,12 +55,9 @@ class Fold:
             raise TensorscaleError(f"space {space.name}: a cluster is empty; this is a bug in the clustering")
         n, m = len(self.cluster), self.clusters
         scale_s = [math.sqrt(count * m / n) if space.scaled else 1.0 for count in sizes]
-        if role == "in":
-            weight = [1.0] * n
-            scale = [1.0 / s for s in scale_s]
-        else:
-            weight = self.averaging_weights(sizes)
-            scale = scale_s if role == "out" else [1.0] * m
+        role_ops = ROLE_OPS[role]  # the role's reduce op: summed or averaged, then times S, 1/S or 1
+        weight = [1.0] * n if role_ops.reduce_weights == "sum" else self.averaging_weights(sizes)
+        scale = {"S": scale_s, "1/S": [1.0 / s for s in scale_s], "1": [1.0] * m}[role_ops.reduce_scale]
         return Merge(axis, self.cluster, weight, scale, space.unit, label=f"{space.name}.{role}")
 
 

@@ -102,11 +102,14 @@ class LayerwiseDown:
     """Cut a model to the spaces' targets, reading `source` and writing tensors through `emit(name, t)`."""
 
     def __init__(self, source, spaces: dict, new_config: dict, working_config: dict, matches, group: str,
-                 ids: torch.Tensor, progress=None, ridge: float = 1e-2, target: str = "cross", prior: bool = True):
+                 ids: torch.Tensor, progress=None, ridge: float = 1e-2, target: str | float = "cross",
+                 prior: bool = True):
         """`target`: "cross" re-solves each reader to reproduce the original layer's outputs from the original
         stream (it also corrects what earlier layers left behind); "self" reproduces the original weights'
         outputs on the small stream's own inputs (plain OBS compensation). `prior`: the ridge pulls towards
-        the same units' original weights instead of towards zero. Both measured in benchmarks/README.md."""
+        the same units' original weights instead of towards zero. A number α in [0, 1] blends the two: the
+        solution is α·cross + (1-α)·self (least squares is linear in its target, so that is the refit to the
+        blended target). Measured in benchmarks/README.md."""
         from ..inference.layer_slot import LayerSlot
 
         self.source = source
@@ -118,7 +121,9 @@ class LayerwiseDown:
         self.check_ids = ids[len(ids) - held:] if held else None
         self.progress = progress
         self.ridge = ridge
-        self.target = target
+        self.mix = {"cross": 1.0, "self": 0.0}[target] if target in ("cross", "self") else float(target)
+        if not 0.0 <= self.mix <= 1.0:
+            raise TensorscaleError(f"internal: refit target {target!r} is neither cross, self nor a share in [0, 1]")
         self.prior = prior
         self.layers, self.others = classify(matches, group)
         if not self.layers:
@@ -305,7 +310,7 @@ class LayerwiseDown:
         one on those units (an RMSNorm over fewer dimensions scales every kept input by sqrt(D/d)), so
         that the ridge pulls towards the reader that would be exact if only the scale had changed."""
         units = self._units(in_space.name, layer if in_space.per else None, "working")
-        if units is None or self.target != "cross":
+        if units is None:
             return prior
         columns = _expand(units, in_space.unit)
         n = len(columns)
@@ -334,13 +339,20 @@ class LayerwiseDown:
             prior = self._select(tensors[t.slot_name], t, "working").double()
             if bias is not None:
                 prior = torch.cat([prior, bias[:, None]], 1)
-            source = caught[t.slot_name] if self.target == "cross" else args[0].detach()
-            if self.target != "cross":
-                weight = prior
-            gram, cross = self._moments(args[0].detach(), source, bias is not None)
-            if self.prior:
-                prior = self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
-            solved = refit(weight, cross, gram, self.ridge, prior if self.prior else None)
+            solved = None
+            # the original layer on the original stream (cross), and the original weights on the small
+            # stream's own inputs (self), in the shares self.mix and 1 - self.mix
+            for share, source, reference in ((self.mix, caught[t.slot_name], weight),
+                                             (1.0 - self.mix, args[0].detach(), prior)):
+                if share == 0.0:
+                    continue
+                gram, cross = self._moments(args[0].detach(), source, bias is not None)
+                pull = None
+                if self.prior:
+                    pull = prior if reference is prior else \
+                        self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
+                part = refit(reference, cross, gram, self.ridge, pull)
+                solved = part * share if solved is None else solved + part * share
             working_units = self._units(in_space_name, layer, "working") if in_space.per else None
             new_bias = None
             if working_units is not None and len(working_units) > in_space.target_units:

@@ -16,7 +16,7 @@ CHUNK_ELEMENTS = 2**22  # entries of each matrix compared at once
 
 def find_retie(plan: Plan) -> str | None:
     """The head tensor to drop if the output can be tied again, else None."""
-    if plan.source.config.get("tie_word_embeddings"):
+    if plan.source.config.get(plan.rules.tie):
         return None
     by_name = {t.name: t for t in plan.tensors}
     for create in plan.rules.create:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
 from ..ops.library import Fill, Op
+from ..rulebook.evaluate import first_failed_check
 from ..rulebook.expr import ExpressionError
 
 SOURCE, IDENTITY, DUPLICATE = "source", "identity", "duplicate"
@@ -129,7 +130,9 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
                 raise TensorscaleError(f"--at position {position!r} is out of range: the model has {count} layers, "
                                        f"so positions go from 0 (before the first) to {count} (after the last)")
             before.setdefault(position, []).append(max(0, position - 1))
-        # the rules' depth.identity_checks are the planner's to check (planning.plan), once the layout is known
+        message = first_failed_check(spec.identity_checks, env, f"{rule_set.path}: depth.identity_checks")
+        if message is not None:
+            raise TensorscaleError(f"--add-layers cannot insert exact identity layers: {message} (rules {rule_set.name})")
     elif options.insert_at is not None:
         raise TensorscaleError("--at says where --add-layers inserts; give --add-layers K too")
 

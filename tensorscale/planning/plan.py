@@ -19,13 +19,17 @@ from ..reading.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from ..reading.source import ModelSource
 from ..rulebook.compile import Space, compile_transform, resolve_spaces
 from ..rulebook.layout import plan_layouts
+from ..rulebook.evaluate import (
+    UNIT_RATIOS, evaluate_let, evaluate_rules, first_failed_check, match_rule, render_name,
+    replicate_count, rules_env, truthy,
+)
 from ..rulebook.expr import ExpressionError
-from ..rulebook.schema import RuleSet, render_template
+from ..rulebook.schema import RuleSet, Transform
+from ..rulebook.targets import TARGET_KEYS
 from . import depth
 from .completeness import check_complete
 
 MIN_SNR_DB = -20  # noise 10x the weights' RMS; below that the zero-sum pairs cancel only up to rounding
-MAX_REPLICATE = 65_536  # copies one tensor rule may write
 MAX_TENSORS = 250_000  # tensors in one plan: dense checkpoints hold hundreds to thousands, MoE up to ~10^5
 MAX_ADDED_LAYERS = 10_000
 MAX_OUTPUT_BYTES = 2**50  # 1 PiB: beyond any disk; the free space itself is checked when the run starts
@@ -33,18 +37,12 @@ MAX_OUTPUT_BYTES = 2**50  # 1 PiB: beyond any disk; the free space itself is che
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-TARGET_SPACES = {  # option name -> the conventional space it sizes (rules files name their spaces so)
-    "hidden_size": "hidden",
-    "intermediate_size": "ffn",
-    "num_attention_heads": "heads",
-    "num_key_value_heads": "kv_heads",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ResizeOptions:
     """What the user asked for, in either direction: the seed, the storage dtype, the shard size and any target
-    sizes (TARGET_SPACES key -> hidden/FFN size in dimensions, heads and kv heads in counts).
+    sizes (TARGET_KEYS key -> hidden/FFN size in dimensions, heads and kv heads in counts).
 
     Frozen, and `targets` is copied: planning reads options and never changes them, so one object may plan
     several times (a retie, a batch's workers) and a caller's dict is never aliased."""
@@ -61,7 +59,7 @@ class ResizeOptions:
     def validate(self) -> None:
         """One line naming the option and the fix for the first value planning cannot use."""
         _check_counts((f"--{key.replace('_', '-')}" for key in self.targets), self.targets.values())
-        unknown = set(self.targets) - set(TARGET_SPACES)
+        unknown = set(self.targets) - set(TARGET_KEYS)
         if unknown:
             raise TensorscaleError(f"unknown target {sorted(unknown)[0]}")
         if self.dtype not in DTYPE_CHOICES:
@@ -224,19 +222,13 @@ class Plan:
 
 
 def base_env(config: dict, options: ResizeOptions, ratios: dict | None = None) -> dict:
-    """Config fields plus the options rules see: n (hidden), m (FFN), nh (heads), nkv (kv heads) as growth
-    ratios (new size / old size), n_tiles, snr_db and untie_embeddings."""
-    env = {key: value for key, value in config.items() if isinstance(value, (int, float, str, bool, list)) or value is None}
+    """The environment rules see (rulebook.evaluate.rules_env) for these options: `up`'s multipliers unless
+    `ratios` are given (down records up's neutral values: see ResizeOptions.recorded)."""
     recorded = options.recorded()
     if ratios is None:
         n = recorded["embed_dim_multiplier"]
         ratios = {"n": n, "m": recorded["up_proj_multiplier"], "nh": n, "nkv": n}
-    ratios = dict(ratios)
-    # n_tiles: how many whole copies of the source hidden state the new one holds (a tied head sums them).
-    # Tiling: n. Down: n too (a fraction). Zero-padding: 1; any width: the whole part of n, the rest padded.
-    ratios.setdefault("n_tiles", ratios["n"])
-    env.update(ratios, snr_db=recorded["snr_db"], untie_embeddings=recorded["untie_embeddings"])
-    return env
+    return rules_env(config, ratios, snr_db=recorded["snr_db"], untie_embeddings=recorded["untie_embeddings"])
 
 
 def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
@@ -273,10 +265,11 @@ def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
 
 
 def current_units(rule_set: RuleSet, config: dict, options: ResizeOptions) -> dict:
-    """The model's size in each TARGET_SPACES key (hidden and FFN in dimensions, heads in counts)."""
-    env = _evaluate_let(rule_set, base_env(config, options, {"n": 1, "m": 1, "nh": 1, "nkv": 1}))
+    """The model's size in each TARGET_KEYS key (hidden and FFN in dimensions, heads in counts), read from the
+    spaces the rules file's `targets` name."""
+    env = evaluate_let(rule_set, base_env(config, options, UNIT_RATIOS))
     spaces = resolve_spaces(rule_set, env)
-    current = {key: (spaces[name].units if name in spaces else None) for key, name in TARGET_SPACES.items()}
+    current = {key: (spaces[name].units if name in spaces else None) for key, name in rule_set.targets.items()}
     if current["num_key_value_heads"] is None:
         current["num_key_value_heads"] = current["num_attention_heads"]
     return current
@@ -325,43 +318,12 @@ def up_ratios(rule_set: RuleSet, config: dict, options: UpOptions) -> dict:
     return ratios
 
 
-def _evaluate_let(rule_set: RuleSet, env: dict) -> dict:
-    for name, expression in rule_set.let:
-        try:
-            env[name] = expression.evaluate(env)
-        except ExpressionError as exc:
-            raise TensorscaleError(f"{rule_set.path}: let.{name}: {exc}") from None
-    return env
-
-
 def evaluate_env(rule_set: RuleSet, config: dict, options: UpOptions | DownOptions) -> dict:
     if isinstance(options, DownOptions):
         ratios = down_ratios(rule_set, config, options)
     else:
         ratios = up_ratios(rule_set, config, options)
-    env = base_env(config, options, ratios)
-    for name, expression in rule_set.let:
-        try:
-            env[name] = expression.evaluate(env)
-        except ExpressionError as exc:
-            raise TensorscaleError(f"{rule_set.path}: let.{name}: {exc}") from None
-    message = first_failed_check(rule_set.checks, env, f"{rule_set.path}: check")
-    if message is not None:
-        raise TensorscaleError(f"{message} (rules {rule_set.name})")
-    return env
-
-
-def first_failed_check(checks, env: dict, where: str) -> str | None:
-    """The message of the first (assertion, message) that does not hold, or None; an assertion that cannot
-    be evaluated is an error in the rules file, named by `where`."""
-    for expression, message in checks:
-        try:
-            ok = expression.evaluate(env)
-        except ExpressionError as exc:
-            raise TensorscaleError(f"{where} {expression.source!r}: {exc}") from None
-        if not ok:
-            return message
-    return None
+    return evaluate_rules(rule_set, base_env(config, options, ratios))
 
 
 def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: ResizeOptions) -> dict:
@@ -379,14 +341,6 @@ def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: ResizeOp
             if key in new or key == "dtype":
                 new[key] = options.dtype
     return new
-
-
-def _group_env(env: dict, match) -> dict:
-    groups = {}
-    for key, value in match.groupdict().items():
-        if value is not None:
-            groups[key] = int(value) if value.isdigit() else value
-    return {**env, **groups}
 
 
 def _out_dtype(info: TensorInfo, options: ResizeOptions) -> str:
@@ -419,14 +373,10 @@ def _row_plan(tensor: TensorPlan) -> None:
 def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options: ResizeOptions) -> None:
     """The rewritten config must describe the rewritten tensors: every space's size, read back from the new
     config, equals its planned size (e.g. hidden = heads × head_dim where the architecture derives it)."""
-    env = _evaluate_let(rule_set, base_env(new_config, options, {"n": 1, "m": 1, "nh": 1, "nkv": 1}))
-    for expression, message in rule_set.checks:
-        try:
-            ok = expression.evaluate(env)
-        except ExpressionError:
-            ok = False
-        if not ok:
-            raise TensorscaleError(f"these sizes are not possible for {rule_set.name}: {message}")
+    env = evaluate_let(rule_set, base_env(new_config, options, UNIT_RATIOS))
+    message = first_failed_check(rule_set.checks, env, None)
+    if message is not None:
+        raise TensorscaleError(f"these sizes are not possible for {rule_set.name}: {message}")
     again = resolve_spaces(rule_set, env)
     for name, space in spaces.items():
         if name in again and again[name].size != space.target:
@@ -452,13 +402,11 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
     layers = None
     if isinstance(options, UpOptions):
         layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
-        if options.add_layers:
-            _check_identity_layers(rule_set, env)
     depth.rewrite_config(rule_set, source.config, new_config, layers)
     folds = down.folds if down is not None else None
     retie = down.retied if down is not None else None
     if retie:
-        new_config["tie_word_embeddings"] = True
+        new_config[rule_set.tie] = True
     check_new_config(rule_set, new_config, spaces, options)
     layouts = plan_layouts(spaces, options.strategy) if isinstance(options, UpOptions) else None
 
@@ -480,7 +428,7 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
 
     creates_after: dict[str, list] = {}
     for create in rule_set.create:
-        if create.when is not None and not _truthy(create.when, env, rule_set.path):
+        if create.when is not None and not truthy(create.when, env, rule_set.path):
             continue
         if create.name in source.tensors:
             continue
@@ -496,8 +444,6 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
         rule, rule_env = match_rule(rule_set, name, env)
         if rule is None:
             if rule_set.unmatched == "copy":
-                from ..rulebook.schema import Transform
-
                 add(entry.name, info, "unmatched (copied)", Transform(), None, env, entry.extra)
             elif entry.original:
                 unmatched.append(name)
@@ -510,9 +456,9 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
             for out_name in _down_unit_names(rule, rule_env, spaces, folds, entry):
                 add(out_name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
         elif rule.replicate_count is not None:
-            count = _count(rule.replicate_count, rule_env, rule.label)
+            count = replicate_count(rule.replicate_count, rule_env, rule.label)
             for k in range(count):
-                out_name = _render(rule.replicate_name, {**rule_env, **entry.rename, "k": k}, rule.label)
+                out_name = render_name(rule.replicate_name, {**rule_env, **entry.rename, "k": k}, rule.label)
                 add(out_name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
         else:
             add(entry.name, info, rule.label, rule.transform, rule.component, rule_env, entry.extra)
@@ -542,12 +488,6 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
     return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, down=down,
                 depth=layers, layouts=layouts, notes=storage_notes(tensors))
 
-
-def _check_identity_layers(rule_set: RuleSet, env: dict) -> None:
-    """--add-layers writes exact identity layers only where the rules' depth.identity_checks hold."""
-    message = first_failed_check(rule_set.depth.identity_checks, env, f"{rule_set.path}: depth.identity_checks")
-    if message is not None:
-        raise TensorscaleError(f"--add-layers cannot insert exact identity layers: {message} (rules {rule_set.name})")
 
 
 def _scales(ops):
@@ -593,27 +533,6 @@ def storage_notes(tensors: list[TensorPlan]) -> list[str]:
     ]
 
 
-def match_rule(rule_set: RuleSet, name: str, env: dict):
-    """The first rule whose regex fully matches `name` and whose `when` holds, with the regex groups
-    added to the environment; (None, env) when no rule applies."""
-    for candidate in rule_set.tensors:
-        match = candidate.regex.fullmatch(name)
-        if not match:
-            continue
-        rule_env = _group_env(env, match)
-        if candidate.when is not None and not _truthy(candidate.when, rule_env, f"{rule_set.path}: {candidate.label}"):
-            continue
-        return candidate, rule_env
-    return None, env
-
-
-def _truthy(expression, env, where) -> bool:
-    try:
-        return bool(expression.evaluate(env))
-    except ExpressionError as exc:
-        raise TensorscaleError(f"{where}: when: {exc}") from None
-
-
 def _down_unit_names(rule, env, spaces, folds, entry) -> list[str]:
     """`down` of a tensor written once per unit (StableLM's per-head q/k norms, `replicate.unit_of`): the
     mirror of `up`'s copies. Output unit j takes the tensor of its cluster's representative (the first
@@ -630,28 +549,8 @@ def _down_unit_names(rule, env, spaces, folds, entry) -> list[str]:
     except (KeyError, TypeError, ValueError):
         raise TensorscaleError(f"{rule.label}: replicate.unit_of needs the unit index as the regex group (?P<h>...)") from None
     representatives = folds.lookup(space, env, rule.label).representatives()
-    return [_render(rule.replicate_name, {**env, **entry.rename, "h": j, "k": 0}, rule.label)
+    return [render_name(rule.replicate_name, {**env, **entry.rename, "h": j, "k": 0}, rule.label)
             for j, source in enumerate(representatives) if source == unit]
-
-
-def _count(expression, env, where) -> int:
-    try:
-        value = expression.evaluate(env)
-    except ExpressionError as exc:
-        raise TensorscaleError(f"{where}: replicate.count: {exc}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TensorscaleError(f"{where}: replicate.count must be a whole number >= 0, got {value!r}")
-    if value > MAX_REPLICATE:
-        raise TensorscaleError(f"{where}: replicate.count {value:,} is more than the {MAX_REPLICATE:,} copies "
-                               "a rule may write (per-head tensors of the widest model need a few hundred)")
-    return value
-
-
-def _render(template, env, where) -> str:
-    try:
-        return render_template(template, env)
-    except ExpressionError as exc:
-        raise TensorscaleError(f"{where}: name template: {exc}") from None
 
 
 def layout_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:

@@ -334,6 +334,9 @@ def read_rows(pread, info: TensorInfo, start: int, stop: int):
     encoding: GgufEncoding = info.encoding
     shape = info.shape
     rest = tuple(shape[1:])
+    if 0 in shape:  # an empty tensor (a dimension of 0): nothing to read, and gguf-py cannot decode nothing
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(encoding.type_name, torch.float32)
+        return torch.empty((stop - start, *rest), dtype=dtype)
     if encoding.row_bytes == 0:  # 1-D: decoded whole
         first, last = 0, shape[0]
         raw = pread(info.start, info.nbytes)

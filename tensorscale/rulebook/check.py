@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import TensorscaleError
-from ..planning.plan import UpOptions, evaluate_env, match_rule
 from ..reading.source import ModelSource
+from .evaluate import UNIT_RATIOS, evaluate_rules, match_rule, rules_env
 from .registry import resolve_rules
 
 
@@ -13,7 +13,7 @@ def check_rules(source: ModelSource, rules_path: str | None) -> dict:
     report = {"rules": rule_set.name, "path": rule_set.path, "tensors": len(source.tensors),
               "unmatched_tensors": [], "unused_rules": [], "matches": {}, "error": None}
     try:
-        env = evaluate_env(rule_set, source.config, UpOptions())
+        env = evaluate_rules(rule_set, rules_env(source.config, UNIT_RATIOS))  # the model at its own size
     except TensorscaleError as exc:
         report["error"] = str(exc)
         return report

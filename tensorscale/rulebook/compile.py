@@ -21,6 +21,7 @@ from ..errors import TensorscaleError
 from ..ops.library import OP_TYPES, Fused, Gather, Interleave, Op, Pad, Scale, Tile, TileDivide
 from .expr import ExpressionError
 from .layout import plan_layouts
+from .roles import ROLE_OPS
 from .schema import OpSpec, RuleSet, Transform, split_role
 
 
@@ -171,27 +172,33 @@ def _grow_leaf(env, where, layouts):
         if layout.target == layout.size:
             return []
         snr_db = env.get("snr_db")
+        role_ops = ROLE_OPS[role]
         tiles = layout.tiles
         if tiles is not None:
-            if role == "in":
-                return [TileDivide(axis, tiles, snr_db)]
-            if space.clone == "interleave":
-                return [Interleave(axis, tiles, space.unit)]
-            return [Tile(axis, tiles)]
+            return [_expand(role_ops.expand_op(space.clone), axis, tiles, space.unit, snr_db)]
         padded = layout.padded_tiles
         if padded is not None:
             ops: list[Op] = []
             if padded > 1:
-                ops.append(TileDivide(axis, padded, snr_db) if role == "in" else Tile(axis, padded))
+                ops.append(_expand(role_ops.expand_op("tile"), axis, padded, space.unit, snr_db))
         else:
-            ops = [Gather(axis, layout.unit, layout.sources, divide=role == "in", snr_db=snr_db)]
-        if role == "norm":
+            ops = [Gather(axis, layout.unit, layout.sources, divide=role_ops.divides, snr_db=snr_db)]
+        if role_ops.rescales_norm:
             ops.extend(_norm_rescale(space, layout, where))
         if padded is not None:
             ops.append(Pad(axis, 0, (layout.target - layout.kept) * layout.unit))
         return ops
 
     return leaf
+
+
+def _expand(op: str, axis: int, tiles: int, unit: int, snr_db) -> Op:
+    """A role's expand op (rulebook.roles) for a whole-multiple growth by `tiles`."""
+    if op == "tile_divide":
+        return TileDivide(axis, tiles, snr_db)
+    if op == "interleave":
+        return Interleave(axis, tiles, unit)
+    return Tile(axis, tiles)
 
 
 def _norm_rescale(space, layout, where) -> list[Op]:

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from importlib import resources
 
 from ..errors import TensorscaleError
-from .schema import RuleSet, load_rules_file, load_rules_text
-
-
-def _shipped_files() -> dict[str, str]:
-    """Shipped rules: file stem -> YAML text. They live in top-level rules/, installed as tensorscale.rules_data."""
-    found = {}
-    try:
-        folder = resources.files("tensorscale.rules_data")
-        for entry in folder.iterdir():
-            if entry.name.endswith(".yaml"):
-                found[entry.name[: -len(".yaml")]] = entry.read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError):
-        pass
-    if not found:  # running from a source tree without installing
-        here = os.path.join(os.path.dirname(__file__), "..", "..", "rules")
-        if os.path.isdir(here):
-            for name in os.listdir(here):
-                if name.endswith(".yaml"):
-                    with open(os.path.join(here, name), encoding="utf-8") as handle:
-                        found[name[: -len(".yaml")]] = handle.read()
-    return found
+from .schema import RuleSet, load_rules_file, load_rules_text, resolved_data
+from .shipped import BASE_PREFIX, shipped_files
 
 
 @lru_cache(maxsize=1)
 def _shipped() -> dict[str, tuple[RuleSet, str]]:
     rules = {}
-    for stem, text in sorted(_shipped_files().items()):
+    for stem, text in sorted(shipped_files().items()):
+        if stem.startswith(BASE_PREFIX):
+            continue  # a base for `extends`, not an architecture
         rule_set = load_rules_text(text, f"rules/{stem}.yaml")
         rules[rule_set.name] = (rule_set, text)
     return rules
@@ -44,9 +25,31 @@ def shipped_rules() -> dict[str, RuleSet]:
 
 
 def shipped_text(name: str) -> str:
-    """The YAML text of a shipped rules file, comments included."""
-    find_shipped(name)
-    return _shipped()[name][1]
+    """The YAML text of a shipped rules file (or of a base such as _decoder), comments included."""
+    if name not in shipped_files():
+        find_shipped(name)  # the one-line error that lists where to look
+    return shipped_files()[name]
+
+
+def resolved_text(name: str) -> str:
+    """A shipped rules file with its `extends:` base merged in, as YAML (no comments): what the engine reads,
+    and a complete file to copy."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """Mappings as blocks, lists of plain values ([heads, hidden.in]) on one line, as the files are written."""
+
+        def represent_list(self, data):
+            flow = all(not isinstance(item, (dict, list)) for item in data) or all(
+                isinstance(item, list) for item in data)
+            return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+        def increase_indent(self, flow=False, indentless=False):
+            return super().increase_indent(flow, False)  # "tensors:\n  - match: ...", as the files are written
+
+    Dumper.add_representer(list, Dumper.represent_list)
+    data = resolved_data(shipped_text(name), f"rules/{name}.yaml")
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120)
 
 
 def find_shipped(name: str) -> RuleSet:

@@ -10,60 +10,130 @@ A rules file describes one architecture as data:
 - ``create``: tensors written that the source lacks (an untied lm_head);
 - ``depth``: how the layers are counted, numbered in tensor names and listed in config.json, and how an
   inserted identity layer differs from the layer it copies (``up --add-layers`` / ``--duplicate-layers``).
-Every problem is reported as one line naming the file and the place.
+Every problem is reported as one line naming the file and the place. The dataclasses below are both the
+types the engine reads and the check (rulebook.validate): each field is a key, its type how it is checked.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from ..errors import TensorscaleError
-from ..strict_yaml import load_yaml, read_text_file
+from ..strict_yaml import load_yaml, load_yaml_file
 from ..ops.library import OP_TYPES
 from .expr import Expression, ExpressionError
+from .extends import resolve_extends
 from .patterns import Pattern
+from .roles import split_role
+from .targets import DEFAULT_TARGETS, DEFAULT_TIE_KEY, TARGET_KEYS
+from .validate import Identifier, Name, Strings, check_keys, key, mapping, read
+from .shipped import shipped_data
 
-KNOWN_TOP_LEVEL = {"name", "description", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched",
-                   "depth"}
-KNOWN_DEPTH_KEYS = {"count", "group", "lists", "thresholds", "identity", "identity_checks", "note"}
-KNOWN_IDENTITY_KEYS = {"match", "fill", "when", "note"}
-KNOWN_TENSOR_KEYS = {"match", "when", "axes", "ops", "scale", "replicate", "drop", "copy", "component", "note",
-                     "required"}
-KNOWN_CREATE_KEYS = {"name", "from", "when", "axes", "ops", "scale", "component", "note"}
-KNOWN_SPACE_KEYS = {"size", "grow", "unit", "clone", "per", "scaled", "equal", "within", "clusters_of", "norm", "note"}
 # How a space is normalised, where something normalises it as a whole (see SpaceSpec.norm).
-NORM_KINDS = ("rms", "rms_one_plus", "layer")
-IN_SUFFIX = ".in"
-NORM_SUFFIX = ".norm"
-ROLE_SUFFIXES = (IN_SUFFIX, NORM_SUFFIX)
-COMPONENTS = {"embeddings", "attention", "mlp", "norms", "head", "other"}
+NormKind = Literal["rms", "rms_one_plus", "layer"]
+NORM_KINDS = typing.get_args(NormKind)
+Component = Literal["attention", "embeddings", "head", "mlp", "norms", "other"]
+COMPONENTS = set(typing.get_args(Component))
+
 
 
 class RulesError(TensorscaleError):
     pass
 
 
+# Readers for what a type alone does not say: (raw value, where, fields read so far) -> the field's value.
+
+def _expression(value, where, context) -> Expression:
+    return _expr(value, where)
+
+
+def _keyed_expression(value, where, context) -> Expression:
+    """An expression whose errors name its key (`required`)."""
+    return _expr(value, f"{where}: {context['key']}")
+
+
+def _regex(value, where, context) -> Pattern:
+    if not isinstance(value, str) or not value:
+        raise RulesError(f"{where} {context['missing']}")
+    return _pattern(value, where)
+
+
+def _needs(message: str):
+    """A reader for a required string key, with the error to give when it is not a string."""
+    def parse(value, where, context):
+        if not isinstance(value, str):
+            raise RulesError(f"{where} {message}")
+        return value
+    return parse
+
+
+def _name_template(value, where, context) -> str:
+    if not isinstance(value, str):
+        raise RulesError(f"{where} needs 'count' and a 'name' template")
+    validate_template(value, where)
+    return value
+
+
+def _mapping_of_expressions(value, where, context) -> list[tuple[str, Expression]]:
+    """`let` and `config`: name -> expression, in order."""
+    label = f"{where}: {context['key']}"
+    return [(str(k), _expr(v, f"{label}.{k}")) for k, v in _mapping(value, label).items()]
+
+
+def _rules_list(cls, kind: str = "", separator: str = ": "):
+    """A reader for an optional list of mappings (`checks`, `create`, `identity`), each read as `cls`."""
+    def parse(value, where, context):
+        label = f"{where}{separator}{context['key']}"
+        value = value or []
+        if not isinstance(value, list):
+            raise RulesError(f"{label} must be a list{kind}")
+        return [read(cls, item, f"{label}[{i}]", context) for i, item in enumerate(value)]
+    return parse
+
+
+@dataclass
+class Check:
+    """An assertion over config and let values, with the message shown when it does not hold (by default
+    the assertion itself). Unpacks as (assertion, message)."""
+
+    assertion: Expression = key("assert", parse=_expression)
+    message: str | None = key(default=None, parse=lambda value, where, context: value)
+
+    def __post_init__(self):
+        self.message = str(self.message or self.assertion.source)
+
+    def __iter__(self):
+        return iter((self.assertion, self.message))
+
+
+@dataclass
+class Detect:
+    model_type: Strings = key(default_factory=list)
+    architectures: Strings = key(default_factory=list)
+
+
 @dataclass
 class SpaceSpec:
-    name: str
-    size: Expression
-    grow: Expression
-    unit: Expression
-    clone: str  # "tile" ([a, b, a, b]) or "interleave" ([a, a, b, b] at unit granularity)
+    name: str = key(yaml=False)
+    size: Expression = key(parse=_expression)
+    grow: Expression = key(parse=_expression, default_factory=lambda: Expression(1))
+    unit: Expression = key(parse=_expression, default_factory=lambda: Expression(1))
+    clone: Literal["tile", "interleave"] = "tile"  # [a, b, a, b], or [a, a, b, b] at unit granularity
     # For `down` (folding units into clusters):
-    per: str | None = None  # a regex group (e.g. layer): one clustering per value, not one for the model
+    per: Name | None = None  # a regex group (e.g. layer): one clustering per value, not one for the model
     scaled: bool = False  # a space that an RMSNorm normalises: merged units carry S = sqrt(N·m/n)
     equal: bool = False  # clusters must have equal sizes (LayerNorm centring, full-projection q/k norms)
-    within: str | None = None  # units are grouped under this space's units (q heads under kv heads)
-    clusters_of: str | None = None  # clustered exactly like that space (a second view of the same units)
+    within: Name | None = None  # units are grouped under this space's units (q heads under kv heads)
+    clusters_of: Name | None = None  # clustered exactly like that space (a second view of the same units)
     # For growth that is not a whole multiple (zero-padding, any target width): how the space is normalised.
     # "rms": an RMSNorm x/rms(x)·w, so zero-padding is exact once the gains are rescaled; "rms_one_plus":
     # the same with gains stored as w in (1+w) (Gemma); "layer": a LayerNorm, whose mean changes when zeros
     # are added, so only whole-multiple tiling is exact. None: nothing normalises the space as a whole, so
     # units may be cloned unevenly (Net2Net).
-    norm: str | None = None
+    norm: NormKind | None = None
 
 
 @dataclass
@@ -74,36 +144,108 @@ class OpSpec:
     params: dict[str, Any]  # values are Expression, or for fused: list of (size Expression, [OpSpec])
 
 
+def _axes(value, where, context) -> list:
+    if not isinstance(value, list):
+        raise RulesError(f"{where}: axes must be a list with one role per tensor axis")
+    return [_axis_label(label, where, context["spaces"]) for label in value]
+
+
+def _ops(value, where, context) -> list[OpSpec]:
+    if context.get("axes") is not None:
+        raise RulesError(f"{where}: give either 'axes' or 'ops', not both")
+    return _op_chain(value, where)
+
+
+def _scale_factor(value, where, context) -> Expression:
+    if isinstance(value, dict):
+        # {factor: expr, offset: expr}: y = x · factor + offset (a (1+w) norm gain scaled by c is factor c,
+        # offset c − 1).
+        _unknown(value, {"factor", "offset"}, f"{where}: scale")
+        return _expr(value.get("factor", 1), f"{where}: scale.factor")
+    return _expr(value, where)
+
+
+def _scale_offset(value, where, context) -> Expression | None:
+    if isinstance(value, dict) and "offset" in value:
+        return _expr(value["offset"], f"{where}: scale.offset")
+    return None
+
+
 @dataclass
 class Transform:
     """How a tensor is rewritten: axis roles or an explicit op chain, plus an optional scale."""
 
-    axes: list | None = None
-    ops: list[OpSpec] | None = None
-    scale: Expression | None = None  # y = x · scale + scale_offset, before the axis ops
-    scale_offset: Expression | None = None  # e.g. (1+w) norms: scaling the gain by c is w' = w·c + (c − 1)
+    axes: list | None = key(default=None, parse=_axes)
+    ops: list[OpSpec] | None = key(default=None, parse=_ops)
+    # y = x · scale + scale_offset, before the axis ops. `down` evaluates it at 1/n: it must undo itself
+    # there (rulebook.evaluate.scale_inverts).
+    scale: Expression | None = key(default=None, parse=_scale_factor)
+    # e.g. (1+w) norms: scaling the gain by c is w' = w·c + (c − 1); read from the same `scale` key
+    scale_offset: Expression | None = key("scale", default=None, parse=_scale_offset)
 
     def is_copy(self) -> bool:
         return self.axes is None and not self.ops and self.scale is None and self.scale_offset is None
 
 
+def _unit_of(value, where, context) -> str:
+    if not isinstance(value, str) or value not in context["spaces"]:
+        raise RulesError(f"{where}.unit_of must name a space of the rules file, got {value!r}")
+    return value
+
+
+@dataclass
+class Replicate:
+    """A tensor written `count` times under the names `name` gives (with {k}, or {h} for `unit_of`)."""
+
+    count: Expression = key(parse=_expression, missing="needs 'count' and a 'name' template")
+    name: str = key(parse=_name_template, missing="needs 'count' and a 'name' template")
+    # The space whose units the regex group `h` counts, for a tensor written once per unit (StableLM's
+    # per-head norms): `down` writes, for each output unit, the tensor of its source.
+    unit_of: str | None = key(default=None, parse=_unit_of)
+
+
+def _required_expression(value, where, context) -> Expression | None:
+    return None if value in (None, False) else _keyed_expression(value, where, context)
+
+
 @dataclass
 class TensorRule:
-    index: int
-    pattern: str
-    regex: Pattern
-    transform: Transform
-    when: Expression | None = None
-    replicate_count: Expression | None = None
-    replicate_name: str | None = None
+    index: int = key(yaml=False)
+    regex: Pattern = key("match", parse=_regex, labels=True,
+                         missing="needs 'match', a regular expression for tensor names")
+    transform: Transform = key(inline=Transform)
+    when: Expression | None = key(default=None, parse=_expression)
+    replicate: Replicate | None = None
     drop: bool = False
-    component: str | None = None
+    component: Component | None = None
     # When this holds (over config and let values), some tensor must fully match `regex`: a checkpoint
     # without its embedding, final norm or (untied) head is incomplete, not a smaller model.
-    required: Expression | None = None
-    # The space whose units the regex group `h` counts, for a tensor written once per unit (StableLM's
-    # per-head norms, `replicate.unit_of`): `down` writes, for each output unit, the tensor of its source.
-    replicate_unit_of: str | None = None
+    required: Expression | None = key(default=None, parse=_required_expression)
+    copy: Any = None  # accepted for readers of the file (the tensor is copied as is); never read
+
+    def __post_init__(self):
+        if self.drop and not self.transform.is_copy():
+            raise RulesError(f"{self.regex.where} ({self.pattern}): a dropped tensor cannot also have axes, ops or "
+                             "scale")
+        if self.replicate_unit_of is not None and "(?P<h>" not in self.pattern:
+            raise RulesError(f"{self.regex.where} ({self.pattern}): replicate.unit_of needs the unit index as the "
+                             "regex group (?P<h>...)")
+
+    @property
+    def pattern(self) -> str:
+        return self.regex.pattern
+
+    @property
+    def replicate_count(self) -> Expression | None:
+        return None if self.replicate is None else self.replicate.count
+
+    @property
+    def replicate_name(self) -> str | None:
+        return None if self.replicate is None else self.replicate.name
+
+    @property
+    def replicate_unit_of(self) -> str | None:
+        return None if self.replicate is None else self.replicate.unit_of
 
     @property
     def label(self) -> str:
@@ -112,11 +254,15 @@ class TensorRule:
 
 @dataclass
 class CreateRule:
-    name: str
-    source: str
-    transform: Transform
-    when: Expression | None = None
-    component: str | None = None
+    """A tensor written that the source lacks (an untied lm_head), from the source tensor `from`."""
+
+    name: str = key(parse=_needs("needs 'name' and 'from' tensor names"),
+                    missing="needs 'name' and 'from' tensor names")
+    source: str = key("from", parse=_needs("needs 'name' and 'from' tensor names"),
+                      missing="needs 'name' and 'from' tensor names")
+    transform: Transform = key(inline=Transform)
+    when: Expression | None = key(default=None, parse=_expression)
+    component: Component | None = None
 
 
 @dataclass
@@ -124,10 +270,13 @@ class IdentityRule:
     """How one tensor of an inserted identity layer differs from the layer it copies: filled with `fill`
     (a residual writer zeroed, or a (1+w) post-norm gain set to -1 so that the norm outputs zero)."""
 
-    pattern: str
-    regex: Pattern
-    fill: Expression
-    when: Expression | None = None
+    regex: Pattern = key("match", parse=_regex, missing="needs 'match' (a regular expression) and 'fill' (a value)")
+    fill: Expression = key(parse=_expression, missing="needs 'match' (a regular expression) and 'fill' (a value)")
+    when: Expression | None = key(default=None, parse=_expression)
+
+    @property
+    def pattern(self) -> str:
+        return self.regex.pattern
 
 
 @dataclass
@@ -138,29 +287,94 @@ class DepthSpec:
     inserted below them), `identity` the fills that make an inserted layer an identity, and
     `identity_checks` the conditions under which such a layer is exact."""
 
-    count: str = "num_hidden_layers"
-    group: str = "layer"
-    lists: list[str] = field(default_factory=list)
-    thresholds: list[str] = field(default_factory=list)
-    identity: list[IdentityRule] = field(default_factory=list)
-    identity_checks: list[tuple[Expression, str]] = field(default_factory=list)
+    count: Identifier = "num_hidden_layers"
+    group: Identifier = "layer"
+    lists: Strings = key(default_factory=list)
+    thresholds: Strings = key(default_factory=list)
+    identity: list[IdentityRule] = key(default_factory=list,
+                                       parse=_rules_list(IdentityRule, " of {match, fill} rules", "."))
+    identity_checks: list[Check] = key(default_factory=list, parse=_rules_list(Check, separator="."))
 
 
-@dataclass
+def _name(value, where, context) -> str:
+    if not isinstance(value, str) or not value:
+        raise RulesError(f"{where}: missing 'name'")
+    return value
+
+
+def _spaces(value, where, context) -> dict[str, SpaceSpec]:
+    spaces = {}
+    for name, spec in _mapping(value, f"{where}: spaces").items():
+        here = f"{where}: spaces.{name}"
+        if isinstance(spec, (str, int)):
+            spec = {"size": spec}
+        if "." in str(name) or str(name) == "-":
+            raise RulesError(f"{here}: space names may not contain '.' or be '-'")
+        spaces[str(name)] = read(SpaceSpec, spec, here, name=str(name))
+    for name, spec in spaces.items():
+        for ref in (spec.within, spec.clusters_of):
+            if ref is not None and ref not in spaces:
+                raise RulesError(f"{where}: spaces.{name} refers to space {ref!r}, which is not declared")
+    return spaces
+
+
+def _targets(value, where, context) -> dict[str, str]:
+    here = f"{where}: targets"
+    targets = dict(DEFAULT_TARGETS)
+    for option, space in _mapping(value, here).items():
+        if option not in DEFAULT_TARGETS:
+            raise RulesError(f"{here}: unknown size option {option!r} (known: {', '.join(TARGET_KEYS)})")
+        if not isinstance(space, str) or space not in context["spaces"]:
+            raise RulesError(f"{here}.{option} must name a space of the rules file, got {space!r}")
+        targets[option] = space
+    return targets
+
+
+def _tensors(value, where, context) -> list[TensorRule]:
+    if not isinstance(value, list) or not value:
+        raise RulesError(f"{where}: 'tensors' must be a non-empty list of rules")
+    return [read(TensorRule, item, f"{where}: tensors[{i}]", context, index=i) for i, item in enumerate(value)]
+
+
+def _depth(value, where, context) -> DepthSpec | None:
+    if value is None:
+        return None
+    here = f"{where}: depth"
+    spec = read(DepthSpec, value, here, context)
+    if not any(spec.group in rule.regex.groupindex for rule in context["tensors"]):
+        raise RulesError(f"{here}.group {spec.group!r} is captured by no tensor rule; per-layer rules need "
+                         f"(?P<{spec.group}>\\d+) in their regex")
+    return spec
+
+
+@dataclass(kw_only=True)
 class RuleSet:
-    name: str
-    description: str
-    path: str
-    detect_model_types: list[str]
-    detect_architectures: list[str]
-    let: list[tuple[str, Expression]]
-    checks: list[tuple[Expression, str]]
-    spaces: dict[str, SpaceSpec]
-    config: list[tuple[str, Expression]]
-    tensors: list[TensorRule]
-    create: list[CreateRule] = field(default_factory=list)
-    unmatched: str = "error"
-    depth: DepthSpec | None = None  # None: the architecture cannot grow in depth
+    """A whole rules file. Its fields, in this order, are the file's keys (see the module docstring)."""
+
+    name: str = key(parse=_name, missing=": missing 'name'")
+    description: str = key(default="", parse=lambda value, where, context: str(value or ""))
+    path: str = key(yaml=False, default="<rules>")
+    detect: Detect = key(default_factory=Detect)
+    let: list[tuple[str, Expression]] = key(default_factory=list, parse=_mapping_of_expressions)
+    checks: list[Check] = key(default_factory=list, parse=_rules_list(Check))
+    spaces: dict[str, SpaceSpec] = key(default_factory=dict, parse=_spaces)
+    config: list[tuple[str, Expression]] = key(default_factory=list, parse=_mapping_of_expressions)
+    tensors: list[TensorRule] = key(parse=_tensors, missing=": 'tensors' must be a non-empty list of rules")
+    create: list[CreateRule] = key(default_factory=list, parse=_rules_list(CreateRule))
+    unmatched: Literal["error", "copy"] = "error"
+    depth: DepthSpec | None = key(default=None, parse=_depth)  # None: the architecture cannot grow in depth
+    # The space each size option resizes (DEFAULT_TARGETS unless the file names its spaces otherwise), and
+    # the config key that says the embeddings are tied (`down` sets it when it ties them again).
+    targets: dict[str, str] = key(default_factory=lambda: dict(DEFAULT_TARGETS), parse=_targets)
+    tie: Identifier = DEFAULT_TIE_KEY
+
+    @property
+    def detect_model_types(self) -> list[str]:
+        return self.detect.model_type
+
+    @property
+    def detect_architectures(self) -> list[str]:
+        return self.detect.architectures
 
 
 MAX_RULES_BYTES = 2**20  # shipped rules files are 3-8 KB
@@ -168,15 +382,37 @@ MAX_OP_NODES = 10_000  # ops, fused parts and axis roles in one file, counted as
 
 
 def load_rules_text(text: str, path: str = "<rules>") -> RuleSet:
-    """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml)."""
+    """Rules from YAML text. Aliases, duplicate keys and deep nesting are refused (strict_yaml); an
+    `extends:` base is merged in first (rulebook.extends says how), so what is validated is the result."""
+    return _from_data(resolved_data(text, path), path)
+
+
+def _from_data(data, path: str) -> RuleSet:
+    if not isinstance(data, dict):
+        raise RulesError(f"{path}: a rules file must be a YAML mapping with at least 'name' and 'tensors'")
     try:
-        data = load_yaml(text, path, aliases=False)
+        return read(RuleSet, data, path, path=path)
     except RulesError:
         raise
     except TensorscaleError as exc:
         raise RulesError(str(exc)) from None
+
+
+def resolved_data(text: str, path: str = "<rules>"):
+    """The plain data of a rules file with its `extends:` base merged in, not yet validated."""
+    try:
+        return _resolved(load_yaml(text, path, aliases=False), path)
+    except RulesError:
+        raise
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
+
+
+def _resolved(data, path: str):
     _count_nodes(data, path)
-    return _build(data, path)
+    data = resolve_extends(data, path, shipped_data)
+    _count_nodes(data, path)
+    return data
 
 
 def _count_nodes(data, path: str) -> None:
@@ -195,10 +431,12 @@ def _count_nodes(data, path: str) -> None:
 
 def load_rules_file(path: str) -> RuleSet:
     try:
-        text = read_text_file(path, "rules file", MAX_RULES_BYTES)
+        data = _resolved(load_yaml_file(path, "rules file", MAX_RULES_BYTES, aliases=False), path)
+    except RulesError:
+        raise
     except TensorscaleError as exc:
         raise RulesError(str(exc)) from None
-    return load_rules_text(text, path)
+    return _from_data(data, path)
 
 
 def _pattern(source: str, where: str) -> Pattern:
@@ -218,228 +456,17 @@ def _expr(value, where: str) -> Expression:
 
 
 def _mapping(value, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise RulesError(f"{where} must be a mapping")
-    return value
-
-
-def _strings(value, where: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise RulesError(f"{where} must be a string or a list of strings")
-    return value
+    try:
+        return mapping(value, where)
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
 
 
 def _unknown(keys, known, where):
-    extra = sorted(set(keys) - known)
-    if extra:
-        raise RulesError(f"{where}: unknown key {extra[0]!r} (known: {', '.join(sorted(known))})")
-
-
-def _mapping_list(value, label: str, known: set, kind: str = "") -> list[tuple[str, dict]]:
-    """(label[i], item) for each item of an optional list of mappings (`checks`, `create`, `identity`...),
-    every item a mapping with no key outside `known`."""
-    value = value or []
-    if not isinstance(value, list):
-        raise RulesError(f"{label} must be a list{kind}")
-    items = []
-    for i, item in enumerate(value):
-        here = f"{label}[{i}]"
-        item = _mapping(item, here)
-        _unknown(item, known, here)
-        items.append((here, item))
-    return items
-
-
-def _checks(value, label: str) -> list[tuple]:
-    """A list of {assert, message} into (expression, message) pairs, the message defaulting to the assertion."""
-    checks = []
-    for here, item in _mapping_list(value, label, {"assert", "message"}):
-        if "assert" not in item:
-            raise RulesError(f"{here} needs 'assert'")
-        checks.append((_expr(item["assert"], here), str(item.get("message") or item["assert"])))
-    return checks
-
-
-def _build(data, path: str) -> RuleSet:
-    if not isinstance(data, dict):
-        raise RulesError(f"{path}: a rules file must be a YAML mapping with at least 'name' and 'tensors'")
-    _unknown(data, KNOWN_TOP_LEVEL, path)
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise RulesError(f"{path}: missing 'name'")
-    detect = _mapping(data.get("detect"), f"{path}: detect")
-    _unknown(detect, {"model_type", "architectures"}, f"{path}: detect")
-
-    let = []
-    for key, value in _mapping(data.get("let"), f"{path}: let").items():
-        let.append((str(key), _expr(value, f"{path}: let.{key}")))
-
-    checks = _checks(data.get("checks"), f"{path}: checks")
-
-    spaces = {}
-    for key, value in _mapping(data.get("spaces"), f"{path}: spaces").items():
-        where = f"{path}: spaces.{key}"
-        if isinstance(value, (str, int)):
-            value = {"size": value}
-        value = _mapping(value, where)
-        _unknown(value, KNOWN_SPACE_KEYS, where)
-        if "size" not in value:
-            raise RulesError(f"{where} needs 'size'")
-        clone = value.get("clone", "tile")
-        if clone not in ("tile", "interleave"):
-            raise RulesError(f"{where}: clone must be 'tile' or 'interleave'")
-        if "." in str(key) or str(key) == "-":
-            raise RulesError(f"{where}: space names may not contain '.' or be '-'")
-        for flag in ("scaled", "equal"):
-            if not isinstance(value.get(flag, False), bool):
-                raise RulesError(f"{where}: {flag} must be true or false")
-        for ref in ("per", "within", "clusters_of"):
-            if value.get(ref) is not None and not isinstance(value.get(ref), str):
-                raise RulesError(f"{where}: {ref} must be a name")
-        if value.get("norm") is not None and value.get("norm") not in NORM_KINDS:
-            raise RulesError(f"{where}: norm must be one of {', '.join(NORM_KINDS)}")
-        spaces[str(key)] = SpaceSpec(
-            str(key), _expr(value["size"], where), _expr(value.get("grow", 1), where), _expr(value.get("unit", 1), where),
-            clone, value.get("per"), value.get("scaled", False), value.get("equal", False), value.get("within"),
-            value.get("clusters_of"), value.get("norm"),
-        )
-    for key, spec in spaces.items():
-        for ref in (spec.within, spec.clusters_of):
-            if ref is not None and ref not in spaces:
-                raise RulesError(f"{path}: spaces.{key} refers to space {ref!r}, which is not declared")
-
-    config = [(str(k), _expr(v, f"{path}: config.{k}")) for k, v in _mapping(data.get("config"), f"{path}: config").items()]
-
-    raw_tensors = data.get("tensors")
-    if not isinstance(raw_tensors, list) or not raw_tensors:
-        raise RulesError(f"{path}: 'tensors' must be a non-empty list of rules")
-    tensors = [_tensor_rule(i, item, path, spaces) for i, item in enumerate(raw_tensors)]
-
-    creates = []
-    for where, item in _mapping_list(data.get("create"), f"{path}: create", KNOWN_CREATE_KEYS):
-        if not isinstance(item.get("name"), str) or not isinstance(item.get("from"), str):
-            raise RulesError(f"{where} needs 'name' and 'from' tensor names")
-        creates.append(
-            CreateRule(
-                item["name"], item["from"], _transform(item, where, spaces),
-                _expr(item["when"], where) if "when" in item else None, _component(item, where),
-            )
-        )
-    unmatched = data.get("unmatched", "error")
-    if unmatched not in ("error", "copy"):
-        raise RulesError(f"{path}: unmatched must be 'error' or 'copy'")
-    return RuleSet(
-        name=name,
-        description=str(data.get("description") or ""),
-        path=path,
-        detect_model_types=_strings(detect.get("model_type"), f"{path}: detect.model_type"),
-        detect_architectures=_strings(detect.get("architectures"), f"{path}: detect.architectures"),
-        let=let, checks=checks, spaces=spaces, config=config, tensors=tensors, create=creates, unmatched=unmatched,
-        depth=_depth(data.get("depth"), path, tensors),
-    )
-
-
-def _depth(value, path: str, tensors: list[TensorRule]) -> DepthSpec | None:
-    if value is None:
-        return None
-    where = f"{path}: depth"
-    value = _mapping(value, where)
-    _unknown(value, KNOWN_DEPTH_KEYS, where)
-    spec = DepthSpec()
-    for key in ("count", "group"):
-        if key in value:
-            if not isinstance(value[key], str) or not value[key].isidentifier():
-                raise RulesError(f"{where}.{key} must be a name, got {value[key]!r}")
-            setattr(spec, key, value[key])
-    if not any(spec.group in rule.regex.groupindex for rule in tensors):
-        raise RulesError(f"{where}.group {spec.group!r} is captured by no tensor rule; per-layer rules need "
-                         f"(?P<{spec.group}>\\d+) in their regex")
-    spec.lists = _strings(value.get("lists"), f"{where}.lists")
-    spec.thresholds = _strings(value.get("thresholds"), f"{where}.thresholds")
-    for here, item in _mapping_list(value.get("identity"), f"{where}.identity", KNOWN_IDENTITY_KEYS,
-                                    " of {match, fill} rules"):
-        if not isinstance(item.get("match"), str) or "fill" not in item:
-            raise RulesError(f"{here} needs 'match' (a regular expression) and 'fill' (a value)")
-        regex = _pattern(item["match"], here)
-        spec.identity.append(IdentityRule(item["match"], regex, _expr(item["fill"], here),
-                                          _expr(item["when"], here) if "when" in item else None))
-    spec.identity_checks = _checks(value.get("identity_checks"), f"{where}.identity_checks")
-    return spec
-
-
-def _component(item, where):
-    component = item.get("component")
-    if component is not None and component not in COMPONENTS:
-        raise RulesError(f"{where}: component must be one of {', '.join(sorted(COMPONENTS))}")
-    return component
-
-
-def _tensor_rule(index: int, item, path: str, spaces) -> TensorRule:
-    where = f"{path}: tensors[{index}]"
-    item = _mapping(item, where)
-    _unknown(item, KNOWN_TENSOR_KEYS, where)
-    pattern = item.get("match")
-    if not isinstance(pattern, str) or not pattern:
-        raise RulesError(f"{where} needs 'match', a regular expression for tensor names")
-    regex = _pattern(pattern, where)
-    where = f"{path}: tensors[{index}] ({pattern})"
-    replicate = item.get("replicate")
-    count = template = unit_of = None
-    if replicate is not None:
-        replicate = _mapping(replicate, f"{where}: replicate")
-        _unknown(replicate, {"count", "name", "unit_of"}, f"{where}: replicate")
-        if "count" not in replicate or not isinstance(replicate.get("name"), str):
-            raise RulesError(f"{where}: replicate needs 'count' and a 'name' template")
-        count = _expr(replicate["count"], where)
-        template = replicate["name"]
-        validate_template(template, where)
-        unit_of = replicate.get("unit_of")
-        if unit_of is not None and (not isinstance(unit_of, str) or unit_of not in spaces):
-            raise RulesError(f"{where}: replicate.unit_of must name a space of the rules file, got {unit_of!r}")
-        if unit_of is not None and "(?P<h>" not in pattern:
-            raise RulesError(f"{where}: replicate.unit_of needs the unit index as the regex group (?P<h>...)")
-    drop = bool(item.get("drop", False))
-    transform = _transform(item, where, spaces)
-    if drop and not transform.is_copy():
-        raise RulesError(f"{where}: a dropped tensor cannot also have axes, ops or scale")
-    required = item.get("required")
-    return TensorRule(
-        index, pattern, regex, transform, _expr(item["when"], where) if "when" in item else None,
-        count, template, drop, _component(item, where),
-        _expr(required, f"{where}: required") if required not in (None, False) else None, unit_of,
-    )
-
-
-def _transform(item, where, spaces) -> Transform:
-    axes = item.get("axes")
-    ops = item.get("ops")
-    if axes is not None and ops is not None:
-        raise RulesError(f"{where}: give either 'axes' or 'ops', not both")
-    transform = Transform()
-    if axes is not None:
-        if not isinstance(axes, list):
-            raise RulesError(f"{where}: axes must be a list with one role per tensor axis")
-        transform.axes = [_axis_label(label, where, spaces) for label in axes]
-    if ops is not None:
-        transform.ops = _op_chain(ops, where)
-    if "scale" in item:
-        scale = item["scale"]
-        if isinstance(scale, dict):
-            # {factor: expr, offset: expr}: y = x · factor + offset (a (1+w) norm gain scaled by c is
-            # factor c, offset c − 1).
-            _unknown(scale, {"factor", "offset"}, f"{where}: scale")
-            transform.scale = _expr(scale.get("factor", 1), f"{where}: scale.factor")
-            if "offset" in scale:
-                transform.scale_offset = _expr(scale["offset"], f"{where}: scale.offset")
-        else:
-            transform.scale = _expr(scale, where)
-    return transform
+    try:
+        check_keys(keys, known, where)
+    except TensorscaleError as exc:
+        raise RulesError(str(exc)) from None
 
 
 def _axis_label(label, where, spaces):
@@ -458,14 +485,6 @@ def _axis_label(label, where, spaces):
     if space not in spaces:
         raise RulesError(f"{where}: axis role {label!r} names no space (spaces: {', '.join(spaces) or 'none'})")
     return label
-
-
-def split_role(label: str) -> tuple[str, str]:
-    """'hidden.in' -> ('hidden', 'in'); 'hidden.norm' -> ('hidden', 'norm'); 'hidden' -> ('hidden', 'out')."""
-    for suffix in ROLE_SUFFIXES:
-        if label.endswith(suffix):
-            return label[: -len(suffix)], suffix[1:]
-    return label, "out"
 
 
 def _op_chain(ops, where) -> list[OpSpec]:

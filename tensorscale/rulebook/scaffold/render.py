@@ -330,9 +330,10 @@ def _create_section(file: _File) -> list[str]:
 
 def _depth_supported() -> bool:
     """Whether this version's rules language has a `depth:` section."""
-    from ..schema import KNOWN_TOP_LEVEL
+    from ..schema import RuleSet
+    from ..validate import yaml_keys
 
-    return "depth" in KNOWN_TOP_LEVEL
+    return "depth" in yaml_keys(RuleSet)
 
 
 def _writes_residual(rule: _Rule) -> bool:
