@@ -153,14 +153,14 @@ class Layout:
 
     def __init__(self, folder: str, targets: dict):
         from tensorscale.folding.analysis import match_all
-        from tensorscale.planning.plan import Options, evaluate_env
+        from tensorscale.planning.plan import DownOptions, evaluate_env
         from tensorscale.reading.source import open_source
         from tensorscale.rulebook.compile import resolve_spaces
         from tensorscale.rulebook.registry import resolve_rules
 
         source = open_source(folder)
         rules = resolve_rules(source.config, None)
-        options = Options(mode="down", targets=dict(targets))
+        options = DownOptions(targets=dict(targets))
         options.validate()
         env = evaluate_env(rules, source.config, options)
         self.spaces = resolve_spaces(rules, env)

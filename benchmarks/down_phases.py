@@ -22,7 +22,7 @@ from tensorscale.heap import keep_freed_chunks
 keep_freed_chunks()
 import tensorscale.folding.analysis as analysis
 from tensorscale.convert import execute_plan, plan_down
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import DownOptions
 import torch  # noqa: F401  (start-up includes the torch import, as in the CLI)
 
 times = {"residual": 0.0, "residual clustering": 0.0, "analysis": 0.0}
@@ -50,7 +50,7 @@ analysis.cluster_units = clustering
 analysis.analyse = timed("analysis", analyse)
 source, output, hidden, intermediate = sys.argv[1:5]
 t1 = time.perf_counter()
-plan = plan_down(source, Options(targets={"hidden_size": int(hidden), "intermediate_size": int(intermediate)}))
+plan = plan_down(source, DownOptions(targets={"hidden_size": int(hidden), "intermediate_size": int(intermediate)}))
 t2 = time.perf_counter()
 execute_plan(plan, output, show_progress=False, force=True)
 t3 = time.perf_counter()

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     from tensorscale.folding.analysis import match_all
     from tensorscale.folding.calibration import calibration_ids
     from tensorscale.folding.layerwise import LayerwiseDown
-    from tensorscale.planning.plan import Options, evaluate_env, rewrite_config
+    from tensorscale.planning.plan import DownOptions, evaluate_env, rewrite_config
     from tensorscale.reading.source import open_source
     from tensorscale.rulebook.compile import resolve_spaces
     from tensorscale.rulebook.registry import resolve_rules
@@ -48,10 +48,10 @@ def main(argv: list[str]) -> int:
     folder = real_model_folder("float32")
     source = open_source(folder)
     rules = resolve_rules(source.config, None)
-    options = Options(mode="down", targets=targets)
+    options = DownOptions(targets=targets)
     env = evaluate_env(rules, source.config, options)
     new_config = rewrite_config(rules, source.config, env, options)
-    working = Options(mode="down", targets=working_targets(rules, source.config, options))
+    working = DownOptions(targets=working_targets(rules, source.config, options))
     working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
     for config in (new_config, working_config):
         _pin_head_dim(config, env)

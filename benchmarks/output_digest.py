@@ -39,7 +39,7 @@ COMMANDS = (
     ("up-gguf", ("llama",), "up {src} -o {out}.gguf -edm 2 --format gguf -q"),
     ("down-of-up", ARCHITECTURES, "down {up} -o {out} -edd 2 -upd 2 --method fold -q"),
     ("down-fold", ("llama", "gpt2"), "down {src} -o {out} --intermediate-size 48 --method fold -q"),
-    ("plan-up", ("llama",), "plan {src} -edm 2 -upm 2 --json"),
+    ("plan-up", ("llama",), "plan up {src} -edm 2 -upm 2 --json"),
 )
 
 

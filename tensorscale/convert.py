@@ -6,12 +6,12 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from .errors import TensorscaleError
 from .progress import progress_for
-from .planning.plan import Options, Plan, ShardPlan, build_plan
+from .planning.plan import DownOptions, DownSection, Plan, ShardPlan, UpOptions, build_plan
 from .reading.source import INDEX_NAME, ModelSource, open_source
 from .rulebook.registry import resolve_rules
 from .writing.integrity import MANIFEST_NAME, build_manifest, check_shard_file, verify_tensor_hashes
@@ -23,7 +23,8 @@ HEADER_ALLOWANCE = 2**20
 log = logging.getLogger(__name__)  # `-v` shows these lines on stderr
 
 
-def plan_conversion(source_label: str, options: Options, rules_path: str | None = None, *, headers_only: bool = False) -> Plan:
+def plan_conversion(source_label: str, options: UpOptions, rules_path: str | None = None, *,
+                    headers_only: bool = False) -> Plan:
     source = open_source(source_label, headers_only=headers_only)
     log.info("opened %s (%s): %d tensor(s) in %d shard(s)", source.label, source.folder, len(source.tensors),
              len(source.shards))
@@ -34,20 +35,7 @@ def plan_conversion(source_label: str, options: Options, rules_path: str | None 
     return plan
 
 
-def targets_grow(source_label: str, targets: dict, rules_path: str | None = None) -> bool:
-    """True when every given target size is at least the model's (so `plan` previews `up`, not `down`)."""
-    from .planning.plan import current_units
-
-    chosen = {key: value for key, value in targets.items() if value is not None}
-    if not chosen:
-        return True
-    source = open_source(source_label, headers_only=True)
-    rules = resolve_rules(source.config, rules_path)
-    current = current_units(rules, source.config, Options())
-    return all(current.get(key) is None or value >= current[key] for key, value in chosen.items())
-
-
-def plan_down(source_label: str, options: Options, rules_path: str | None = None, progress=None) -> Plan:
+def plan_down(source_label: str, options: DownOptions, rules_path: str | None = None, progress=None) -> Plan:
     """Plan `down`: read the weights once to cluster every space's units, then plan the merges.
 
     Unlike `up`, this reads tensor data (the clustering needs it), so even `plan` takes a full read."""
@@ -57,29 +45,20 @@ def plan_down(source_label: str, options: Options, rules_path: str | None = None
     from .planning.plan import evaluate_env
     from .rulebook.compile import resolve_spaces
 
-    options.mode = "down"
     options.validate()
     source = open_source(source_label)
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
     folds = analyse(source, rules, env, resolve_spaces(rules, env), seed=options.seed, progress=progress)
     release_free_memory()  # the analysis's buffers are gone; do not let writing stack on them
-    plan = build_plan(source, rules, options, folds)
+    plan = build_plan(source, rules, options, DownSection("fold", folds))
     retie = find_retie(plan)
     if retie:
-        plan = build_plan(source, rules, options, folds, retie=retie)
-    plan.folds = folds
-    plan.retied = retie
+        plan = build_plan(source, rules, options, DownSection("fold", folds, retied=retie))
     return plan
 
 
-def folds_are_exact(plan: Plan) -> bool:
-    """Whether every clustering of a down plan merged only copies: the plan is then an exact inverse of `up`."""
-    folds = plan.folds.by_key.values() if plan.folds else []
-    return bool(folds) and all(fold.exact for fold in folds)
-
-
-def plan_down_by_method(source_label: str, options: Options, rules_path: str | None, method: str, text: str | None,
+def plan_down_by_method(source_label: str, options: DownOptions, rules_path: str | None, method: str, text: str | None,
                         tokens: int, spill_folder: str, show_progress: bool = False) -> tuple[Plan, dict | None]:
     """`down`'s plan by `method`: "fold" (cluster-fold, exact on copies), "refit" (layer-wise select and
     refit, folding.layerwise), or "auto": fold where every clustering merged copies (a HyperCloned model),
@@ -90,7 +69,7 @@ def plan_down_by_method(source_label: str, options: Options, rules_path: str | N
         raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
     if method in ("auto", "fold"):
         plan = plan_down(source_label, options, rules_path, progress=show_progress)
-        if method == "fold" or folds_are_exact(plan):
+        if method == "fold" or plan.down.exact:
             return plan, None
         del plan
     return _refit_with_calibration(source_label, options, rules_path, text, tokens, spill_folder, show_progress)
@@ -123,12 +102,11 @@ def _refit_with_calibration(source_label, options, rules_path, text, tokens, spi
             bar.close()
 
 
-def _check_refit_possible(source_label: str, options: Options, rules_path: str | None) -> None:
+def _check_refit_possible(source_label: str, options: DownOptions, rules_path: str | None) -> None:
     from .folding.analysis import match_all
     from .folding.layerwise import classify
     from .planning.plan import evaluate_env
 
-    options.mode = "down"
     source = open_source(source_label, headers_only=True)
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
@@ -141,7 +119,7 @@ def refit_workspace(output: str | None) -> SpillWorkspace:
     return SpillWorkspace(output)
 
 
-def plan_refit_down(source_label: str, options: Options, rules_path: str | None, ids, spill_folder: str,
+def plan_refit_down(source_label: str, options: DownOptions, rules_path: str | None, ids, spill_folder: str,
                     progress=None) -> tuple[Plan, dict]:
     """Plan `down` by layer-wise select-and-refit (folding.layerwise) on the calibration tokens `ids`.
 
@@ -154,7 +132,6 @@ def plan_refit_down(source_label: str, options: Options, rules_path: str | None,
     from .rulebook.compile import resolve_spaces
     from .writing.spill import SpillFolder
 
-    options.mode = "down"
     options.validate()
     source = open_source(source_label)
     rules = resolve_rules(source.config, rules_path)
@@ -162,7 +139,7 @@ def plan_refit_down(source_label: str, options: Options, rules_path: str | None,
     spaces = resolve_spaces(rules, env)
     new_config = rewrite_config(rules, source.config, env, options)
     new_config.pop("torch_dtype", None) if options.dtype == "keep" else None
-    working = Options(mode="down", targets=working_targets(rules, source.config, options))
+    working = DownOptions(targets=working_targets(rules, source.config, options))
     working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
     for config in (new_config, working_config):
         _pin_head_dim(config, env)
@@ -172,10 +149,14 @@ def plan_refit_down(source_label: str, options: Options, rules_path: str | None,
     spill = SpillFolder(spill_folder)
     report = engine.run(lambda name, tensor: spill.add(name, tensor, torch_dtype(source.tensors[name].dtype)))
     spill.finish(new_config)
-    keep = Options(mode="up", dtype=options.dtype, max_shard_size=options.max_shard_size)
-    plan = build_plan(open_source(spill_folder), rules, keep)
-    plan.source = source  # provenance, side files and the input checks are the real source's
-    plan.options.mode = "down"
+    # The refitted tensors are written as they are: an up plan that changes nothing, over the spill folder.
+    # The plan says down, and its source is the real one: provenance, side files and the input checks are
+    # the real source's. (seed: the write has no noise to seed; the summary and manifest record 0, as before.)
+    spilled = open_source(spill_folder)
+    storage = dict(dtype=options.dtype, max_shard_size=options.max_shard_size)
+    copy = build_plan(spilled, rules, UpOptions(**storage))
+    plan = replace(copy, source=source, options=DownOptions(**storage, targets=options.targets),
+                   down=DownSection("refit", spill=spilled))
     return plan, report
 
 
@@ -189,7 +170,7 @@ def _pin_head_dim(config: dict, env: dict) -> None:
         config["head_dim"] = head_dim
 
 
-def working_targets(rules, config: dict, options: Options) -> dict:
+def working_targets(rules, config: dict, options: DownOptions) -> dict:
     """The sizes the small stream runs at while a layer is refitted: the final hidden size and kv heads,
     every query head of the kept kv groups and the whole FFN (those are cut at their readers)."""
     from .planning.plan import current_units, down_ratios
@@ -208,7 +189,7 @@ def working_targets(rules, config: dict, options: Options) -> dict:
             "num_attention_heads": kv * group}
 
 
-def asks_for_a_change(options: Options) -> bool:
+def asks_for_a_change(options: UpOptions) -> bool:
     """Whether `up` options ask for anything: growth in width (multipliers or targets) or depth, another
     storage dtype, or an untied head. Checked before a hub download; plan_changes_nothing after planning."""
     return (options.embed_dim_multiplier != 1 or options.up_proj_multiplier != 1 or bool(options.targets)
@@ -242,7 +223,7 @@ def default_output(source: ModelSource, plan: Plan) -> str:
     top-left strategy), `-add<K>` (identity layers), `-dup<START>-<END>` (duplicated layers)."""
     name = f"{source.name}-{size_label(plan.total_parameters)}"
     options = plan.options
-    if options.mode == "up":
+    if isinstance(options, UpOptions):
         if options.strategy == "pad":
             name += "-pad"
         if options.add_layers:
@@ -268,14 +249,15 @@ class Result:
 
     def summary(self) -> dict:
         plan = self.plan
+        options = plan.options.recorded()
         return {
             "input": plan.source.label,
             "output": self.output,
             "rules": plan.rules.name,
-            "embed_dim_multiplier": plan.options.embed_dim_multiplier,
-            "up_proj_multiplier": plan.options.up_proj_multiplier,
-            "snr_db": plan.options.snr_db,
-            "seed": plan.options.seed,
+            "embed_dim_multiplier": options["embed_dim_multiplier"],
+            "up_proj_multiplier": options["up_proj_multiplier"],
+            "snr_db": options["snr_db"],
+            "seed": options["seed"],
             "source_parameters": sum(info.numel for info in plan.source.tensors.values()),
             "total_parameters": plan.total_parameters,
             "total_bytes": plan.total_bytes,
@@ -288,8 +270,8 @@ class Result:
             "depth": plan.depth.describe() if getattr(plan, "depth", None) else None,
             "seconds": round(self.seconds, 3),
             "notes": list(plan.notes),
-            "strategy": plan.options.strategy,
-            "targets": dict(plan.options.targets),
+            "strategy": options["strategy"],
+            "targets": options["targets"],
         }
 
 
@@ -359,7 +341,7 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
     source = plan.source
     out = check_output_path(output or default_output(source, plan), source.input_path, force, extra_kept)
     facts = card_facts(plan, command)
-    plan.metadata = safetensors_metadata(facts)
+    plan = replace(plan, metadata=safetensors_metadata(facts))
     folder = OutputFolder(out)
     bar = progress_for(plan.total_bytes, "writing", len(plan.tensors), enabled=show_progress)
     completed = False
@@ -418,7 +400,7 @@ def _check_inputs_unchanged(source: ModelSource) -> None:
             raise TensorscaleError(f"input shard {path} changed during the run; nothing was written, run again")
 
 
-def run_up(source_label: str, output: str | None, options: Options, *, rules_path: str | None = None,
+def run_up(source_label: str, output: str | None, options: UpOptions, *, rules_path: str | None = None,
            force: bool = False, show_progress: bool = True, verify_files: bool = False, manifest: bool = False,
            command: list[str] | None = None) -> Result:
     """`up` from Python; `command` is the command line the model card and metadata record (None: the API)."""

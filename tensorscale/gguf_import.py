@@ -17,11 +17,11 @@ def import_gguf(path: str, output: str, *, dtype: str = "keep", force: bool = Tr
     """Write the GGUF at `path` as a safetensors checkpoint in `output` (float32 for quantized tensors
     unless `dtype` says otherwise); returns `output`."""
     from .convert import execute_plan
-    from .planning.plan import Options, build_plan
+    from .planning.plan import UpOptions, build_plan
     from .rulebook.registry import resolve_rules
 
     source = open_gguf(path)
-    plan = build_plan(source, resolve_rules(source.config, None), Options(dtype=dtype))
+    plan = build_plan(source, resolve_rules(source.config, None), UpOptions(dtype=dtype))
     return execute_plan(plan, output, force=force, show_progress=show_progress).output
 
 

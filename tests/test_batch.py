@@ -21,7 +21,7 @@ from tensorscale.batch.tasks import produce_shard_task
 from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
 from tensorscale.errors import TensorscaleError
-from tensorscale.planning.plan import Options, parse_size
+from tensorscale.planning.plan import UpOptions, parse_size
 from tensorscale.writing.integrity import MANIFEST_NAME
 from tensorscale.writing.output_folder import TMP_MARKER
 
@@ -180,8 +180,9 @@ def test_local_parallel_run_equals_plain_up_byte_for_byte(tmp_path, sources):
     assert 1 <= len(summary["worker_peak_rss_mib"]) <= 2
     for job, loaded, entry in zip(jobs, load_jobs(path), summary["jobs"]):
         assert entry["status"] == "done" and entry["shards"] > 1
-        options = Options(job.get("embed_dim_multiplier", 1), job.get("up_proj_multiplier", 1), job.get("snr_db"),
-                          job.get("seed", 0), job.get("untie_embeddings", False), "keep", parse_size(SHARD))
+        options = UpOptions(job.get("embed_dim_multiplier", 1), job.get("up_proj_multiplier", 1),
+                            snr_db=job.get("snr_db"), seed=job.get("seed", 0),
+                            untie_embeddings=job.get("untie_embeddings", False), max_shard_size=parse_size(SHARD))
         plain = tmp_path / ("plain-" + os.path.basename(job["output"]))
         # The same command recorded (model card, shard metadata): the same bytes.
         run_up(job["input"], str(plain), options, show_progress=False, command=loaded.command_line())
@@ -233,7 +234,7 @@ def test_failed_shards_are_retried_then_the_job_fails_cleanly(tmp_path, sources,
     recovered, failed = entries
     assert recovered["status"] == "done" and recovered["retries"] == recovered["shards"]
     plain = tmp_path / "plain"
-    run_up(sources["llama"], str(plain), Options(2, max_shard_size=parse_size(SHARD)), show_progress=False,
+    run_up(sources["llama"], str(plain), UpOptions(2, max_shard_size=parse_size(SHARD)), show_progress=False,
            command=job_list[0].command_line())
     assert _hashes(recovered["output"]) == _hashes(plain)
     assert failed["status"] == "failed"
@@ -307,7 +308,7 @@ def test_down_jobs_run_and_resume(tmp_path, sources):
     from tensorscale.convert import execute_plan, plan_down
 
     wide = tmp_path / "wide"
-    run_up(sources["llama"], str(wide), Options(2, 2, max_shard_size=parse_size(SHARD)), show_progress=False)
+    run_up(sources["llama"], str(wide), UpOptions(2, 2, max_shard_size=parse_size(SHARD)), show_progress=False)
     jobs = [{"command": "down", "input": str(wide), "output": "out/narrow", "embed_dim_divisor": 2, "up_proj_divisor": 2},
             {"command": "up", "input": sources["llama"], "output": "out/llama-x2", "embed_dim_multiplier": 2}]
     path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD, "seed": 3})

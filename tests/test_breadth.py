@@ -11,18 +11,18 @@ import torch
 from fixtures import build_checkpoint, load, logits, read_config, relative_logit_error
 from tensorscale.convert import execute_plan, plan_down, run_up
 from tensorscale.ops.library import Fused, Merge
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import DownOptions, UpOptions
 
 TOLERANCE = 1e-5
 
 
 def up(source, output, n, m, **options):
-    run_up(str(source), str(output), Options(n, m, **options), show_progress=False)
+    run_up(str(source), str(output), UpOptions(n, m, **options), show_progress=False)
     return str(output)
 
 
 def down(source, output, n, m, **kwargs):
-    plan = plan_down(str(source), Options(embed_dim_divisor=n, up_proj_divisor=m), **kwargs)
+    plan = plan_down(str(source), DownOptions(embed_dim_divisor=n, up_proj_divisor=m), **kwargs)
     execute_plan(plan, str(output), show_progress=False)
     return plan
 
@@ -88,7 +88,7 @@ def test_opt_layouts_up_and_down(tmp_path, case):
     config = read_config(out)
     assert config["word_embed_proj_dim"] == 2 * read_config(source)["word_embed_proj_dim"]
     plan = down(out, tmp_path / "down", 2, 3)
-    assert all(fold.exact for fold in plan.folds.by_key.values())
+    assert all(fold.exact for fold in plan.down.folds.by_key.values())
     assert same_config(source, tmp_path / "down")
     assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
 
@@ -124,7 +124,7 @@ def test_phi3_fused_parts_share_clusters(tmp_path):
     # 4 kv heads (as many as q heads) so that k and v really fold 4 -> 2.
     source = build_checkpoint(tmp_path / "src", "phi3", tie_word_embeddings=False, num_key_value_heads=4)
     plan = down(source, tmp_path / "down", 2, 2)
-    assert not all(fold.exact for fold in plan.folds.by_key.values())
+    assert not all(fold.exact for fold in plan.down.folds.by_key.values())
     by_name = {t.name: t for t in plan.tensors}
     for layer in range(2):
         prefix = f"model.layers.{layer}."
@@ -194,7 +194,7 @@ def test_stablelm_per_head_norms_fold_back_exactly(tmp_path, n, m, tie, snr):
     up(source, tmp_path / "up", n, m, snr_db=snr)
     assert read_config(tmp_path / "up")["num_attention_heads"] == 4 * n
     plan = down(tmp_path / "up", tmp_path / "down", n, m)
-    assert all(fold.exact for fold in plan.folds.by_key.values())
+    assert all(fold.exact for fold in plan.down.folds.by_key.values())
     assert same_config(source, tmp_path / "down")
     original, folded = load_file(f"{source}/model.safetensors"), load_file(f"{tmp_path}/down/model.safetensors")
     assert sorted(original) == sorted(folded)
@@ -211,11 +211,11 @@ def test_stablelm_per_head_norms_follow_a_real_head_fold(tmp_path):
     from safetensors.torch import load_file
 
     source = build_checkpoint(tmp_path / "src", "stablelm", qk_layernorm=True)
-    plan = plan_down(source, Options(targets=dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=16)))
+    plan = plan_down(source, DownOptions(targets=dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=16)))
     execute_plan(plan, str(tmp_path / "down"), show_progress=False)
     original, folded = load_file(f"{source}/model.safetensors"), load_file(f"{tmp_path}/down/model.safetensors")
     for layer in range(2):
-        fold = plan.folds.by_key[("heads", layer)]
+        fold = plan.down.folds.by_key[("heads", layer)]
         for j, head in enumerate(fold.representatives()):
             assert fold.cluster[head] == j
             name = f"model.layers.{layer}.self_attn.q_layernorm.norms.{{}}.weight"

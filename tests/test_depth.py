@@ -17,7 +17,7 @@ from fixtures import TINY, build_checkpoint, load, logits, read_config, relative
 from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
 from tensorscale.errors import TensorscaleError
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import DownOptions, UpOptions
 from tensorscale.rulebook.schema import RulesError, load_rules_text
 
 TOLERANCE = 1e-5
@@ -33,7 +33,7 @@ def build(folder, model_type, layers=3, **overrides):
 
 
 def up(source, output, n=1, m=1, **options):
-    return run_up(str(source), str(output), Options(n, m, **options), show_progress=False)
+    return run_up(str(source), str(output), UpOptions(n, m, **options), show_progress=False)
 
 
 def tensors(folder):
@@ -178,7 +178,7 @@ def test_threshold_shift(tmp_path):
 def run_plan(source, **options):
     from tensorscale.convert import plan_conversion
 
-    return plan_conversion(str(source), Options(**options), headers_only=True)
+    return plan_conversion(str(source), UpOptions(**options), headers_only=True)
 
 
 def test_default_positions_spread_evenly(tmp_path):
@@ -317,8 +317,8 @@ def test_depth_section_is_checked_when_loaded():
 
 
 def test_down_refuses_depth_options():
-    with pytest.raises(TensorscaleError, match="options of up"):
-        Options(mode="down", add_layers=1).validate()
+    with pytest.raises(TypeError, match="add_layers"):  # DownOptions has no depth fields at all
+        DownOptions(add_layers=1)
 
 
 def test_zz_print_measured():

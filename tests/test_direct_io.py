@@ -15,7 +15,7 @@ import torch
 
 from fixtures import build_checkpoint
 from tensorscale.convert import run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 from tensorscale.writing import direct, execute, safetensors_writer
 from tensorscale.writing.direct import ALIGN
 from tensorscale.writing.safetensors_writer import ShardFile
@@ -133,7 +133,8 @@ def digest_folder(folder):
             for name in sorted(os.listdir(folder))}
 
 
-@pytest.mark.parametrize("options", [Options(2, 2), Options(3, 2, snr_db=20.0, seed=1), Options(2, 3, max_shard_size=30_000)])
+@pytest.mark.parametrize("options", [UpOptions(2, 2), UpOptions(3, 2, snr_db=20.0, seed=1),
+                                     UpOptions(2, 3, max_shard_size=30_000)])
 def test_up_same_bytes_direct_or_buffered(tmp_path, monkeypatch, options):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
     monkeypatch.setattr(execute, "CHUNK_BYTES", 4096)  # many chunks, carried block ends, shared tiles

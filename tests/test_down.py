@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from fixtures import TINY, build_checkpoint, load, logits, read_config, relative_logit_error
 from tensorscale.convert import execute_plan, plan_down, run_up
 from tensorscale.errors import TensorscaleError
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import DownOptions, UpOptions
 from tensorscale.reading.source import open_source
 from tensorscale.rulebook.registry import resolve_rules
 from tensorscale.rulebook.schema import split_role
@@ -29,7 +29,7 @@ TARGET_KEYS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_k
 
 def down(source, output, **options):
     targets = {key: options.pop(key) for key in list(options) if key in TARGET_KEYS}
-    plan = plan_down(str(source), Options(targets=targets, **options))
+    plan = plan_down(str(source), DownOptions(targets=targets, **options))
     execute_plan(plan, str(output), show_progress=False)
     return plan
 
@@ -75,12 +75,13 @@ def sources(model_type, tmp_path_factory):
 def test_down_inverts_up(sources, tmp_path, case):
     spec = CASES[case]
     source = sources[spec["tie"]]
-    run_up(source, str(tmp_path / "up"), Options(spec["n"], spec["m"], snr_db=spec["snr"], untie_embeddings=spec["untie"]),
+    run_up(source, str(tmp_path / "up"),
+           UpOptions(spec["n"], spec["m"], snr_db=spec["snr"], untie_embeddings=spec["untie"]),
            show_progress=False)
     plan = down(tmp_path / "up", tmp_path / "down", embed_dim_divisor=spec["n"], up_proj_divisor=spec["m"])
-    assert all(fold.exact for fold in plan.folds.by_key.values())
+    assert all(fold.exact for fold in plan.down.folds.by_key.values())
     if spec["untie"]:
-        assert plan.retied, "an untied up of a tied model comes back tied"
+        assert plan.down.retied, "an untied up of a tied model comes back tied"
     assert_same_model(source, tmp_path / "down")
 
 
@@ -90,7 +91,7 @@ def _roles(folder):
     """For each tensor: its axis roles, from the shipped rules (so the test needs no per-name knowledge)."""
     source = open_source(str(folder))
     rules = resolve_rules(source.config, None)
-    env = evaluate_env(rules, source.config, Options())
+    env = evaluate_env(rules, source.config, UpOptions())
     roles = {}
     for name in source.tensors:
         rule, _ = match_rule(rules, name, env)
@@ -148,13 +149,14 @@ def llama(tmp_path_factory):
 
 def test_slice_inverts_plain_tiling_only(llama, tmp_path):
     """On plain tiling a rescaled slice also looks exact: that is why the tests permute and add noise."""
-    run_up(llama, str(tmp_path / "up"), Options(2, 2), show_progress=False)
+    run_up(llama, str(tmp_path / "up"), UpOptions(2, 2), show_progress=False)
     assert relative_logit_error(llama, naive_slice(tmp_path / "up", tmp_path / "slice", 2, 2, rescale=True)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("variant", ["permuted", "noisy", "permuted and noisy"])
 def test_down_passes_where_a_slice_fails(llama, tmp_path, variant):
-    run_up(llama, str(tmp_path / "up"), Options(2, 2, snr_db=20.0 if "noisy" in variant else None), show_progress=False)
+    run_up(llama, str(tmp_path / "up"), UpOptions(2, 2, snr_db=20.0 if "noisy" in variant else None),
+           show_progress=False)
     grown = tmp_path / "up"
     if "permuted" in variant:
         grown = permute_hidden(tmp_path / "up", tmp_path / "permuted")
@@ -177,7 +179,7 @@ def test_non_divisor_targets(llama, tmp_path):
     model, info = load(tmp_path / "out")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.isfinite(logits(model)).all()
-    assert not all(fold.exact for fold in plan.folds.by_key.values())
+    assert not all(fold.exact for fold in plan.down.folds.by_key.values())
 
 
 def test_down_is_deterministic(llama, tmp_path):
@@ -237,7 +239,7 @@ def test_merged_tensors_written_in_slices_match_whole_tensors(tmp_path, monkeypa
     from tensorscale.writing import execute, merged_rows
 
     source = build_checkpoint(tmp_path / "src", model_type, dtype=dtype, tie_word_embeddings=False)
-    plan = plan_down(str(source), Options(targets={k: v for k, v in targets.items() if k in TARGET_KEYS},
+    plan = plan_down(str(source), DownOptions(targets={k: v for k, v in targets.items() if k in TARGET_KEYS},
                                           **{k: v for k, v in targets.items() if k not in TARGET_KEYS}))
     sliced = []
     monkeypatch.setattr(execute, "write_merged_rows", lambda tensor, *rest: sliced.append(tensor.name) or
@@ -268,10 +270,10 @@ def test_retie_stops_at_the_first_chunk_that_differs(tmp_path, monkeypatch):
     monkeypatch.setattr(retie, "_apply", lambda tensor, x: compared.append(tensor.name) or original(tensor, x))
     untied = build_checkpoint(tmp_path / "untied", "llama", tie_word_embeddings=False)
     plan = down(untied, tmp_path / "out", embed_dim_divisor=2, up_proj_divisor=2)
-    assert not plan.retied
+    assert not plan.down.retied
     assert compared.count("lm_head.weight") == 1  # the first chunk decided it
     tied = build_checkpoint(tmp_path / "tied", "llama", tie_word_embeddings=True)
-    run_up(tied, str(tmp_path / "up"), Options(2, 2, snr_db=15.0, untie_embeddings=True), show_progress=False)
+    run_up(tied, str(tmp_path / "up"), UpOptions(2, 2, snr_db=15.0, untie_embeddings=True), show_progress=False)
     compared.clear()
     plan = down(tmp_path / "up", tmp_path / "back", embed_dim_divisor=2, up_proj_divisor=2)
-    assert plan.retied and compared.count("lm_head.weight") > 2
+    assert plan.down.retied and compared.count("lm_head.weight") > 2

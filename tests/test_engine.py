@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 
 import pytest
 
 from fixtures import build_checkpoint, relative_logit_error
 from tensorscale.convert import plan_conversion, run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 from tensorscale.reading.tensor_reader import ShardReader
 from tensorscale.writing import execute
 from tensorscale.writing.execute import write_shard
@@ -27,26 +28,26 @@ def source(tmp_path_factory):
 
 
 def test_tiny_chunks_give_identical_bytes(source, tmp_path, monkeypatch):
-    run_up(source, str(tmp_path / "whole"), Options(3, 2), show_progress=False)
+    run_up(source, str(tmp_path / "whole"), UpOptions(3, 2), show_progress=False)
     monkeypatch.setattr(execute, "CHUNK_BYTES", 64)  # a handful of rows per chunk
-    run_up(source, str(tmp_path / "chunked"), Options(3, 2), show_progress=False)
+    run_up(source, str(tmp_path / "chunked"), UpOptions(3, 2), show_progress=False)
     assert digest_folder(tmp_path / "whole") == digest_folder(tmp_path / "chunked")
 
 
 def test_tiny_chunks_with_noise_stay_exact(source, tmp_path, monkeypatch):
     monkeypatch.setattr(execute, "CHUNK_BYTES", 64)
-    run_up(source, str(tmp_path / "out"), Options(2, 2, snr_db=10.0, seed=3), show_progress=False)
+    run_up(source, str(tmp_path / "out"), UpOptions(2, 2, snr_db=10.0, seed=3), show_progress=False)
     assert relative_logit_error(source, tmp_path / "out") <= 1e-5
 
 
 def test_each_shard_can_be_written_alone(source, tmp_path):
-    options = Options(2, 2, max_shard_size=30_000)
+    options = UpOptions(2, 2, max_shard_size=30_000)
     run_up(source, str(tmp_path / "full"), options, show_progress=False)
     plan = plan_conversion(source, options)
     # execute_plan puts the provenance into every shard's header; a shard written alone carries the same
     from tensorscale.writing.model_card import card_facts, safetensors_metadata
 
-    plan.metadata = safetensors_metadata(card_facts(plan, None))
+    plan = replace(plan, metadata=safetensors_metadata(card_facts(plan, None)))
     assert len(plan.shards) > 2
     last = plan.shards[-1]
     with ShardReader() as reader:
@@ -58,7 +59,7 @@ def test_each_shard_can_be_written_alone(source, tmp_path):
 def test_input_untouched(source, tmp_path):
     before = digest_folder(source)
     stats = {name: os.stat(os.path.join(source, name)).st_mtime_ns for name in os.listdir(source)}
-    run_up(source, str(tmp_path / "out"), Options(2, 3, snr_db=30.0), show_progress=False)
+    run_up(source, str(tmp_path / "out"), UpOptions(2, 3, snr_db=30.0), show_progress=False)
     assert digest_folder(source) == before
     assert {name: os.stat(os.path.join(source, name)).st_mtime_ns for name in os.listdir(source)} == stats
 

@@ -363,7 +363,7 @@ CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_k
 def test_plans_from_huge_or_nonfinite_config_numbers(tiny, values, multiplier):
     """Huge ints, 1e400 (inf), NaN: a plan or one line, in bounded time and memory."""
     from tensorscale.convert import plan_conversion
-    from tensorscale.planning.plan import Options
+    from tensorscale.planning.plan import UpOptions
 
     with tempfile.TemporaryDirectory() as work:
         folder = os.path.join(work, "m")
@@ -377,7 +377,7 @@ def test_plans_from_huge_or_nonfinite_config_numbers(tiny, values, multiplier):
             handle.write(json.dumps(config, allow_nan=True))
         with time_limit():
             try:
-                plan_conversion(folder, Options(multiplier, multiplier), headers_only=True)
+                plan_conversion(folder, UpOptions(multiplier, multiplier), headers_only=True)
             except TensorscaleError:
                 pass
 
@@ -428,7 +428,7 @@ def test_nonfinite_weights_are_refused_or_warned(tiny, positions, value, allow):
     from safetensors.torch import load_file, save_file
 
     from tensorscale.convert import execute_plan, plan_conversion
-    from tensorscale.planning.plan import Options
+    from tensorscale.planning.plan import UpOptions
 
     with tempfile.TemporaryDirectory() as work:
         folder = os.path.join(work, "m")
@@ -445,7 +445,7 @@ def test_nonfinite_weights_are_refused_or_warned(tiny, positions, value, allow):
         out = os.path.join(work, "out")
         with time_limit(60):
             try:
-                result = execute_plan(plan_conversion(folder, Options(2, 2)), out, show_progress=False,
+                result = execute_plan(plan_conversion(folder, UpOptions(2, 2)), out, show_progress=False,
                                       allow_nonfinite=allow)
             except TensorscaleError as exc:
                 assert not allow and "NaN or Inf" in str(exc)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from fixtures import build_checkpoint
 from tensorscale.convert import run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 
 
 def tile_rows(w, n):
@@ -42,7 +42,7 @@ def reference_hypercloning(state: dict, n: int, m: int) -> dict:
 
 def test_engine_matches_reference(tmp_path):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    run_up(source, str(tmp_path / "out"), Options(2, 3), show_progress=False)
+    run_up(source, str(tmp_path / "out"), UpOptions(2, 3), show_progress=False)
     expected = reference_hypercloning(load_file(f"{source}/model.safetensors"), 2, 3)
     actual = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(actual) == sorted(expected)

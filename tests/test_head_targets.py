@@ -13,7 +13,7 @@ from tensorscale.cli.main import cli
 from tensorscale.convert import execute_plan, plan_down
 from tensorscale.folding import analysis
 from tensorscale.folding.head_groups import fits
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import DownOptions
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_every_target_the_rule_allows_is_written_and_every_other_refused(smollm_
     assert os.listdir(tmp_path) == []
     for a, k in [(8, 1), (6, 2)]:
         out = tmp_path / f"{a}-{k}"
-        plan = plan_down(smollm_like, Options(targets=dict(num_attention_heads=a, num_key_value_heads=k,
+        plan = plan_down(smollm_like, DownOptions(targets=dict(num_attention_heads=a, num_key_value_heads=k,
                                                            hidden_size=8 * a)))
         execute_plan(plan, str(out), show_progress=False)
         assert (read_config(out)["num_attention_heads"], read_config(out)["num_key_value_heads"]) == (a, k)
@@ -68,11 +68,11 @@ def test_kv_heads_merge_in_equal_groups_when_each_must_serve_more_heads(tmp_path
     not make 3 ("cannot fold 2 units into 3"; 8 of 9 seed pairs failed)."""
     source = build_checkpoint(tmp_path / "src", "llama", seed=seed, hidden_size=64, num_attention_heads=8,
                               num_key_value_heads=4)
-    plan = plan_down(source, Options(seed=seed, targets=dict(hidden_size=48, num_attention_heads=6,
+    plan = plan_down(source, DownOptions(seed=seed, targets=dict(hidden_size=48, num_attention_heads=6,
                                                              num_key_value_heads=2)))
     for layer in range(2):
-        assert plan.folds.by_key[("kv_heads", layer)].sizes() == [2, 2]
-        assert plan.folds.by_key[("heads", layer)].clusters == 6
+        assert plan.down.folds.by_key[("kv_heads", layer)].sizes() == [2, 2]
+        assert plan.down.folds.by_key[("heads", layer)].clusters == 6
     execute_plan(plan, str(tmp_path / "out"), show_progress=False)
     model, info = load(tmp_path / "out")
     assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fixtures import build_checkpoint
 from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 
 SENTENCES = [
     "the capital of france is paris",
@@ -53,11 +53,11 @@ def models(tmp_path_factory):
     """A tiny llama, its ×2/×2 up-scaled copy, and a copy of each with a tokenizer."""
     root = tmp_path_factory.mktemp("inference")
     plain = build_checkpoint(root / "tiny", "llama", tie_word_embeddings=False)
-    wide = run_up(plain, str(root / "tiny-x2"), Options(2, 2), show_progress=False).output
+    wide = run_up(plain, str(root / "tiny-x2"), UpOptions(2, 2), show_progress=False).output
     talking = str(root / "talking")
     shutil.copytree(plain, talking)
     save_tokenizer(talking)
-    talking_wide = run_up(talking, str(root / "talking-x2"), Options(2, 2), show_progress=False).output
+    talking_wide = run_up(talking, str(root / "talking-x2"), UpOptions(2, 2), show_progress=False).output
     return {"root": root, "plain": plain, "wide": wide, "talking": talking, "talking_wide": talking_wide}
 
 

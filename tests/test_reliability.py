@@ -19,7 +19,7 @@ import pytest
 from fixtures import build_checkpoint, read_config
 from tensorscale.convert import run_up
 from tensorscale.errors import TensorscaleError
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 from tensorscale.writing import execute
 from tensorscale.writing.integrity import MANIFEST_NAME, file_sha256, verify_tensor_hashes
 
@@ -49,7 +49,7 @@ def test_kills_never_leave_a_partial_output(big, tmp_path):
     """SIGINT, SIGTERM and SIGKILL at random moments: OUT is absent, the previous OUT, or complete."""
     rng = random.Random(1234)
     previous = tmp_path / "previous"
-    run_up(big, str(previous), Options(1, 1), show_progress=False)
+    run_up(big, str(previous), UpOptions(1, 1), show_progress=False)
     previous_files = snapshot(previous)
     started = time.perf_counter()
     subprocess.run(up_command(big, tmp_path / "timing"), check=True)
@@ -264,13 +264,13 @@ def test_input_changing_during_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(execute, "write_shard", write_then_touch)  # produce_shard looks it up at call time
     with pytest.raises(TensorscaleError, match="changed during the run"):
-        run_up(source, str(tmp_path / "out"), Options(2, 2), show_progress=False)
+        run_up(source, str(tmp_path / "out"), UpOptions(2, 2), show_progress=False)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
 def test_verify_files_and_manifest(tmp_path):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    result = run_up(source, str(tmp_path / "out"), Options(2, 2, max_shard_size=30_000), show_progress=False,
+    result = run_up(source, str(tmp_path / "out"), UpOptions(2, 2, max_shard_size=30_000), show_progress=False,
                     verify_files=True, manifest=True)
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["source"]["shards"] == {"model.safetensors": file_sha256(os.path.join(source, "model.safetensors"))}
@@ -286,7 +286,7 @@ def test_verify_catches_a_changed_byte(tmp_path):
     from tensorscale.convert import plan_conversion
     from tensorscale.reading.tensor_reader import ShardReader
 
-    plan = plan_conversion(source, Options(2, 1))
+    plan = plan_conversion(source, UpOptions(2, 1))
     path = str(tmp_path / "shard.safetensors")
     hashes = {}
     with ShardReader() as reader:
@@ -324,7 +324,7 @@ def _edit_index(folder, change):
 def test_bad_index(sharded, tmp_path, bad, message):
     _edit_index(sharded, lambda weight_map: weight_map.update({next(iter(weight_map)): bad}))
     with pytest.raises(TensorscaleError, match=message):
-        run_up(sharded, str(tmp_path / "out"), Options(2, 1), show_progress=False)
+        run_up(sharded, str(tmp_path / "out"), UpOptions(2, 1), show_progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -334,7 +334,7 @@ def test_symlink_out_of_the_folder(sharded, tmp_path):
     shutil.move(os.path.join(sharded, first), outside)
     os.symlink(outside, os.path.join(sharded, first))
     with pytest.raises(TensorscaleError, match="outside the model folder"):
-        run_up(sharded, str(tmp_path / "out"), Options(2, 1), show_progress=False)
+        run_up(sharded, str(tmp_path / "out"), UpOptions(2, 1), show_progress=False)
 
 
 def test_config_that_disagrees_with_tensors(tmp_path):
@@ -343,7 +343,7 @@ def test_config_that_disagrees_with_tensors(tmp_path):
     config["intermediate_size"] = 50
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
     with pytest.raises(TensorscaleError, match="does not match its config"):
-        run_up(source, str(tmp_path / "out"), Options(2, 2), show_progress=False)
+        run_up(source, str(tmp_path / "out"), UpOptions(2, 2), show_progress=False)
 
 
 def test_concurrent_run_on_the_same_output_is_refused(tmp_path):
@@ -357,11 +357,11 @@ def test_concurrent_run_on_the_same_output_is_refused(tmp_path):
         assert sleeper.stdout.readline().strip() == "locked"
         (tmp_path / f".out.tensorscale-tmp-{run}").mkdir()
         with pytest.raises(TensorscaleError, match="another tensorscale run"):
-            run_up(source, str(tmp_path / "out"), Options(2, 1), show_progress=False)
+            run_up(source, str(tmp_path / "out"), UpOptions(2, 1), show_progress=False)
     finally:
         sleeper.kill()
         sleeper.wait()
-    run_up(source, str(tmp_path / "out"), Options(2, 1), show_progress=False)  # dead now: cleaned up
+    run_up(source, str(tmp_path / "out"), UpOptions(2, 1), show_progress=False)  # dead now: cleaned up
     assert not leftovers(tmp_path)
 
 

@@ -329,7 +329,7 @@ def test_the_known_keys_are_the_dataclass_fields():
 # ---- what the engine no longer hard-wires --------------------------------------------------------------
 
 def test_targets_and_tie_key_are_declared_by_the_rules():
-    from tensorscale.planning.plan import Options, current_units
+    from tensorscale.planning.plan import UpOptions, current_units
     from tensorscale.rulebook.targets import DEFAULT_TARGETS, DEFAULT_TIE_KEY
 
     text = ("name: t\nspaces:\n  residual: {size: d, grow: n}\n  mlp: {size: f, grow: m}\n"
@@ -339,7 +339,7 @@ def test_targets_and_tie_key_are_declared_by_the_rules():
     rules = schema.load_rules_text(text, "t.yaml")
     assert rules.targets == {**DEFAULT_TARGETS, "hidden_size": "residual", "intermediate_size": "mlp",
                              "num_attention_heads": "att"} and rules.tie == "tied"
-    assert current_units(rules, {"d": 8, "f": 12, "a": 2}, Options()) == {
+    assert current_units(rules, {"d": 8, "f": 12, "a": 2}, UpOptions()) == {
         "hidden_size": 8, "intermediate_size": 12, "num_attention_heads": 2, "num_key_value_heads": 2}
     for name, shipped in shipped_rules().items():
         assert shipped.tie == DEFAULT_TIE_KEY and set(shipped.targets) == set(DEFAULT_TARGETS), name

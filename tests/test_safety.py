@@ -20,7 +20,7 @@ from fixtures import build_checkpoint
 from tensorscale.cli.main import cli
 from tensorscale.convert import plan_conversion, execute_plan
 from tensorscale.errors import TensorscaleError
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 from tensorscale.writing import output_folder
 from tensorscale.writing.integrity import MANIFEST_NAME
 
@@ -213,12 +213,12 @@ def test_a_live_run_in_another_pid_namespace_is_not_deleted(model, tmp_path):
     holder = hold_lock(tmp_path / f".out{output_folder.LOCK_MARKER}{run}")
     try:
         with pytest.raises(TensorscaleError, match="another tensorscale run"):
-            execute_plan(plan_conversion(model, Options(2, 1)), str(tmp_path / "out"), show_progress=False)
+            execute_plan(plan_conversion(model, UpOptions(2, 1)), str(tmp_path / "out"), show_progress=False)
         assert (live / "model.safetensors").exists()
     finally:
         holder.kill()
         holder.wait()
-    result = execute_plan(plan_conversion(model, Options(2, 1)), str(tmp_path / "out"), show_progress=False)
+    result = execute_plan(plan_conversion(model, UpOptions(2, 1)), str(tmp_path / "out"), show_progress=False)
     assert live.name in result.stale_removed and not live.exists()
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
@@ -239,7 +239,7 @@ def test_temporary_folders_have_a_random_suffix_and_a_held_lock(model, tmp_path,
 
     monkeypatch.setattr(output_folder.OutputFolder, "create", create)
     for name in ("a", "b"):
-        execute_plan(plan_conversion(model, Options(2, 1)), str(tmp_path / name), show_progress=False)
+        execute_plan(plan_conversion(model, UpOptions(2, 1)), str(tmp_path / name), show_progress=False)
     suffixes = [path.rsplit("-", 1)[1] for path in seen]
     assert len(set(suffixes)) == 2 and all(len(s) == 8 for s in suffixes)
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
@@ -262,7 +262,7 @@ def test_the_whole_output_is_reserved_before_the_first_write(model, tmp_path, mo
     but not the last failed late. Now the whole size is claimed before any shard is written."""
     from tensorscale.writing import safetensors_writer
 
-    plan = plan_conversion(model, Options(2, 2, max_shard_size=20_000))
+    plan = plan_conversion(model, UpOptions(2, 2, max_shard_size=20_000))
     assert len(plan.shards) > 2
     reserved = []
     real_fallocate = os.posix_fallocate
@@ -286,7 +286,7 @@ def test_the_whole_output_is_reserved_before_the_first_write(model, tmp_path, mo
 def test_a_disk_too_small_for_the_whole_output_fails_before_any_shard(model, tmp_path, monkeypatch):
     import errno
 
-    plan = plan_conversion(model, Options(2, 2, max_shard_size=20_000))
+    plan = plan_conversion(model, UpOptions(2, 2, max_shard_size=20_000))
 
     def full(fd, offset, length):
         if length >= plan.total_bytes:

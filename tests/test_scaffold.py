@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from fixtures import TINY, build_checkpoint, read_config, relative_logit_error, run_cli_in_fresh_process
 from tensorscale.cli.main import cli
 from tensorscale.convert import plan_conversion, run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 from tensorscale.reading.source import open_source
 from tensorscale.rulebook.check import check_rules
 from tensorscale.rulebook.scaffold import count_decisions, scaffold_rules
@@ -80,7 +80,7 @@ def decisions_by_rule(text):
 def test_scaffold_is_exact_unchanged(checkpoints, tmp_path, model_type):
     source = checkpoints(model_type)
     text = scaffold_file(source, tmp_path / "rules.yaml")
-    run_up(source, str(tmp_path / "out"), Options(2, 2), rules_path=str(tmp_path / "rules.yaml"), show_progress=False)
+    run_up(source, str(tmp_path / "out"), UpOptions(2, 2), rules_path=str(tmp_path / "rules.yaml"), show_progress=False)
     before, after = read_config(source), read_config(tmp_path / "out")
     hidden = "n_embd" if model_type == "gpt2" else "hidden_size"
     assert after[hidden] == 2 * before[hidden]
@@ -96,7 +96,7 @@ def test_tied_scaffold_keeps_or_unties_exactly(checkpoints, tmp_path):
     scaffold_file(source, tmp_path / "rules.yaml")
     for untie in (False, True):
         out = tmp_path / f"out-{untie}"
-        run_up(source, str(out), Options(2, 2, untie_embeddings=untie), rules_path=str(tmp_path / "rules.yaml"),
+        run_up(source, str(out), UpOptions(2, 2, untie_embeddings=untie), rules_path=str(tmp_path / "rules.yaml"),
                show_progress=False)
         assert read_config(out)["tie_word_embeddings"] is (not untie)
         assert relative_logit_error(source, out) < TOLERANCE
@@ -111,7 +111,7 @@ def test_every_architecture_parses_checks_and_plans(checkpoints, tmp_path, model
     report = check_rules(open_source(source, headers_only=True), str(tmp_path / "rules.yaml"))
     assert report["error"] is None and report["unmatched_tensors"] == [], report
     # The roles fit the shapes: a headers-only plan of up ×2 succeeds (exact or not is what DECIDE is for).
-    plan = plan_conversion(source, Options(2, 2), str(tmp_path / "rules.yaml"), headers_only=True)
+    plan = plan_conversion(source, UpOptions(2, 2), str(tmp_path / "rules.yaml"), headers_only=True)
     assert plan.tensors
 
 
@@ -151,7 +151,7 @@ def test_depth_section_inserts_identity_layers(checkpoints, tmp_path, model_type
     text = scaffold_file(source, tmp_path / "rules.yaml")
     if load_rules_text(text).__dict__.get("depth") is None:
         pytest.skip("this version of the rules language has no depth section")
-    run_up(source, str(tmp_path / "out"), Options(2, 1, add_layers=2), rules_path=str(tmp_path / "rules.yaml"),
+    run_up(source, str(tmp_path / "out"), UpOptions(2, 1, add_layers=2), rules_path=str(tmp_path / "rules.yaml"),
            show_progress=False)
     layers = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
     assert read_config(tmp_path / "out")[layers] == read_config(source)[layers] + 2

@@ -9,13 +9,13 @@ from safetensors import safe_open
 
 from fixtures import TINY, build_checkpoint, read_config, relative_logit_error
 from tensorscale.convert import run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 
 TOLERANCE = 1e-5
 
 
 def up(source, output, n, m, **options):
-    return run_up(str(source), str(output), Options(n, m, **options), show_progress=False)
+    return run_up(str(source), str(output), UpOptions(n, m, **options), show_progress=False)
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))

@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 
 from fixtures import build_checkpoint, read_config, relative_logit_error
 from tensorscale.convert import run_up
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 
 TOLERANCE = 1e-5
 
 
 def up(source, output, n, m, **options):
-    return run_up(str(source), str(output), Options(n, m, **options), show_progress=False)
+    return run_up(str(source), str(output), UpOptions(n, m, **options), show_progress=False)
 
 
 def _names_and_shapes(folder):

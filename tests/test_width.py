@@ -18,7 +18,7 @@ from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
 from tensorscale.errors import TensorscaleError
 from tensorscale.ops.library import Gather, OpContext
-from tensorscale.planning.plan import Options
+from tensorscale.planning.plan import UpOptions
 from tensorscale.rulebook.compile import Space
 from tensorscale.rulebook.layout import plan_layouts
 
@@ -35,7 +35,7 @@ RMS_CASES = {
 
 
 def up(source, output, strategy="clone", n=1, m=1, **targets):
-    return run_up(str(source), str(output), Options(n, m, strategy=strategy, targets=targets), show_progress=False)
+    return run_up(str(source), str(output), UpOptions(n, m, strategy=strategy, targets=targets), show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_plan_says_what_each_space_does(sources):
     assert data["spaces"]["ffn"].startswith("48 -> 70 units: clone 22 of 48 units once more (Net2Net")
     text = CliRunner().invoke(cli, ["plan", "-i", sources["llama"], "--strategy", "pad", "-edm", "2"]).output
     assert "spaces (zero-pad):" in text and "hidden: 32 -> 64 units: top-left copy, 32 zero units" in text
-    # targets below the model's sizes still preview down
-    down = CliRunner().invoke(cli, ["plan", "-i", sources["llama"], "--json", "--hidden-size", "16",
+    # targets below the model's sizes preview down, said so
+    down = CliRunner().invoke(cli, ["plan", "down", "-i", sources["llama"], "--json", "--hidden-size", "16",
                                     "--num-attention-heads", "2", "--num-key-value-heads", "1"])
     assert down.exit_code == 0, down.output
     assert json.loads(down.output)["mode"] == "down"

@@ -80,19 +80,17 @@ class Job:
         return self.options["verify_files"]
 
     def engine_options(self):
-        """The planner's Options (max_shard_size parsed to bytes)."""
-        from ..planning.plan import Options, parse_size
+        """The planner's UpOptions or DownOptions (max_shard_size parsed to bytes)."""
+        from ..planning.plan import DownOptions, UpOptions, parse_size
 
         o = self.options
+        shared = dict(seed=o["seed"], dtype=o["dtype"], max_shard_size=parse_size(o["max_shard_size"]),
+                      targets={key: o[key] for key in DOWN_TARGETS if o[key] is not None})
         if self.command == "down":
-            targets = {key: o[key] for key in DOWN_TARGETS if o[key] is not None}
-            return Options(seed=o["seed"], dtype=o["dtype"], max_shard_size=parse_size(o["max_shard_size"]), mode="down",
-                           embed_dim_divisor=o["embed_dim_divisor"], up_proj_divisor=o["up_proj_divisor"], targets=targets)
-        targets = {key: o[key] for key in DOWN_TARGETS if o[key] is not None}
-        return Options(o["embed_dim_multiplier"], o["up_proj_multiplier"], o["snr_db"], o["seed"],
-                       o["untie_embeddings"], o["dtype"], parse_size(o["max_shard_size"]), targets=targets,
-                       strategy=o["strategy"], add_layers=o["add_layers"], insert_at=_positions(o["at"]),
-                       duplicate_layers=o["duplicate_layers"])
+            return DownOptions(embed_dim_divisor=o["embed_dim_divisor"], up_proj_divisor=o["up_proj_divisor"], **shared)
+        return UpOptions(o["embed_dim_multiplier"], o["up_proj_multiplier"], snr_db=o["snr_db"],
+                         untie_embeddings=o["untie_embeddings"], strategy=o["strategy"], add_layers=o["add_layers"],
+                         insert_at=_positions(o["at"]), duplicate_layers=o["duplicate_layers"], **shared)
 
     def command_line(self) -> list[str]:
         """The equivalent single command, recorded in the output's manifest: it names every option that

@@ -13,7 +13,7 @@ import json
 import os
 import resource
 import socket
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..errors import TensorscaleError
 
@@ -39,15 +39,15 @@ def shard_fingerprint(plan, index: int) -> str:
 
 def _plan_for(spec: dict):
     from ..convert import plan_conversion
-    from ..planning.plan import Options
+    from ..planning.plan import UpOptions
 
     key = json.dumps(spec, sort_keys=True)
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-        plan = _PLAN_CACHE[key] = plan_conversion(spec["input"], Options(**spec["options"]), spec["rules"])
-        plan.metadata = spec.get("metadata")
+        plan = plan_conversion(spec["input"], UpOptions(**spec["options"]), spec["rules"])
+        plan = _PLAN_CACHE[key] = replace(plan, metadata=spec.get("metadata"))
     return plan
 
 

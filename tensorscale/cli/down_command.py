@@ -7,24 +7,23 @@ import json
 import click
 
 from ..errors import TensorscaleError
-from ..rulebook.targets import TARGET_KEYS as TARGET_OPTIONS  # the size options, in the order of the flags
 from . import render
-from .options import ALLOW_NONFINITE, model_input, with_options
+from .options import (ALLOW_NONFINITE, AS_JSON, DTYPE, FORCE, MANIFEST, MAX_SHARD_SIZE, OUTPUT, QUIET, RULES,
+                      VERIFY_FILES, model_input, seed_option, target_size_options, with_options)
 from .revision import command_line, revision_option
 from .output_format import output_format_options
+from .writes import check_output_early, print_warnings
 
 
 def down_target_options(func):
-    """The ways to say how small: divisors (the mirror of up's multipliers) or target sizes."""
+    """The ways to say how small: divisors (the mirror of up's multipliers), target sizes or a budget, passed on
+    as `edd`, `upd`, `targets` (see target_size_options), `reduction` and `params`."""
     options = [
         click.option("--embed-dim-divisor", "-edd", "edd", type=int, default=None,
                      help="N: hidden size and head counts ÷N (the mirror of -edm)."),
         click.option("--up-proj-divisor", "-upd", "upd", type=int, default=None,
                      help="M: FFN size ÷M (the mirror of -upm)."),
-        click.option("--hidden-size", type=int, default=None, help="Target hidden size (any the architecture allows)."),
-        click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
-        click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
-        click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count (divides the heads)."),
+        target_size_options("any the architecture allows", " (divides the heads)"),
         click.option("--reduction", default=None, metavar="P%",
                      help="A budget instead of sizes: this share fewer parameters (e.g. 25%); the cuts are chosen "
                           "in the order that measured cheapest (FFN, then query heads, then hidden)."),
@@ -47,12 +46,8 @@ def budget_targets(source, rules_path, targets: dict, reduction, params, edd, up
     return targets
 
 
-def wants_down(edd, upd, targets: dict) -> bool:
-    return edd is not None or upd is not None or any(v is not None for v in targets.values())
-
-
 def down_options(edd, upd, targets: dict, seed, dtype, max_shard_size):
-    from ..planning.plan import Options, parse_size
+    from ..planning.plan import DownOptions, parse_size
 
     chosen = {key: value for key, value in targets.items() if value is not None}
     if not chosen and edd is None and upd is None:
@@ -60,24 +55,28 @@ def down_options(edd, upd, targets: dict, seed, dtype, max_shard_size):
             "say how small: --embed-dim-divisor/--up-proj-divisor, or --hidden-size/--intermediate-size/"
             "--num-attention-heads/--num-key-value-heads"
         )
-    return Options(seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size), mode="down",
-                   embed_dim_divisor=edd, up_proj_divisor=upd, targets=chosen)
+    return DownOptions(seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size), embed_dim_divisor=edd,
+                       up_proj_divisor=upd, targets=chosen)
+
+
+def down_planning_options(func):
+    """What shapes a down plan, for `down` and `plan down` alike."""
+    return with_options(func, [OUTPUT, down_target_options, seed_option("of the clustering (k-means, sketches)"), DTYPE,
+                               RULES, MAX_SHARD_SIZE, AS_JSON])
 
 
 def fold_summary(plan) -> dict:
-    folds = plan.folds.by_key.values() if plan.folds else []
+    folds = plan.down.folds.by_key.values() if plan.down.folds is not None else []
     return {
         "clusterings": len(folds),
         "exact_copies": sum(1 for fold in folds if fold.exact),
-        "retied": plan.retied,
+        "retied": plan.down.retied,
     }
 
 
 @click.command()
 @model_input()
-@click.option("--output", "-o", "output", default=None, metavar="OUT",
-              help="Output folder (default: <source name>-<size> in the current folder).")
-@down_target_options
+@down_planning_options
 @click.option("--method", type=click.Choice(["auto", "fold", "refit"]), default="auto", show_default=True,
               help="fold: merge copies (exact on a HyperCloned model, data-free, no transformers); refit: keep the "
                    "units that matter and re-solve their readers layer by layer (any trained model; needs "
@@ -87,23 +86,15 @@ def fold_summary(plan) -> dict:
                    "model calibrates on text it samples itself (data-free).")
 @click.option("--calibration-tokens", type=int, default=8192, show_default=True,
               help="refit: tokens to calibrate on (windows of 256).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the clustering (k-means, sketches).")
-@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep", show_default=True,
-              help="Storage dtype of the output's float tensors.")
-@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="A rules file for an architecture tensorscale does not ship.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
-@click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
-@click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@FORCE
+@VERIFY_FILES
+@MANIFEST
+@QUIET
 @ALLOW_NONFINITE
 @revision_option
 @output_format_options
-def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
-         reduction, params, method, calibration, calibration_tokens, seed, dtype, rules_path, max_shard_size, force, verify_files, manifest,
-         as_json, quiet, allow_nonfinite, out_format, outtype):
+def down(source, output, edd, upd, targets, reduction, params, seed, dtype, rules_path, max_shard_size, as_json, method,
+         calibration, calibration_tokens, force, verify_files, manifest, quiet, allow_nonfinite, out_format, outtype):
     """Make a narrower model of the same architecture.
 
     On a HyperCloned model the copies are found and merged: an exact inverse of `up`. On any other
@@ -117,11 +108,9 @@ def down(source, output, edd, upd, hidden_size, intermediate_size, num_attention
       tensorscale down tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
       tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
     """
-    from .main import check_output_early, print_warnings
     from .output_format import write_output
 
     check_output_early(output, source, force)
-    targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
     targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd, announce=not as_json)
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size)
     text = None

@@ -19,8 +19,11 @@ if __name__ == "__main__":  # `python -m tensorscale.cli.main`: take the signals
 import click  # noqa: E402
 from ..errors import TensorscaleError
 from . import render
-from .down_command import TARGET_OPTIONS, budget_targets, down, down_options, down_target_options, wants_down
-from .options import ALLOW_NONFINITE, add_to_every_command, model_input, verbose_option, with_options
+from .down_command import budget_targets, down, down_options, down_planning_options
+from .options import (ALLOW_NONFINITE, AS_JSON, DTYPE, FORCE, MANIFEST, MAX_SHARD_SIZE, OUTPUT, QUIET, RULES,
+                      VERIFY_FILES, add_to_every_command, model_input, seed_option, target_size_options,
+                      verbose_option, with_options)
+from .writes import check_output_early, print_warnings
 from .revision import command_line, remember_arguments, revision_option
 from .output_format import output_format_options
 
@@ -77,25 +80,6 @@ def interrupted_message() -> str:
     return f"interrupted after the output was written: {states}; nothing else was written"
 
 
-def check_output_early(output, source, force) -> None:
-    """Refuse a bad OUT before any work (planning, analysis), not after it."""
-    import os
-
-    if output is not None:
-        from ..reading.source import local_path
-        from ..writing.output_folder import check_output_path
-
-        path = local_path(source)  # a folder, a .gguf file (pkg:NAME resolved), or a hub id
-        check_output_path(output, path if os.path.exists(path) else None, force)
-
-
-def print_warnings(result) -> None:
-    for name in result.stale_removed:
-        click.echo(f"tensorscale: removed {name}, left by a run that was killed", err=True)
-    for warning in result.warnings or ():
-        click.echo(f"tensorscale: warning: {warning}", err=True)
-
-
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tensorscale")
 @verbose_option()
@@ -113,24 +97,24 @@ def _input_option(func):
 
 
 def _up_options(func):
+    """What shapes an up plan, for `up` and `plan up` alike: passed on as keyword arguments, the four target
+    sizes together as `targets`."""
     options = [
+        OUTPUT,
         click.option("--embed-dim-multiplier", "-edm", "edm", type=int, default=1, show_default=True,
                      help="n: hidden size and attention/kv head counts grow ×n (head_dim kept)."),
         click.option("--up-proj-multiplier", "-upm", "upm", type=int, default=1, show_default=True,
                      help="m: FFN (intermediate) size grows ×m."),
+        target_size_options("any larger value", ""),
         click.option("--snr-db", type=float, default=None, metavar="DB",
                      help="Add function-preserving symmetry-breaking noise at this signal-to-noise ratio."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --snr-db noise (reproducible)."),
+        seed_option("for --snr-db noise (reproducible)"),
         click.option("--untie-embeddings", is_flag=True,
                      help="Write a separate lm_head instead of keeping tied embeddings (tie kept by default)."),
-        click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
-                     show_default=True, help="Storage dtype of the output's float tensors."),
-        click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-                     help="A rules file for an architecture tensorscale does not ship."),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB."),
-        click.option("--output", "-o", "output", default=None, metavar="OUT",
-                     help="Output folder (default: <source name>-<size> in the current folder)."),
-        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts."),
+        DTYPE,
+        RULES,
+        MAX_SHARD_SIZE,
+        AS_JSON,
         click.option("--strategy", type=click.Choice(["clone", "pad"]), default="clone", show_default=True,
                      help="clone: HyperCloning (copies; any width by cloning a subset of units). pad: the source in "
                           "the top-left block, zeros elsewhere (RMSNorm models; gains rescaled)."),
@@ -146,20 +130,10 @@ def _up_options(func):
     return _input_option(with_options(func, options))
 
 
-def _width_target_options(func):
-    """Any target width for `up`, in place of (or on top of) the multipliers."""
-    options = [
-        click.option("--hidden-size", type=int, default=None, help="Target hidden size (any larger value)."),
-        click.option("--intermediate-size", type=int, default=None, help="Target FFN size (any larger value)."),
-        click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
-        click.option("--num-key-value-heads", type=int, default=None, help="Target kv head count."),
-    ]
-    return with_options(func, options)
-
-
-def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy="clone", add_layers=0,
-             insert_at=None, duplicate_layers=None, targets=None):
-    from ..planning.plan import Options, parse_size
+def up_options(edm, upm, targets, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers,
+               insert_at, duplicate_layers):
+    """The UpOptions the command line asks for (--max-shard-size parsed, --at split into layer indices)."""
+    from ..planning.plan import UpOptions, parse_size
 
     for flag, value in (("--embed-dim-multiplier", edm), ("--up-proj-multiplier", upm)):
         if value < 1:
@@ -170,18 +144,18 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
             positions = tuple(int(part) for part in str(insert_at).split(",") if part.strip())
         except ValueError:
             raise TensorscaleError(f"--at takes layer indices separated by commas (e.g. 4,8), got {insert_at!r}") from None
-    chosen = {key: value for key, value in (targets or {}).items() if value is not None}
-    return Options(edm, upm, snr_db, seed, untie_embeddings, dtype, parse_size(max_shard_size), targets=chosen,
-                   strategy=strategy, add_layers=add_layers, insert_at=positions, duplicate_layers=duplicate_layers)
+    chosen = {key: value for key, value in targets.items() if value is not None}
+    return UpOptions(edm, upm, snr_db=snr_db, seed=seed, untie_embeddings=untie_embeddings, dtype=dtype,
+                     max_shard_size=parse_size(max_shard_size), targets=chosen, strategy=strategy,
+                     add_layers=add_layers, insert_at=positions, duplicate_layers=duplicate_layers)
 
 
 @cli.command(short_help="Grow a model wider or deeper (HyperCloning: the same logits).")
 @_up_options
-@_width_target_options
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
-@click.option("--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed.")
-@click.option("--manifest", is_flag=True, help="Write tensorscale-manifest.json: source and output hashes, command, version.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@FORCE
+@VERIFY_FILES
+@MANIFEST
+@QUIET
 @ALLOW_NONFINITE
 @click.option("--verify", "verify_logits", is_flag=True,
               help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
@@ -190,10 +164,8 @@ def _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, st
               help="--verify's pass mark on the relative logit error [default: 1e-4; 1e-2 where 16-bit storage "
                    "rounds the function].")
 @output_format_options
-def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
-       strategy, add_layers, insert_at, duplicate_layers, hidden_size, intermediate_size, num_attention_heads,
-       num_key_value_heads, force, verify_files, manifest, quiet, allow_nonfinite, verify_logits, tolerance,
-       out_format, outtype):
+def up(source, output, as_json, rules_path, force, verify_files, manifest, quiet, allow_nonfinite, verify_logits,
+       tolerance, out_format, outtype, **asked):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -210,9 +182,7 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
         from .inference_commands import UpVerification
 
         check = UpVerification(tolerance)
-    targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
-    options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers, insert_at,
-                       duplicate_layers, targets)
+    options = up_options(**asked)
     converting = converts_format(source, out_format)  # GGUF in or out: a new file even at the same size
     if not converting and not asks_for_a_change(options):
         raise TensorscaleError(NOTHING_TO_CHANGE)  # before a hub download, not after
@@ -248,30 +218,71 @@ def up(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_pa
 cli.add_command(down)
 
 
-@cli.command(short_help="Show what up or down would do, tensor by tensor; writes nothing.")
-@_up_options
-@down_target_options
-def plan(source, output, edm, upm, snr_db, seed, untie_embeddings, dtype, rules_path, max_shard_size, as_json,
-         strategy, add_layers, insert_at, duplicate_layers, edd, upd, hidden_size, intermediate_size,
-         num_attention_heads, num_key_value_heads, reduction, params):
-    """Dry run of `up` (or of `down`, given its divisors, targets or budget): every tensor's rule, op chain,
-    shapes and dtypes, and the shard layout. Writes nothing. `up` plans read headers only; `down` plans read
-    the weights once, since its clusters depend on them."""
-    from ..convert import default_output, plan_conversion, plan_down, targets_grow
+class _PlanGroup(click.Group):
+    """`plan up ...` and `plan down ...`; a plain `plan MODEL ...` is `plan up MODEL ...` (the dry run of the
+    default command), and an option of the other direction is one line naming the command that takes it."""
 
-    targets = dict(zip(TARGET_OPTIONS, (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)))
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["up", *args]
+        return super().parse_args(ctx, args)
+
+
+class _PlanCommand(click.Command):
+    def parse_args(self, ctx, args):
+        given = list(args)  # click's parser consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption:
+            other = "down" if self.name == "up" else "up"
+            theirs = _option_names(plan.commands[other]) - _option_names(self)
+            for flag in (arg.split("=", 1)[0] for arg in given):  # click names "-e" for -edd: find the flag
+                if flag in theirs:
+                    raise TensorscaleError(f"{flag} is an option of `plan {other}`, not `plan {self.name}`: "
+                                           f"tensorscale plan {other} MODEL {flag} ...") from None
+            raise
+
+
+def _option_names(command: click.Command) -> set[str]:
+    return {name for param in command.params for name in getattr(param, "opts", ())}
+
+
+@cli.group(cls=_PlanGroup, short_help="Show what up or down would do, tensor by tensor; writes nothing.")
+def plan():
+    """Dry run of `up` or `down`, with the same options: every tensor's rule, op chain, shapes and dtypes,
+    and the shard layout. Writes nothing. A plain `tensorscale plan MODEL ...` means `plan up MODEL ...`.
+
+    \b
+    Example:
+      tensorscale plan up examples/tiny-llama -edm 2 -upm 2
+      tensorscale plan down tiny-llama-x2 -edd 2 -upd 2
+    """
+
+
+@plan.command("up", cls=_PlanCommand)
+@_up_options
+def plan_up(source, output, as_json, rules_path, **asked):
+    """Dry run of `up`; reads headers only."""
+    from ..convert import plan_conversion
+
+    _show_plan(plan_conversion(source, up_options(**asked), rules_path, headers_only=True), output, as_json)
+
+
+@plan.command("down", cls=_PlanCommand)
+@_input_option
+@down_planning_options
+def plan_down(source, output, edd, upd, targets, reduction, params, seed, dtype, rules_path, max_shard_size, as_json):
+    """Dry run of `down` by folding (its clusters depend on the weights, so this reads them once)."""
+    from ..convert import plan_down
+
     targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd)  # as `down` allocates it
-    up_asked = (edm != 1 or upm != 1 or snr_db is not None or untie_embeddings or strategy != "clone" or add_layers
-                or duplicate_layers is not None)
-    if wants_down(edd, upd, targets) and (edd is not None or upd is not None or not targets_grow(source, targets, rules_path)):
-        if up_asked:
-            raise TensorscaleError("up options (-edm, -upm, --snr-db, --untie-embeddings, --strategy, --add-layers, "
-                                   "--duplicate-layers) do not combine with down's")
-        the_plan = plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path)
-    else:
-        options = _options(edm, upm, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers,
-                           insert_at, duplicate_layers, targets)
-        the_plan = plan_conversion(source, options, rules_path, headers_only=True)
+    _show_plan(plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path), output,
+               as_json)
+
+
+def _show_plan(the_plan, output, as_json) -> None:
+    from ..convert import default_output
+
     data = render.plan_data(the_plan, output or default_output(the_plan.source, the_plan))
     click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
 

@@ -14,6 +14,7 @@ import sys
 import click
 
 from ..errors import TensorscaleError
+from ..rulebook.targets import TARGET_KEYS  # the order of the four flags below
 
 MODEL_HELP = "Model folder, or a Hugging Face hub id (org/name)."
 
@@ -102,3 +103,47 @@ def add_to_every_command(group: click.Group, make_option) -> None:
         else:
             make_option()(command)  # click appends the option to an existing Command's params
 
+
+
+# Options that up, down and their `plan` dry runs share, declared once (the same flag, default and wording).
+OUTPUT = click.option("--output", "-o", "output", default=None, metavar="OUT",
+                      help="Output folder (default: <source name>-<size> in the current folder).")
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
+DTYPE = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
+                     show_default=True, help="Storage dtype of the output's float tensors.")
+RULES = click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="A rules file for an architecture tensorscale does not ship.")
+MAX_SHARD_SIZE = click.option("--max-shard-size", default="5GB", show_default=True,
+                              help="Largest output shard, e.g. 5GB, 500MB.")
+FORCE = click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+VERIFY_FILES = click.option("--verify-files", is_flag=True,
+                            help="Re-read every tensor and compare its sha256 with what was streamed.")
+MANIFEST = click.option("--manifest", is_flag=True,
+                        help="Write tensorscale-manifest.json: source and output hashes, command, version.")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
+def seed_option(what: str):
+    """--seed, which seeds what each direction draws at random (up's noise, down's clustering)."""
+    return click.option("--seed", type=int, default=0, show_default=True, help=f"Seed {what}.")
+
+
+def target_size_options(hidden: str, kv_heads: str):
+    """--hidden-size, --intermediate-size, --num-attention-heads, --num-key-value-heads, passed on together as
+    `targets` (rulebook.targets.TARGET_KEYS key -> the size given, or None); `hidden` and `kv_heads` end
+    their help."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def command(*args, hidden_size=None, intermediate_size=None, num_attention_heads=None,
+                    num_key_value_heads=None, **kwargs):
+            sizes = (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
+            return func(*args, targets=dict(zip(TARGET_KEYS, sizes)), **kwargs)
+
+        return with_options(command, [
+            click.option("--hidden-size", type=int, default=None, help=f"Target hidden size ({hidden})."),
+            click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
+            click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
+            click.option("--num-key-value-heads", type=int, default=None, help=f"Target kv head count{kv_heads}."),
+        ])
+
+    return decorate

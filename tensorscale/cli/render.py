@@ -50,16 +50,13 @@ def desc_text(data: dict) -> str:
 
 
 def plan_data(plan, output: str) -> dict:
+    options = plan.options.recorded()
     return {
         "input": plan.source.label,
         "output": output,
         "rules": plan.rules.name,
-        "mode": plan.options.mode,
-        "embed_dim_multiplier": plan.options.embed_dim_multiplier,
-        "up_proj_multiplier": plan.options.up_proj_multiplier,
-        "snr_db": plan.options.snr_db,
-        "strategy": plan.options.strategy,
-        "targets": dict(plan.options.targets),
+        **{key: options[key] for key in ("mode", "embed_dim_multiplier", "up_proj_multiplier", "snr_db", "strategy",
+                                         "targets")},
         "spaces": {name: layout.describe() for name, layout in (plan.layouts or {}).items()
                    if layout.target != layout.size},
         "source_parameters": sum(info.numel for info in plan.source.tensors.values()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
 
 from ..errors import TensorscaleError
 from ..ops.library import Op, Scale
@@ -38,49 +39,26 @@ DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": 
 
 
 
-@dataclass
-class Options:
-    """What the user asked for.
+@dataclass(frozen=True, kw_only=True)
+class ResizeOptions:
+    """What the user asked for, in either direction: the seed, the storage dtype, the shard size and any target
+    sizes (TARGET_KEYS key -> hidden/FFN size in dimensions, heads and kv heads in counts).
 
-    `up`: `n` and `m` are HyperCloning's multipliers for hidden/heads and FFN. `down`: divisors, or target
-    sizes (hidden_size, intermediate_size in dimensions; heads and kv heads in counts)."""
+    Frozen, and `targets` is copied: planning reads options and never changes them, so one object may plan
+    several times (a retie, a batch's workers) and a caller's dict is never aliased."""
 
-    embed_dim_multiplier: int = 1
-    up_proj_multiplier: int = 1
-    snr_db: float | None = None
+    mode: ClassVar[str]  # "up" or "down": what the model card, the summary and the plan record
     seed: int = 0
-    untie_embeddings: bool = False
     dtype: str = "keep"
     max_shard_size: int = 5 * 10**9
-    mode: str = "up"
-    embed_dim_divisor: int | None = None
-    up_proj_divisor: int | None = None
-    targets: dict = field(default_factory=dict)  # TARGET_KEYS key -> size or count
-    strategy: str = "clone"  # up: "clone" (HyperCloning / Net2Net) or "pad" (top-left block, zeros elsewhere)
-    add_layers: int = 0  # up: identity layers to insert
-    insert_at: tuple[int, ...] | None = None  # up: source layer indices the identity layers go before
-    duplicate_layers: str | None = None  # up: "START:END", SOLAR-style block copy
+    targets: dict = field(default_factory=dict)
 
-    def validate(self):
-        divisors = [(flag, value) for flag, value in (("--embed-dim-divisor", self.embed_dim_divisor),
-                                                      ("--up-proj-divisor", self.up_proj_divisor)) if value is not None]
-        for flag, value in (("--embed-dim-multiplier", self.embed_dim_multiplier), ("--up-proj-multiplier", self.up_proj_multiplier),
-                            *divisors,
-                            *((f"--{key.replace('_', '-')}", value) for key, value in self.targets.items())):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value!r}")
-        if self.mode not in ("up", "down"):
-            raise TensorscaleError(f"unknown mode {self.mode!r}")
-        if self.targets and (self.embed_dim_divisor or self.up_proj_divisor):
-            raise TensorscaleError("give either divisors or target sizes, not both")
-        if self.strategy not in ("clone", "pad"):
-            raise TensorscaleError(f"--strategy must be clone or pad, got {self.strategy!r}")
-        if isinstance(self.add_layers, bool) or not isinstance(self.add_layers, int) or self.add_layers < 0:
-            raise TensorscaleError(f"--add-layers must be a whole number >= 0, got {self.add_layers!r}")
-        if self.add_layers > MAX_ADDED_LAYERS:
-            raise TensorscaleError(f"--add-layers {self.add_layers:,} is more than {MAX_ADDED_LAYERS:,} layers")
-        if self.mode == "down" and (self.strategy != "clone" or self.add_layers or self.duplicate_layers):
-            raise TensorscaleError("--strategy, --add-layers and --duplicate-layers are options of up, not down")
+    def __post_init__(self):
+        object.__setattr__(self, "targets", dict(self.targets))
+
+    def validate(self) -> None:
+        """One line naming the option and the fix for the first value planning cannot use."""
+        _check_counts((f"--{key.replace('_', '-')}" for key in self.targets), self.targets.values())
         unknown = set(self.targets) - set(TARGET_KEYS)
         if unknown:
             raise TensorscaleError(f"unknown target {sorted(unknown)[0]}")
@@ -88,11 +66,96 @@ class Options:
             raise TensorscaleError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}")
         if self.max_shard_size <= 0:
             raise TensorscaleError("--max-shard-size must be positive")
+
+    def recorded(self) -> dict:
+        """The options as summaries, plans and manifests record them, with the same keys in both directions:
+        `down` records up's neutral values (×1, no noise, the tie kept, strategy clone)."""
+        up = self if isinstance(self, UpOptions) else UpOptions()
+        return {"mode": self.mode, "embed_dim_multiplier": up.embed_dim_multiplier,
+                "up_proj_multiplier": up.up_proj_multiplier, "snr_db": up.snr_db, "seed": self.seed,
+                "untie_embeddings": up.untie_embeddings, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
+                "strategy": up.strategy, "targets": dict(self.targets)}
+
+
+def _check_counts(flags, values) -> None:
+    for flag, value in zip(flags, values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class UpOptions(ResizeOptions):
+    """`up`: HyperCloning's multipliers `n` (hidden and heads) and `m` (FFN), or target sizes at least the
+    model's; noise, the untie, the strategy and depth growth are up's alone."""
+
+    mode: ClassVar[str] = "up"
+    embed_dim_multiplier: int = 1
+    up_proj_multiplier: int = 1
+    snr_db: float | None = field(default=None, kw_only=True)
+    untie_embeddings: bool = field(default=False, kw_only=True)
+    strategy: str = field(default="clone", kw_only=True)  # "clone" (HyperCloning / Net2Net) or "pad" (top-left)
+    add_layers: int = field(default=0, kw_only=True)  # identity layers to insert
+    insert_at: tuple[int, ...] | None = field(default=None, kw_only=True)  # source layers they go before
+    duplicate_layers: str | None = field(default=None, kw_only=True)  # "START:END", SOLAR-style block copy
+
+    def validate(self) -> None:
+        _check_counts(("--embed-dim-multiplier", "--up-proj-multiplier"),
+                      (self.embed_dim_multiplier, self.up_proj_multiplier))
+        super().validate()
+        if self.strategy not in ("clone", "pad"):
+            raise TensorscaleError(f"--strategy must be clone or pad, got {self.strategy!r}")
+        if isinstance(self.add_layers, bool) or not isinstance(self.add_layers, int) or self.add_layers < 0:
+            raise TensorscaleError(f"--add-layers must be a whole number >= 0, got {self.add_layers!r}")
+        if self.add_layers > MAX_ADDED_LAYERS:
+            raise TensorscaleError(f"--add-layers {self.add_layers:,} is more than {MAX_ADDED_LAYERS:,} layers")
         if self.snr_db is not None and not math.isfinite(self.snr_db):
             raise TensorscaleError("--snr-db must be a finite number of decibels")
         if self.snr_db is not None and self.snr_db < MIN_SNR_DB:
-            raise TensorscaleError(f"--snr-db {self.snr_db:g} is below {MIN_SNR_DB} dB: noise that much louder than the "
-                                   "weights drowns them in float32 rounding; use a value such as 20")
+            raise TensorscaleError(f"--snr-db {self.snr_db:g} is below {MIN_SNR_DB} dB: noise that much louder than "
+                                   "the weights drowns them in float32 rounding; use a value such as 20")
+
+
+@dataclass(frozen=True)
+class DownOptions(ResizeOptions):
+    """`down`: divisors (the mirror of up's multipliers), or target sizes at most the model's."""
+
+    mode: ClassVar[str] = "down"
+    embed_dim_divisor: int | None = None
+    up_proj_divisor: int | None = None
+
+    def validate(self) -> None:
+        given = [(flag, value) for flag, value in (("--embed-dim-divisor", self.embed_dim_divisor),
+                                                   ("--up-proj-divisor", self.up_proj_divisor)) if value is not None]
+        _check_counts((flag for flag, _ in given), (value for _, value in given))
+        super().validate()
+        if self.targets and given:
+            raise TensorscaleError("give either divisors or target sizes, not both")
+
+
+class UnitFolds(Protocol):
+    """The clusterings a fold plan merges with (folding.fold.Folds), as planning sees them."""
+
+    by_key: dict
+
+    def lookup(self, space: Space, env: dict, where: str): ...
+
+
+@dataclass(frozen=True)
+class DownSection:
+    """What `down` adds to a plan. `method` "fold": the clusterings the merges use and the head tensor dropped
+    because the output is tied again. "refit": the folder of refitted tensors the plan writes from (the plan's
+    `source` stays the real model, for provenance, side files and the input checks)."""
+
+    method: Literal["fold", "refit"]
+    folds: UnitFolds | None = None
+    retied: str | None = None
+    spill: ModelSource | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether every clustering merged only copies: the plan is then an exact inverse of `up`."""
+        folds = self.folds.by_key.values() if self.folds is not None else []
+        return bool(folds) and all(fold.exact for fold in folds)
 
 
 @dataclass
@@ -127,11 +190,14 @@ class ShardPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Everything a rewrite needs, fixed before a byte is written. Frozen: a step that adds to it (the shards'
+    metadata, refit's real source) makes a new Plan with dataclasses.replace."""
+
     source: ModelSource
     rules: RuleSet
-    options: Options
+    options: UpOptions | DownOptions
     env: dict
     spaces: dict[str, Space]
     config: dict
@@ -139,9 +205,8 @@ class Plan:
     shards: list[ShardPlan]
     dropped: list[str] = field(default_factory=list)
     unused_rules: list[str] = field(default_factory=list)
-    folds: object = None  # down: the clusterings the merges use
-    retied: str | None = None  # down: the head tensor dropped because the output is tied again
-    depth: object = None  # up: the output layers when depth grows (planning.depth.Layers)
+    down: DownSection | None = None  # down: how the plan narrows (None for up)
+    depth: depth.Layers | None = None  # up: the output layers when depth grows
     layouts: dict | None = None  # up: where each space's new units come from (rulebook.layout)
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. rounding in bf16)
     metadata: dict | None = None  # the shards' __metadata__ (string values); None: {"format": "pt"}
@@ -156,16 +221,17 @@ class Plan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def base_env(config: dict, options: Options, ratios: dict | None = None) -> dict:
+def base_env(config: dict, options: ResizeOptions, ratios: dict | None = None) -> dict:
     """The environment rules see (rulebook.evaluate.rules_env) for these options: `up`'s multipliers unless
-    `ratios` are given."""
+    `ratios` are given (down records up's neutral values: see ResizeOptions.recorded)."""
+    recorded = options.recorded()
     if ratios is None:
-        n = options.embed_dim_multiplier
-        ratios = {"n": n, "m": options.up_proj_multiplier, "nh": n, "nkv": n}
-    return rules_env(config, ratios, snr_db=options.snr_db, untie_embeddings=options.untie_embeddings)
+        n = recorded["embed_dim_multiplier"]
+        ratios = {"n": n, "m": recorded["up_proj_multiplier"], "nh": n, "nkv": n}
+    return rules_env(config, ratios, snr_db=recorded["snr_db"], untie_embeddings=recorded["untie_embeddings"])
 
 
-def down_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
+def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
     """Turn divisors or target sizes into the ratios n, m, nh, nkv, checking that each target is possible."""
     current = current_units(rule_set, config, options)
     if current["hidden_size"] is None or current["intermediate_size"] is None:
@@ -198,7 +264,7 @@ def down_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
     }
 
 
-def current_units(rule_set: RuleSet, config: dict, options: Options) -> dict:
+def current_units(rule_set: RuleSet, config: dict, options: ResizeOptions) -> dict:
     """The model's size in each TARGET_KEYS key (hidden and FFN in dimensions, heads in counts), read from the
     spaces the rules file's `targets` name."""
     env = evaluate_let(rule_set, base_env(config, options, UNIT_RATIOS))
@@ -209,7 +275,7 @@ def current_units(rule_set: RuleSet, config: dict, options: Options) -> dict:
     return current
 
 
-def up_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
+def up_ratios(rule_set: RuleSet, config: dict, options: UpOptions) -> dict:
     """`up`'s ratios n, m, nh, nkv and n_tiles from the multipliers, overridden by any target sizes.
 
     A target may be any larger size; heads not given follow the hidden ratio where that gives whole counts.
@@ -252,12 +318,15 @@ def up_ratios(rule_set: RuleSet, config: dict, options: Options) -> dict:
     return ratios
 
 
-def evaluate_env(rule_set: RuleSet, config: dict, options: Options) -> dict:
-    ratios = down_ratios(rule_set, config, options) if options.mode == "down" else up_ratios(rule_set, config, options)
+def evaluate_env(rule_set: RuleSet, config: dict, options: UpOptions | DownOptions) -> dict:
+    if isinstance(options, DownOptions):
+        ratios = down_ratios(rule_set, config, options)
+    else:
+        ratios = up_ratios(rule_set, config, options)
     return evaluate_rules(rule_set, base_env(config, options, ratios))
 
 
-def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: Options) -> dict:
+def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: ResizeOptions) -> dict:
     new = copy.deepcopy(config)
     for key, expression in rule_set.config:
         try:
@@ -274,7 +343,7 @@ def rewrite_config(rule_set: RuleSet, config: dict, env: dict, options: Options)
     return new
 
 
-def _out_dtype(info: TensorInfo, options: Options) -> str:
+def _out_dtype(info: TensorInfo, options: ResizeOptions) -> str:
     wanted = DTYPE_CHOICES[options.dtype]
     if wanted is None or info.dtype not in FLOAT_DTYPES:
         return info.dtype
@@ -301,7 +370,7 @@ def _row_plan(tensor: TensorPlan) -> None:
     tensor.row_ops = rest
 
 
-def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options: Options) -> None:
+def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options: ResizeOptions) -> None:
     """The rewritten config must describe the rewritten tensors: every space's size, read back from the new
     config, equals its planned size (e.g. hidden = heads × head_dim where the architecture derives it)."""
     env = evaluate_let(rule_set, base_env(new_config, options, UNIT_RATIOS))
@@ -318,20 +387,28 @@ def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options:
             )
 
 
-def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=None, retie: str | None = None) -> Plan:
-    """The full plan. `folds` (from the down analysis) turns roles into merges; `retie` names a head tensor
-    that the analysis found equal to the embedding, so it is dropped and the output is tied again."""
+def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | DownOptions,
+               down: DownSection | None = None) -> Plan:
+    """The full plan, for `up` (UpOptions) or for a fold `down` (DownOptions and the analysis's section: its
+    folds turn roles into merges; its `retied` names a head tensor the analysis found equal to the embedding,
+    so it is dropped and the output is tied again). Reads `options`, never changes them."""
+    if isinstance(options, DownOptions) != (down is not None and down.folds is not None):
+        raise ValueError("build_plan plans down from DownOptions with the analysis's folds, up from UpOptions")
     options.validate()
     env = evaluate_env(rule_set, source.config, options)
     check_complete(rule_set, source, env)
     spaces = resolve_spaces(rule_set, env)
     new_config = rewrite_config(rule_set, source.config, env, options)
-    layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
+    layers = None
+    if isinstance(options, UpOptions):
+        layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
     depth.rewrite_config(rule_set, source.config, new_config, layers)
+    folds = down.folds if down is not None else None
+    retie = down.retied if down is not None else None
     if retie:
         new_config[rule_set.tie] = True
     check_new_config(rule_set, new_config, spaces, options)
-    layouts = plan_layouts(spaces, options.strategy) if folds is None else None
+    layouts = plan_layouts(spaces, options.strategy) if isinstance(options, UpOptions) else None
 
     tensors: list[TensorPlan] = []
     dropped: list[str] = []
@@ -408,8 +485,9 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: Options, folds=N
         raise TensorscaleError(f"the output would be {total / 2**40:,.0f} TiB; check config.json and the size options")
     shards = layout_shards(tensors, options.max_shard_size)
     unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
-    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, depth=layers, layouts=layouts,
-                notes=storage_notes(tensors))
+    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, down=down,
+                depth=layers, layouts=layouts, notes=storage_notes(tensors))
+
 
 
 def _scales(ops):

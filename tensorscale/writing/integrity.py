@@ -67,19 +67,15 @@ def file_sha256(path: str) -> str:
 def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
     source = plan.source
     revision = snapshot_revision(source.folder) if source.hub_id else None  # the snapshot folder's commit
+    options = plan.options.recorded()  # the same keys for up and down
     return {
         "tool": "tensorscale",
         "version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command if command is not None else sys.argv,
         "options": {
-            "embed_dim_multiplier": plan.options.embed_dim_multiplier,
-            "up_proj_multiplier": plan.options.up_proj_multiplier,
-            "snr_db": plan.options.snr_db,
-            "seed": plan.options.seed,
-            "untie_embeddings": plan.options.untie_embeddings,
-            "dtype": plan.options.dtype,
-            "max_shard_size": plan.options.max_shard_size,
+            **{key: options[key] for key in ("embed_dim_multiplier", "up_proj_multiplier", "snr_db", "seed",
+                                             "untie_embeddings", "dtype", "max_shard_size")},
             "rules": plan.rules.name,
         },
         "source": {
