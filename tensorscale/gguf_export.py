@@ -33,7 +33,7 @@ def gguf_output_path(output: str | None, default_folder: str, force: bool, input
 def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force: bool = False,
                          show_progress: bool = True, **options):
     """Write `plan` as one GGUF file; returns the Result of the safetensors pass with `output` set to the file."""
-    from .convert import default_output, execute_plan
+    from .rewrite import default_output, execute_plan
     from .writing.gguf_writer import gguf_architecture, write_gguf
     from .writing.output_folder import record_committed
 

@@ -16,7 +16,7 @@ from .reading.gguf_source import cache_folder, open_gguf
 def import_gguf(path: str, output: str, *, dtype: str = "keep", force: bool = True, show_progress: bool = False) -> str:
     """Write the GGUF at `path` as a safetensors checkpoint in `output` (float32 for quantized tensors
     unless `dtype` says otherwise); returns `output`."""
-    from .convert import execute_plan
+    from .rewrite import execute_plan
     from .planning.plan import UpOptions, build_plan
     from .rulebook.registry import resolve_rules
 

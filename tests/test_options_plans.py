@@ -4,7 +4,6 @@ import cycle (not even one through an import inside a function)."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import pathlib
@@ -150,56 +149,3 @@ def test_a_direction_mistake_is_one_line(llama, args, words):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and lines[0].startswith("tensorscale: error:"), result.stderr
-
-
-# ---------------------------------------------------------------- no import cycles
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the tensorscale modules it imports, anywhere in it (inside functions too)."""
-    modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        modules[name] = path
-    graph = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
-                module = ".".join(base + ([node.module] if node.module else []))
-                targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            found.update(target for target in targets if target in modules and target != name)
-        graph[name] = found
-    return graph
-
-
-def reaches(graph, start: str, goal: str) -> bool:
-    seen, todo = set(), [start]
-    while todo:
-        module = todo.pop()
-        if module == goal:
-            return True
-        if module not in seen:
-            seen.add(module)
-            todo.extend(graph.get(module, ()))
-    return False
-
-
-def test_the_graph_sees_imports_inside_functions():
-    graph = import_graph()
-    assert "tensorscale.folding.analysis" in graph["tensorscale.convert"]  # imported inside plan_down only
-
-
-@pytest.mark.parametrize("first, second", [
-    ("tensorscale.planning.depth", "tensorscale.planning.plan"),
-    ("tensorscale.cli.down_command", "tensorscale.cli.main"),
-])
-def test_no_import_cycle(first, second):
-    graph = import_graph()
-    assert not (reaches(graph, first, second) and reaches(graph, second, first)), f"{first} <-> {second}"

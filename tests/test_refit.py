@@ -197,7 +197,7 @@ def test_refit_option_errors_are_one_line(tmp_path, args, message):
 # ---- budgets ----------------------------------------------------------------------------------------
 
 def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
-    from tensorscale.planning.allocation import Counter, allocate_budget
+    from tensorscale.folding.allocation import Counter, allocate_budget
 
     source = build_checkpoint(tmp_path / "src", "llama", intermediate_size=512, tie_word_embeddings=False)
     counter = Counter(source, None)

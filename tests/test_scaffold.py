@@ -20,7 +20,7 @@ from tensorscale.cli.main import cli
 from tensorscale.convert import plan_conversion, run_up
 from tensorscale.planning.plan import UpOptions
 from tensorscale.reading.source import open_source
-from tensorscale.rulebook.check import check_rules
+from tensorscale.planning.rules_check import check_rules
 from tensorscale.rulebook.scaffold import count_decisions, scaffold_rules
 from tensorscale.rulebook.schema import load_rules_text
 

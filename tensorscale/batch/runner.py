@@ -69,7 +69,8 @@ def run_job(job: Job, executor, overview) -> dict:
                                        "to replace it, or choose another output")
             entry["note"] = f"redone: {verdict.reason}"
         plan, runner = _plan(job, executor, state)
-        from ..convert import execute_plan, plan_changes_nothing
+        from ..convert import plan_changes_nothing
+        from ..rewrite import execute_plan
 
         if job.command == "up" and plan_changes_nothing(plan):
             raise TensorscaleError("nothing to change: the output would equal the input; give a larger size")
@@ -117,7 +118,7 @@ def _plan(job: Job, executor, state: JobState):
                                       job.options["calibration_tokens"], spill)
 
         def in_this_thread(plan, folder, verify_files, progress):
-            from ..convert import run_shards_in_order
+            from ..rewrite import run_shards_in_order
 
             state.started(len(plan.shards))
             try:

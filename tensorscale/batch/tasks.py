@@ -53,7 +53,7 @@ def _plan_for(spec: dict):
 
 def produce_shard_task(spec: dict, index: int, path: str, fingerprint: str, verify_files: bool) -> dict:
     """Write shard `index` of the job described by `spec` at `path`; return this worker's pid and peak RSS."""
-    from ..convert import produce_shard
+    from ..rewrite import produce_shard
 
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):

@@ -37,7 +37,7 @@ def budget_targets(source, rules_path, targets: dict, reduction, params, edd, up
     """`targets`, or with --reduction/--params the sizes the budget allocates (said on stderr)."""
     if reduction is None and params is None:
         return targets
-    from ..planning.allocation import allocate_budget
+    from ..folding.allocation import allocate_budget
 
     targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
     if announce:

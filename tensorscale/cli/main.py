@@ -281,7 +281,7 @@ def plan_down(source, output, edd, upd, targets, reduction, params, seed, dtype,
 
 
 def _show_plan(the_plan, output, as_json) -> None:
-    from ..convert import default_output
+    from ..rewrite import default_output
 
     data = render.plan_data(the_plan, output or default_output(the_plan.source, the_plan))
     click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
@@ -339,7 +339,7 @@ def rules_show(arch, resolved):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def rules_check(source, rules_path, as_json):
     """Match rules against a checkpoint: tensors no rule matches, and rules that match nothing."""
-    from ..rulebook.check import check_rules
+    from ..planning.rules_check import check_rules
     from ..reading.source import open_source
 
     report = check_rules(open_source(source, headers_only=True), rules_path)

@@ -32,7 +32,7 @@ def converts_format(source: str, out_format: str) -> bool:
 
 def write_output(plan, output, out_format: str, outtype: str | None, **options):
     """Execute the plan in the chosen format; the Result's `output` is the folder or the .gguf file."""
-    from ..convert import execute_plan
+    from ..rewrite import execute_plan
 
     if out_format == "gguf":
         from ..gguf_export import execute_plan_as_gguf

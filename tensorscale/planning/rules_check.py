@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..errors import TensorscaleError
 from ..reading.source import ModelSource
-from .evaluate import UNIT_RATIOS, evaluate_rules, match_rule, rules_env
-from .registry import resolve_rules
+from ..rulebook.evaluate import UNIT_RATIOS, evaluate_rules, match_rule, rules_env
+from ..rulebook.registry import resolve_rules
 
 
 def check_rules(source: ModelSource, rules_path: str | None) -> dict:

@@ -49,16 +49,16 @@ class Counter:
     def __init__(self, source_label: str, rules_path: str | None):
         from ..reading.source import open_source
         from ..rulebook.registry import resolve_rules
-        from .plan import DownOptions, current_units
+        from ..planning.plan import DownOptions, current_units
 
         self.source = open_source(source_label, headers_only=True)
         self.rules = resolve_rules(self.source.config, rules_path)
         self.current = current_units(self.rules, self.source.config, DownOptions())
 
     def count(self, targets: dict) -> int:
-        from ..folding.analysis import match_all
+        from .analysis import match_all
         from ..rulebook.compile import resolve_spaces
-        from .plan import DownOptions, evaluate_env
+        from ..planning.plan import DownOptions, evaluate_env
 
         options = DownOptions(targets={k: v for k, v in targets.items() if v != self.current[k]} or
                               {"hidden_size": self.current["hidden_size"]})
