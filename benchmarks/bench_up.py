@@ -52,6 +52,7 @@ BUFFER = 16 * MiB
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+
 def label(params: float) -> str:
     return f"{params / 1e9:.2f}B".replace(".00B", "B")
 
@@ -101,6 +102,7 @@ def check_space(work: str, need: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- floor
+
 
 def disk_floor(inputs: list[str], out_sizes: list[int], out_dir: str, direct: bool = False) -> float:
     """Read every input byte once, write sum(out_sizes) bytes into files of those sizes, fsync each.
@@ -158,6 +160,7 @@ def disk_floor(inputs: list[str], out_sizes: list[int], out_dir: str, direct: bo
 
 
 # ------------------------------------------------------------------------------------------------- up run
+
 
 class Sampler(threading.Thread):
     """Polls /proc/PID/status of /usr/bin/time's child (tensorscale) every `period` seconds."""
@@ -242,9 +245,15 @@ def run_up(src: str, out: str, edm: int, upm: int) -> dict:
     sizes = [os.path.getsize(f) for f in folder_files(out)]
     # CPU the rest of the machine used meanwhile: a busy neighbour (tests, builds) slows `up` on 2 cores.
     result["other_cpu_s"] = max(0.0, busy - result.get("user", 0.0) - result.get("sys", 0.0))
-    result.update(out_sizes=sizes, out_bytes=sum(sizes), peak_anon=sampler.peak["RssAnon"],
-                  peak_file=sampler.peak["RssFile"], vm_hwm=sampler.peak["VmHWM"], samples=sampler.samples,
-                  command=" ".join(["tensorscale"] + cmd[3:]))
+    result.update(
+        out_sizes=sizes,
+        out_bytes=sum(sizes),
+        peak_anon=sampler.peak["RssAnon"],
+        peak_file=sampler.peak["RssFile"],
+        vm_hwm=sampler.peak["VmHWM"],
+        samples=sampler.samples,
+        command=" ".join(["tensorscale"] + cmd[3:]),
+    )
     shutil.rmtree(out)
     return result
 
@@ -258,17 +267,40 @@ def startup_seconds() -> float:
 
 # ------------------------------------------------------------------------------------------------- report
 
+
 def table(rows: list[dict]) -> str:
-    head = ["size", "cache", "input GB", "output GB", "floor s", "up s", "up/floor", "up GB/s", "peak RSS MiB",
-            "peak anon MiB", "RSS<=1GiB", "up CPU s (user+sys)", "others' CPU s"]
+    head = [
+        "size",
+        "cache",
+        "input GB",
+        "output GB",
+        "floor s",
+        "up s",
+        "up/floor",
+        "up GB/s",
+        "peak RSS MiB",
+        "peak anon MiB",
+        "RSS<=1GiB",
+        "up CPU s (user+sys)",
+        "others' CPU s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r["size"], r["cache"], f"{r['in_bytes'] / 1e9:.2f}", f"{r['out_bytes'] / 1e9:.2f}",
-                 f"{r['floor_s']:.2f}", f"{r['up_s']:.2f}", f"{r['up_s'] / r['floor_s']:.2f}",
-                 f"{(r['in_bytes'] + r['out_bytes']) / 1e9 / r['up_s']:.2f}",
-                 f"{r['max_rss'] / MiB:.0f}", f"{r['peak_anon'] / MiB:.0f}",
-                 "PASS" if r["max_rss"] <= TARGET_RSS else "MISS",
-                 f"{(r['user_s'] or 0) + (r['sys_s'] or 0):.1f}", f"{r['other_cpu_s']:.1f}"]
+        cells = [
+            r["size"],
+            r["cache"],
+            f"{r['in_bytes'] / 1e9:.2f}",
+            f"{r['out_bytes'] / 1e9:.2f}",
+            f"{r['floor_s']:.2f}",
+            f"{r['up_s']:.2f}",
+            f"{r['up_s'] / r['floor_s']:.2f}",
+            f"{(r['in_bytes'] + r['out_bytes']) / 1e9 / r['up_s']:.2f}",
+            f"{r['max_rss'] / MiB:.0f}",
+            f"{r['peak_anon'] / MiB:.0f}",
+            "PASS" if r["max_rss"] <= TARGET_RSS else "MISS",
+            f"{(r['user_s'] or 0) + (r['sys_s'] or 0):.1f}",
+            f"{r['other_cpu_s']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -293,7 +325,9 @@ def plot(rows: list[dict], path: str) -> bool:
         ax_m.plot(x, [r["max_rss"] / MiB for r in sel], marker=marker, label=f"peak RSS ({cache})")
         ax_m.plot(x, [r["peak_anon"] / MiB for r in sel], marker=marker, linestyle="--", label=f"peak anon ({cache})")
     ax_m.axhline(TARGET_RSS / MiB, color="red", linewidth=1, label="target 1 GiB")
-    ax_t.set(xlabel="input checkpoint (GB, bf16)", ylabel="wall seconds", title="tensorscale up -edm 2 -upm 2 vs disk floor")
+    ax_t.set(
+        xlabel="input checkpoint (GB, bf16)", ylabel="wall seconds", title="tensorscale up -edm 2 -upm 2 vs disk floor"
+    )
     ax_m.set(xlabel="input checkpoint (GB, bf16)", ylabel="MiB", title="peak memory of up")
     ax_m.set_ylim(bottom=0)
     ax_t.set_ylim(bottom=0)
@@ -308,13 +342,18 @@ def plot(rows: list[dict], path: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=0.6e9, help="checkpoint size in parameters (default 0.6e9)")
-    parser.add_argument("--sizes", default=None, help="comma-separated ladder, e.g. 0.1e9,0.5e9,1e9 (overrides --params)")
+    parser.add_argument(
+        "--sizes", default=None, help="comma-separated ladder, e.g. 0.1e9,0.5e9,1e9 (overrides --params)"
+    )
     parser.add_argument("--edm", type=int, default=2)
     parser.add_argument("--upm", type=int, default=2)
-    parser.add_argument("--cache", default="cold,warm", help="cache states to measure: cold, warm or both (default cold,warm)")
+    parser.add_argument(
+        "--cache", default="cold,warm", help="cache states to measure: cold, warm or both (default cold,warm)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement; the fastest is reported")
     parser.add_argument("--shard-size", default="2GB", help="input shard size (default 2GB)")
     parser.add_argument("--work", default=os.path.join(HERE, "work"))
@@ -352,17 +391,32 @@ def main(argv=None) -> int:
                 floors.append(disk_floor(inputs, ups[-1]["out_sizes"], floor_dir))
                 shutil.rmtree(floor_dir)
             best = min(ups, key=lambda r: r["elapsed"])
-            row = {"size": label(params), "params": params, "cache": cache, "in_bytes": in_bytes,
-                   "out_bytes": best["out_bytes"], "floor_s": min(floors), "floor_all_s": floors,
-                   "up_s": best["elapsed"], "up_all_s": [u["elapsed"] for u in ups],
-                   "max_rss": max(u["max_rss"] for u in ups), "peak_anon": max(u["peak_anon"] for u in ups),
-                   "vm_hwm": max(u["vm_hwm"] for u in ups), "user_s": best.get("user"), "sys_s": best.get("sys"),
-                   "other_cpu_s": round(best["other_cpu_s"], 1),
-                   "command": best["command"]}
+            row = {
+                "size": label(params),
+                "params": params,
+                "cache": cache,
+                "in_bytes": in_bytes,
+                "out_bytes": best["out_bytes"],
+                "floor_s": min(floors),
+                "floor_all_s": floors,
+                "up_s": best["elapsed"],
+                "up_all_s": [u["elapsed"] for u in ups],
+                "max_rss": max(u["max_rss"] for u in ups),
+                "peak_anon": max(u["peak_anon"] for u in ups),
+                "vm_hwm": max(u["vm_hwm"] for u in ups),
+                "user_s": best.get("user"),
+                "sys_s": best.get("sys"),
+                "other_cpu_s": round(best["other_cpu_s"], 1),
+                "command": best["command"],
+            }
             rows.append(row)
-            print(f"{row['size']} {cache}: up {row['up_s']:.2f} s (user {row['user_s']} sys {row['sys_s']}), "
-                  f"others' CPU meanwhile {row['other_cpu_s']:.1f} s, floor {row['floor_s']:.2f} s, peak RSS {row['max_rss'] / MiB:.0f} MiB, "
-                  f"anon {row['peak_anon'] / MiB:.0f} MiB", flush=True)
+            print(
+                f"{row['size']} {cache}: up {row['up_s']:.2f} s (user {row['user_s']} sys {row['sys_s']}), "
+                f"others' CPU meanwhile {row['other_cpu_s']:.1f} s, floor {row['floor_s']:.2f} s, peak RSS "
+                f"{row['max_rss'] / MiB:.0f} MiB, "
+                f"anon {row['peak_anon'] / MiB:.0f} MiB",
+                flush=True,
+            )
         if args.clean:
             shutil.rmtree(src)
 
@@ -373,8 +427,13 @@ def main(argv=None) -> int:
     print(f"memory target peak RSS <= 1 GiB: {verdict}")
     print(f"startup included in every up time: {startup:.2f} s; whole benchmark {time.perf_counter() - started:.0f} s")
     meta = {
-        "date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(),
-        "python": platform.python_version(), "argv": sys.argv, "startup_s": startup, "rows": rows,
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "argv": sys.argv,
+        "startup_s": startup,
+        "rows": rows,
         "verdict": verdict,
     }
     with open(os.path.join(args.results, "bench_up.json"), "w") as fh:

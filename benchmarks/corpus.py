@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-BOS = "<|endoftext|>"   # also the document separator and EOS: one token, as in GPT-2
+BOS = "<|endoftext|>"  # also the document separator and EOS: one token, as in GPT-2
 PAD = "<|pad|>"
 # Folders of the stdlib that are tests, vendored code or bundled third-party packages, not documentation.
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "ensurepip", "turtledemo"}
-MIN_DOC_CHARS = 40      # shorter docstrings ("Return self.") are mostly boilerplate
+MIN_DOC_CHARS = 40  # shorter docstrings ("Return self.") are mostly boilerplate
 
 
 # ------------------------------------------------------------------------------------------------ corpus
+
 
 def stdlib_documents(root: str | None = None) -> list[str]:
     """Every docstring (module, class, function) of at least MIN_DOC_CHARS in the stdlib's .py files,
@@ -54,6 +55,7 @@ def stdlib_documents(root: str | None = None) -> list[str]:
                         docs.append(doc.strip())
     try:
         from pydoc_data.topics import topics
+
         docs.extend(topics[key].strip() for key in sorted(topics))
     except ImportError:  # some distributions strip pydoc_data; the docstrings alone still work
         pass
@@ -78,6 +80,7 @@ def split_documents(docs: list[str], val_fraction: float = 0.05) -> tuple[list[s
 
 # --------------------------------------------------------------------------------------------- tokenizer
 
+
 def train_tokenizer(docs: list[str], vocab_size: int):
     """Byte-level BPE (no unknown tokens, any text round-trips), wrapped as a transformers fast tokenizer.
 
@@ -89,14 +92,26 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, PAD], min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, PAD],
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(docs, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                       special_tokens=[(BOS, bos_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=PAD,
-                                   model_max_length=1024, clean_up_tokenization_spaces=False)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=BOS,
+        pad_token=PAD,
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def encode_stream(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -113,6 +128,7 @@ def encode_stream(tokenizer, docs: list[str]) -> torch.Tensor:
 @dataclass
 class Data:
     """What both scripts need: tokenizer, train/val token streams, and how they were made."""
+
     tokenizer: object
     train: torch.Tensor
     val: torch.Tensor
@@ -129,12 +145,20 @@ def build_data(vocab_size: int = 4096, val_fraction: float = 0.05, tokenizer=Non
     train_docs, val_docs = split_documents(stdlib_documents(), val_fraction)
     if tokenizer is None:
         tokenizer = train_tokenizer(train_docs, vocab_size)
-    return Data(tokenizer, encode_stream(tokenizer, train_docs), encode_stream(tokenizer, val_docs),
-                len(train_docs), len(val_docs), sum(map(len, train_docs)), sum(map(len, val_docs)),
-                time.time() - t0)
+    return Data(
+        tokenizer,
+        encode_stream(tokenizer, train_docs),
+        encode_stream(tokenizer, val_docs),
+        len(train_docs),
+        len(val_docs),
+        sum(map(len, train_docs)),
+        sum(map(len, val_docs)),
+        time.time() - t0,
+    )
 
 
 # -------------------------------------------------------------------------------------------- batches
+
 
 def batch_starts(n_tokens: int, seq_len: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
     """Window offsets for every step, drawn up front from one seeded generator: the data order is a
@@ -162,10 +186,11 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 32) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        x = windows[start:start + batch_size]
+        x = windows[start : start + batch_size]
         logits = model(input_ids=x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+        )
         total += loss.item()
         count += x[:, 1:].numel()
     model.train()
@@ -174,9 +199,11 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 32) -> float:
 
 # ------------------------------------------------------------------------------------------- training
 
+
 @dataclass
 class Schedule:
     """AdamW with linear warmup and cosine decay to min_ratio * lr: one object so every recipe shares it."""
+
     lr: float = 1e-3
     warmup: int = 20
     min_ratio: float = 0.1
@@ -195,8 +222,11 @@ def make_optimizer(model, schedule: Schedule):
     """Decay matrices only (not norms), the usual choice for transformers."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": schedule.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=schedule.lr, betas=schedule.betas)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=schedule.lr,
+        betas=schedule.betas,
+    )
 
 
 @dataclass
@@ -204,15 +234,27 @@ class History:
     steps: list = field(default_factory=list)
     tokens: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
-    train_loss: list = field(default_factory=list)   # mean train loss since the previous evaluation
-    extra: dict = field(default_factory=dict)        # name -> list, one value per evaluation
+    train_loss: list = field(default_factory=list)  # mean train loss since the previous evaluation
+    extra: dict = field(default_factory=dict)  # name -> list, one value per evaluation
     seconds: float = 0.0
-    cpu_seconds: float = 0.0                         # this process, all threads: ~threads x seconds if alone
+    cpu_seconds: float = 0.0  # this process, all threads: ~threads x seconds if alone
 
 
-def train(model, stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, schedule: Schedule,
-          seed: int, eval_windows: torch.Tensor, eval_every: int, probes: dict | None = None,
-          log=print, label: str = "") -> History:
+def train(
+    model,
+    stream: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    schedule: Schedule,
+    seed: int,
+    eval_windows: torch.Tensor,
+    eval_every: int,
+    probes: dict | None = None,
+    log=print,
+    label: str = "",
+) -> History:
     """Train in place; evaluate at step 0, every eval_every steps and at the end.
 
     probes: name -> function(model) -> float, recorded at each evaluation (e.g. clone divergence)."""
@@ -232,8 +274,10 @@ def train(model, stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: 
             hist.extra.setdefault(name, []).append(fn(model))
         running, running_n = 0.0, 0
         extra = "".join(f"  {k} {v[-1]:.3g}" for k, v in hist.extra.items())
-        log(f"{label}step {step:5d}/{steps}  tokens {hist.tokens[-1]:>9,}  train {hist.train_loss[-1]:.3f}  "
-            f"val {hist.val_loss[-1]:.3f}{extra}  ({time.time() - t0:.0f} s)")
+        log(
+            f"{label}step {step:5d}/{steps}  tokens {hist.tokens[-1]:>9,}  train {hist.train_loss[-1]:.3f}  "
+            f"val {hist.val_loss[-1]:.3f}{extra}  ({time.time() - t0:.0f} s)"
+        )
 
     t0, c0 = time.time(), time.process_time()
     model.train()
@@ -264,5 +308,8 @@ def count_params(model) -> int:
 
 def machine() -> str:
     import platform
-    return (f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {sys.platform}")
+
+    return (
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, {sys.platform}"
+    )

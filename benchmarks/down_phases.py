@@ -13,7 +13,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 
 CHILD = r"""
 import sys, time
@@ -55,7 +54,8 @@ t2 = time.perf_counter()
 execute_plan(plan, output, show_progress=False, force=True)
 t3 = time.perf_counter()
 print(f"| {t1 - t0:.2f} | {times['residual'] - times['residual clustering']:.2f} | {times['residual clustering']:.2f} "
-      f"| {times['analysis'] - times['residual']:.2f} | {t2 - t1 - times['analysis']:.2f} | {t3 - t2:.2f} | {t3 - t0:.2f} |")
+      f"| {times['analysis'] - times['residual']:.2f} | {t2 - t1 - times['analysis']:.2f} | {t3 - t2:.2f} | "
+      f"{t3 - t0:.2f} |")
 """
 
 
@@ -70,8 +70,18 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="down-phases-") as work:
         for _ in range(args.repeat):  # a fresh process each time: start-up is part of what is measured
-            subprocess.run([sys.executable, "-c", CHILD, args.checkpoint, f"{work}/out", str(args.hidden_size),
-                            str(args.intermediate_size)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    args.checkpoint,
+                    f"{work}/out",
+                    str(args.hidden_size),
+                    str(args.intermediate_size),
+                ],
+                check=True,
+            )
     return 0
 
 

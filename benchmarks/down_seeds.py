@@ -47,16 +47,39 @@ def main(argv=None) -> int:
                 ratios = []
                 for seed in seeds:
                     out = os.path.join(work, "out")
-                    command = [sys.executable, "-m", "tensorscale.cli.main", "down", "-i", args.model, "-o", out,
-                               "--force", "--quiet", "--method", "fold", "--seed", str(seed), "--hidden-size", str(hidden),
-                               "--intermediate-size", str(inter), "--num-attention-heads", str(heads),
-                               "--num-key-value-heads", str(kv)]
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "tensorscale.cli.main",
+                        "down",
+                        "-i",
+                        args.model,
+                        "-o",
+                        out,
+                        "--force",
+                        "--quiet",
+                        "--method",
+                        "fold",
+                        "--seed",
+                        str(seed),
+                        "--hidden-size",
+                        str(hidden),
+                        "--intermediate-size",
+                        str(inter),
+                        "--num-attention-heads",
+                        str(heads),
+                        "--num-key-value-heads",
+                        str(kv),
+                    ]
                     subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": code})
                     result = bench_down.evaluate(bench_down.load_model(out), windows, reference)
                     ratios.append(math.exp(result["loss"] - base["loss"]))
                 cells = " | ".join(f"{ratio:.3f}" for ratio in ratios)
-                print(f"| {os.path.basename(os.path.abspath(code))} | {label} | {cells} | {sum(ratios) / len(ratios):.3f} |",
-                      flush=True)
+                print(
+                    f"| {os.path.basename(os.path.abspath(code))} | {label} | {cells} | "
+                    f"{sum(ratios) / len(ratios):.3f} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -57,9 +57,18 @@ def main(argv: list[str]) -> int:
         _pin_head_dim(config, env)
     ids = calibration_ids(folder, folder, calibration_text(), int(args.get("tokens", 8192)))
     started = time.time()
-    engine = LayerwiseDown(source, resolve_spaces(rules, env), new_config, working_config,
-                           match_all(source, rules, env), "layer", ids, ridge=float(args.get("ridge", 1e-2)),
-                           target=args.get("target", "cross"), prior=args.get("prior", "1") == "1")
+    engine = LayerwiseDown(
+        source,
+        resolve_spaces(rules, env),
+        new_config,
+        working_config,
+        match_all(source, rules, env),
+        "layer",
+        ids,
+        ridge=float(args.get("ridge", 1e-2)),
+        target=args.get("target", "cross"),
+        prior=args.get("prior", "1") == "1",
+    )
     with tempfile.TemporaryDirectory(dir=os.path.join(HERE, "work")) as out:
         spill = SpillFolder(out)
         report = engine.run(spill.add)
@@ -76,8 +85,10 @@ def main(argv: list[str]) -> int:
         small = real_eval.load(out)
         after = sum(p.numel() for p in small.parameters())
         measured = reference.compare(small)
-    print(f"{argv}: params cut {1 - after / before:.3f}, refit {seconds:.0f} s, calibration estimate "
-          f"KL {report['calibration_kl']:.3f} ppl x{report['calibration_ppl_ratio']:.3f}")
+    print(
+        f"{argv}: params cut {1 - after / before:.3f}, refit {seconds:.0f} s, calibration estimate "
+        f"KL {report['calibration_kl']:.3f} ppl x{report['calibration_ppl_ratio']:.3f}"
+    )
     for domain, row in measured.items():
         print(f"  {domain:14s} ppl ratio x{row['ppl_ratio']:.3f}  KL {row['kl']:.3f}  top-1 {row['top1']:.3f}")
     return 0

@@ -58,16 +58,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import corpus  # noqa: E402
 import torch  # noqa: E402
 
-import corpus  # noqa: E402
-
 REFERENCE = os.path.join(REPO, "examples", "pydoc-llama")
-PRETRAIN = dict(lr=2e-3, warmup=30, steps=360)          # train_reference.py's defaults: the small models' recipe
-CONTINUED_LR = PRETRAIN["lr"] * 0.1                     # where that cosine ends: the small models' last lr
+PRETRAIN = dict(lr=2e-3, warmup=30, steps=360)  # train_reference.py's defaults: the small models' recipe
+CONTINUED_LR = PRETRAIN["lr"] * 0.1  # where that cosine ends: the small models' last lr
 REWARM_STEPS = 10
 SNR_DB = 20.0
-DATA_ROWS = 100_000                                     # rows of the one data order (steps, whatever the budget)
+DATA_ROWS = 100_000  # rows of the one data order (steps, whatever the budget)
 
 # The recipes of a scale: name -> (how it starts, schedule kind, label for tables and plots).
 RECIPES = {
@@ -77,10 +76,17 @@ RECIPES = {
     "iso": ("iso", "continued", "expanded isotropic, no noise"),
     "pad": ("pad", "continued", "expanded top-left (zero-pad)"),
 }
-RECIPE2 = "iso-snr"       # HyperCloning as its paper prescribes: the crossing is measured against this one
+RECIPE2 = "iso-snr"  # HyperCloning as its paper prescribes: the crossing is measured against this one
 EXPANSIONS = {"iso": [], "iso-snr": ["--snr-db", str(SNR_DB)], "pad": ["--strategy", "pad"]}
-COLORS = {"small": "tab:gray", "tabula": "tab:red", "iso-snr": "tab:blue", "iso": "tab:orange", "pad": "tab:green",
-          "progressive": "tab:purple", "oneshot": "tab:blue"}
+COLORS = {
+    "small": "tab:gray",
+    "tabula": "tab:red",
+    "iso-snr": "tab:blue",
+    "iso": "tab:orange",
+    "pad": "tab:green",
+    "progressive": "tab:purple",
+    "oneshot": "tab:blue",
+}
 
 
 def parse_args(argv=None):
@@ -102,8 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="init and noise seed")
     p.add_argument("--data-seed", type=int, default=1, help="seed of the growth phase's data order")
-    p.add_argument("--chunk-steps", type=int, default=20,
-                   help="steps a stage trains before the next of its group takes a turn")
+    p.add_argument(
+        "--chunk-steps", type=int, default=20, help="steps a stage trains before the next of its group takes a turn"
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=4.0)
     p.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long")
     p.add_argument("--heal-minutes", type=float, default=60.0, help="d.heal: CPU minutes of continued training")
@@ -113,18 +120,23 @@ def parse_args(argv=None):
     p.add_argument("--heal-eval-every", type=int, default=25)
     p.add_argument("--heal-eval-tokens", type=int, default=2048, help="d.heal: held-out tokens per domain")
     p.add_argument("--heal-calibration-tokens", type=int, default=8192, help="d.heal: the down's calibration")
-    p.add_argument("--stop-after-steps", type=int, default=None,
-                   help="stop each training stage after this many steps of this call (tests resumption)")
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=None,
+        help="stop each training stage after this many steps of this call (tests resumption)",
+    )
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------ settings
 
+
 @dataclass
 class Study:
     args: argparse.Namespace
     started: float = field(default_factory=time.time)
-    chunk: int | None = None          # steps a training stage takes before yielding to its group
+    chunk: int | None = None  # steps a training stage takes before yielding to its group
 
     @property
     def work(self):
@@ -172,11 +184,12 @@ def data(study: Study):
     """Token streams (cached in the work folder: parsing the stdlib takes a while) and eval windows."""
     if "d" not in _DATA:
         from transformers import AutoTokenizer
+
         cache = os.path.join(study.work, "data.pt")
         if os.path.exists(cache):
             streams = torch.load(cache, weights_only=True)
         else:
-            tok = AutoTokenizer.from_pretrained(REFERENCE)   # every scale shares the reference's tokenizer
+            tok = AutoTokenizer.from_pretrained(REFERENCE)  # every scale shares the reference's tokenizer
             d = corpus.build_data(tokenizer=tok)
             streams = {"train": d.train, "val": d.val}
             os.makedirs(study.work, exist_ok=True)
@@ -193,6 +206,7 @@ def data_order(n_tokens: int, study: Study, seed: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ models
+
 
 def tensorscale_up(source: str, out: str, extra: list[str]) -> dict:
     """`tensorscale up`, the real CLI in a subprocess, exactly as a user runs it."""
@@ -216,11 +230,13 @@ def tensorscale_cli(command: str, source: str, out: str, extra: list[str]) -> di
 
 def load_model(folder: str):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
 def random_model(config_folder: str, seed: int):
     from transformers import AutoConfig, LlamaForCausalLM
+
     config = AutoConfig.from_pretrained(config_folder)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -231,8 +247,16 @@ def params_of(model) -> int:
 
 
 def same_shape_config(a: str, b: str) -> bool:
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "vocab_size", "tie_word_embeddings")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
     ca, cb = read_json(os.path.join(a, "config.json")), read_json(os.path.join(b, "config.json"))
     return all(ca.get(k) == cb.get(k) for k in keys)
 
@@ -240,6 +264,7 @@ def same_shape_config(a: str, b: str) -> bool:
 def clone_divergence(windows: torch.Tensor, n: int):
     """||h_a - h_b|| / ||h_a + h_b|| of the two halves of each layer's residual stream, averaged over layers:
     0 while the clones are exact copies (the wide model computes only what the small one could)."""
+
     def probe(model) -> float:
         model.eval()
         with torch.no_grad():
@@ -248,24 +273,27 @@ def clone_divergence(windows: torch.Tensor, n: int):
         values = []
         for h in states:
             d = h.shape[-1] // n
-            a, b = h[..., :d].float(), h[..., d:2 * d].float()
+            a, b = h[..., :d].float(), h[..., d : 2 * d].float()
             values.append(((a - b).norm() / (a + b).norm().clamp_min(1e-30)).item())
         return sum(values) / len(values)
+
     return probe
 
 
 # ---------------------------------------------------------------------------------------- training
 
+
 @dataclass
 class Run:
     """One training stage: a model, the global steps it trains [start, end), and its schedule."""
+
     name: str
-    make_model: object            # () -> model, called only when there is no checkpoint
-    start: int                    # first global step (data and schedule position)
+    make_model: object  # () -> model, called only when there is no checkpoint
+    start: int  # first global step (data and schedule position)
     end: int
-    schedule: str                 # "standard" or "continued"
-    schedule_steps: int           # the length the cosine is laid over (global steps)
-    flops_before: float           # total FLOPs the starting model already cost (pretraining, earlier phases)
+    schedule: str  # "standard" or "continued"
+    schedule_steps: int  # the length the cosine is laid over (global steps)
+    flops_before: float  # total FLOPs the starting model already cost (pretraining, earlier phases)
     data_seed: int
     probes: dict = field(default_factory=dict)
     save_final: str | None = None  # folder to save the trained model in (for a later expansion)
@@ -284,6 +312,7 @@ def lr_at(run: Run, step: int) -> float:
 def train_stage(study: Study, run: Run) -> dict:
     """Train with checkpoints; return the stage's result (curve). Resumes from work/<name>/state.pt."""
     from transformers import AutoTokenizer
+
     args = study.args
     train_stream, windows = data(study)
     starts = data_order(len(train_stream), study, run.data_seed)
@@ -295,8 +324,16 @@ def train_stage(study: Study, run: Run) -> dict:
     model = run.make_model()
     n_params = params_of(model)
     opt = corpus.make_optimizer(model, corpus.Schedule(lr=CONTINUED_LR))
-    hist = {"steps": [], "tokens": [], "val_loss": [], "train_loss": [], "lr": [], "extra": {}, "seconds": 0.0,
-            "cpu_seconds": 0.0}
+    hist = {
+        "steps": [],
+        "tokens": [],
+        "val_loss": [],
+        "train_loss": [],
+        "lr": [],
+        "extra": {},
+        "seconds": 0.0,
+        "cpu_seconds": 0.0,
+    }
     step, running, running_n = run.start, 0.0, 0
     if os.path.exists(state_path):
         state = torch.load(state_path, weights_only=True)
@@ -309,15 +346,32 @@ def train_stage(study: Study, run: Run) -> dict:
 
     def result(done: bool) -> dict:
         tokens_total = [study.tokens(s) for s in hist["steps"]]
-        return {"stage": run.name, "params": n_params, "start_step": run.start, "end_step": run.end,
-                "schedule": run.schedule, "schedule_steps": run.schedule_steps, "flops_before": run.flops_before,
-                "steps": hist["steps"], "tokens": tokens_total, "val_loss": hist["val_loss"],
-                "train_loss": hist["train_loss"], "lr": hist["lr"], "extra": hist["extra"],
-                "flops_total": [run.flops_before + 6 * n_params * study.tokens(s - run.start) for s in hist["steps"]],
-                "seconds": hist["seconds"], "cpu_seconds": hist["cpu_seconds"], "done": done,
-                "batch": args.batch, "seq_len": args.seq_len, "eval_windows": int(len(windows)),
-                "data_seed": run.data_seed, "machine": corpus.machine(),
-                "date": datetime.date.today().isoformat(), **run.meta}
+        return {
+            "stage": run.name,
+            "params": n_params,
+            "start_step": run.start,
+            "end_step": run.end,
+            "schedule": run.schedule,
+            "schedule_steps": run.schedule_steps,
+            "flops_before": run.flops_before,
+            "steps": hist["steps"],
+            "tokens": tokens_total,
+            "val_loss": hist["val_loss"],
+            "train_loss": hist["train_loss"],
+            "lr": hist["lr"],
+            "extra": hist["extra"],
+            "flops_total": [run.flops_before + 6 * n_params * study.tokens(s - run.start) for s in hist["steps"]],
+            "seconds": hist["seconds"],
+            "cpu_seconds": hist["cpu_seconds"],
+            "done": done,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "eval_windows": int(len(windows)),
+            "data_seed": run.data_seed,
+            "machine": corpus.machine(),
+            "date": datetime.date.today().isoformat(),
+            **run.meta,
+        }
 
     def record():
         nonlocal running, running_n
@@ -331,13 +385,24 @@ def train_stage(study: Study, run: Run) -> dict:
         running, running_n = 0.0, 0
         extra = "".join(f"  {k} {v[-1]:.3g}" for k, v in hist["extra"].items())
         tl = hist["train_loss"][-1]
-        print(f"{run.name:>14} step {step:5d}/{run.end}  train {'-' if tl is None else f'{tl:.3f}'}  "
-              f"val {hist['val_loss'][-1]:.4f}  lr {hist['lr'][-1]:.2e}{extra}  ({hist['seconds']:.0f} s)",
-              flush=True)
+        print(
+            f"{run.name:>14} step {step:5d}/{run.end}  train {'-' if tl is None else f'{tl:.3f}'}  "
+            f"val {hist['val_loss'][-1]:.4f}  lr {hist['lr'][-1]:.2e}{extra}  ({hist['seconds']:.0f} s)",
+            flush=True,
+        )
 
     def checkpoint():
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "running": running,
-                    "running_n": running_n, "hist": hist}, state_path + ".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "running": running,
+                "running_n": running_n,
+                "hist": hist,
+            },
+            state_path + ".tmp",
+        )
         os.replace(state_path + ".tmp", state_path)
         write_json(result_path, result(done=False))
 
@@ -382,6 +447,7 @@ def train_stage(study: Study, run: Run) -> dict:
 
 # ------------------------------------------------------------------------------------------- stages
 
+
 def pretrain_flops(params: int, steps: int, study_tokens_per_step: int) -> float:
     return 6.0 * params * steps * study_tokens_per_step
 
@@ -411,19 +477,30 @@ def expand_stage(study: Study, scale: str) -> dict:
     small = load_model(source)
     with torch.no_grad():
         ref = small(input_ids=probe).logits
-    out = {"stage": f"{scale}.expand", "source": os.path.relpath(source, REPO), "done": True,
-           "small_loss": corpus.evaluate(small, windows), "expansions": {}}
+    out = {
+        "stage": f"{scale}.expand",
+        "source": os.path.relpath(source, REPO),
+        "done": True,
+        "small_loss": corpus.evaluate(small, windows),
+        "expansions": {},
+    }
     for name, extra in EXPANSIONS.items():
         folder = os.path.join(study.work, scale, name)
         info = tensorscale_up(source, folder, ["-edm", "2", "-upm", "2", *extra])
         big = load_model(folder)
         with torch.no_grad():
             delta = (big(input_ids=probe).logits - ref).abs().max().item()
-        info.update(max_delta_logit=delta, logit_scale=ref.abs().max().item(), params=params_of(big),
-                    loss=corpus.evaluate(big, windows))
+        info.update(
+            max_delta_logit=delta,
+            logit_scale=ref.abs().max().item(),
+            params=params_of(big),
+            loss=corpus.evaluate(big, windows),
+        )
         out["expansions"][name] = info
-        print(f"{scale}.expand {name}: {info['params']:,} params, max |delta logit| {delta:.2e}, "
-              f"held-out loss {info['loss']:.4f} (small {out['small_loss']:.4f})")
+        print(
+            f"{scale}.expand {name}: {info['params']:,} params, max |delta logit| {delta:.2e}, "
+            f"held-out loss {info['loss']:.4f} (small {out['small_loss']:.4f})"
+        )
     write_json(os.path.join(study.stage_dir, f"{scale}.expand.json"), out)
     return out
 
@@ -442,14 +519,26 @@ def recipe_run(study: Study, scale: str, recipe: str) -> Run:
     _, windows = data(study)
     probes = {"clone_divergence": clone_divergence(windows[:8], 2)} if recipe != "small" else {}
     # the trained model is kept: down-as-initialisation (d.*) starts from a trained large one
-    return Run(f"{scale}.{recipe}", make, 0, steps, schedule, steps, before, study.args.data_seed, probes,
-               save_final=os.path.join(study.work, f"{scale}.{recipe}", "final"), meta={"scale": scale, "recipe": recipe})
+    return Run(
+        f"{scale}.{recipe}",
+        make,
+        0,
+        steps,
+        schedule,
+        steps,
+        before,
+        study.args.data_seed,
+        probes,
+        save_final=os.path.join(study.work, f"{scale}.{recipe}", "final"),
+        meta={"scale": scale, "recipe": recipe},
+    )
 
 
 def pretrain_s2(study: Study) -> dict:
     """Scale 2's small model: the reference recipe (train_reference.py's schedule, data seed 0, 360 steps),
     at twice the reference's width: hidden 384, 8 heads / 4 kv heads, FFN 1024 = the x2 shape (8.1M)."""
     from transformers import AutoConfig, LlamaForCausalLM
+
     cfg = AutoConfig.from_pretrained(REFERENCE)
     cfg.hidden_size, cfg.intermediate_size = 2 * cfg.hidden_size, 2 * cfg.intermediate_size
     cfg.num_attention_heads, cfg.num_key_value_heads = 2 * cfg.num_attention_heads, 2 * cfg.num_key_value_heads
@@ -457,9 +546,20 @@ def pretrain_s2(study: Study) -> dict:
     def make():
         torch.manual_seed(study.args.seed)
         return LlamaForCausalLM(cfg)
+
     steps = study.args.s2_pretrain_steps
-    run = Run("s2.pretrain", make, 0, steps, "standard", steps, 0.0, 0,
-              save_final=os.path.join(study.work, "s2.pretrain", "final"), meta={"scale": "s2", "recipe": "pretrain"})
+    run = Run(
+        "s2.pretrain",
+        make,
+        0,
+        steps,
+        "standard",
+        steps,
+        0.0,
+        0,
+        save_final=os.path.join(study.work, "s2.pretrain", "final"),
+        meta={"scale": "s2", "recipe": "pretrain"},
+    )
     return train_stage(study, run)
 
 
@@ -475,14 +575,43 @@ def progressive_runs(study: Study) -> dict:
     x4 = os.path.join(study.work, "p", "x2x2")
     one = os.path.join(study.work, "p", "x4")
     runs = {
-        "p.phase1": Run("p.phase1", lambda: load_model(os.path.join(study.work, "s1", "iso-snr")), 0, a.p_switch,
-                        "continued", a.s2_steps, flops_small, a.data_seed, div, save_final=phase1_final,
-                        meta={"recipe": "progressive", "phase": 1}),
-        "p.phase2": Run("p.phase2", lambda: load_model(x4), a.p_switch, a.s2_steps, "continued", a.s2_steps,
-                        None, a.data_seed, div, meta={"recipe": "progressive", "phase": 2}),
-        "p.oneshot": Run("p.oneshot", lambda: load_model(one), 0, a.s2_steps, "continued", a.s2_steps,
-                         flops_small, a.data_seed, {"clone_divergence": clone_divergence(windows[:8], 4)},
-                         meta={"recipe": "oneshot"}),
+        "p.phase1": Run(
+            "p.phase1",
+            lambda: load_model(os.path.join(study.work, "s1", "iso-snr")),
+            0,
+            a.p_switch,
+            "continued",
+            a.s2_steps,
+            flops_small,
+            a.data_seed,
+            div,
+            save_final=phase1_final,
+            meta={"recipe": "progressive", "phase": 1},
+        ),
+        "p.phase2": Run(
+            "p.phase2",
+            lambda: load_model(x4),
+            a.p_switch,
+            a.s2_steps,
+            "continued",
+            a.s2_steps,
+            None,
+            a.data_seed,
+            div,
+            meta={"recipe": "progressive", "phase": 2},
+        ),
+        "p.oneshot": Run(
+            "p.oneshot",
+            lambda: load_model(one),
+            0,
+            a.s2_steps,
+            "continued",
+            a.s2_steps,
+            flops_small,
+            a.data_seed,
+            {"clone_divergence": clone_divergence(windows[:8], 4)},
+            meta={"recipe": "oneshot"},
+        ),
     }
     return runs
 
@@ -490,8 +619,9 @@ def progressive_runs(study: Study) -> dict:
 def p_grow(study: Study) -> dict:
     p1 = read_json(os.path.join(study.stage_dir, "p.phase1.json"))
     folder = os.path.join(study.work, "p", "x2x2")
-    info = tensorscale_up(os.path.join(study.work, "p.phase1", "final"), folder,
-                          ["-edm", "2", "-upm", "2", "--snr-db", str(SNR_DB)])
+    info = tensorscale_up(
+        os.path.join(study.work, "p.phase1", "final"), folder, ["-edm", "2", "-upm", "2", "--snr-db", str(SNR_DB)]
+    )
     out = {"stage": "p.grow", "done": True, "from_flops": p1["flops_total"][-1], **info}
     write_json(os.path.join(study.stage_dir, "p.grow.json"), out)
     return out
@@ -500,8 +630,11 @@ def p_grow(study: Study) -> dict:
 def p_oneshot_expand(study: Study) -> dict:
     folder = os.path.join(study.work, "p", "x4")
     info = tensorscale_up(study.args.source, folder, ["-edm", "4", "-upm", "4", "--snr-db", str(SNR_DB)])
-    same = same_shape_config(folder, os.path.join(study.work, "s2", "iso")) if os.path.isdir(
-        os.path.join(study.work, "s2", "iso")) else None
+    same = (
+        same_shape_config(folder, os.path.join(study.work, "s2", "iso"))
+        if os.path.isdir(os.path.join(study.work, "s2", "iso"))
+        else None
+    )
     out = {"stage": "p.x4", "done": True, "same_config_as_s2_large": same, **info}
     write_json(os.path.join(study.stage_dir, "p.x4.json"), out)
     return out
@@ -509,7 +642,7 @@ def p_oneshot_expand(study: Study) -> dict:
 
 # ------------------------------------------------------------------- down as initialisation (d.*)
 
-DOWN_LARGE = "s1.tabula"            # the trained large model that d.s1.down narrows: trained from scratch, no clones
+DOWN_LARGE = "s1.tabula"  # the trained large model that d.s1.down narrows: trained from scratch, no clones
 DOWN_CALIBRATION_TOKENS = 8192
 
 
@@ -522,6 +655,7 @@ def small_shape() -> dict:
 def write_calibration(study: Study, tokens: int) -> str:
     """The first `tokens` of the training stream as text (the training data, so no held-out text is used)."""
     from transformers import AutoTokenizer
+
     train_stream, _ = data(study)
     path = os.path.join(study.work, "d", "calibration.txt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -539,17 +673,38 @@ def d_s1_down(study: Study) -> dict:
     _, windows = data(study)
     out = os.path.join(study.work, "d", "s1-down")
     flags = [x for key, value in small_shape().items() for x in (f"--{key.replace('_', '-')}", str(value))]
-    info = tensorscale_cli("down", large, out, ["--method", "refit", "--calibration", write_calibration(
-        study, DOWN_CALIBRATION_TOKENS), "--calibration-tokens", str(DOWN_CALIBRATION_TOKENS), *flags])
+    info = tensorscale_cli(
+        "down",
+        large,
+        out,
+        [
+            "--method",
+            "refit",
+            "--calibration",
+            write_calibration(study, DOWN_CALIBRATION_TOKENS),
+            "--calibration-tokens",
+            str(DOWN_CALIBRATION_TOKENS),
+            *flags,
+        ],
+    )
     large_model, small = load_model(large), load_model(out)
     large_res = read_json(os.path.join(study.stage_dir, f"{DOWN_LARGE}.json"))
-    res = {"stage": "d.s1.down", "done": True, **info, "large": os.path.relpath(large, REPO),
-           "large_params": params_of(large_model), "params": params_of(small),
-           "large_loss": corpus.evaluate(large_model, windows), "loss": corpus.evaluate(small, windows),
-           # what the large model cost: its training (tabula rasa, so nothing before it)
-           "large_flops": large_res["flops_total"][-1]}
-    print(f"d.s1.down: {res['large_params']:,} -> {res['params']:,} parameters, held-out loss "
-          f"{res['large_loss']:.4f} -> {res['loss']:.4f}")
+    res = {
+        "stage": "d.s1.down",
+        "done": True,
+        **info,
+        "large": os.path.relpath(large, REPO),
+        "large_params": params_of(large_model),
+        "params": params_of(small),
+        "large_loss": corpus.evaluate(large_model, windows),
+        "loss": corpus.evaluate(small, windows),
+        # what the large model cost: its training (tabula rasa, so nothing before it)
+        "large_flops": large_res["flops_total"][-1],
+    }
+    print(
+        f"d.s1.down: {res['large_params']:,} -> {res['params']:,} parameters, held-out loss "
+        f"{res['large_loss']:.4f} -> {res['loss']:.4f}"
+    )
     write_json(os.path.join(study.stage_dir, "d.s1.down.json"), res)
     return res
 
@@ -569,15 +724,25 @@ def down_init_runs(study: Study) -> dict:
         return read_json(path)["large_flops"] if os.path.exists(path) else None
 
     return {
-        "d.s1.down-init": Run("d.s1.down-init", lambda: load_model(folder), 0, steps, "standard", steps,
-                              flops_before(), study.args.data_seed, meta={"recipe": "down-init"}),
-        "d.s1.scratch": Run("d.s1.scratch", scratch, 0, steps, "standard", steps, 0.0, study.args.data_seed,
-                            meta={"recipe": "scratch"}),
+        "d.s1.down-init": Run(
+            "d.s1.down-init",
+            lambda: load_model(folder),
+            0,
+            steps,
+            "standard",
+            steps,
+            flops_before(),
+            study.args.data_seed,
+            meta={"recipe": "down-init"},
+        ),
+        "d.s1.scratch": Run(
+            "d.s1.scratch", scratch, 0, steps, "standard", steps, 0.0, study.args.data_seed, meta={"recipe": "scratch"}
+        ),
     }
 
 
 HEAL_LEVEL = {"hidden_size": 576, "intermediate_size": 1024, "num_attention_heads": 6, "num_key_value_heads": 3}
-HEAL_TARGET = 1.10                  # "within 10% of the original perplexity"
+HEAL_TARGET = 1.10  # "within 10% of the original perplexity"
 
 
 def heal_stage(study: Study) -> dict:
@@ -602,22 +767,49 @@ def heal_stage(study: Study) -> dict:
     if res is None or not os.path.isdir(downed):
         cal = os.path.join(work, "calibration.txt")
         with open(cal, "w") as f:
-            f.write(text[: 400_000])
+            f.write(text[:400_000])
         flags = [x for key, value in HEAL_LEVEL.items() for x in (f"--{key.replace('_', '-')}", str(value))]
-        info = tensorscale_cli("down", source, downed, ["--method", "refit", "--calibration", cal,
-                                                        "--calibration-tokens", str(args.heal_calibration_tokens),
-                                                        *flags])
+        info = tensorscale_cli(
+            "down",
+            source,
+            downed,
+            [
+                "--method",
+                "refit",
+                "--calibration",
+                cal,
+                "--calibration-tokens",
+                str(args.heal_calibration_tokens),
+                *flags,
+            ],
+        )
         original = real_eval.load(source)
         original_ppl = {name: corpus_ppl(original, w) for name, w in windows.items()}
-        res = {"stage": "d.heal", "done": False, "down": info, "level": HEAL_LEVEL, "target_ratio": HEAL_TARGET,
-               "source_params": params_of(original), "original_ppl": original_ppl, "steps": [], "tokens": [],
-               "ppl": {name: [] for name in windows}, "ppl_ratio": {name: [] for name in windows},
-               "train_loss": [], "seconds": 0.0, "cpu_seconds": 0.0, "batch": args.heal_batch,
-               "seq_len": real_eval.WINDOW, "lr": args.heal_lr, "steps_planned": args.heal_steps,
-               "eval_tokens": {n: int(w.numel()) for n, w in windows.items()},
-               "train_text": "Python docs .rst.txt outside library/ and whatsnew/ (benchmarks/real_texts.py), "
-                             "from token 0 (its first 8,192 tokens are also the down's calibration)",
-               "machine": corpus.machine(), "date": datetime.date.today().isoformat()}
+        res = {
+            "stage": "d.heal",
+            "done": False,
+            "down": info,
+            "level": HEAL_LEVEL,
+            "target_ratio": HEAL_TARGET,
+            "source_params": params_of(original),
+            "original_ppl": original_ppl,
+            "steps": [],
+            "tokens": [],
+            "ppl": {name: [] for name in windows},
+            "ppl_ratio": {name: [] for name in windows},
+            "train_loss": [],
+            "seconds": 0.0,
+            "cpu_seconds": 0.0,
+            "batch": args.heal_batch,
+            "seq_len": real_eval.WINDOW,
+            "lr": args.heal_lr,
+            "steps_planned": args.heal_steps,
+            "eval_tokens": {n: int(w.numel()) for n, w in windows.items()},
+            "train_text": "Python docs .rst.txt outside library/ and whatsnew/ (benchmarks/real_texts.py), "
+            "from token 0 (its first 8,192 tokens are also the down's calibration)",
+            "machine": corpus.machine(),
+            "date": datetime.date.today().isoformat(),
+        }
         del original
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     per_step = args.heal_batch * real_eval.WINDOW
@@ -652,8 +844,10 @@ def heal_stage(study: Study) -> dict:
 
     def save(done):
         res["done"] = done
-        res["tokens_to_target"] = {name: next((t for t, r in zip(res["tokens"], ratios) if r <= HEAL_TARGET), None)
-                                   for name, ratios in res["ppl_ratio"].items()}
+        res["tokens_to_target"] = {
+            name: next((t for t, r in zip(res["tokens"], ratios) if r <= HEAL_TARGET), None)
+            for name, ratios in res["ppl_ratio"].items()
+        }
         write_json(result_path, res)
 
     if not res["steps"]:
@@ -665,7 +859,7 @@ def heal_stage(study: Study) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         start = (step * per_step) % (len(ids) - per_step - 1)
-        x = torch.tensor(ids[start:start + per_step]).reshape(args.heal_batch, real_eval.WINDOW)
+        x = torch.tensor(ids[start : start + per_step]).reshape(args.heal_batch, real_eval.WINDOW)
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -697,10 +891,11 @@ def corpus_ppl(model, windows) -> float:
     import math
 
     import real_eval
+
     nll = count = 0.0
     with torch.no_grad():
         for b in range(0, len(windows), real_eval.BATCH):
-            x = windows[b:b + real_eval.BATCH]
+            x = windows[b : b + real_eval.BATCH]
             logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
             nll += float(-logp.gather(-1, x[:, 1:, None]).sum())
             count += x[:, 1:].numel()
@@ -711,8 +906,10 @@ def stages(study: Study) -> list[tuple[str, object, str | None]]:
     """(name, function, round-robin group) in run order; a stage is done when results/growth/<name>.json
     says done. Training stages of one group advance together, --chunk-steps at a time, so that a stop at
     any moment leaves their curves measured to about the same number of tokens (the crossing pair first)."""
+
     def recipe(scale, r):
         return lambda: train_stage(study, recipe_run(study, scale, r))
+
     out = [("s1.expand", lambda: expand_stage(study, "s1"), None)]
     out += [(f"s1.{r}", recipe("s1", r), "s1a") for r in ("tabula", "iso-snr", "small")]
     out += [(f"s1.{r}", recipe("s1", r), "s1b") for r in ("pad", "iso")]
@@ -727,12 +924,15 @@ def stages(study: Study) -> list[tuple[str, object, str | None]]:
         run = progressive_runs(study)["p.phase2"]
         run.flops_before = read_json(os.path.join(study.stage_dir, "p.grow.json"))["from_flops"]
         return train_stage(study, run)
+
     out.append(("p.phase2", phase2, "p"))
     out.append(("p.oneshot", lambda: train_stage(study, progressive_runs(study)["p.oneshot"]), "p"))
     out += [(f"s2.{r}", recipe("s2", r), "s2b") for r in ("pad", "iso")]
     out.append(("d.s1.down", lambda: d_s1_down(study), None))
-    out += [(name, (lambda name=name: train_stage(study, down_init_runs(study)[name])), "d")
-            for name in ("d.s1.down-init", "d.s1.scratch")]
+    out += [
+        (name, (lambda name=name: train_stage(study, down_init_runs(study)[name])), "d")
+        for name in ("d.s1.down-init", "d.s1.scratch")
+    ]
     out.append(("d.heal", lambda: heal_stage(study), None))
     return out
 
@@ -742,10 +942,14 @@ def stage_outputs(name: str) -> list[str]:
     outputs are missing (a fresh clone: work/ is not in git) is done again."""
     if name.endswith(".expand"):
         return [os.path.join(name.split(".")[0], e) for e in EXPANSIONS]
-    return {"p.grow": [os.path.join("p", "x2x2")], "p.x4": [os.path.join("p", "x4")],
-            "s2.pretrain": [os.path.join("s2.pretrain", "final")],
-            "p.phase1": [os.path.join("p.phase1", "final")], "d.s1.down": [os.path.join("d", "s1-down")],
-            **{f"s1.{r}": [os.path.join(f"s1.{r}", "final")] for r in ("tabula",)}}.get(name, [])
+    return {
+        "p.grow": [os.path.join("p", "x2x2")],
+        "p.x4": [os.path.join("p", "x4")],
+        "s2.pretrain": [os.path.join("s2.pretrain", "final")],
+        "p.phase1": [os.path.join("p.phase1", "final")],
+        "d.s1.down": [os.path.join("d", "s1-down")],
+        **{f"s1.{r}": [os.path.join(f"s1.{r}", "final")] for r in ("tabula",)},
+    }.get(name, [])
 
 
 def stage_state(study: Study, name: str) -> str:
@@ -763,11 +967,13 @@ def stage_state(study: Study, name: str) -> str:
 
 # ------------------------------------------------------------------------------------------ analysis
 
+
 def crossing(xa, a, xb, b):
     """First x where curve a goes from above curve b to at-or-below it, or None. b is interpolated onto
     a's points (they may be sampled on different x, e.g. FLOPs of different sizes); between a's points the
     crossing is interpolated linearly too. With a = Recipe 1 and b = Recipe 2 this is the slides' N."""
     import numpy as np
+
     lo, hi = max(xa[0], xb[0]), min(xa[-1], xb[-1])
     pts = [(x, y) for x, y in zip(xa, a) if lo <= x <= hi]
     if len(pts) < 2:
@@ -786,8 +992,20 @@ def load_stage(study: Study, name: str):
 
 
 def curve(res: dict) -> dict:
-    keys = ("params", "tokens", "val_loss", "flops_total", "lr", "done", "extra", "seconds", "cpu_seconds",
-            "flops_before", "start_step", "end_step")
+    keys = (
+        "params",
+        "tokens",
+        "val_loss",
+        "flops_total",
+        "lr",
+        "done",
+        "extra",
+        "seconds",
+        "cpu_seconds",
+        "flops_before",
+        "start_step",
+        "end_step",
+    )
     return {k: res[k] for k in keys}
 
 
@@ -798,28 +1016,42 @@ def scale_summary(study: Study, scale: str) -> dict | None:
     if not expand or not runs:
         return None
     steps = study.args.s1_steps if scale == "s1" else study.args.s2_steps
-    small_params = (runs["small"]["params"] if "small" in runs
-                    else params_of(load_model(scale_source(study, scale)[0])))
+    small_params = runs["small"]["params"] if "small" in runs else params_of(load_model(scale_source(study, scale)[0]))
     large_params = expand["expansions"]["iso"]["params"]
     sizes = {r: v["params"] for r, v in runs.items() if r != "small"}
     assert all(p == large_params for p in sizes.values()), f"Recipe 1 and 2 sizes differ: {sizes}"
     pairs = {}
-    for a, b in (("tabula", "iso-snr"), ("tabula", "iso"), ("tabula", "pad"), ("tabula", "small"),
-                 ("iso-snr", "small"), ("iso", "small"), ("pad", "small"), ("small", "iso-snr")):
+    for a, b in (
+        ("tabula", "iso-snr"),
+        ("tabula", "iso"),
+        ("tabula", "pad"),
+        ("tabula", "small"),
+        ("iso-snr", "small"),
+        ("iso", "small"),
+        ("pad", "small"),
+        ("small", "iso-snr"),
+    ):
         if a in runs and b in runs:
             ra, rb = runs[a], runs[b]
             pairs[f"{a} reaches {b}"] = {
                 "tokens": crossing(ra["tokens"], ra["val_loss"], rb["tokens"], rb["val_loss"]),
                 "flops": crossing(ra["flops_total"], ra["val_loss"], rb["flops_total"], rb["val_loss"]),
-                "measured_to_tokens": min(ra["tokens"][-1], rb["tokens"][-1])}
+                "measured_to_tokens": min(ra["tokens"][-1], rb["tokens"][-1]),
+            }
     key = f"tabula reaches {RECIPE2}"
     both_done = all(runs.get(r, {}).get("done") for r in ("tabula", RECIPE2))
     return {
-        "name": scale, "small_params": small_params, "large_params": large_params,
-        "budget_tokens": study.tokens(steps), "recipe1": "tabula", "recipe2": RECIPE2,
-        "crossing_tokens": pairs.get(key, {}).get("tokens"), "crossing_flops": pairs.get(key, {}).get("flops"),
+        "name": scale,
+        "small_params": small_params,
+        "large_params": large_params,
+        "budget_tokens": study.tokens(steps),
+        "recipe1": "tabula",
+        "recipe2": RECIPE2,
+        "crossing_tokens": pairs.get(key, {}).get("tokens"),
+        "crossing_flops": pairs.get(key, {}).get("flops"),
         "complete": both_done and len(runs) == len(RECIPES),
-        "crossings": pairs, "expansion": expand,
+        "crossings": pairs,
+        "expansion": expand,
         "final_loss": {r: v["val_loss"][-1] for r, v in runs.items()},
         "curves": {r: curve(v) for r, v in runs.items()},
     }
@@ -829,8 +1061,12 @@ def progressive_summary(study: Study) -> dict | None:
     parts = {n: load_stage(study, n) for n in ("p.phase1", "p.phase2", "p.oneshot", "s2.tabula")}
     if not any(parts.values()):
         return None
-    out = {"budget_tokens": study.tokens(study.args.s2_steps), "switch_tokens": study.tokens(study.args.p_switch),
-           "tabula_is": "s2.tabula", "curves": {}}
+    out = {
+        "budget_tokens": study.tokens(study.args.s2_steps),
+        "switch_tokens": study.tokens(study.args.p_switch),
+        "tabula_is": "s2.tabula",
+        "curves": {},
+    }
     if parts["p.phase1"]:
         prog = {k: list(parts["p.phase1"][k]) for k in ("tokens", "val_loss", "flops_total")}
         prog["done"] = bool(parts["p.phase2"] and parts["p.phase2"]["done"])
@@ -846,24 +1082,30 @@ def progressive_summary(study: Study) -> dict | None:
         out["same_config_as_s2_large"] = x4.get("same_config_as_s2_large")
     # Loss at equal total compute: each curve interpolated at the FLOPs all of them reached.
     import numpy as np
+
     cs = out["curves"]
     if len(cs) >= 2:
         top = min(c["flops_total"][-1] for c in cs.values())
         low = max(c["flops_total"][0] for c in cs.values())
         out["equal_compute_flops"] = top
-        out["loss_at_equal_compute"] = {k: float(np.interp(top, c["flops_total"], c["val_loss"])) for k, c in cs.items()}
+        out["loss_at_equal_compute"] = {
+            k: float(np.interp(top, c["flops_total"], c["val_loss"])) for k, c in cs.items()
+        }
         out["compared_from_flops"] = low
     return out
 
 
 # --------------------------------------------------------------------------------------------- plots
 
+
 def plot_scale(summary: dict, results: str) -> list[str]:
     """Per axis (tokens, total FLOPs): the whole range (log loss) and, on the right, a zoom on the
     pretrained recipes' range, where Recipe 2, top-left and the small model differ by hundredths."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     paths = []
     name = summary["name"]
     pretrained = [c for r, c in summary["curves"].items() if r != "tabula"]
@@ -878,12 +1120,25 @@ def plot_scale(summary: dict, results: str) -> list[str]:
             n = summary["crossing_tokens"] if axis == "tokens" else summary["crossing_flops"]
             if n is not None:
                 ax.axvline(n, color="k", ls="--", lw=1)
-                ax.annotate(f"N = {n:,.0f} tokens" if axis == "tokens" else f"N = {n:.2e} FLOPs", (n, 0.97),
-                            xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8, rotation=90)
+                ax.annotate(
+                    f"N = {n:,.0f} tokens" if axis == "tokens" else f"N = {n:.2e} FLOPs",
+                    (n, 0.97),
+                    xycoords=("data", "axes fraction"),
+                    ha="right",
+                    va="top",
+                    fontsize=8,
+                    rotation=90,
+                )
             elif not zoom:
-                where = (f"{measured:,} tokens measured" if measured is not None else "nothing measured")
-                ax.annotate(f"no crossing (N) within the {where}\n(budget {summary['budget_tokens']:,})",
-                            (0.98, 0.5), xycoords="axes fraction", ha="right", va="center", fontsize=8)
+                where = f"{measured:,} tokens measured" if measured is not None else "nothing measured"
+                ax.annotate(
+                    f"no crossing (N) within the {where}\n(budget {summary['budget_tokens']:,})",
+                    (0.98, 0.5),
+                    xycoords="axes fraction",
+                    ha="right",
+                    va="center",
+                    fontsize=8,
+                )
             if axis == "flops":
                 ax.set_xscale("log")
             if zoom and pretrained:
@@ -895,8 +1150,11 @@ def plot_scale(summary: dict, results: str) -> list[str]:
                 ax.set_yscale("log")
                 ax.set_title(f"{name}: {summary['small_params'] / 1e6:.1f}M -> {summary['large_params'] / 1e6:.1f}M")
                 ax.legend(fontsize=7.5)
-            ax.set_xlabel("training tokens after growth" if axis == "tokens"
-                          else "total FLOPs (6 x params x tokens, pretraining included)")
+            ax.set_xlabel(
+                "training tokens after growth"
+                if axis == "tokens"
+                else "total FLOPs (6 x params x tokens, pretraining included)"
+            )
             ax.set_ylabel("held-out loss (nats/token)")
             ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
@@ -909,14 +1167,25 @@ def plot_scale(summary: dict, results: str) -> list[str]:
 
 def plot_progressive(prog: dict, results: str) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = {"progressive": "progressive 2.4M -> x2 -> x2 (29M)", "oneshot": "one-shot x4 (29M)",
-              "tabula": "tabula rasa x4 (29M)"}
+
+    labels = {
+        "progressive": "progressive 2.4M -> x2 -> x2 (29M)",
+        "oneshot": "one-shot x4 (29M)",
+        "tabula": "tabula rasa x4 (29M)",
+    }
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for k, c in prog["curves"].items():
-        ax.plot(c["flops_total"], c["val_loss"], marker="o", ms=2.5, color=COLORS[k],
-                label=labels[k] + ("" if c["done"] else " (partial)"))
+        ax.plot(
+            c["flops_total"],
+            c["val_loss"],
+            marker="o",
+            ms=2.5,
+            color=COLORS[k],
+            label=labels[k] + ("" if c["done"] else " (partial)"),
+        )
     if "equal_compute_flops" in prog:
         ax.axvline(prog["equal_compute_flops"], color="k", ls=":", lw=1)
     ax.set_xscale("log")
@@ -935,14 +1204,22 @@ def plot_progressive(prog: dict, results: str) -> str:
 
 def plot_down_init(summary: dict, results: str) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     labels = {"down-init": "init: `down` of the trained 8.06M (refit)", "scratch": "init: random (tabula rasa)"}
     colors = {"down-init": "tab:blue", "scratch": "tab:red"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for k, c in summary["curves"].items():
-        ax.plot(c["tokens"], c["val_loss"], marker="o", ms=2.5, color=colors[k],
-                label=labels[k] + ("" if c["done"] else " (partial)"))
+        ax.plot(
+            c["tokens"],
+            c["val_loss"],
+            marker="o",
+            ms=2.5,
+            color=colors[k],
+            label=labels[k] + ("" if c["done"] else " (partial)"),
+        )
     if summary.get("scratch_catches_up_tokens"):
         ax.axvline(summary["scratch_catches_up_tokens"], color="k", ls=":", lw=1, label="scratch catches up")
     ax.set_yscale("log")
@@ -960,8 +1237,10 @@ def plot_down_init(summary: dict, results: str) -> str:
 
 def plot_healing(summary: dict, results: str) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for name, ratios in summary["ppl_ratio"].items():
         ax.plot(summary["tokens"], ratios, marker="o", ms=2.5, label=f"held out: {name}")
@@ -980,11 +1259,16 @@ def plot_healing(summary: dict, results: str) -> str:
 
 
 def table(summary: dict) -> str:
-    lines = ["| recipe | params | start loss | end loss | tokens | total FLOPs | CPU s | done |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | params | start loss | end loss | tokens | total FLOPs | CPU s | done |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r, c in summary["curves"].items():
-        lines.append(f"| {RECIPES[r][2]} | {c['params'] / 1e6:.2f}M | {c['val_loss'][0]:.3f} | {c['val_loss'][-1]:.3f} | "
-                     f"{c['tokens'][-1]:,} | {c['flops_total'][-1]:.2e} | {c['cpu_seconds']:.0f} | "
-                     f"{'yes' if c['done'] else 'partial'} |")
+        lines.append(
+            f"| {RECIPES[r][2]} | {c['params'] / 1e6:.2f}M | {c['val_loss'][0]:.3f} | {c['val_loss'][-1]:.3f} | "
+            f"{c['tokens'][-1]:,} | {c['flops_total'][-1]:.2e} | {c['cpu_seconds']:.0f} | "
+            f"{'yes' if c['done'] else 'partial'} |"
+        )
     return "\n".join(lines)
 
 
@@ -1010,35 +1294,62 @@ def healing_summary(study: Study) -> dict | None:
     if not os.path.exists(path):
         return None
     res = read_json(path)
-    return {k: res.get(k) for k in ("done", "level", "source_params", "params", "original_ppl", "target_ratio",
-                                    "tokens_to_target", "steps", "tokens", "ppl_ratio", "cpu_seconds", "batch",
-                                    "lr", "steps_planned", "eval_tokens", "train_text", "machine", "date")}
+    return {
+        k: res.get(k)
+        for k in (
+            "done",
+            "level",
+            "source_params",
+            "params",
+            "original_ppl",
+            "target_ratio",
+            "tokens_to_target",
+            "steps",
+            "tokens",
+            "ppl_ratio",
+            "cpu_seconds",
+            "batch",
+            "lr",
+            "steps_planned",
+            "eval_tokens",
+            "train_text",
+            "machine",
+            "date",
+        )
+    }
 
 
 def report(study: Study) -> dict:
     scales = [s for s in (scale_summary(study, "s1"), scale_summary(study, "s2")) if s]
     prog = progressive_summary(study)
     try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = None
     a = study.args
     out = {
         "protocol": {
             "data": f"{a.batch} x {a.seq_len}-token windows per step, one order (data seed {a.data_seed}) indexed "
-                    "by global step, the same for every recipe",
+            "by global step, the same for every recipe",
             "continued_schedule": f"warm-up {REWARM_STEPS} steps to {CONTINUED_LR:g} (the small model's last lr), "
-                                  "cosine to 10% of it at the end of the budget",
+            "cosine to 10% of it at the end of the budget",
             "standard_schedule": f"lr {PRETRAIN['lr']:g}, warm-up {PRETRAIN['warmup']}, cosine to 10% at the end",
             "eval": f"{a.eval_windows} fixed held-out windows of {a.seq_len} tokens",
             "flops": "6 x params x tokens, summed over every phase (pretraining included)",
             "expansion": "tensorscale up (CLI) in float32; iso = clone, iso-snr = clone + "
-                         f"--snr-db {SNR_DB:g}, pad = --strategy pad",
-            "recipe2": RECIPE2},
-        "date": datetime.date.today().isoformat(), "commit": commit, "machine": corpus.machine(),
-        "command": "python benchmarks/growth.py", "scales": scales, "progressive": prog,
-        "down_init": down_init_summary(study), "healing": healing_summary(study),
+            f"--snr-db {SNR_DB:g}, pad = --strategy pad",
+            "recipe2": RECIPE2,
+        },
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": corpus.machine(),
+        "command": "python benchmarks/growth.py",
+        "scales": scales,
+        "progressive": prog,
+        "down_init": down_init_summary(study),
+        "healing": healing_summary(study),
         "stages": {n: stage_state(study, n) for n, _, _ in stages(study)},
     }
     write_json(os.path.join(a.results, "growth.json"), out)
@@ -1055,22 +1366,37 @@ def report(study: Study) -> dict:
     except ImportError:
         print("matplotlib not importable: no plots written")
     for s in scales:
-        print(f"\n{s['name']}: {s['small_params'] / 1e6:.2f}M -> {s['large_params'] / 1e6:.2f}M, "
-              f"budget {s['budget_tokens']:,} tokens; N (tabula reaches {RECIPE2}) = "
-              + (f"none within the {s['crossings'].get(f'tabula reaches {RECIPE2}', {}).get('measured_to_tokens') or 0:,} "
-                 "tokens measured" if s["crossing_tokens"] is None else f"{s['crossing_tokens']:,.0f} tokens"))
+        print(
+            f"\n{s['name']}: {s['small_params'] / 1e6:.2f}M -> {s['large_params'] / 1e6:.2f}M, "
+            f"budget {s['budget_tokens']:,} tokens; N (tabula reaches {RECIPE2}) = "
+            + (
+                "none within the "
+                f"{s['crossings'].get(f'tabula reaches {RECIPE2}', {}).get('measured_to_tokens') or 0:,} "
+                "tokens measured"
+                if s["crossing_tokens"] is None
+                else f"{s['crossing_tokens']:,.0f} tokens"
+            )
+        )
         print(table(s))
         for k, v in s["crossings"].items():
-            print(f"  {k}: " + ("-" if v["tokens"] is None else f"{v['tokens']:,.0f} tokens") + "; FLOPs: "
-                  + ("-" if v["flops"] is None else f"{v['flops']:.2e}") + f" (measured to {v['measured_to_tokens']:,})")
+            print(
+                f"  {k}: "
+                + ("-" if v["tokens"] is None else f"{v['tokens']:,.0f} tokens")
+                + "; FLOPs: "
+                + ("-" if v["flops"] is None else f"{v['flops']:.2e}")
+                + f" (measured to {v['measured_to_tokens']:,})"
+            )
     if prog and "loss_at_equal_compute" in prog:
-        print(f"\nprogressive, loss at equal total compute {prog['equal_compute_flops']:.2e} FLOPs: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in prog["loss_at_equal_compute"].items()))
+        print(
+            f"\nprogressive, loss at equal total compute {prog['equal_compute_flops']:.2e} FLOPs: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in prog["loss_at_equal_compute"].items())
+        )
     print("results: " + os.path.join(a.results, "growth.json") + "".join(f", {p}" for p in pngs))
     return out
 
 
 # ----------------------------------------------------------------------------------------------- main
+
 
 def run_stages(study: Study, chosen: list) -> None:
     """Run the chosen stages in order; consecutive stages of one group take turns, a chunk each."""
@@ -1103,14 +1429,15 @@ def run_stages(study: Study, chosen: list) -> None:
                     report(study)
                     print("out of time (--max-minutes): stopping; run again to resume")
                     return
-            report(study)       # results, plots and table after every round, so each can be committed
+            report(study)  # results, plots and table after every round, so each can be committed
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:                                   # one log line per evaluation, not a progress bar per load
+    try:  # one log line per evaluation, not a progress bar per load
         from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()
     except ImportError:
         pass

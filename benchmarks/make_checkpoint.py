@@ -30,8 +30,8 @@ VOCAB = 32000
 HEAD_DIM = 64
 DTYPES = {"bf16": ("BF16", torch.bfloat16), "fp16": ("F16", torch.float16), "fp32": ("F32", torch.float32)}
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-POOL_NUMEL = 8 * 2**20        # random values drawn once (16 MiB in bf16)
-CHUNK_NUMEL = 4 * 2**20       # elements written per pwrite
+POOL_NUMEL = 8 * 2**20  # random values drawn once (16 MiB in bf16)
+CHUNK_NUMEL = 4 * 2**20  # elements written per pwrite
 
 # (hidden, intermediate, attention heads, kv heads, natural layer count); head_dim is 64 throughout.
 LADDER = [
@@ -61,8 +61,13 @@ def choose_shape(params: float) -> dict:
     best = min(LADDER, key=lambda r: abs(math.log(total_params(*r) / params)))
     hidden, inter, heads, kv, _ = best
     layers = max(1, round((params - 2 * VOCAB * hidden - hidden) / layer_params(hidden, inter, heads, kv)))
-    return {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "num_hidden_layers": layers}
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_hidden_layers": layers,
+    }
 
 
 def llama_config(shape: dict, dtype: str) -> dict:
@@ -124,8 +129,15 @@ def split_shards(tensors, itemsize: int, shard_size: int) -> list[list[tuple[str
     return shards
 
 
-def write_shard(path: str, tensors, st_dtype: str, dtype: torch.dtype, pool: torch.Tensor, rng: random.Random,
-                header_only: bool = False) -> int:
+def write_shard(
+    path: str,
+    tensors,
+    st_dtype: str,
+    dtype: torch.dtype,
+    pool: torch.Tensor,
+    rng: random.Random,
+    header_only: bool = False,
+) -> int:
     itemsize = torch.tensor([], dtype=dtype).element_size()
     entries, offset = [], 0
     for name, shape in tensors:
@@ -153,7 +165,7 @@ def write_shard(path: str, tensors, st_dtype: str, dtype: torch.dtype, pool: tor
             while done < numel:
                 count = min(CHUNK_NUMEL, numel - done)
                 start = rng.randrange(0, POOL_NUMEL)
-                out.write_tensor_bytes(pool[start:start + count], begin + done * itemsize)
+                out.write_tensor_bytes(pool[start : start + count], begin + done * itemsize)
                 done += count
         out.finish()
     finally:
@@ -161,8 +173,15 @@ def write_shard(path: str, tensors, st_dtype: str, dtype: torch.dtype, pool: tor
     return len(header_bytes(entries)) + offset
 
 
-def make_checkpoint(params: float, out_dir: str, dtype: str = "bf16", shard_size: int = 2 * 10**9, seed: int = 0,
-                    quiet: bool = False, header_only: bool = False) -> dict:
+def make_checkpoint(
+    params: float,
+    out_dir: str,
+    dtype: str = "bf16",
+    shard_size: int = 2 * 10**9,
+    seed: int = 0,
+    quiet: bool = False,
+    header_only: bool = False,
+) -> dict:
     st_dtype, torch_dt = DTYPES[dtype]
     itemsize = torch.tensor([], dtype=torch_dt).element_size()
     shape = choose_shape(params)
@@ -175,8 +194,11 @@ def make_checkpoint(params: float, out_dir: str, dtype: str = "bf16", shard_size
     pool = torch.cat([half, half])
     assert CHUNK_NUMEL <= POOL_NUMEL
     rng = random.Random(seed)
-    names = (["model.safetensors"] if len(shards) == 1
-             else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
     started = time.perf_counter()
     file_bytes = 0
     for filename, shard in zip(names, shards):
@@ -184,8 +206,10 @@ def make_checkpoint(params: float, out_dir: str, dtype: str = "bf16", shard_size
     total = sum(math.prod(s) for _, s in tensors)
     data_bytes = total * itemsize
     if len(shards) > 1:
-        index = {"metadata": {"total_size": data_bytes, "total_parameters": total},
-                 "weight_map": {name: filename for filename, shard in zip(names, shards) for name, _ in shard}}
+        index = {
+            "metadata": {"total_size": data_bytes, "total_parameters": total},
+            "weight_map": {name: filename for filename, shard in zip(names, shards) for name, _ in shard},
+        }
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=2)
     else:
@@ -197,12 +221,21 @@ def make_checkpoint(params: float, out_dir: str, dtype: str = "bf16", shard_size
     with open(os.path.join(out_dir, "generation_config.json"), "w") as fh:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, fh, indent=2)
     seconds = time.perf_counter() - started
-    info = {"out": out_dir, "parameters": total, "data_bytes": data_bytes, "file_bytes": file_bytes,
-            "shards": names, "seconds": round(seconds, 2), **shape}
+    info = {
+        "out": out_dir,
+        "parameters": total,
+        "data_bytes": data_bytes,
+        "file_bytes": file_bytes,
+        "shards": names,
+        "seconds": round(seconds, 2),
+        **shape,
+    }
     if not quiet:
-        print(f"wrote {out_dir}: {total / 1e9:.3f}B parameters, {file_bytes / 1e9:.2f} GB in {len(names)} shard(s), "
-              f"hidden {shape['hidden_size']}, ffn {shape['intermediate_size']}, layers {shape['num_hidden_layers']}, "
-              f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']} ({seconds:.1f} s)")
+        print(
+            f"wrote {out_dir}: {total / 1e9:.3f}B parameters, {file_bytes / 1e9:.2f} GB in {len(names)} shard(s), "
+            f"hidden {shape['hidden_size']}, ffn {shape['intermediate_size']}, layers {shape['num_hidden_layers']}, "
+            f"heads {shape['num_attention_heads']}/{shape['num_key_value_heads']} ({seconds:.1f} s)"
+        )
     return info
 
 
@@ -214,11 +247,21 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
-    parser.add_argument("--header-only", action="store_true",
-                        help="correct headers over sparse, unwritten data: full-size files that use no disk")
+    parser.add_argument(
+        "--header-only",
+        action="store_true",
+        help="correct headers over sparse, unwritten data: full-size files that use no disk",
+    )
     args = parser.parse_args(argv)
-    info = make_checkpoint(args.params, args.out, args.dtype, parse_size(args.shard_size), args.seed, quiet=args.json,
-                           header_only=args.header_only)
+    info = make_checkpoint(
+        args.params,
+        args.out,
+        args.dtype,
+        parse_size(args.shard_size),
+        args.seed,
+        quiet=args.json,
+        header_only=args.header_only,
+    )
     if args.json:
         print(json.dumps(info, indent=2))
     return 0

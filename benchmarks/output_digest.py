@@ -64,8 +64,8 @@ def file_digests(path: pathlib.Path, folders: dict[str, str]) -> dict[str, str]:
         data = file.read_bytes()
         if file.suffix == ".safetensors":
             length = int.from_bytes(data[:8], "little")
-            header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True).encode()
-            data = header + b"\0" + data[8 + length:]
+            header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True).encode()
+            data = header + b"\0" + data[8 + length :]
         elif file.suffix == ".gguf":
             data = gguf_content(file)
         for folder, placeholder in folders.items():
@@ -79,8 +79,9 @@ def gguf_content(file: pathlib.Path) -> bytes:
     from gguf import GGUFReader
 
     reader = GGUFReader(str(file))
-    parts = [f"{name}={field.contents()!r}".encode() for name, field in reader.fields.items()
-             if not name.startswith("GGUF.")]
+    parts = [
+        f"{name}={field.contents()!r}".encode() for name, field in reader.fields.items() if not name.startswith("GGUF.")
+    ]
     for tensor in reader.tensors:
         parts.append(f"{tensor.name}:{tensor.tensor_type.name}:{list(tensor.shape)}".encode())
         parts.append(tensor.data.tobytes())
@@ -96,8 +97,12 @@ def run_all(sources: pathlib.Path, scratch: pathlib.Path) -> dict[str, dict]:
         for arch in archs:
             out = scratch / f"{name}-{arch}"
             args = template.format(src=sources / arch, out=out, up=scratch / f"up-{arch}").split()
-            proc = subprocess.run([sys.executable, "-m", "tensorscale", *args], capture_output=True, text=True,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            proc = subprocess.run(
+                [sys.executable, "-m", "tensorscale", *args],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
             written = out if out.exists() else pathlib.Path(f"{out}.gguf")
             # the current folder too: `plan` prints a default output path built from it
             folders = {str(scratch): "SCRATCH", str(sources): "SOURCES", os.getcwd(): "CWD"}
@@ -117,8 +122,12 @@ def run_all(sources: pathlib.Path, scratch: pathlib.Path) -> dict[str, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sources", type=pathlib.Path, default=HERE / "work" / "digest-sources")
-    parser.add_argument("--scratch", type=pathlib.Path, default=HERE / "work" / "digest-outputs",
-                        help="where the outputs are written (emptied first)")
+    parser.add_argument(
+        "--scratch",
+        type=pathlib.Path,
+        default=HERE / "work" / "digest-outputs",
+        help="where the outputs are written (emptied first)",
+    )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", type=pathlib.Path, help="record the digests into this JSON file")
     group.add_argument("--compare", type=pathlib.Path, help="compare with digests recorded earlier")

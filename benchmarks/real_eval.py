@@ -51,7 +51,7 @@ class Reference:
         for name, w in windows.items():
             parts = []
             for b in range(0, len(w), BATCH):
-                x = w[b:b + BATCH]
+                x = w[b : b + BATCH]
                 logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
                 top = logp.topk(TOPK, dim=-1)
                 nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)
@@ -64,7 +64,7 @@ class Reference:
         for name, w in self.windows.items():
             nll_small = nll_ref = kl = agree = count = 0.0
             for i, b in enumerate(range(0, len(w), BATCH)):
-                x = w[b:b + BATCH]
+                x = w[b : b + BATCH]
                 values, indices, ref_nll = self.cache[name][i]
                 logq = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
                 nll_small += float(-logq.gather(-1, x[:, 1:, None]).sum())
@@ -77,7 +77,12 @@ class Reference:
                 kl += float((kl_top + p_rest * (p_rest.log() - q_rest.log())).sum())
                 agree += float((indices[..., 0] == logq.argmax(-1)).sum())
                 count += x[:, 1:].numel()
-            results[name] = {"ppl": math.exp(nll_small / count), "ppl_original": math.exp(nll_ref / count),
-                             "ppl_ratio": math.exp((nll_small - nll_ref) / count), "kl": kl / count,
-                             "top1": agree / count, "positions": int(count)}
+            results[name] = {
+                "ppl": math.exp(nll_small / count),
+                "ppl_original": math.exp(nll_ref / count),
+                "ppl_ratio": math.exp((nll_small - nll_ref) / count),
+                "kl": kl / count,
+                "top1": agree / count,
+                "positions": int(count),
+            }
         return results

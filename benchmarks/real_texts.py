@@ -41,8 +41,11 @@ def _read(paths) -> str:
 
 def calibration_text() -> str:
     root = python_doc_sources()
-    paths = [p for p in sorted(glob.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True))
-             if os.path.relpath(p, root).split(os.sep)[0] not in ("library", "whatsnew")]
+    paths = [
+        p
+        for p in sorted(glob.glob(os.path.join(root, "**", "*.rst.txt"), recursive=True))
+        if os.path.relpath(p, root).split(os.sep)[0] not in ("library", "whatsnew")
+    ]
     return _read(paths)
 
 

@@ -6,21 +6,27 @@ import logging
 from dataclasses import replace
 
 from .errors import TensorscaleError
-from .progress import progress_for
 from .planning.plan import DownOptions, DownSection, Plan, UpOptions, build_plan
+from .progress import progress_for
 from .reading.source import open_source
-from .rulebook.registry import resolve_rules
 from .rewrite import Result, execute_plan
+from .rulebook.registry import resolve_rules
 from .writing.output_folder import SpillWorkspace
 
 log = logging.getLogger(__name__)  # `-v` shows these lines on stderr
 
 
-def plan_conversion(source_label: str, options: UpOptions, rules_path: str | None = None, *,
-                    headers_only: bool = False) -> Plan:
+def plan_conversion(
+    source_label: str, options: UpOptions, rules_path: str | None = None, *, headers_only: bool = False
+) -> Plan:
     source = open_source(source_label, headers_only=headers_only)
-    log.info("opened %s (%s): %d tensor(s) in %d shard(s)", source.label, source.folder, len(source.tensors),
-             len(source.shards))
+    log.info(
+        "opened %s (%s): %d tensor(s) in %d shard(s)",
+        source.label,
+        source.folder,
+        len(source.tensors),
+        len(source.shards),
+    )
     rules = resolve_rules(source.config, rules_path)
     log.info("rules %s", rules.name)
     plan = build_plan(source, rules, options)
@@ -33,8 +39,8 @@ def plan_down(source_label: str, options: DownOptions, rules_path: str | None = 
 
     Unlike `up`, this reads tensor data (the clustering needs it), so even `plan` takes a full read."""
     from .folding.analysis import analyse
-    from .heap import release_free_memory
     from .folding.retie import find_retie
+    from .heap import release_free_memory
     from .planning.plan import evaluate_env
     from .rulebook.compile import resolve_spaces
 
@@ -51,8 +57,16 @@ def plan_down(source_label: str, options: DownOptions, rules_path: str | None = 
     return plan
 
 
-def plan_down_by_method(source_label: str, options: DownOptions, rules_path: str | None, method: str, text: str | None,
-                        tokens: int, spill_folder: str, show_progress: bool = False) -> tuple[Plan, dict | None]:
+def plan_down_by_method(
+    source_label: str,
+    options: DownOptions,
+    rules_path: str | None,
+    method: str,
+    text: str | None,
+    tokens: int,
+    spill_folder: str,
+    show_progress: bool = False,
+) -> tuple[Plan, dict | None]:
     """`down`'s plan by `method`: "fold" (cluster-fold, exact on copies), "refit" (layer-wise select and
     refit, folding.layerwise), or "auto": fold where every clustering merged copies (a HyperCloned model),
     else refit. Returns the plan and, for refit, its calibration report (None for fold)."""
@@ -80,16 +94,23 @@ def _refit_with_calibration(source_label, options, rules_path, text, tokens, spi
         ids = calibration_ids(model.folder, model.label, text, tokens)
     else:
         bar = progress_for(tokens, "down: sampling calibration text", enabled=show_progress, unit="tokens")
-        ids = self_generated_ids(model.folder, model.label, model.config, tokens, seed=options.seed,
-                                 progress=bar.update if bar else None)
+        ids = self_generated_ids(
+            model.folder, model.label, model.config, tokens, seed=options.seed, progress=bar.update if bar else None
+        )
         if bar:
             bar.close()
     layers = int(model.config.get("num_hidden_layers") or 0)
     passes = 2 if options.targets.get("hidden_size") or options.embed_dim_divisor else 1
     bar = progress_for(passes * layers, "down: refitting layers", enabled=show_progress, unit="layers")
     try:
-        return plan_refit_down(source_label, options, rules_path, ids, spill_folder,
-                               progress=(lambda kind, layer: bar.update(1)) if bar else None)
+        return plan_refit_down(
+            source_label,
+            options,
+            rules_path,
+            ids,
+            spill_folder,
+            progress=(lambda kind, layer: bar.update(1)) if bar else None,
+        )
     finally:
         if bar:
             bar.close()
@@ -112,8 +133,9 @@ def refit_workspace(output: str | None) -> SpillWorkspace:
     return SpillWorkspace(output)
 
 
-def plan_refit_down(source_label: str, options: DownOptions, rules_path: str | None, ids, spill_folder: str,
-                    progress=None) -> tuple[Plan, dict]:
+def plan_refit_down(
+    source_label: str, options: DownOptions, rules_path: str | None, ids, spill_folder: str, progress=None
+) -> tuple[Plan, dict]:
     """Plan `down` by layer-wise select-and-refit (folding.layerwise) on the calibration tokens `ids`.
 
     The new weights are computed layer by layer into `spill_folder` (a temporary folder the caller removes);
@@ -137,8 +159,9 @@ def plan_refit_down(source_label: str, options: DownOptions, rules_path: str | N
     for config in (new_config, working_config):
         _pin_head_dim(config, env)
     group = rules.depth.group if rules.depth is not None else "layer"
-    engine = LayerwiseDown(source, spaces, new_config, working_config, match_all(source, rules, env), group, ids,
-                           progress=progress)
+    engine = LayerwiseDown(
+        source, spaces, new_config, working_config, match_all(source, rules, env), group, ids, progress=progress
+    )
     spill = SpillFolder(spill_folder)
     report = engine.run(lambda name, tensor: spill.add(name, tensor, torch_dtype(source.tensors[name].dtype)))
     spill.finish(new_config)
@@ -148,8 +171,12 @@ def plan_refit_down(source_label: str, options: DownOptions, rules_path: str | N
     spilled = open_source(spill_folder)
     storage = dict(dtype=options.dtype, max_shard_size=options.max_shard_size)
     copy = build_plan(spilled, rules, UpOptions(**storage))
-    plan = replace(copy, source=source, options=DownOptions(**storage, targets=options.targets),
-                   down=DownSection("refit", spill=spilled))
+    plan = replace(
+        copy,
+        source=source,
+        options=DownOptions(**storage, targets=options.targets),
+        down=DownSection("refit", spill=spilled),
+    )
     return plan, report
 
 
@@ -158,8 +185,14 @@ def _pin_head_dim(config: dict, env: dict) -> None:
     into it: write head_dim, which transformers otherwise derives as hidden_size // num_attention_heads."""
     head_dim = env.get("head_dim")
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    if isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and heads and \
-            config.get("head_dim") is None and hidden // heads != head_dim:
+    if (
+        isinstance(head_dim, int)
+        and isinstance(hidden, int)
+        and isinstance(heads, int)
+        and heads
+        and config.get("head_dim") is None
+        and hidden // heads != head_dim
+    ):
         config["head_dim"] = head_dim
 
 
@@ -177,18 +210,28 @@ def working_targets(rules, config: dict, options: DownOptions) -> dict:
         raise TensorscaleError(
             f"refit keeps whole kv groups of {group} query heads and drops query heads inside them, so "
             f"{kv} kv heads hold at most {kv * group} query heads, not {heads}; keep more kv heads "
-            f"(--num-key-value-heads) or ask for at most {kv * group} heads")
-    return {"hidden_size": round(current["hidden_size"] * ratios["n"]), "num_key_value_heads": kv,
-            "num_attention_heads": kv * group}
+            f"(--num-key-value-heads) or ask for at most {kv * group} heads"
+        )
+    return {
+        "hidden_size": round(current["hidden_size"] * ratios["n"]),
+        "num_key_value_heads": kv,
+        "num_attention_heads": kv * group,
+    }
 
 
 def asks_for_a_change(options: UpOptions) -> bool:
     """Whether `up` options ask for anything: growth in width (multipliers or targets) or depth, another
     storage dtype, or an untied head. Checked before a hub download; plan_changes_nothing after planning."""
-    return (options.embed_dim_multiplier != 1 or options.up_proj_multiplier != 1 or bool(options.targets)
-            or bool(options.add_layers) or options.duplicate_layers is not None or options.dtype != "keep"
-            or options.untie_embeddings
-            or options.insert_at is not None)  # --at without --add-layers: the depth planner says what is missing
+    return (
+        options.embed_dim_multiplier != 1
+        or options.up_proj_multiplier != 1
+        or bool(options.targets)
+        or bool(options.add_layers)
+        or options.duplicate_layers is not None
+        or options.dtype != "keep"
+        or options.untie_embeddings
+        or options.insert_at is not None
+    )  # --at without --add-layers: the depth planner says what is missing
 
 
 def plan_changes_nothing(plan: Plan) -> bool:
@@ -201,10 +244,26 @@ def plan_changes_nothing(plan: Plan) -> bool:
     return written == present
 
 
-def run_up(source_label: str, output: str | None, options: UpOptions, *, rules_path: str | None = None,
-           force: bool = False, show_progress: bool = True, verify_files: bool = False, manifest: bool = False,
-           command: list[str] | None = None) -> Result:
+def run_up(
+    source_label: str,
+    output: str | None,
+    options: UpOptions,
+    *,
+    rules_path: str | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+    verify_files: bool = False,
+    manifest: bool = False,
+    command: list[str] | None = None,
+) -> Result:
     """`up` from Python; `command` is the command line the model card and metadata record (None: the API)."""
     plan = plan_conversion(source_label, options, rules_path)
-    return execute_plan(plan, output, force=force, show_progress=show_progress, verify_files=verify_files,
-                        manifest=manifest, command=command)
+    return execute_plan(
+        plan,
+        output,
+        force=force,
+        show_progress=show_progress,
+        verify_files=verify_files,
+        manifest=manifest,
+        command=command,
+    )

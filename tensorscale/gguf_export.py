@@ -17,8 +17,9 @@ DEFAULT_OUTTYPE = "f16"  # llama.cpp's convert_hf_to_gguf.py default
 def gguf_output_path(output: str | None, default_folder: str, force: bool, input_path: str | None = None) -> str:
     out = os.path.abspath(output or f"{default_folder}.gguf")
     if input_path is not None and os.path.realpath(out) == os.path.realpath(input_path):
-        raise TensorscaleError(f"output {output or out} is the input file; tensorscale never replaces its input: "
-                               "choose another --output")
+        raise TensorscaleError(
+            f"output {output or out} is the input file; tensorscale never replaces its input: choose another --output"
+        )
     if not out.lower().endswith(".gguf"):
         raise TensorscaleError(f"--format gguf writes one file: give --output a name ending in .gguf (got {output})")
     if os.path.isdir(out):
@@ -30,8 +31,9 @@ def gguf_output_path(output: str | None, default_folder: str, force: bool, input
     return out
 
 
-def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force: bool = False,
-                         show_progress: bool = True, **options):
+def execute_plan_as_gguf(
+    plan, output: str | None, outtype: str | None, *, force: bool = False, show_progress: bool = True, **options
+):
     """Write `plan` as one GGUF file; returns the Result of the safetensors pass with `output` set to the file."""
     from .rewrite import default_output, execute_plan
     from .writing.gguf_writer import gguf_architecture, write_gguf
@@ -40,13 +42,19 @@ def execute_plan_as_gguf(plan, output: str | None, outtype: str | None, *, force
     gguf_architecture(plan.config)  # refuse an architecture we cannot write before any work
     out = gguf_output_path(output, default_output(plan.source, plan), force, plan.source.input_path)
     # PID plus a random suffix: two runs with the same PID (PID 1 of two containers) never share it (issue 14)
-    folder = os.path.join(os.path.dirname(out),
-                          f".{os.path.basename(out)}.tensorscale-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    folder = os.path.join(
+        os.path.dirname(out), f".{os.path.basename(out)}.tensorscale-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    )
     partial = f"{folder}.gguf"
     try:
         result = execute_plan(plan, folder, force=True, show_progress=show_progress, **options)
-        write_gguf(folder, partial, outtype or DEFAULT_OUTTYPE, getattr(plan.source, "gguf", None),
-                   name=os.path.splitext(os.path.basename(out))[0])
+        write_gguf(
+            folder,
+            partial,
+            outtype or DEFAULT_OUTTYPE,
+            getattr(plan.source, "gguf", None),
+            name=os.path.splitext(os.path.basename(out))[0],
+        )
         interrupts.check()  # a swallowed signal stops the run before the file is moved into place
         with interrupts.deferred():  # one during the move waits until the record agrees with OUT
             replaced = os.path.lexists(out)

@@ -16,8 +16,8 @@ from .reading.gguf_source import cache_folder, open_gguf
 def import_gguf(path: str, output: str, *, dtype: str = "keep", force: bool = True, show_progress: bool = False) -> str:
     """Write the GGUF at `path` as a safetensors checkpoint in `output` (float32 for quantized tensors
     unless `dtype` says otherwise); returns `output`."""
-    from .rewrite import execute_plan
     from .planning.plan import UpOptions, build_plan
+    from .rewrite import execute_plan
     from .rulebook.registry import resolve_rules
 
     source = open_gguf(path)
@@ -31,8 +31,10 @@ def imported_folder(path: str, *, dtype: str = "keep") -> str:
 
     side = cache_folder(read_gguf_header(path))
     folder = f"{side}-imported" if dtype == "keep" else f"{side}-imported-{dtype}"
-    if not (os.path.isfile(os.path.join(folder, "config.json")) and
-            any(name.endswith(".safetensors") for name in os.listdir(folder))):
+    if not (
+        os.path.isfile(os.path.join(folder, "config.json"))
+        and any(name.endswith(".safetensors") for name in os.listdir(folder))
+    ):
         import_gguf(path, folder, dtype=dtype)
     return folder
 
@@ -48,6 +50,11 @@ def runnable_source(label: str):
     from .reading.source import local_path, open_source
 
     path = local_path(label)
-    gguf = path if path.lower().endswith(".gguf") and os.path.isfile(path) else \
-        side_folder_gguf(path) if os.path.isdir(path) else None
+    gguf = (
+        path
+        if path.lower().endswith(".gguf") and os.path.isfile(path)
+        else side_folder_gguf(path)
+        if os.path.isdir(path)
+        else None
+    )
     return open_source(imported_folder(gguf) if gguf is not None else label)

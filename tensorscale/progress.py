@@ -20,8 +20,11 @@ _SET_HERE: dict[str, str] = {}  # variables this process set for the hub's sake,
 
 def silenced_by_environment(environ=None) -> bool:
     environ = os.environ if environ is None else environ
-    return any(str(environ.get(name, "")).strip().lower() in _TRUE for name in SILENCING_VARIABLES
-               if not (name in _SET_HERE and environ.get(name) == _SET_HERE[name]))
+    return any(
+        str(environ.get(name, "")).strip().lower() in _TRUE
+        for name in SILENCING_VARIABLES
+        if not (name in _SET_HERE and environ.get(name) == _SET_HERE[name])
+    )
 
 
 def quiet_hub_bars_in_logs(stream=None) -> None:
@@ -53,8 +56,16 @@ class Progress:
     STEPS = 10  # a plain line at each 10% ...
     MIN_INTERVAL_S = 2.0  # ... but not more often than this
 
-    def __init__(self, total: int, label: str, items: int = 0, stream=None, clock=time.monotonic, unit: str = "B",
-                 noun: str = "tensors"):
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        items: int = 0,
+        stream=None,
+        clock=time.monotonic,
+        unit: str = "B",
+        noun: str = "tensors",
+    ):
         self.unit = unit  # "B": bytes (scaled to KiB, MiB, ...); any other word: a plain count of those
         self.noun = noun  # what the items are: tensors, layers
         self.total = max(0, int(total))
@@ -74,8 +85,16 @@ class Progress:
             # disable=False: whether to show progress was decided above (tqdm would read TQDM_DISABLE once,
             # when first imported, and ignore a later change)
             scaled = unit == "B"
-            self.bar = tqdm(total=self.total, unit=unit if scaled else f" {unit}", unit_scale=scaled,
-                            unit_divisor=1024, desc=label, leave=False, file=self.stream, disable=False)
+            self.bar = tqdm(
+                total=self.total,
+                unit=unit if scaled else f" {unit}",
+                unit_scale=scaled,
+                unit_divisor=1024,
+                desc=label,
+                leave=False,
+                file=self.stream,
+                disable=False,
+            )
 
     def update(self, nbytes: int = 0, items: int = 0) -> None:
         self.done += nbytes
@@ -97,10 +116,12 @@ class Progress:
     def _line(self) -> None:
         percent = 100.0 * self.done / self.total if self.total else 100.0
         items = f", {self.items_done}/{self.items} {self.noun}" if self.items else ""
-        done, total = (_human(self.done), _human(self.total)) if self.unit == "B" else \
-            (f"{self.done:,}", f"{self.total:,} {self.unit}")
-        print(f"tensorscale: {self.label} {percent:3.0f}% ({done} of {total}{items})",
-              file=self.stream, flush=True)
+        done, total = (
+            (_human(self.done), _human(self.total))
+            if self.unit == "B"
+            else (f"{self.done:,}", f"{self.total:,} {self.unit}")
+        )
+        print(f"tensorscale: {self.label} {percent:3.0f}% ({done} of {total}{items})", file=self.stream, flush=True)
 
     def close(self, completed: bool = True) -> None:
         if self._finished:
@@ -112,8 +133,9 @@ class Progress:
             self._line()
 
 
-def progress_for(total: int, label: str, items: int = 0, *, enabled: bool = True, stream=None,
-                 unit: str = "B", noun: str = "tensors") -> Progress | None:
+def progress_for(
+    total: int, label: str, items: int = 0, *, enabled: bool = True, stream=None, unit: str = "B", noun: str = "tensors"
+) -> Progress | None:
     """A Progress, or None when progress is off (-q, --json, or a silencing environment variable)."""
     if not enabled or silenced_by_environment():
         return None

@@ -97,8 +97,9 @@ class Result:
 ShardRunner = Callable[[Plan, str, bool, Optional[Callable[[int, int], None]]], None]
 
 
-def produce_shard(plan: Plan, shard: ShardPlan, path: str, *, verify_files: bool = False, progress=None,
-                  reader=None) -> list[str]:
+def produce_shard(
+    plan: Plan, shard: ShardPlan, path: str, *, verify_files: bool = False, progress=None, reader=None
+) -> list[str]:
     """Write one output shard and check it. Needs nothing but the plan: shards can run in any order,
     in other processes, or on other machines that see the same input files.
 
@@ -131,8 +132,16 @@ def run_shards_in_order(plan: Plan, folder: str, verify_files: bool, progress) -
     with ShardReader() as reader:
         for shard in plan.shards:
             log.info("shard %s: %d tensor(s), %d bytes", shard.filename, len(shard.tensors), shard.nbytes)
-            plan.nonfinite_inputs.update(produce_shard(plan, shard, os.path.join(folder, shard.filename),
-                                                       verify_files=verify_files, progress=progress, reader=reader))
+            plan.nonfinite_inputs.update(
+                produce_shard(
+                    plan,
+                    shard,
+                    os.path.join(folder, shard.filename),
+                    verify_files=verify_files,
+                    progress=progress,
+                    reader=reader,
+                )
+            )
             _check_inputs_unchanged(plan.source)
 
 
@@ -142,10 +151,20 @@ def nonfinite_message(names) -> str:
     return f"the input holds NaN or Inf values in {names[0]}{more}"
 
 
-def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_progress: bool = True,
-                 verify_files: bool = False, manifest: bool = False, command: list[str] | None = None,
-                 shard_runner: ShardRunner | None = None, check: Callable[[str], dict | None] | None = None,
-                 allow_nonfinite: bool = False, extra_kept: tuple[str, ...] = ()) -> Result:
+def execute_plan(
+    plan: Plan,
+    output: str | None,
+    *,
+    force: bool = False,
+    show_progress: bool = True,
+    verify_files: bool = False,
+    manifest: bool = False,
+    command: list[str] | None = None,
+    shard_runner: ShardRunner | None = None,
+    check: Callable[[str], dict | None] | None = None,
+    allow_nonfinite: bool = False,
+    extra_kept: tuple[str, ...] = (),
+) -> Result:
     """Write the plan into a temporary folder beside OUT, check it, and only then move it into place.
 
     `shard_runner(plan, folder, verify_files, progress)` produces every shard file in `folder` (by default
@@ -168,17 +187,25 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
     try:
         folder.create()
         folder.reserve(plan.total_bytes + HEADER_ALLOWANCE * len(plan.shards))
-        log.info("writing %s: %d tensor(s) in %d shard(s), %d bytes, into %s", out, len(plan.tensors),
-                 len(plan.shards), plan.total_bytes, folder.tmp)
+        log.info(
+            "writing %s: %d tensor(s) in %d shard(s), %d bytes, into %s",
+            out,
+            len(plan.tensors),
+            len(plan.shards),
+            plan.total_bytes,
+            folder.tmp,
+        )
         progress = bar.update if bar is not None else None
         (shard_runner or run_shards_in_order)(plan, folder.tmp, verify_files, progress)
         folder.drop_reservation()
         _check_inputs_unchanged(source)
         if plan.nonfinite_inputs:
             if not allow_nonfinite:
-                raise TensorscaleError(f"{nonfinite_message(plan.nonfinite_inputs)}, so the output would compute NaN; "
-                                       "nothing was written. Repair the checkpoint, or pass --allow-nonfinite to "
-                                       "write it anyway")
+                raise TensorscaleError(
+                    f"{nonfinite_message(plan.nonfinite_inputs)}, so the output would compute NaN; "
+                    "nothing was written. Repair the checkpoint, or pass --allow-nonfinite to "
+                    "write it anyway"
+                )
             warnings.append(f"{nonfinite_message(plan.nonfinite_inputs)}; written anyway (--allow-nonfinite)")
         if len(plan.shards) > 1:
             folder.write_json(
@@ -204,8 +231,16 @@ def execute_plan(plan: Plan, output: str | None, *, force: bool = False, show_pr
     finally:
         if bar is not None:
             bar.close(completed)
-    return Result(out, plan, time.perf_counter() - started, side, folder.stale_removed, verify_files,
-                  os.path.join(out, MANIFEST_NAME) if manifest else None, warnings)
+    return Result(
+        out,
+        plan,
+        time.perf_counter() - started,
+        side,
+        folder.stale_removed,
+        verify_files,
+        os.path.join(out, MANIFEST_NAME) if manifest else None,
+        warnings,
+    )
 
 
 def _check_inputs_unchanged(source: ModelSource) -> None:

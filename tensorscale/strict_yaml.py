@@ -51,8 +51,10 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if not self.allow_aliases and self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise TensorscaleError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
-                                   "accepted here; write the value out")
+            raise TensorscaleError(
+                f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                "accepted here; write the value out"
+            )
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:

@@ -20,8 +20,11 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("default", max_examples=150, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-    settings.register_profile("fuzz", max_examples=10_000, deadline=None,
-                              suppress_health_check=list(HealthCheck))
+    settings.register_profile(
+        "default",
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    settings.register_profile("fuzz", max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck))
     settings.load_profile("fuzz" if config.getoption("--fuzz") else "default")

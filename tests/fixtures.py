@@ -2,8 +2,8 @@
 
 Default initialisation gives near-uniform attention, under which a wrong head order changes the logits by
 only ~0.01: a weak test. We redraw every weight at a scale where attention is peaked (std 2/sqrt(fan_in),
-norm weights 1±0.3 — gains 1±0.3 for (1+w) norms —, biases nonzero), so ordering bugs show errors of 20-50 while correct rewrites stay at
-float32 rounding.
+norm weights 1±0.3 — gains 1±0.3 for (1+w) norms —, biases nonzero), so ordering bugs show errors of 20-50
+while correct rewrites stay at float32 rounding.
 """
 
 from __future__ import annotations
@@ -18,13 +18,26 @@ from contextlib import contextmanager
 import torch
 
 # One tiny config per model type. Multi-layer, GQA where the architecture has it.
-_BASE_MHA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=64)
+_BASE_MHA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
 _BASE = dict(_BASE_MHA, num_key_value_heads=2)
 
 TINY = {
-    "llama": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+    "llama": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
     "qwen2": dict(_BASE),
     # Qwen3's head_dim defaults to 128, not hidden/heads: give it explicitly (test_up_variants covers 16).
     "qwen3": dict(_BASE, head_dim=8),
@@ -45,8 +58,15 @@ TINY = {
     # GPT-2 and OPT: no GQA. GPT-2's n_inner stays null (4·n_embd = 128); its default token ids (50256)
     # are outside a 96-token vocabulary.
     "gpt2": dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=1),
-    "opt": dict(vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, word_embed_proj_dim=32),
+    "opt": dict(
+        vocab_size=96,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    ),
 }
 
 # Architectures whose RMSNorm computes x̂·(1 + w): their norm weights are drawn around 0, not 1.
@@ -157,6 +177,7 @@ def run_cli_in_fresh_process(args: list[str], forbidden: tuple[str, ...]) -> sub
 @contextmanager
 def bounded_time(seconds: int):
     """Fail a case that runs longer than `seconds` (a hang), via SIGALRM; Python-level loops only."""
+
     def hang(signum, frame):
         raise AssertionError(f"a case ran longer than {seconds} s")
 

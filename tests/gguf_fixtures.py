@@ -14,18 +14,41 @@ import os
 
 import numpy as np
 import torch
-
 from fixtures import tiny_model
 
 GGUF_TINY = {
-    "llama": dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+    "llama": dict(
+        vocab_size=96,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        vocab_size=96,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    ),
     # Qwen3's head_dim is its own (transformers' GGUF loader assumes the default 128).
-    "qwen3": dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=64,
-                  tie_word_embeddings=False),
+    "qwen3": dict(
+        vocab_size=96,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
 }
 # GGUF architecture name per model type (Mistral is written as llama by llama.cpp).
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
@@ -34,8 +57,11 @@ PERMUTED = {"llama"}  # llama.cpp's LlamaModel permutes q/k; Qwen2Model and Qwen
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute."""
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _random_k_blocks(shape: tuple[int, ...], qtype, generator: np.random.Generator) -> np.ndarray:
@@ -71,8 +97,9 @@ def _add_tokenizer(writer, vocab: int) -> None:
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
 
 
-def build_gguf(folder, model_type: str, qtype_name: str = "Q8_0", *, seed: int = 0, tokenizer: bool = False,
-               **overrides) -> str:
+def build_gguf(
+    folder, model_type: str, qtype_name: str = "Q8_0", *, seed: int = 0, tokenizer: bool = False, **overrides
+) -> str:
     """Write a tiny `model_type` model as `<folder>/<model_type>-<type>.gguf`; returns the file's path."""
     import gguf
 
@@ -132,8 +159,9 @@ def transformers_gguf_model(path: str):
     """transformers' own loading of a GGUF file, in float32 with eager attention."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32, attn_implementation="eager"
+    )
     model.train(False)
     return model
 
@@ -141,8 +169,9 @@ def transformers_gguf_model(path: str):
 def folder_model(folder: str):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     model.train(False)
     return model

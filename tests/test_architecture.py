@@ -54,8 +54,9 @@ def layer_of(module: str) -> str:
             return "engine"
         if name in ENTRY_MODULES:
             return "entry"
-        raise AssertionError(f"tensorscale/{name}.py belongs to no layer: add it to test_architecture.py "
-                             "and docs/architecture.md")
+        raise AssertionError(
+            f"tensorscale/{name}.py belongs to no layer: add it to test_architecture.py and docs/architecture.md"
+        )
     return parts[1]
 
 
@@ -109,7 +110,7 @@ def test_no_import_cycles():
         state[module] = "open"
         for target in sorted(edges[module]):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"

@@ -11,8 +11,8 @@ import re
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint
+
 from tensorscale.batch.jobs import load_jobs
 from tensorscale.batch.local_executor import LocalExecutor, worker_count
 from tensorscale.batch.overview import Overview
@@ -39,12 +39,29 @@ def sources(tmp_path_factory):
 
 def _jobs(sources):
     return [
-        {"command": "up", "input": sources["llama"], "output": "out/llama-x2", "embed_dim_multiplier": 2,
-         "up_proj_multiplier": 2},
-        {"command": "up", "input": sources["llama"], "output": "out/llama-x3-noise", "embed_dim_multiplier": 3,
-         "snr_db": 20, "seed": 7},
-        {"command": "up", "input": sources["qwen2"], "output": "out/qwen2-x2", "embed_dim_multiplier": 2,
-         "up_proj_multiplier": 3, "untie_embeddings": True},
+        {
+            "command": "up",
+            "input": sources["llama"],
+            "output": "out/llama-x2",
+            "embed_dim_multiplier": 2,
+            "up_proj_multiplier": 2,
+        },
+        {
+            "command": "up",
+            "input": sources["llama"],
+            "output": "out/llama-x3-noise",
+            "embed_dim_multiplier": 3,
+            "snr_db": 20,
+            "seed": 7,
+        },
+        {
+            "command": "up",
+            "input": sources["qwen2"],
+            "output": "out/qwen2-x2",
+            "embed_dim_multiplier": 2,
+            "up_proj_multiplier": 3,
+            "untie_embeddings": True,
+        },
     ]
 
 
@@ -70,8 +87,11 @@ def _summary(jobs_path):
 
 
 def _hashes(folder, with_manifest=False):
-    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(folder)) if with_manifest or name != MANIFEST_NAME}
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+        if with_manifest or name != MANIFEST_NAME
+    }
 
 
 def _leftovers(folder):
@@ -81,30 +101,60 @@ def _leftovers(folder):
 # ---------------------------------------------------------------- the jobs file
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"command": "up", "input": "m", "output": "o", "seed": 1, "edm": 2}, "job 2: unknown key 'edm'"),
-    ({"command": "up", "input": "m", "output": "o", "embed-dim-multiplier": 2}, "did you mean 'embed_dim_multiplier'"),
-    ({"command": "up", "input": "m"}, "job 2: missing `output`"),
-    ({"command": "down", "input": "m", "output": "o"}, "job 2: say how small"),
-    ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "snr_db": 20},
-     "job 2: `snr_db` is not an option of `down`"),
-    ({"command": "up", "input": "m", "output": "o", "calibration": "t.txt"}, "job 2: `calibration` is not an option of `up`"),
-    ({"command": "down", "input": "m", "output": "o", "hidden_size": 0}, "job 2: `hidden_size` must be a whole number >= 1"),
-    ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "calibration": "none.txt"},
-     "job 2: calibration text"),
-    ({"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "method": "best"},
-     "job 2: `method` must be auto, fold or refit"),
-    ({"command": "sideways", "input": "m", "output": "o"}, "job 2: command must be `up` or `down`"),
-    ({"command": "up", "input": "m", "output": "o", "embed_dim_multiplier": 0}, "job 2: `embed_dim_multiplier` must be a whole number >= 1"),
-    ({"command": "up", "input": "m", "output": "o", "untie_embeddings": "yes"}, "job 2: `untie_embeddings` must be true or false"),
-    ({"command": "up", "input": "m", "output": "o", "dtype": "int8"}, "job 2: `dtype` must be one of"),
-    ({"command": "up", "input": "m", "output": "o", "max_shard_size": "5 parsecs"}, "job 2: `max_shard_size` cannot read size"),
-    ({"command": "up", "input": "m", "output": "o", "snr_db": float("inf")}, "job 2: `snr_db` must be a finite number"),
-    ({"command": "up", "input": "m", "output": "o", "rules": "missing.yaml"}, "job 2: rules file"),
-    ({"command": "up", "input": "m", "output": "first"}, "jobs 1 and 2 both write"),
-    ({"command": "up", "input": "first", "output": "o"}, "job 2 reads the output of job 1"),
-    ("up m o", "job 2: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"command": "up", "input": "m", "output": "o", "seed": 1, "edm": 2}, "job 2: unknown key 'edm'"),
+        (
+            {"command": "up", "input": "m", "output": "o", "embed-dim-multiplier": 2},
+            "did you mean 'embed_dim_multiplier'",
+        ),
+        ({"command": "up", "input": "m"}, "job 2: missing `output`"),
+        ({"command": "down", "input": "m", "output": "o"}, "job 2: say how small"),
+        (
+            {"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "snr_db": 20},
+            "job 2: `snr_db` is not an option of `down`",
+        ),
+        (
+            {"command": "up", "input": "m", "output": "o", "calibration": "t.txt"},
+            "job 2: `calibration` is not an option of `up`",
+        ),
+        (
+            {"command": "down", "input": "m", "output": "o", "hidden_size": 0},
+            "job 2: `hidden_size` must be a whole number >= 1",
+        ),
+        (
+            {"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "calibration": "none.txt"},
+            "job 2: calibration text",
+        ),
+        (
+            {"command": "down", "input": "m", "output": "o", "embed_dim_divisor": 2, "method": "best"},
+            "job 2: `method` must be auto, fold or refit",
+        ),
+        ({"command": "sideways", "input": "m", "output": "o"}, "job 2: command must be `up` or `down`"),
+        (
+            {"command": "up", "input": "m", "output": "o", "embed_dim_multiplier": 0},
+            "job 2: `embed_dim_multiplier` must be a whole number >= 1",
+        ),
+        (
+            {"command": "up", "input": "m", "output": "o", "untie_embeddings": "yes"},
+            "job 2: `untie_embeddings` must be true or false",
+        ),
+        ({"command": "up", "input": "m", "output": "o", "dtype": "int8"}, "job 2: `dtype` must be one of"),
+        (
+            {"command": "up", "input": "m", "output": "o", "max_shard_size": "5 parsecs"},
+            "job 2: `max_shard_size` cannot read size",
+        ),
+        (
+            {"command": "up", "input": "m", "output": "o", "snr_db": float("inf")},
+            "job 2: `snr_db` must be a finite number",
+        ),
+        ({"command": "up", "input": "m", "output": "o", "rules": "missing.yaml"}, "job 2: rules file"),
+        ({"command": "up", "input": "m", "output": "first"}, "jobs 1 and 2 both write"),
+        ({"command": "up", "input": "first", "output": "o"}, "job 2 reads the output of job 1"),
+        ("up m o", "job 2: expected a mapping"),
+    ],
+)
 def test_schema_errors_name_the_job_and_the_key(tmp_path, entry, message):
     path = _write_jobs(str(tmp_path), [{"command": "up", "input": "m", "output": "first"}, entry])
     with pytest.raises(TensorscaleError, match=re.escape(message)) as info:
@@ -112,15 +162,18 @@ def test_schema_errors_name_the_job_and_the_key(tmp_path, entry, message):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("jobs: []\n", "non-empty list"),
-    ("- {command: up}\n", "top-level `jobs:`"),
-    ("jobs:\n  - {command: up, input: m, output: o}\nextra: 1\n", "unknown top-level key 'extra'"),
-    ("jobs:\n  - {command: up, input: m, output: o, seed: 1, seed: 2}\n", "line 2: key 'seed' is given twice"),
-    ("jobs:\n  - {command: up, input: m\n", "invalid YAML at line"),
-    ("defaults: {colour: red}\njobs:\n  - {command: up, input: m, output: o}\n", "defaults: unknown key 'colour'"),
-    ("jobs:\n  - !!python/object/apply:os.system ['true']\n", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("jobs: []\n", "non-empty list"),
+        ("- {command: up}\n", "top-level `jobs:`"),
+        ("jobs:\n  - {command: up, input: m, output: o}\nextra: 1\n", "unknown top-level key 'extra'"),
+        ("jobs:\n  - {command: up, input: m, output: o, seed: 1, seed: 2}\n", "line 2: key 'seed' is given twice"),
+        ("jobs:\n  - {command: up, input: m\n", "invalid YAML at line"),
+        ("defaults: {colour: red}\njobs:\n  - {command: up, input: m, output: o}\n", "defaults: unknown key 'colour'"),
+        ("jobs:\n  - !!python/object/apply:os.system ['true']\n", "invalid YAML"),
+    ],
+)
 def test_file_level_errors(tmp_path, text, message):
     path = tmp_path / "jobs.yaml"
     path.write_text(text)
@@ -129,21 +182,54 @@ def test_file_level_errors(tmp_path, text, message):
 
 
 def test_defaults_apply_and_paths_are_relative_to_the_jobs_file(tmp_path):
-    path = _write_jobs(str(tmp_path), [{"command": "up", "input": "m", "output": "o", "seed": 3}],
-                       defaults={"seed": 1, "embed_dim_multiplier": 2})
+    path = _write_jobs(
+        str(tmp_path),
+        [{"command": "up", "input": "m", "output": "o", "seed": 3}],
+        defaults={"seed": 1, "embed_dim_multiplier": 2},
+    )
     [job] = load_jobs(path)
     assert job.options["seed"] == 3 and job.options["embed_dim_multiplier"] == 2
     assert job.output == str(tmp_path / "o") and job.input == str(tmp_path / "m")
 
 
 def test_manifest_records_the_equivalent_command(tmp_path):
-    path = _write_jobs(str(tmp_path), [{"command": "up", "input": "m", "output": "o", "embed_dim_multiplier": 2,
-                                        "snr_db": 20, "untie_embeddings": True, "force": True}])
+    path = _write_jobs(
+        str(tmp_path),
+        [
+            {
+                "command": "up",
+                "input": "m",
+                "output": "o",
+                "embed_dim_multiplier": 2,
+                "snr_db": 20,
+                "untie_embeddings": True,
+                "force": True,
+            }
+        ],
+    )
     [job] = load_jobs(path)
     assert job.command_line() == [
-        "tensorscale", "up", "--input", str(tmp_path / "m"), "--output", str(tmp_path / "o"),
-        "--embed-dim-multiplier", "2", "--up-proj-multiplier", "1", "--snr-db", "20.0", "--untie-embeddings",
-        "--seed", "0", "--dtype", "keep", "--max-shard-size", "5GB", "--manifest"]
+        "tensorscale",
+        "up",
+        "--input",
+        str(tmp_path / "m"),
+        "--output",
+        str(tmp_path / "o"),
+        "--embed-dim-multiplier",
+        "2",
+        "--up-proj-multiplier",
+        "1",
+        "--snr-db",
+        "20.0",
+        "--untie-embeddings",
+        "--seed",
+        "0",
+        "--dtype",
+        "keep",
+        "--max-shard-size",
+        "5GB",
+        "--manifest",
+    ]
 
 
 def test_cli_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path, sources):
@@ -152,8 +238,10 @@ def test_cli_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path, sources):
     path = _write_jobs(str(tmp_path), jobs)
     result = CliRunner().invoke(cli, ["batch", path])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"tensorscale: error: {path}: job 3: unknown key 'colour'; "
-                                                  f"known keys: {result.output.split('known keys: ')[1].strip()}"]
+    assert result.output.strip().splitlines() == [
+        f"tensorscale: error: {path}: job 3: unknown key 'colour'; "
+        f"known keys: {result.output.split('known keys: ')[1].strip()}"
+    ]
     assert os.listdir(tmp_path / "out") == [] and not os.path.exists(tmp_path / "jobs.summary.json")
 
 
@@ -180,9 +268,14 @@ def test_local_parallel_run_equals_plain_up_byte_for_byte(tmp_path, sources):
     assert 1 <= len(summary["worker_peak_rss_mib"]) <= 2
     for job, loaded, entry in zip(jobs, load_jobs(path), summary["jobs"]):
         assert entry["status"] == "done" and entry["shards"] > 1
-        options = UpOptions(job.get("embed_dim_multiplier", 1), job.get("up_proj_multiplier", 1),
-                            snr_db=job.get("snr_db"), seed=job.get("seed", 0),
-                            untie_embeddings=job.get("untie_embeddings", False), max_shard_size=parse_size(SHARD))
+        options = UpOptions(
+            job.get("embed_dim_multiplier", 1),
+            job.get("up_proj_multiplier", 1),
+            snr_db=job.get("snr_db"),
+            seed=job.get("seed", 0),
+            untie_embeddings=job.get("untie_embeddings", False),
+            max_shard_size=parse_size(SHARD),
+        )
         plain = tmp_path / ("plain-" + os.path.basename(job["output"]))
         # The same command recorded (model card, shard metadata): the same bytes.
         run_up(job["input"], str(plain), options, show_progress=False, command=loaded.command_line())
@@ -194,8 +287,9 @@ def test_local_parallel_run_equals_plain_up_byte_for_byte(tmp_path, sources):
 
 def test_failed_job_does_not_stop_the_others_and_is_reported(tmp_path, sources):
     # a plan the engine refuses (5 query heads over 2 kv heads) fails when the job runs, not up front
-    jobs = _jobs(sources)[:2] + [{"command": "up", "input": sources["llama"], "output": "out/broken",
-                                  "num_attention_heads": 5}]
+    jobs = _jobs(sources)[:2] + [
+        {"command": "up", "input": sources["llama"], "output": "out/broken", "num_attention_heads": 5}
+    ]
     path = _write_jobs(str(tmp_path), jobs)
     result = _batch(path, "--jobs", "1")
     assert result.exit_code == 1
@@ -222,8 +316,10 @@ def test_failed_shards_are_retried_then_the_job_fails_cleanly(tmp_path, sources,
     flaky = tmp_path / "flaky"
     flaky.mkdir()
     monkeypatch.setenv("BATCH_FLAKY_DIR", str(flaky))
-    jobs = [{"command": "up", "input": sources["llama"], "output": "out/recovers", "embed_dim_multiplier": 2},
-            {"command": "up", "input": sources["llama"], "output": "out/always-fails", "embed_dim_multiplier": 2}]
+    jobs = [
+        {"command": "up", "input": sources["llama"], "output": "out/recovers", "embed_dim_multiplier": 2},
+        {"command": "up", "input": sources["llama"], "output": "out/always-fails", "embed_dim_multiplier": 2},
+    ]
     path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD})
     job_list = load_jobs(path)
     executor = LocalExecutor(workers, retries=2, task=_flaky_task)
@@ -234,8 +330,13 @@ def test_failed_shards_are_retried_then_the_job_fails_cleanly(tmp_path, sources,
     recovered, failed = entries
     assert recovered["status"] == "done" and recovered["retries"] == recovered["shards"]
     plain = tmp_path / "plain"
-    run_up(sources["llama"], str(plain), UpOptions(2, max_shard_size=parse_size(SHARD)), show_progress=False,
-           command=job_list[0].command_line())
+    run_up(
+        sources["llama"],
+        str(plain),
+        UpOptions(2, max_shard_size=parse_size(SHARD)),
+        show_progress=False,
+        command=job_list[0].command_line(),
+    )
     assert _hashes(recovered["output"]) == _hashes(plain)
     assert failed["status"] == "failed"
     assert "failed after 3 attempt(s): OSError: [Errno 5] Input/output error (injected)" in failed["reason"]
@@ -309,16 +410,19 @@ def test_down_jobs_run_and_resume(tmp_path, sources):
 
     wide = tmp_path / "wide"
     run_up(sources["llama"], str(wide), UpOptions(2, 2, max_shard_size=parse_size(SHARD)), show_progress=False)
-    jobs = [{"command": "down", "input": str(wide), "output": "out/narrow", "embed_dim_divisor": 2, "up_proj_divisor": 2},
-            {"command": "up", "input": sources["llama"], "output": "out/llama-x2", "embed_dim_multiplier": 2}]
+    jobs = [
+        {"command": "down", "input": str(wide), "output": "out/narrow", "embed_dim_divisor": 2, "up_proj_divisor": 2},
+        {"command": "up", "input": sources["llama"], "output": "out/llama-x2", "embed_dim_multiplier": 2},
+    ]
     path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD, "seed": 3})
     assert _batch(path, "--jobs", "1").exit_code == 0
     entry = _summary(path)["jobs"][0]
     assert entry["status"] == "done" and entry["shards"] > 1
     [job] = load_jobs(path)[:1]
     plain = tmp_path / "plain"
-    execute_plan(plan_down(str(wide), job.engine_options()), str(plain), show_progress=False,
-                 command=job.command_line())
+    execute_plan(
+        plan_down(str(wide), job.engine_options()), str(plain), show_progress=False, command=job.command_line()
+    )
     assert _hashes(entry["output"]) == _hashes(plain)
     assert _batch(path, "--jobs", "1").exit_code == 0
     assert [e["status"] for e in _summary(path)["jobs"]] == ["skipped", "skipped"]
@@ -341,9 +445,11 @@ def test_width_and_depth_options_run_as_jobs(tmp_path, sources):
         assert _hashes(entry["output"]) == _hashes(plain)
     with open(os.path.join(jobs_dir := str(tmp_path / "out" / "pad"), MANIFEST_NAME)) as handle:
         assert "--strategy" in json.dumps(json.load(handle)), jobs_dir
-    for bad, words in (({"strategy": "zeros"}, "`strategy` must be one of clone, pad"),
-                       ({"at": "x,y"}, "`at` must be layer indices"),
-                       ({"add_layers": -1}, "`add_layers` must be a whole number >= 0")):
+    for bad, words in (
+        ({"strategy": "zeros"}, "`strategy` must be one of clone, pad"),
+        ({"at": "x,y"}, "`at` must be layer indices"),
+        ({"add_layers": -1}, "`add_layers` must be a whole number >= 0"),
+    ):
         path = _write_jobs(str(tmp_path / "bad"), [{**jobs[0], **bad}])
         with pytest.raises(TensorscaleError, match=re.escape(words)):
             load_jobs(path)
@@ -385,7 +491,10 @@ def test_ray_executor_without_ray_is_one_line(tmp_path, sources, monkeypatch):
     path = _write_jobs(str(tmp_path), _jobs(sources)[:1])
     result = CliRunner().invoke(cli, ["batch", path, "--executor", "ray"])
     assert result.exit_code == 2
-    assert result.output.strip() == "tensorscale: error: --executor ray needs Ray; install it with: pip install 'tensorscale[ray]'"
+    assert (
+        result.output.strip()
+        == "tensorscale: error: --executor ray needs Ray; install it with: pip install 'tensorscale[ray]'"
+    )
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -427,8 +536,10 @@ def test_interrupt_stops_workers_and_leaves_nothing(tmp_path, sources):
     import subprocess
     import sys
 
-    jobs = [{"command": "up", "input": sources["llama"], "output": f"out/slow-{i}", "embed_dim_multiplier": 2}
-            for i in range(4)]
+    jobs = [
+        {"command": "up", "input": sources["llama"], "output": f"out/slow-{i}", "embed_dim_multiplier": 2}
+        for i in range(4)
+    ]
     path = _write_jobs(str(tmp_path), jobs, defaults={"max_shard_size": SHARD})
     script = _INTERRUPT_SCRIPT.format(tests=os.path.dirname(__file__), path=path, out=str(tmp_path / "out"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -10,16 +10,18 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint
+
 from tensorscale.cli.main import cli
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch-checks")
-    return {"llama": build_checkpoint(root / "llama", "llama"),
-            "bf16": build_checkpoint(root / "bf16", "llama", dtype=torch.bfloat16, seed=5)}
+    return {
+        "llama": build_checkpoint(root / "llama", "llama"),
+        "bf16": build_checkpoint(root / "bf16", "llama", dtype=torch.bfloat16, seed=5),
+    }
 
 
 def write_jobs(folder, jobs):
@@ -39,10 +41,13 @@ def summary(path):
 
 
 def test_parent_folders_are_created_and_notes_reach_the_summary(tmp_path, sources):
-    path = write_jobs(str(tmp_path), [
-        {"command": "up", "input": sources["bf16"], "output": "new/deeper/bf16-wide", "hidden_size": 48},
-        {"command": "up", "input": sources["llama"], "output": "other/llama-x2", "embed_dim_multiplier": 2},
-    ])
+    path = write_jobs(
+        str(tmp_path),
+        [
+            {"command": "up", "input": sources["bf16"], "output": "new/deeper/bf16-wide", "hidden_size": 48},
+            {"command": "up", "input": sources["llama"], "output": "other/llama-x2", "embed_dim_multiplier": 2},
+        ],
+    )
     result = batch(path, "-q")
     assert result.exit_code == 0, result.output
     assert os.path.isfile(tmp_path / "new" / "deeper" / "bf16-wide" / "config.json")
@@ -52,18 +57,26 @@ def test_parent_folders_are_created_and_notes_reach_the_summary(tmp_path, source
     assert "job 1 note: not exact in bfloat16" in result.stderr and "note" not in result.stdout
 
 
-@pytest.mark.parametrize("job, message", [
-    ({"input": "no-such-model"}, "no-such-model: no model folder at"),
-    ({"input": "/nowhere/model"}, "job 2: input /nowhere/model: no model folder at /nowhere/model"),
-    ({"input": "some-org/not-cached"}, "job 2: input some-org/not-cached: some-org/not-cached: not in the local cache"),
-    ({"embed_dim_multiplier": 1}, "job 2: nothing to change"),
-    ({"output": "a-file/inside"}, "job 2: cannot create the folder for"),
-])
+@pytest.mark.parametrize(
+    "job, message",
+    [
+        ({"input": "no-such-model"}, "no-such-model: no model folder at"),
+        ({"input": "/nowhere/model"}, "job 2: input /nowhere/model: no model folder at /nowhere/model"),
+        (
+            {"input": "some-org/not-cached"},
+            "job 2: input some-org/not-cached: some-org/not-cached: not in the local cache",
+        ),
+        ({"embed_dim_multiplier": 1}, "job 2: nothing to change"),
+        ({"output": "a-file/inside"}, "job 2: cannot create the folder for"),
+    ],
+)
 def test_every_job_is_checked_before_any_runs(tmp_path, sources, job, message):
     (tmp_path / "a-file").write_text("not a folder")
     second = {"command": "up", "input": sources["llama"], "output": "out/second", "embed_dim_multiplier": 2, **job}
-    path = write_jobs(str(tmp_path), [
-        {"command": "up", "input": sources["llama"], "output": "out/first", "embed_dim_multiplier": 2}, second])
+    path = write_jobs(
+        str(tmp_path),
+        [{"command": "up", "input": sources["llama"], "output": "out/first", "embed_dim_multiplier": 2}, second],
+    )
     result = batch(path)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -72,9 +85,18 @@ def test_every_job_is_checked_before_any_runs(tmp_path, sources, job, message):
 
 
 def test_rerun_skips_by_sizes_and_mtimes_and_verify_files_rehashes(tmp_path, sources, monkeypatch):
-    path = write_jobs(str(tmp_path), [
-        {"command": "up", "input": sources["llama"], "output": "out/llama-x2", "embed_dim_multiplier": 2,
-         "max_shard_size": "24KB"}])
+    path = write_jobs(
+        str(tmp_path),
+        [
+            {
+                "command": "up",
+                "input": sources["llama"],
+                "output": "out/llama-x2",
+                "embed_dim_multiplier": 2,
+                "max_shard_size": "24KB",
+            }
+        ],
+    )
     assert batch(path, "-q").exit_code == 0
     output = summary(path)["jobs"][0]["output"]
     with open(os.path.join(output, "tensorscale-manifest.json")) as handle:
@@ -112,8 +134,9 @@ def test_rerun_skips_by_sizes_and_mtimes_and_verify_files_rehashes(tmp_path, sou
 
 
 def test_batch_progress_honours_the_silencing_variables(tmp_path, sources):
-    path = write_jobs(str(tmp_path), [
-        {"command": "up", "input": sources["llama"], "output": "out/x2", "embed_dim_multiplier": 2}])
+    path = write_jobs(
+        str(tmp_path), [{"command": "up", "input": sources["llama"], "output": "out/x2", "embed_dim_multiplier": 2}]
+    )
     shown = batch(path, env={"TQDM_DISABLE": "", "HF_HUB_DISABLE_PROGRESS_BARS": ""})
     assert shown.exit_code == 0 and "job 1/1 up" in shown.stderr
     silenced = batch(path, env={"TQDM_DISABLE": "", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})

@@ -13,8 +13,8 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint
+
 from tensorscale.cli.main import cli
 
 
@@ -47,8 +47,9 @@ def one_line_error(result, *needles):
 def test_a_job_writing_the_jobs_files_folder_is_refused(model, tmp_path, monkeypatch):
     """Before: `{output: ., force: true}` deleted its own jobs file, then crashed with a traceback."""
     work = tmp_path / "work"
-    path = write_jobs(work, [{"command": "up", "input": model, "output": ".", "force": True,
-                              "embed_dim_multiplier": 2}])
+    path = write_jobs(
+        work, [{"command": "up", "input": model, "output": ".", "force": True, "embed_dim_multiplier": 2}]
+    )
     monkeypatch.chdir(work)
     one_line_error(batch(path), "jobs file")
     assert sorted(os.listdir(work)) == ["jobs.yaml", "out"]
@@ -56,18 +57,24 @@ def test_a_job_writing_the_jobs_files_folder_is_refused(model, tmp_path, monkeyp
 
 def test_reading_an_output_that_does_not_exist_yet_is_refused(model, tmp_path):
     """Before: `out/a` did not exist yet, so job 2's input was taken for a hub id and the check skipped."""
-    path = write_jobs(tmp_path, [
-        {"command": "up", "input": model, "output": "out/a", "embed_dim_multiplier": 2},
-        {"command": "up", "input": "out/a", "output": "out/b", "embed_dim_multiplier": 2},
-    ])
+    path = write_jobs(
+        tmp_path,
+        [
+            {"command": "up", "input": model, "output": "out/a", "embed_dim_multiplier": 2},
+            {"command": "up", "input": "out/a", "output": "out/b", "embed_dim_multiplier": 2},
+        ],
+    )
     one_line_error(batch(path), "job 2 reads the output of job 1")
 
 
 def test_nested_outputs_are_refused(model, tmp_path):
-    path = write_jobs(tmp_path, [
-        {"command": "up", "input": model, "output": "out/a", "embed_dim_multiplier": 2},
-        {"command": "up", "input": model, "output": "out/a/inner", "up_proj_multiplier": 2},
-    ])
+    path = write_jobs(
+        tmp_path,
+        [
+            {"command": "up", "input": model, "output": "out/a", "embed_dim_multiplier": 2},
+            {"command": "up", "input": model, "output": "out/a/inner", "up_proj_multiplier": 2},
+        ],
+    )
     one_line_error(batch(path), "nested")
 
 
@@ -100,10 +107,13 @@ def test_a_redo_never_deletes_user_files(model, tmp_path):
 def test_a_non_model_folder_as_output_is_refused_before_any_job(model, tmp_path):
     (tmp_path / "out" / "b").mkdir(parents=True)
     (tmp_path / "out" / "b" / "thesis.txt").write_text("years")
-    path = write_jobs(tmp_path, [
-        {"command": "up", "input": model, "output": "out/a", "embed_dim_multiplier": 2},
-        {"command": "up", "input": model, "output": "out/b", "embed_dim_multiplier": 2, "force": True},
-    ])
+    path = write_jobs(
+        tmp_path,
+        [
+            {"command": "up", "input": model, "output": "out/a", "embed_dim_multiplier": 2},
+            {"command": "up", "input": model, "output": "out/b", "embed_dim_multiplier": 2, "force": True},
+        ],
+    )
     one_line_error(batch(path), "job 2", "thesis.txt")
     assert not (tmp_path / "out" / "a").exists()  # nothing ran
 
@@ -134,19 +144,46 @@ def _alive(pid):
 
 def test_workers_die_with_a_killed_driver(tmp_path):
     """Before: SIGKILL of the driver left its workers blocked forever (~237 MB each)."""
-    big = build_checkpoint(tmp_path / "big", "llama", tie_word_embeddings=False, vocab_size=4096, hidden_size=256,
-                           intermediate_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
-    path = write_jobs(tmp_path, [{"command": "up", "input": big, "output": f"out/{i}", "embed_dim_multiplier": 3,
-                                  "up_proj_multiplier": 3, "max_shard_size": "1MB"} for i in range(4)])
-    driver = subprocess.Popen([sys.executable, "-m", "tensorscale.cli.main", "batch", path, "--jobs", "2", "-q",
-                               "--memory-budget", "2GiB"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    big = build_checkpoint(
+        tmp_path / "big",
+        "llama",
+        tie_word_embeddings=False,
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    path = write_jobs(
+        tmp_path,
+        [
+            {
+                "command": "up",
+                "input": big,
+                "output": f"out/{i}",
+                "embed_dim_multiplier": 3,
+                "up_proj_multiplier": 3,
+                "max_shard_size": "1MB",
+            }
+            for i in range(4)
+        ],
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "tensorscale.cli.main", "batch", path, "--jobs", "2", "-q", "--memory-budget", "2GiB"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     workers = []
     deadline = time.time() + 120
 
     def writing():  # a shard file in a temporary folder: the workers are past start-up, at work
         try:
-            return any(name.endswith(".safetensors") for folder in (tmp_path / "out").glob(".*tensorscale-tmp-*")
-                       for name in os.listdir(folder))
+            return any(
+                name.endswith(".safetensors")
+                for folder in (tmp_path / "out").glob(".*tensorscale-tmp-*")
+                for name in os.listdir(folder)
+            )
         except OSError:
             return False
 

@@ -54,5 +54,6 @@ def test_remove_layers_renumbers_and_meets_the_budget(bench):
     assert indices == set(range(layers - 1))
     assert sum(t.numel() for t in out.values()) <= total - 1
     # layer 2 became layer 1: same tensors
-    assert all(out[name.replace(".layers.2.", ".layers.1.")] is weights[name]
-               for name in weights if ".layers.2." in name)
+    assert all(
+        out[name.replace(".layers.2.", ".layers.1.")] is weights[name] for name in weights if ".layers.2." in name
+    )

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures import build_checkpoint, load, logits, read_config, relative_logit_error
+
 from tensorscale.convert import execute_plan, plan_down, run_up
 from tensorscale.ops.library import Fused, Merge
 from tensorscale.planning.plan import DownOptions, UpOptions
@@ -29,16 +29,19 @@ def down(source, output, n, m, **kwargs):
 
 def same_config(a, b):
     ignored = {"transformers_version"}
-    return {k: v for k, v in read_config(a).items() if k not in ignored} == \
-        {k: v for k, v in read_config(b).items() if k not in ignored}
+    return {k: v for k, v in read_config(a).items() if k not in ignored} == {
+        k: v for k, v in read_config(b).items() if k not in ignored
+    }
 
 
 # ---- Gemma in bf16 -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def gemma_bf16(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("gemma-bf16"), "gemma", dtype=torch.bfloat16,
-                            tie_word_embeddings=True)
+    return build_checkpoint(
+        tmp_path_factory.mktemp("gemma-bf16"), "gemma", dtype=torch.bfloat16, tie_word_embeddings=True
+    )
 
 
 # (n, options, lowest, highest): measured relative logit error on this checkpoint in the comment.
@@ -95,11 +98,15 @@ def test_opt_layouts_up_and_down(tmp_path, case):
 
 # ---- GPT-2: n_inner null means 4·n_embd -------------------------------------------------------------
 
-@pytest.mark.parametrize("n_inner,n,m,expected", [
-    (None, 2, 1, 128),   # FFN kept at 128 while n_embd doubles: null would now mean 256, so it is written
-    (None, 2, 2, None),  # 4·64 = 256 is the default again: stays null
-    (64, 2, 3, 192),     # explicit: multiplied
-])
+
+@pytest.mark.parametrize(
+    "n_inner,n,m,expected",
+    [
+        (None, 2, 1, 128),  # FFN kept at 128 while n_embd doubles: null would now mean 256, so it is written
+        (None, 2, 2, None),  # 4·64 = 256 is the default again: stays null
+        (64, 2, 3, 192),  # explicit: multiplied
+    ],
+)
 def test_gpt2_n_inner(tmp_path, n_inner, n, m, expected):
     source = build_checkpoint(tmp_path / "src", "gpt2", n_inner=n_inner, tie_word_embeddings=False)
     out = up(source, tmp_path / "up", n, m)
@@ -111,6 +118,7 @@ def test_gpt2_n_inner(tmp_path, n_inner, n, m, expected):
 
 
 # ---- Phi-3: fused parts of one space fold with one clustering ---------------------------------------
+
 
 def _fused_merges(tensor):
     """The Merge of each part of the tensor's fused axis (None for a part left alone)."""
@@ -129,10 +137,14 @@ def test_phi3_fused_parts_share_clusters(tmp_path):
     for layer in range(2):
         prefix = f"model.layers.{layer}."
         gate, up_ = _fused_merges(by_name[prefix + "mlp.gate_up_proj.weight"])
-        (ffn_in,) = [op for op in by_name[prefix + "mlp.down_proj.weight"].ops if isinstance(op, Merge) and op.axis == 1]
+        (ffn_in,) = [
+            op for op in by_name[prefix + "mlp.down_proj.weight"].ops if isinstance(op, Merge) and op.axis == 1
+        ]
         assert gate.cluster == up_.cluster == ffn_in.cluster
         q, k, v = _fused_merges(by_name[prefix + "self_attn.qkv_proj.weight"])
-        (heads_in,) = [op for op in by_name[prefix + "self_attn.o_proj.weight"].ops if isinstance(op, Merge) and op.axis == 1]
+        (heads_in,) = [
+            op for op in by_name[prefix + "self_attn.o_proj.weight"].ops if isinstance(op, Merge) and op.axis == 1
+        ]
         assert k.cluster == v.cluster and q.cluster == heads_in.cluster
         assert sorted(set(k.cluster)) == [0, 1]
         # One q head per kv head, before and after: q head j folds exactly like kv head j.
@@ -144,6 +156,7 @@ def test_phi3_fused_parts_share_clusters(tmp_path):
 
 
 # ---- Gemma 2 with softcaps that bind ----------------------------------------------------------------
+
 
 def test_gemma2_softcapping(tmp_path):
     caps = dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0)
@@ -164,6 +177,7 @@ def test_gemma2_softcapping(tmp_path):
 
 # ---- refit through fused layers ----------------------------------------------------------------------
 
+
 def test_gpt2_refit_refuses_fused_tensors_in_one_line(tmp_path):
     """GPT-2's c_attn holds q, k and v in one Conv1D: refit cannot cut it yet, and says so before writing."""
     import subprocess
@@ -173,14 +187,32 @@ def test_gpt2_refit_refuses_fused_tensors_in_one_line(tmp_path):
 
     source = build_checkpoint(tmp_path / "src", "gpt2", tie_word_embeddings=False)
     save_tokenizer(source)
-    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o",
-                             str(tmp_path / "out"), "--method", "refit", "-edd", "2", "--calibration-tokens", "256"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorscale.cli.main",
+            "down",
+            "-i",
+            source,
+            "-o",
+            str(tmp_path / "out"),
+            "--method",
+            "refit",
+            "-edd",
+            "2",
+            "--calibration-tokens",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "fused" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 # ---- StableLM's per-head q/k norms (one tensor per head index) ------------------------------------
+
 
 @pytest.mark.parametrize("n, m, tie, snr", [(2, 2, False, 20.0), (3, 2, True, None)])
 def test_stablelm_per_head_norms_fold_back_exactly(tmp_path, n, m, tie, snr):
@@ -189,8 +221,14 @@ def test_stablelm_per_head_norms_fold_back_exactly(tmp_path, n, m, tie, snr):
     down(up(M)) is M again: the same tensor names (norms.0..A-1), values, config and logits."""
     from safetensors.torch import load_file
 
-    source = build_checkpoint(tmp_path / "src", "stablelm", tie_word_embeddings=tie, qk_layernorm=True,
-                              use_parallel_residual=True, use_qkv_bias=True)
+    source = build_checkpoint(
+        tmp_path / "src",
+        "stablelm",
+        tie_word_embeddings=tie,
+        qk_layernorm=True,
+        use_parallel_residual=True,
+        use_qkv_bias=True,
+    )
     up(source, tmp_path / "up", n, m, snr_db=snr)
     assert read_config(tmp_path / "up")["num_attention_heads"] == 4 * n
     plan = down(tmp_path / "up", tmp_path / "down", n, m)
@@ -226,14 +264,19 @@ def test_stablelm_per_head_norms_follow_a_real_head_fold(tmp_path):
     assert torch.isfinite(logits(model)).all()
 
 
-@pytest.mark.parametrize("unit_of, match, words", [
-    ("nope", r"norms\.(?P<h>\d+)\.weight", "must name a space"),
-    ("heads", r"norms\.(\d+)\.weight", r"group \(\?P<h>"),
-])
+@pytest.mark.parametrize(
+    "unit_of, match, words",
+    [
+        ("nope", r"norms\.(?P<h>\d+)\.weight", "must name a space"),
+        ("heads", r"norms\.(\d+)\.weight", r"group \(\?P<h>"),
+    ],
+)
 def test_replicate_unit_of_is_checked_when_the_rules_load(unit_of, match, words):
     from tensorscale.rulebook.schema import RulesError, load_rules_text
 
-    text = ("name: t\nspaces:\n  heads: {size: hidden_size, grow: n}\ntensors:\n"
-            f"  - match: '{match}'\n    replicate: {{count: n, name: 'norms.{{h}}.weight', unit_of: {unit_of}}}\n")
+    text = (
+        "name: t\nspaces:\n  heads: {size: hidden_size, grow: n}\ntensors:\n"
+        f"  - match: '{match}'\n    replicate: {{count: n, name: 'norms.{{h}}.weight', unit_of: {unit_of}}}\n"
+    )
     with pytest.raises(RulesError, match=words):
         load_rules_text(text)

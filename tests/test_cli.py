@@ -11,8 +11,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint, read_config, relative_logit_error, run_cli_in_fresh_process
+
 from tensorscale.cli.main import cli
 
 RULES_DIR = os.path.join(os.path.dirname(__file__), "..", "rules")
@@ -36,8 +36,13 @@ def run(*args, cwd=None):
 
 
 def run_process(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tensorscale.cli.main", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_desc_json(llama):
@@ -47,7 +52,9 @@ def test_desc_json(llama):
     from safetensors import safe_open
 
     with safe_open(os.path.join(llama, "model.safetensors"), "pt") as handle:
-        expected = sum(handle.get_slice(k).get_shape()[0] * (handle.get_slice(k).get_shape()[1:] or [1])[0] for k in handle.keys())
+        expected = sum(
+            handle.get_slice(k).get_shape()[0] * (handle.get_slice(k).get_shape()[1:] or [1])[0] for k in handle.keys()
+        )
     assert isinstance(data["total_parameters"], int) and data["total_parameters"] == expected
     assert set(data["parameters_by_component"]) == {"embeddings", "attention", "mlp", "norms", "head"}
     assert sum(data["parameters_by_component"].values()) == expected
@@ -155,7 +162,10 @@ def test_rules_list_and_show():
 BAD_RULES = {
     "invalid YAML": ("name: x\ntensors: [\n", "invalid YAML"),
     "unknown op": ("name: x\ntensors:\n  - match: '.*'\n    ops: [{explode: {axis: 0}}]\n", "unknown op 'explode'"),
-    "code in an expression": ("name: x\ntensors:\n  - match: '.*'\n    scale: \"__import__('os').getcwd()\"\n", "not allowed"),
+    "code in an expression": (
+        "name: x\ntensors:\n  - match: '.*'\n    scale: \"__import__('os').getcwd()\"\n",
+        "not allowed",
+    ),
     "attribute access": ("name: x\ntensors:\n  - match: '.*'\n    scale: 'n.real'\n", "forbidden construct"),
     "bad regex": ("name: x\ntensors:\n  - match: '(unclosed'\n", "does not compile"),
     "unknown key": ("name: x\ntensors:\n  - match: '.*'\n    axe: [a]\n", "unknown key 'axe'"),

@@ -13,13 +13,15 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint, read_config
+
 from tensorscale.cli.main import cli
 
 # conftest silences tqdm for the whole suite; these tests look at progress, so their processes do not
-ENV = {**{k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")},
-       "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")},
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,9 @@ def run(*args, cwd=None):
 
 
 def process(*args, cwd=None, env=None, module="tensorscale"):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env or ENV)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env or ENV
+    )
 
 
 # ---------------------------------------------------------------- the model: MODEL or -i MODEL
@@ -65,11 +68,24 @@ def test_model_as_positional_argument_equals_input_option(llama, tmp_path):
     assert read_config(tmp_path / "down")["hidden_size"] == read_config(llama)["hidden_size"]
 
 
-@pytest.mark.parametrize("command", [["desc"], ["plan", "-edm", "2"], ["up", "-edm", "2"], ["down", "-edd", "2"],
-                                     ["rules", "check"], ["rules", "new"], ["gen"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["desc"],
+        ["plan", "-edm", "2"],
+        ["up", "-edm", "2"],
+        ["down", "-edd", "2"],
+        ["rules", "check"],
+        ["rules", "new"],
+        ["gen"],
+    ],
+)
 def test_model_given_twice_or_not_at_all_is_one_line(llama, tmp_path, command):
-    twice = run(*command, llama, "-i", llama, "-o", tmp_path / "out") if command[0] in ("up", "down") else \
-        run(*command, llama, "-i", llama)
+    twice = (
+        run(*command, llama, "-i", llama, "-o", tmp_path / "out")
+        if command[0] in ("up", "down")
+        else run(*command, llama, "-i", llama)
+    )
     assert twice.exit_code == 2 and twice.stdout == ""
     assert "the model is given twice" in twice.stderr and len(twice.stderr.strip().splitlines()) == 1
     missing = run(*command)
@@ -141,15 +157,17 @@ def test_down_shows_the_analysis_progress_and_quiet_or_json_silence_it(llama, tm
     unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}
 
     def down(out, *flags):
-        result = CliRunner().invoke(cli, ["down", llama, "-o", str(out), "-edd", "2", "-upd", "2", "--method", "fold",
-                                          *flags], env=unset)
+        result = CliRunner().invoke(
+            cli, ["down", llama, "-o", str(out), "-edd", "2", "-upd", "2", "--method", "fold", *flags], env=unset
+        )
         assert result.exit_code == 0, result.output
         return result
 
     shown = down(tmp_path / "a")
     lines = [line for line in shown.stderr.splitlines() if line.startswith("tensorscale: analysing")]
-    assert lines and lines[-1].startswith("tensorscale: analysing 100%") and lines[-1].endswith(", 2/2 layers)"), \
+    assert lines and lines[-1].startswith("tensorscale: analysing 100%") and lines[-1].endswith(", 2/2 layers)"), (
         shown.stderr
+    )
     assert shown.stderr.index("tensorscale: analysing") < shown.stderr.index("tensorscale: writing")
     for flag in ("-q", "--json"):
         silent = down(tmp_path / flag.strip("-"), flag)
@@ -162,7 +180,9 @@ def test_progress_variables_silence_progress(llama, tmp_path, variable):
     unset = {"TQDM_DISABLE": None, "HF_HUB_DISABLE_PROGRESS_BARS": None}
     shown = CliRunner().invoke(cli, ["up", llama, "-o", str(tmp_path / "a"), "-edm", "2"], env=unset)
     assert shown.exit_code == 0 and "tensorscale: writing 100%" in shown.stderr, shown.output
-    silenced = CliRunner().invoke(cli, ["up", llama, "-o", str(tmp_path / "b"), "-edm", "2"], env={**unset, variable: "1"})
+    silenced = CliRunner().invoke(
+        cli, ["up", llama, "-o", str(tmp_path / "b"), "-edm", "2"], env={**unset, variable: "1"}
+    )
     assert silenced.exit_code == 0 and silenced.stderr == "", silenced.output
 
 
@@ -178,8 +198,18 @@ def test_plain_progress_lines_every_ten_percent_not_too_often():
     progress.update(0, 4)
     progress.close()
     lines = stream.getvalue().splitlines()
-    assert [line.split()[2] for line in lines] == ["10%", "20%", "30%", "40%", "50%", "60%", "70%", "80%", "90%",
-                                                   "100%"]
+    assert [line.split()[2] for line in lines] == [
+        "10%",
+        "20%",
+        "30%",
+        "40%",
+        "50%",
+        "60%",
+        "70%",
+        "80%",
+        "90%",
+        "100%",
+    ]
     assert lines[-1].endswith("4/4 tensors)")
     quick = io.StringIO()
     progress = Progress(1000, "writing", stream=quick, clock=lambda: 0.0)  # all at once: the first line, the end
@@ -248,7 +278,9 @@ def test_help_texts():
     assert "after END-1" in " ".join(run("up", "--help").stdout.split())
     from tensorscale.cli.down_command import down
 
-    undocumented = [param.name for param in down.params if isinstance(param, __import__("click").Option) and not param.help]
+    undocumented = [
+        param.name for param in down.params if isinstance(param, __import__("click").Option) and not param.help
+    ]
     assert undocumented == []
 
 
@@ -273,9 +305,12 @@ def test_unknown_architecture_points_to_rules_new(llama, tmp_path):
 def test_bash_completion_script():
     result = process(env={**ENV, "_TENSORSCALE_COMPLETE": "bash_source"})
     assert result.returncode == 0 and "_tensorscale_completion" in result.stdout
-    words = subprocess.run([sys.executable, "-m", "tensorscale"], capture_output=True, text=True,
-                           env={**ENV, "_TENSORSCALE_COMPLETE": "bash_complete", "COMP_WORDS": "tensorscale ru",
-                                "COMP_CWORD": "1"})
+    words = subprocess.run(
+        [sys.executable, "-m", "tensorscale"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "_TENSORSCALE_COMPLETE": "bash_complete", "COMP_WORDS": "tensorscale ru", "COMP_CWORD": "1"},
+    )
     assert "rules" in words.stdout
 
 

@@ -11,12 +11,11 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures import TINY, build_checkpoint, load, logits, read_config, relative_logit_error
 from safetensors import safe_open
 
-from fixtures import TINY, build_checkpoint, load, logits, read_config, relative_logit_error
 from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
-from tensorscale.errors import TensorscaleError
 from tensorscale.planning.plan import DownOptions, UpOptions
 from tensorscale.rulebook.schema import RulesError, load_rules_text
 
@@ -109,12 +108,15 @@ def test_add_layers_with_width_growth(model_type, tmp_path):
     assert error <= TOLERANCE
 
 
-@pytest.mark.parametrize("model_type,overrides", [
-    ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True)),  # per-head norms replicated by name template
-    ("gpt_neox", dict(use_parallel_residual=False)),
-    ("phi", dict(qk_layernorm=True)),
-    ("llama", dict(tie_word_embeddings=True)),
-])
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True)),  # per-head norms replicated by name template
+        ("gpt_neox", dict(use_parallel_residual=False)),
+        ("phi", dict(qk_layernorm=True)),
+        ("llama", dict(tie_word_embeddings=True)),
+    ],
+)
 def test_add_layers_variants(model_type, overrides, tmp_path):
     source = build(tmp_path / "src", model_type, **overrides)
     up(source, tmp_path / "out", 2, 1, add_layers=2, insert_at=(0, 3), snr_db=20.0, seed=3)
@@ -134,8 +136,10 @@ LISTS = {
     "qwen2": (dict(use_sliding_window=True, sliding_window=3, max_window_layers=2), {"layer_types": [F, F, S, S]}),
     "qwen3": (dict(use_sliding_window=True, sliding_window=3, max_window_layers=2), {"layer_types": [F, F, S, S]}),
     # NoPE layers (0) are the sliding ones
-    "smollm3": (dict(no_rope_layers=[1, 0, 1, 0], use_sliding_window=True, sliding_window=3),
-                {"no_rope_layers": [1, 0, 1, 0], "layer_types": [F, S, F, S]}),
+    "smollm3": (
+        dict(no_rope_layers=[1, 0, 1, 0], use_sliding_window=True, sliding_window=3),
+        {"no_rope_layers": [1, 0, 1, 0], "layer_types": [F, S, F, S]},
+    ),
 }
 
 
@@ -191,6 +195,7 @@ def test_default_positions_spread_evenly(tmp_path):
 
 # --- duplicate-layers -------------------------------------------------------------------------------------
 
+
 def test_duplicate_layers(tmp_path):
     source = build(tmp_path / "src", "gemma2", layers=4, sliding_window=3)
     up(source, tmp_path / "out", duplicate_layers="1:3")
@@ -223,8 +228,19 @@ def test_duplicate_layers_cli_reports_the_change(tmp_path):
     assert line and "relative logit error" in line[0] and "FAIL" not in result.output
     MEASURED["llama duplicate 1:3 (verify)"] = float(line[0].split("relative logit error ")[1].split(",")[0])
     assert read_config(tmp_path / "out")["num_hidden_layers"] == 6
-    result = run("up", "-i", source, "-o", str(tmp_path / "json"), "--duplicate-layers", "0:1", "--add-layers", "1",
-                 "--verify", "--json")
+    result = run(
+        "up",
+        "-i",
+        source,
+        "-o",
+        str(tmp_path / "json"),
+        "--duplicate-layers",
+        "0:1",
+        "--add-layers",
+        "1",
+        "--verify",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["depth"]["function_preserving"] is False and summary["depth"]["layers"] == 6
@@ -240,8 +256,19 @@ def test_add_layers_cli_and_plan(tmp_path):
     renamed = {t["name"]: t["source"] for t in data["tensors"]}
     assert renamed["model.layers.4.mlp.up_proj.weight"] == "model.layers.3.mlp.up_proj.weight"
     assert renamed["model.layers.5.mlp.down_proj.weight"] == "model.layers.3.mlp.down_proj.weight"
-    result = run("up", "-i", source, "-o", str(tmp_path / "out"), "--add-layers", "2", "--max-shard-size", "40KB",
-                 "--verify", "-q")
+    result = run(
+        "up",
+        "-i",
+        source,
+        "-o",
+        str(tmp_path / "out"),
+        "--add-layers",
+        "2",
+        "--max-shard-size",
+        "40KB",
+        "--verify",
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "identity layers" in result.output
     with open(tmp_path / "out" / "model.safetensors.index.json") as handle:
@@ -252,21 +279,25 @@ def test_add_layers_cli_and_plan(tmp_path):
 
 # --- mistakes ----------------------------------------------------------------------------------------------
 
+
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--at", "1"], ["--at", "--add-layers"]),
-    (["--add-layers", "2", "--at", "1"], ["1 position", "2"]),
-    (["--add-layers", "1", "--at", "5"], ["out of range", "3 layers"]),
-    (["--add-layers", "1", "--at", "-1"], ["out of range"]),
-    (["--add-layers", "1", "--at", "x"], ["--at", "commas"]),
-    (["--add-layers", "-1"], ["--add-layers", ">= 0"]),
-    (["--duplicate-layers", "2:1"], ["out of range", "START < END"]),
-    (["--duplicate-layers", "0:4"], ["out of range"]),
-    (["--duplicate-layers", "one:two"], ["START:END"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--at", "1"], ["--at", "--add-layers"]),
+        (["--add-layers", "2", "--at", "1"], ["1 position", "2"]),
+        (["--add-layers", "1", "--at", "5"], ["out of range", "3 layers"]),
+        (["--add-layers", "1", "--at", "-1"], ["out of range"]),
+        (["--add-layers", "1", "--at", "x"], ["--at", "commas"]),
+        (["--add-layers", "-1"], ["--add-layers", ">= 0"]),
+        (["--duplicate-layers", "2:1"], ["out of range", "START < END"]),
+        (["--duplicate-layers", "0:4"], ["out of range"]),
+        (["--duplicate-layers", "one:two"], ["START:END"]),
+    ],
+)
 def test_bad_depth_options_are_one_line(tmp_path, args, words):
     source = build(tmp_path / "src", "llama")
     for command in ("up", "plan"):
@@ -303,7 +334,10 @@ def test_rules_without_depth_and_inexact_architectures(tmp_path):
 
 def test_depth_section_is_checked_when_loaded():
     base = "name: x\ntensors:\n  - {match: 'a\\.(?P<layer>\\d+)\\.w'}\n"
-    assert load_rules_text(base + "depth: {count: n_layer, identity: [{match: 'a\\.\\d+\\.w', fill: 0}]}").depth.count == "n_layer"
+    assert (
+        load_rules_text(base + "depth: {count: n_layer, identity: [{match: 'a\\.\\d+\\.w', fill: 0}]}").depth.count
+        == "n_layer"
+    )
     for bad, words in (
         ("depth: {group: block}", "captured by no tensor rule"),
         ("depth: {layers: 3}", "unknown key"),

@@ -12,8 +12,8 @@ import threading
 
 import pytest
 import torch
-
 from fixtures import build_checkpoint
+
 from tensorscale.convert import run_up
 from tensorscale.planning.plan import UpOptions
 from tensorscale.writing import direct, execute, safetensors_writer
@@ -22,7 +22,9 @@ from tensorscale.writing.safetensors_writer import ShardFile
 
 
 def random_layout(rng, count, max_size):
-    sizes = [rng.choice([1, 2, 3, 7, 8, 100, ALIGN - 1, ALIGN, ALIGN + 1, rng.randrange(1, max_size)]) for _ in range(count)]
+    sizes = [
+        rng.choice([1, 2, 3, 7, 8, 100, ALIGN - 1, ALIGN, ALIGN + 1, rng.randrange(1, max_size)]) for _ in range(count)
+    ]
     offsets, at = [], 0
     for size in sizes:
         offsets.append(at)
@@ -52,13 +54,15 @@ def test_random_pieces_any_order_any_thread(tmp_path, mode, seed):
     def work(part):
         for offset, size in part:
             if rng.random() < 0.5:
-                out.write_tensor_bytes(torch.frombuffer(bytearray(payload[offset:offset + size]), dtype=torch.uint8), offset)
+                out.write_tensor_bytes(
+                    torch.frombuffer(bytearray(payload[offset : offset + size]), dtype=torch.uint8), offset
+                )
             else:  # through a stream, in uneven chunks
                 stream = out.stream([offset], size, 3 * ALIGN)
                 done = 0
                 while done < size:
                     step = min(size - done, 1 + rng.randrange(3 * ALIGN))
-                    stream.write(payload[offset + done: offset + done + step])
+                    stream.write(payload[offset + done : offset + done + step])
                     done += step
                 stream.close()
 
@@ -91,9 +95,9 @@ def test_stream_with_copies_and_gaps(tmp_path, mode):
     stream.close()
     out.finish()
     expected = bytearray(len(header) + data_size)
-    expected[:len(header)] = header
-    expected[len(header):len(header) + size] = payload
-    expected[len(header) + gap:len(header) + gap + size] = payload
+    expected[: len(header)] = header
+    expected[len(header) : len(header) + size] = payload
+    expected[len(header) + gap : len(header) + gap + size] = payload
     assert open(path, "rb").read() == bytes(expected)
 
 
@@ -121,7 +125,7 @@ def test_refused_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
     path = str(tmp_path / "z.bin")
     out = ShardFile(path, b"x" * 16, data_size)
     for offset, size in layout:
-        out.write_tensor_bytes(torch.frombuffer(bytearray(payload[offset:offset + size]), dtype=torch.uint8), offset)
+        out.write_tensor_bytes(torch.frombuffer(bytearray(payload[offset : offset + size]), dtype=torch.uint8), offset)
     if direct_fds:  # O_DIRECT was offered here: it was given up once refused
         assert not out.direct
     out.finish()
@@ -129,12 +133,15 @@ def test_refused_direct_io_falls_back_to_buffered(tmp_path, monkeypatch):
 
 
 def digest_folder(folder):
-    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(folder))}
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+    }
 
 
-@pytest.mark.parametrize("options", [UpOptions(2, 2), UpOptions(3, 2, snr_db=20.0, seed=1),
-                                     UpOptions(2, 3, max_shard_size=30_000)])
+@pytest.mark.parametrize(
+    "options", [UpOptions(2, 2), UpOptions(3, 2, snr_db=20.0, seed=1), UpOptions(2, 3, max_shard_size=30_000)]
+)
 def test_up_same_bytes_direct_or_buffered(tmp_path, monkeypatch, options):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
     monkeypatch.setattr(execute, "CHUNK_BYTES", 4096)  # many chunks, carried block ends, shared tiles
@@ -142,7 +149,9 @@ def test_up_same_bytes_direct_or_buffered(tmp_path, monkeypatch, options):
     run_up(source, str(tmp_path / "hashed"), options, show_progress=False, verify_files=True)  # no sharing
     monkeypatch.setattr(direct, "ENABLED", False)
     run_up(source, str(tmp_path / "buffered"), options, show_progress=False)
-    assert digest_folder(tmp_path / "direct") == digest_folder(tmp_path / "buffered") == digest_folder(tmp_path / "hashed")
+    assert (
+        digest_folder(tmp_path / "direct") == digest_folder(tmp_path / "buffered") == digest_folder(tmp_path / "hashed")
+    )
 
 
 def test_typed_view_refuses_misaligned_bytes():

@@ -8,17 +8,16 @@ import os
 
 import pytest
 import torch
+from fixtures import TINY, build_checkpoint, load, logits, read_config, relative_logit_error
 from safetensors.torch import load_file, save_file
 
-from fixtures import TINY, build_checkpoint, load, logits, read_config, relative_logit_error
 from tensorscale.convert import execute_plan, plan_down, run_up
 from tensorscale.errors import TensorscaleError
-from tensorscale.planning.plan import DownOptions, UpOptions
+from tensorscale.planning.plan import DownOptions, UpOptions, evaluate_env
 from tensorscale.reading.source import open_source
+from tensorscale.rulebook.evaluate import match_rule
 from tensorscale.rulebook.registry import resolve_rules
 from tensorscale.rulebook.schema import split_role
-from tensorscale.planning.plan import evaluate_env
-from tensorscale.rulebook.evaluate import match_rule
 
 TOLERANCE = 1e-5
 IGNORED_CONFIG = {"transformers_version"}
@@ -44,7 +43,9 @@ def tensors(folder):
 
 def assert_same_model(original, folded):
     a, b = read_config(original), read_config(folded)
-    assert {k: v for k, v in a.items() if k not in IGNORED_CONFIG} == {k: v for k, v in b.items() if k not in IGNORED_CONFIG}
+    assert {k: v for k, v in a.items() if k not in IGNORED_CONFIG} == {
+        k: v for k, v in b.items() if k not in IGNORED_CONFIG
+    }
     wa, wb = tensors(original), tensors(folded)
     assert sorted(wa) == sorted(wb)
     for name in wa:
@@ -75,9 +76,12 @@ def sources(model_type, tmp_path_factory):
 def test_down_inverts_up(sources, tmp_path, case):
     spec = CASES[case]
     source = sources[spec["tie"]]
-    run_up(source, str(tmp_path / "up"),
-           UpOptions(spec["n"], spec["m"], snr_db=spec["snr"], untie_embeddings=spec["untie"]),
-           show_progress=False)
+    run_up(
+        source,
+        str(tmp_path / "up"),
+        UpOptions(spec["n"], spec["m"], snr_db=spec["snr"], untie_embeddings=spec["untie"]),
+        show_progress=False,
+    )
     plan = down(tmp_path / "up", tmp_path / "down", embed_dim_divisor=spec["n"], up_proj_divisor=spec["m"])
     assert all(fold.exact for fold in plan.down.folds.by_key.values())
     if spec["untie"]:
@@ -86,6 +90,7 @@ def test_down_inverts_up(sources, tmp_path, case):
 
 
 # ---- permuted and noisy inputs: the tests tell cluster-fold from a naive slice -----------------------
+
 
 def _roles(folder):
     """For each tensor: its axis roles, from the shipped rules (so the test needs no per-name knowledge)."""
@@ -134,9 +139,12 @@ def naive_slice(folder, output, n, m, rescale):
         out[name] = tensor.contiguous()
     os.makedirs(output, exist_ok=True)
     save_file(out, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
-    config.update(hidden_size=config["hidden_size"] // n, intermediate_size=config["intermediate_size"] // m,
-                  num_attention_heads=config["num_attention_heads"] // n,
-                  num_key_value_heads=config["num_key_value_heads"] // n)
+    config.update(
+        hidden_size=config["hidden_size"] // n,
+        intermediate_size=config["intermediate_size"] // m,
+        num_attention_heads=config["num_attention_heads"] // n,
+        num_key_value_heads=config["num_key_value_heads"] // n,
+    )
     with open(os.path.join(output, "config.json"), "w") as handle:
         json.dump(config, handle)
     return output
@@ -150,13 +158,16 @@ def llama(tmp_path_factory):
 def test_slice_inverts_plain_tiling_only(llama, tmp_path):
     """On plain tiling a rescaled slice also looks exact: that is why the tests permute and add noise."""
     run_up(llama, str(tmp_path / "up"), UpOptions(2, 2), show_progress=False)
-    assert relative_logit_error(llama, naive_slice(tmp_path / "up", tmp_path / "slice", 2, 2, rescale=True)) <= TOLERANCE
+    assert (
+        relative_logit_error(llama, naive_slice(tmp_path / "up", tmp_path / "slice", 2, 2, rescale=True)) <= TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("variant", ["permuted", "noisy", "permuted and noisy"])
 def test_down_passes_where_a_slice_fails(llama, tmp_path, variant):
-    run_up(llama, str(tmp_path / "up"), UpOptions(2, 2, snr_db=20.0 if "noisy" in variant else None),
-           show_progress=False)
+    run_up(
+        llama, str(tmp_path / "up"), UpOptions(2, 2, snr_db=20.0 if "noisy" in variant else None), show_progress=False
+    )
     grown = tmp_path / "up"
     if "permuted" in variant:
         grown = permute_hidden(tmp_path / "up", tmp_path / "permuted")
@@ -170,12 +181,19 @@ def test_down_passes_where_a_slice_fails(llama, tmp_path, variant):
 
 # ---- any target the architecture allows ------------------------------------------------------------
 
+
 def test_non_divisor_targets(llama, tmp_path):
     """RMSNorm models take any sizes: 32 -> 24 hidden (clusters of 1 and 2, with the S factor)."""
-    plan = down(llama, tmp_path / "out", hidden_size=24, intermediate_size=40, num_attention_heads=3, num_key_value_heads=1)
+    plan = down(
+        llama, tmp_path / "out", hidden_size=24, intermediate_size=40, num_attention_heads=3, num_key_value_heads=1
+    )
     config = read_config(tmp_path / "out")
-    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
-            config["num_key_value_heads"]) == (24, 40, 3, 1)
+    assert (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+    ) == (24, 40, 3, 1)
     model, info = load(tmp_path / "out")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.isfinite(logits(model)).all()
@@ -208,6 +226,7 @@ def test_impossible_targets(tmp_path, model_type, options, message):
 
 # ---- calibration ---------------------------------------------------------------------------------
 
+
 def test_calibration_errors_are_one_line(tmp_path):
     import subprocess
     import sys
@@ -216,38 +235,92 @@ def test_calibration_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  ")
     for text, message in ((str(empty), "is empty"), (str(tmp_path / "missing.txt"), "cannot read calibration text")):
-        result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o",
-                                 str(tmp_path / "out"), "-edd", "2", "--calibration", text], capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tensorscale.cli.main",
+                "down",
+                "-i",
+                source,
+                "-o",
+                str(tmp_path / "out"),
+                "-edd",
+                "2",
+                "--calibration",
+                text,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    no_tokenizer = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o",
-                                   str(tmp_path / "out"), "-edd", "2", "--calibration", __file__], capture_output=True, text=True)
+    no_tokenizer = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorscale.cli.main",
+            "down",
+            "-i",
+            source,
+            "-o",
+            str(tmp_path / "out"),
+            "-edd",
+            "2",
+            "--calibration",
+            __file__,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert no_tokenizer.returncode == 2 and "no tokenizer" in no_tokenizer.stderr
     assert not (tmp_path / "out").exists()
 
 
 # ---- merged tensors are written a slice of clusters at a time ---------------------------------------
 
-@pytest.mark.parametrize("model_type,dtype,targets", [
-    ("llama", torch.bfloat16, dict(hidden_size=24, intermediate_size=40, num_attention_heads=3, num_key_value_heads=1)),
-    ("phi", torch.float32, dict(embed_dim_divisor=2, up_proj_divisor=2)),
-    ("phi3", torch.bfloat16, dict(embed_dim_divisor=2, up_proj_divisor=2)),
-    ("gpt2", torch.float32, dict(embed_dim_divisor=2, up_proj_divisor=2)),
-])
+
+@pytest.mark.parametrize(
+    "model_type,dtype,targets",
+    [
+        (
+            "llama",
+            torch.bfloat16,
+            dict(hidden_size=24, intermediate_size=40, num_attention_heads=3, num_key_value_heads=1),
+        ),
+        ("phi", torch.float32, dict(embed_dim_divisor=2, up_proj_divisor=2)),
+        ("phi3", torch.bfloat16, dict(embed_dim_divisor=2, up_proj_divisor=2)),
+        ("gpt2", torch.float32, dict(embed_dim_divisor=2, up_proj_divisor=2)),
+    ],
+)
 def test_merged_tensors_written_in_slices_match_whole_tensors(tmp_path, monkeypatch, model_type, dtype, targets):
     """One cluster per slice (uneven clusters, multi-row head units, bf16 and float32) gives the bytes of
     merging each tensor whole, and --verify-files re-reads them."""
     from tensorscale.writing import execute, merged_rows
 
     source = build_checkpoint(tmp_path / "src", model_type, dtype=dtype, tie_word_embeddings=False)
-    plan = plan_down(str(source), DownOptions(targets={k: v for k, v in targets.items() if k in TARGET_KEYS},
-                                          **{k: v for k, v in targets.items() if k not in TARGET_KEYS}))
+    plan = plan_down(
+        str(source),
+        DownOptions(
+            targets={k: v for k, v in targets.items() if k in TARGET_KEYS},
+            **{k: v for k, v in targets.items() if k not in TARGET_KEYS},
+        ),
+    )
     sliced = []
-    monkeypatch.setattr(execute, "write_merged_rows", lambda tensor, *rest: sliced.append(tensor.name) or
-                        merged_rows.write_merged_rows(tensor, *rest))
+    monkeypatch.setattr(
+        execute,
+        "write_merged_rows",
+        lambda tensor, *rest: sliced.append(tensor.name) or merged_rows.write_merged_rows(tensor, *rest),
+    )
     monkeypatch.setattr(merged_rows, "SLICE_BYTES", 1)
     execute_plan(plan, str(tmp_path / "sliced"), show_progress=False, verify_files=True)
-    mixing = {t.name for shard in plan.shards for t in shard.tensors
-              if t.row_map is None and len(t.out_shape) == 2 and any(op.axis == 0 and op.name in ("merge", "fused") for op in t.ops)}
+    mixing = {
+        t.name
+        for shard in plan.shards
+        for t in shard.tensors
+        if t.row_map is None
+        and len(t.out_shape) == 2
+        and any(op.axis == 0 and op.name in ("merge", "fused") for op in t.ops)
+    }
     assert set(sliced) == mixing  # every merged matrix, fused ones included
     assert any("attn" in name for name in sliced) and any("mlp" in name for name in sliced)
     monkeypatch.setattr(execute, "row_merge", lambda tensor: None)

@@ -37,9 +37,27 @@ def test_refit_keeps_the_real_model_working_at_ten_percent(tmp_path):
     folder = real_model_folder("float32")
     text = tmp_path / "calibration.txt"
     text.write_text(calibration_text()[:400_000])
-    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", "-i", folder, "-o",
-                             str(tmp_path / "small"), "--intermediate-size", "1280", "--calibration", str(text),
-                             "--calibration-tokens", "4096", "-q"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorscale.cli.main",
+            "down",
+            "-i",
+            folder,
+            "-o",
+            str(tmp_path / "small"),
+            "--intermediate-size",
+            "1280",
+            "--calibration",
+            str(text),
+            "--calibration-tokens",
+            "4096",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     tokenizer = AutoTokenizer.from_pretrained(folder)
     reference = real_eval.Reference(real_eval.load(folder), real_eval.domain_windows(tokenizer, eval_texts(), 2048))

@@ -8,8 +8,8 @@ import os
 from dataclasses import replace
 
 import pytest
-
 from fixtures import build_checkpoint, relative_logit_error
+
 from tensorscale.convert import plan_conversion, run_up
 from tensorscale.planning.plan import UpOptions
 from tensorscale.reading.tensor_reader import ShardReader
@@ -18,8 +18,10 @@ from tensorscale.writing.execute import write_shard
 
 
 def digest_folder(folder):
-    return {name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(folder))}
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +78,21 @@ def test_reading_a_list_of_rows_gives_those_rows(tmp_path, monkeypatch, skip_byt
     monkeypatch.setattr(tensor_reader, "SKIP_BYTES", skip_bytes)
     monkeypatch.setattr(tensor_reader, "IOV_MAX", iov_max)
     generator = torch.Generator().manual_seed(skip_bytes + iov_max)
-    weights = {"a": torch.randn(3, 101, 4, generator=generator).to(torch.bfloat16), "w": torch.randn(200, 6, generator=generator)}
+    weights = {
+        "a": torch.randn(3, 101, 4, generator=generator).to(torch.bfloat16),
+        "w": torch.randn(200, 6, generator=generator),
+    }
     save_file(weights, str(tmp_path / "t.safetensors"))
     info = read_header(str(tmp_path / "t.safetensors")).tensors["w"]
     with ShardReader() as reader:
-        for rows in ([], [0], [199], list(range(200)), [0, 1, 2, 5, 6, 40, 41, 199],
-                     sorted(torch.randperm(200, generator=generator)[:70].tolist())):
+        for rows in (
+            [],
+            [0],
+            [199],
+            list(range(200)),
+            [0, 1, 2, 5, 6, 40, 41, 199],
+            sorted(torch.randperm(200, generator=generator)[:70].tolist()),
+        ):
             got = reader.read_row_list(info, rows)
             assert got.shape == (len(rows), 6)
             assert torch.equal(got, weights["w"][rows])

@@ -21,9 +21,9 @@ def reference_merge(x: torch.Tensor, op: Merge) -> torch.Tensor:
     moved = x.movedim(op.axis, 0)
     out = torch.zeros((len(op.scale) * op.unit, *moved.shape[1:]))
     for i, c in enumerate(op.cluster):
-        out[c * op.unit:(c + 1) * op.unit] += op.weight[i] * moved[i * op.unit:(i + 1) * op.unit]
+        out[c * op.unit : (c + 1) * op.unit] += op.weight[i] * moved[i * op.unit : (i + 1) * op.unit]
     for c, s in enumerate(op.scale):
-        out[c * op.unit:(c + 1) * op.unit] *= s
+        out[c * op.unit : (c + 1) * op.unit] *= s
     return out.movedim(0, op.axis)
 
 
@@ -37,8 +37,18 @@ def random_merge(axis: int, units: int, clusters: int, unit: int, generator, emp
     return Merge(axis, labels.tolist(), weight, scale, unit)
 
 
-@pytest.mark.parametrize("shape,axis,unit", [((24, 7), 0, 1), ((7, 24), 1, 1), ((5, 24, 3), 1, 1), ((24,), 0, 1),
-                                             ((48, 5), 0, 4), ((5, 48), 1, 4), ((3, 5, 48), 2, 4)])
+@pytest.mark.parametrize(
+    "shape,axis,unit",
+    [
+        ((24, 7), 0, 1),
+        ((7, 24), 1, 1),
+        ((5, 24, 3), 1, 1),
+        ((24,), 0, 1),
+        ((48, 5), 0, 4),
+        ((5, 48), 1, 4),
+        ((3, 5, 48), 2, 4),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("empty", [False, True])
 def test_merge_matches_its_definition(shape, axis, unit, dtype, empty):
@@ -92,8 +102,9 @@ def test_lifted_projection_equals_lift_then_project(monkeypatch, max_samples, li
     folds = Folds()
     labels = torch.cat([torch.arange(40), torch.randint(0, 40, (24,), generator=generator)])
     folds.by_key[("hidden", None)] = Fold(labels[torch.randperm(hidden, generator=generator)].tolist(), 40)
-    match = analysis.Match("model.layers.0.mlp.gate_proj.weight", None,
-                           _Rule(["ffn", "hidden.in" if lifted else "-"]), {"layer": 0})
+    match = analysis.Match(
+        "model.layers.0.mlp.gate_proj.weight", None, _Rule(["ffn", "hidden.in" if lifted else "-"]), {"layer": 0}
+    )
     match.info = type("Info", (), {"shape": (ffn, hidden), "dtype": "F32"})()
     rows = torch.randn(ffn, hidden, generator=generator)
     projection = analysis._lifted_projection(match, spaces, folds)
@@ -131,8 +142,10 @@ def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkey
     monkeypatch.setattr(analysis, "SAMPLE_READ_BYTES", 300)  # many spans of sampled rows on a small tensor
     monkeypatch.setattr(analysis, "STREAM_ELEMENTS", 100)  # and many row chunks
     generator = torch.Generator().manual_seed(3)
-    weights = {"reader": torch.randn(96, 24, generator=generator).to(dtype),
-               "writer": torch.randn(48, 20, generator=generator).to(dtype)}
+    weights = {
+        "reader": torch.randn(96, 24, generator=generator).to(dtype),
+        "writer": torch.randn(48, 20, generator=generator).to(dtype),
+    }
     path = str(tmp_path / "w.safetensors")
     save_file(weights, path)
     infos = read_header(path).tensors
@@ -149,6 +162,7 @@ def test_streamed_global_sketches_equal_the_whole_tensor_sketch(tmp_path, monkey
 
 # ---- slices of a merge, the balanced assignment, byte-sized blocks ------------------------------------
 
+
 @pytest.mark.parametrize("unit", [1, 3])
 @pytest.mark.parametrize("empty", [False, True])
 def test_a_merge_part_gives_its_slice_of_the_output_bit_for_bit(unit, empty):
@@ -164,7 +178,7 @@ def test_a_merge_part_gives_its_slice_of_the_output_bit_for_bit(unit, empty):
         covered += members.tolist()
         rows = (members[:, None] * unit + torch.arange(unit)).reshape(-1)
         got = part.apply(x[rows], OpContext(torch.float32), 0)
-        assert torch.equal(got, whole[first * unit:stop * unit])
+        assert torch.equal(got, whole[first * unit : stop * unit])
     assert sorted(covered) == list(range(units))
 
 
@@ -211,12 +225,19 @@ def test_small_blocks_find_the_same_copies_and_as_good_clusters(monkeypatch):
     differently (a one-row product is not summed like a block), so its clusters are compared by cost."""
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(48, 16, generator=generator)
-    features = torch.cat([base, base + 1e-7 * torch.randn(48, 16, generator=generator), torch.randn(30, 16, generator=generator)])
+    features = torch.cat(
+        [base, base + 1e-7 * torch.randn(48, 16, generator=generator), torch.randn(30, 16, generator=generator)]
+    )
     results = []
     for block_bytes in (clustering.BLOCK_BYTES, 1):
         monkeypatch.setattr(clustering, "BLOCK_BYTES", block_bytes)
-        results.append((clustering.duplicate_groups(features), clustering.kmeans(features, 40, equal=False),
-                        clustering.kmeans(features[:120], 40, equal=True)))
+        results.append(
+            (
+                clustering.duplicate_groups(features),
+                clustering.kmeans(features, 40, equal=False),
+                clustering.kmeans(features[:120], 40, equal=True),
+            )
+        )
     (groups, loose, balanced), (groups_small, loose_small, balanced_small) = results
     assert groups == groups_small
     assert all(groups[i] == groups[48 + i] for i in range(48)) and len(set(groups)) == 48 + 30
@@ -234,5 +255,7 @@ def test_a_fused_axis_of_merges_is_one_merge(dtype):
     x = torch.randn(40, 5, generator=generator).to(dtype)
     merged = fused.as_merge()
     assert merged.out_shape(x.shape) == fused.out_shape(x.shape) == (12 + 4 + 8, 5)
-    assert torch.equal(merged.apply(x, OpContext(torch.float32), 0), fused.apply(x, OpContext(torch.float32), 0).float())
+    assert torch.equal(
+        merged.apply(x, OpContext(torch.float32), 0), fused.apply(x, OpContext(torch.float32), 0).float()
+    )
     assert Fused(0, [24, 16], [[q], [Merge(1, [0], [1.0], [1.0])]]).as_merge() is None  # a part on another axis

@@ -13,9 +13,10 @@ import tempfile
 
 import pytest
 import yaml
-from hypothesis import example, given, strategies as st
-
 from fixtures import bounded_time, build_checkpoint
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from tensorscale.errors import TensorscaleError
 from tensorscale.reading.safetensors_header import DTYPE_SIZES, parse_header_bytes
 from tensorscale.rulebook.expr import Expression, ExpressionError
@@ -37,7 +38,11 @@ entries = st.fixed_dictionaries({}, optional={"dtype": dtypes, "shape": shapes, 
 headers = st.dictionaries(st.text(max_size=8), st.one_of(entries, st.integers(), st.lists(st.integers())), max_size=5)
 
 
-@given(header=headers, data_size=st.integers(0, 3000), metadata=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.one_of(st.text(max_size=3), st.integers()))))
+@given(
+    header=headers,
+    data_size=st.integers(0, 3000),
+    metadata=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.one_of(st.text(max_size=3), st.integers()))),
+)
 def test_header_reader_structured(header, data_size, metadata):
     if metadata is not None:
         header = {**header, "__metadata__": metadata}
@@ -77,9 +82,49 @@ def test_header_reader_lengths(length, body):
 
 # ---- expressions ---------------------------------------------------------------------------------
 
-TOKENS = ["n", "m", "hidden_size", "1", "0", "2.5", "-", "+", "*", "/", "//", "%", "**", "(", ")", " if ", " else ",
-          " and ", " or ", "not ", "==", "<", "cfg('x', 3)", "max(", ",", "min(", "'s'", "[", "]", ".real",
-          "__import__", "lambda", "x", "sqrt(", "int(", "len(", "abs(", " in ", "True", "None", "9" * 30]
+TOKENS = [
+    "n",
+    "m",
+    "hidden_size",
+    "1",
+    "0",
+    "2.5",
+    "-",
+    "+",
+    "*",
+    "/",
+    "//",
+    "%",
+    "**",
+    "(",
+    ")",
+    " if ",
+    " else ",
+    " and ",
+    " or ",
+    "not ",
+    "==",
+    "<",
+    "cfg('x', 3)",
+    "max(",
+    ",",
+    "min(",
+    "'s'",
+    "[",
+    "]",
+    ".real",
+    "__import__",
+    "lambda",
+    "x",
+    "sqrt(",
+    "int(",
+    "len(",
+    "abs(",
+    " in ",
+    "True",
+    "None",
+    "9" * 30,
+]
 
 
 @given(parts=st.lists(st.sampled_from(TOKENS), max_size=25))
@@ -103,15 +148,69 @@ def check_expression(text):
 
 # ---- rules files ---------------------------------------------------------------------------------
 
-leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.text(max_size=12),
-                 st.sampled_from(["n", "hidden_size * n", "hidden", "hidden.in", "-", ".*", "model\\..*", "(", "1/0",
-                                  "cfg('a')", "__import__('os')", "tile", "fused"]))
-KEYS = ["name", "detect", "let", "checks", "spaces", "config", "tensors", "create", "unmatched", "match", "axes", "ops",
-        "scale", "when", "replicate", "drop", "size", "grow", "unit", "clone", "axis", "times", "parts", "tile",
-        "tile_divide", "fused", "pad", "assert", "message", "from", "count", "model_type", "hidden"]
+leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.text(max_size=12),
+    st.sampled_from(
+        [
+            "n",
+            "hidden_size * n",
+            "hidden",
+            "hidden.in",
+            "-",
+            ".*",
+            "model\\..*",
+            "(",
+            "1/0",
+            "cfg('a')",
+            "__import__('os')",
+            "tile",
+            "fused",
+        ]
+    ),
+)
+KEYS = [
+    "name",
+    "detect",
+    "let",
+    "checks",
+    "spaces",
+    "config",
+    "tensors",
+    "create",
+    "unmatched",
+    "match",
+    "axes",
+    "ops",
+    "scale",
+    "when",
+    "replicate",
+    "drop",
+    "size",
+    "grow",
+    "unit",
+    "clone",
+    "axis",
+    "times",
+    "parts",
+    "tile",
+    "tile_divide",
+    "fused",
+    "pad",
+    "assert",
+    "message",
+    "from",
+    "count",
+    "model_type",
+    "hidden",
+]
 documents = st.recursive(
     leaf,
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.sampled_from(KEYS), children, max_size=5)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.sampled_from(KEYS), children, max_size=5)
+    ),
     max_leaves=30,
 )
 
@@ -137,10 +236,18 @@ def test_rules_parser_text(text):
 
 # ---- CLI argument combinations ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("fuzz") / "tiny", "llama", tie_word_embeddings=True,
-                            hidden_size=16, intermediate_size=16, num_hidden_layers=1, vocab_size=32)
+    return build_checkpoint(
+        tmp_path_factory.mktemp("fuzz") / "tiny",
+        "llama",
+        tie_word_embeddings=True,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        vocab_size=32,
+    )
 
 
 OPTIONS = st.lists(
@@ -150,12 +257,17 @@ OPTIONS = st.lists(
         st.tuples(st.just("--dtype"), st.sampled_from(["keep", "float32", "bfloat16", "float16", "int8"])),
         st.tuples(st.just("--max-shard-size"), st.sampled_from(["5GB", "1KB", "0", "-1MB", "1e3", "x"])),
         st.tuples(st.just("--seed"), st.sampled_from(["0", "-3", "x"])),
-        st.tuples(st.sampled_from(["--untie-embeddings", "--force", "--json", "-q", "--verify-files", "--manifest",
-                                   "--bogus"]),),
+        st.tuples(
+            st.sampled_from(
+                ["--untie-embeddings", "--force", "--json", "-q", "--verify-files", "--manifest", "--bogus"]
+            ),
+        ),
         # width, strategy and depth (the tiny model: hidden 16, FFN 16, 4 heads over 2 kv heads, 1 layer)
         st.tuples(st.just("--strategy"), st.sampled_from(["clone", "pad", "zeros"])),
-        st.tuples(st.sampled_from(["--hidden-size", "--intermediate-size", "--num-attention-heads",
-                                   "--num-key-value-heads"]), st.sampled_from(["24", "32", "16", "8", "6", "3", "0", "x"])),
+        st.tuples(
+            st.sampled_from(["--hidden-size", "--intermediate-size", "--num-attention-heads", "--num-key-value-heads"]),
+            st.sampled_from(["24", "32", "16", "8", "6", "3", "0", "x"]),
+        ),
         st.tuples(st.just("--add-layers"), st.sampled_from(["0", "1", "2", "-1", "x"])),
         st.tuples(st.just("--at"), st.sampled_from(["0", "1", "0,0", "5", "-1", "x", ""])),
         st.tuples(st.just("--duplicate-layers"), st.sampled_from(["0:1", "1:0", "0:5", "x", "::"])),
@@ -187,6 +299,7 @@ def test_cli_combinations(tiny, command, options):
 
 
 # ---- GGUF files ----------------------------------------------------------------------------------
+
 
 def _gguf_bytes(tmp_path_factory, model_type="llama", qtype="Q4_1", **overrides):
     from gguf_fixtures import build_gguf
@@ -237,8 +350,10 @@ def test_gguf_truncated_anywhere_in_the_header(tmp_path_factory, tmp_path):
             read_gguf_header(str(path))
 
 
-@given(edits=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=6),
-       spot=st.sampled_from(["header", "anywhere"]))
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=6),
+    spot=st.sampled_from(["header", "anywhere"]),
+)
 @example(edits=[(691, 0)], spot="header")  # a k_proj dimension set to 0: gguf-py raised on the empty tensor
 def test_gguf_corrupted_bytes(gguf_file, edits, spot):
     """Bytes of the header (counts, lengths, types, shapes, offsets) or data changed: a model or our error."""
@@ -286,24 +401,29 @@ def test_gguf_bad_inputs_are_one_line(gguf_file, tmp_path, tmp_path_factory):
     cases["truncated.gguf"] = (gguf_file[: len(gguf_file) - 1000], "truncated")
     cases["header-cut.gguf"] = (gguf_file[:200], "truncated")
     # an architecture we do not know (same length, so the header stays well formed)
-    cases["arch.gguf"] = (_patched(gguf_file, b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00lxama"),
-                          "architecture 'lxama' is not supported")
+    cases["arch.gguf"] = (
+        _patched(gguf_file, b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00lxama"),
+        "architecture 'lxama' is not supported",
+    )
     # a tensor whose ggml type id is unknown, and one of a type we do not read (Q2_K)
     name = b"blk.0.ffn_up.weight"
     at = gguf_file.index(name) + len(name) + 4 + 16  # n_dims, 2 dims, then the type
-    cases["type.gguf"] = (gguf_file[:at] + struct.pack("<I", 99) + gguf_file[at + 4:], "unknown ggml type 99")
+    cases["type.gguf"] = (gguf_file[:at] + struct.pack("<I", 99) + gguf_file[at + 4 :], "unknown ggml type 99")
     q2k = struct.pack("<I", int(gguf_py.GGMLQuantizationType.Q2_K))
-    cases["q2k.gguf"] = (gguf_file[:at] + q2k + gguf_file[at + 4:], None)  # sizes change: refused either way
+    cases["q2k.gguf"] = (gguf_file[:at] + q2k + gguf_file[at + 4 :], None)  # sizes change: refused either way
     # metadata that disagrees with the shapes: embedding_length 256 -> 512
     key = b"llama.embedding_length"
     at = gguf_file.index(key) + len(key) + 4
-    cases["sizes.gguf"] = (gguf_file[:at] + struct.pack("<I", 512) + gguf_file[at + 4:], "disagrees with the tensors")
+    cases["sizes.gguf"] = (gguf_file[:at] + struct.pack("<I", 512) + gguf_file[at + 4 :], "disagrees with the tensors")
     key = b"llama.block_count"
     at = gguf_file.index(key) + len(key) + 4
-    cases["blocks.gguf"] = (gguf_file[:at] + struct.pack("<I", 3) + gguf_file[at + 4:], "block_count is 3 but the file holds")
+    cases["blocks.gguf"] = (
+        gguf_file[:at] + struct.pack("<I", 3) + gguf_file[at + 4 :],
+        "block_count is 3 but the file holds",
+    )
     key = b"llama.attention.head_count_kv"
     at = gguf_file.index(key) + len(key) + 4
-    kv_lie = gguf_file[:at] + struct.pack("<I", 1) + gguf_file[at + 4:]
+    kv_lie = gguf_file[:at] + struct.pack("<I", 1) + gguf_file[at + 4 :]
     # a split GGUF, by name
     cases["model-00001-of-00003.gguf"] = (gguf_file, "split into 3 files")
     for filename, (data, fragment) in cases.items():
@@ -328,7 +448,7 @@ def test_gguf_lying_offsets(gguf_file, tmp_path):
     at = gguf_file.index(name) + len(name) + 4 + 16 + 4
     for offset, fragment in ((len(gguf_file) * 2 // 32 * 32, "past the end"), (0, "overlap")):
         path = tmp_path / "offset.gguf"
-        path.write_bytes(gguf_file[:at] + struct.pack("<Q", offset) + gguf_file[at + 8:])
+        path.write_bytes(gguf_file[:at] + struct.pack("<Q", offset) + gguf_file[at + 8 :])
         _cli_refuses(path, tmp_path, fragment)
 
 
@@ -339,8 +459,9 @@ from hypothesis import settings  # noqa: E402
 # Cases that plan or write a checkpoint cost ~0.1-1 s each: fewer of them by default, a tenth of --fuzz's.
 HEAVY = settings(max_examples=20 if settings().max_examples <= 150 else settings().max_examples // 10)
 
+
 @HEAVY
-@given(depth=st.integers(1, 200_000), kind=st.sampled_from(["[", "{\"a\":"]))
+@given(depth=st.integers(1, 200_000), kind=st.sampled_from(["[", '{"a":']))
 def test_header_reader_nesting_depth(depth, kind):
     close = "]" if kind == "[" else "}"
     raw = ('{"x": ' + kind * depth + ("1" if kind != "[" else "") + close * depth + "}").encode()
@@ -351,15 +472,30 @@ def test_header_reader_nesting_depth(depth, kind):
             pass
 
 
-HUGE = st.one_of(st.integers(-(2**70), 2**70), st.integers(10**300, 10**400),
-                 st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, -1, 2**62, 10**18]))
-CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-               "vocab_size", "rms_norm_eps", "head_dim", "max_position_embeddings"]
+HUGE = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.integers(10**300, 10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, -1, 2**62, 10**18]),
+)
+CONFIG_KEYS = [
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "vocab_size",
+    "rms_norm_eps",
+    "head_dim",
+    "max_position_embeddings",
+]
 
 
 @HEAVY
-@given(values=st.dictionaries(st.sampled_from(CONFIG_KEYS), HUGE, min_size=1, max_size=3),
-       multiplier=st.sampled_from([1, 2, 3, 10**5, 10**9]))
+@given(
+    values=st.dictionaries(st.sampled_from(CONFIG_KEYS), HUGE, min_size=1, max_size=3),
+    multiplier=st.sampled_from([1, 2, 3, 10**5, 10**9]),
+)
 def test_plans_from_huge_or_nonfinite_config_numbers(tiny, values, multiplier):
     """Huge ints, 1e400 (inf), NaN: a plan or one line, in bounded time and memory."""
     from tensorscale.convert import plan_conversion
@@ -404,12 +540,37 @@ def test_rules_nesting_depth(depth):
             pass
 
 
-PATTERN_TOKENS = ["(", ")", ".", "|", "*", "+", "?", "a", "x", "\\.", "\\d+", "{2,}", "(?P<layer>\\d+)", "[ab]", "Q", ".*"]
+PATTERN_TOKENS = [
+    "(",
+    ")",
+    ".",
+    "|",
+    "*",
+    "+",
+    "?",
+    "a",
+    "x",
+    "\\.",
+    "\\d+",
+    "{2,}",
+    "(?P<layer>\\d+)",
+    "[ab]",
+    "Q",
+    ".*",
+]
 
 
-@given(parts=st.lists(st.sampled_from(PATTERN_TOKENS), min_size=1, max_size=16),
-       name=st.sampled_from(["model.layers.0.self_attn.q_proj.weight", "x" * 60, "a" * 60 + "b",
-                             "model.layers.12.mlp.down_proj.weight.model.layers.12.mlp"]))
+@given(
+    parts=st.lists(st.sampled_from(PATTERN_TOKENS), min_size=1, max_size=16),
+    name=st.sampled_from(
+        [
+            "model.layers.0.self_attn.q_proj.weight",
+            "x" * 60,
+            "a" * 60 + "b",
+            "model.layers.12.mlp.down_proj.weight.model.layers.12.mlp",
+        ]
+    ),
+)
 def test_backtracking_patterns_are_bounded(parts, name):
     from tensorscale.rulebook.patterns import Pattern
 
@@ -421,9 +582,11 @@ def test_backtracking_patterns_are_bounded(parts, name):
 
 
 @HEAVY
-@given(positions=st.lists(st.integers(0, 10_000), min_size=1, max_size=4),
-       value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
-       allow=st.booleans())
+@given(
+    positions=st.lists(st.integers(0, 10_000), min_size=1, max_size=4),
+    value=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    allow=st.booleans(),
+)
 def test_nonfinite_weights_are_refused_or_warned(tiny, positions, value, allow):
     from safetensors.torch import load_file, save_file
 
@@ -445,8 +608,9 @@ def test_nonfinite_weights_are_refused_or_warned(tiny, positions, value, allow):
         out = os.path.join(work, "out")
         with time_limit(60):
             try:
-                result = execute_plan(plan_conversion(folder, UpOptions(2, 2)), out, show_progress=False,
-                                      allow_nonfinite=allow)
+                result = execute_plan(
+                    plan_conversion(folder, UpOptions(2, 2)), out, show_progress=False, allow_nonfinite=allow
+                )
             except TensorscaleError as exc:
                 assert not allow and "NaN or Inf" in str(exc)
                 assert not os.path.exists(out)

@@ -12,12 +12,14 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-
 from fixtures import pydoc_copy
+
 from tensorscale.cli.main import cli
 
-TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|endoftext|>assistant:{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant:{% endif %}"
+)
 
 
 def run(*args):
@@ -62,9 +64,9 @@ def test_greedy_is_arg_max_despite_generation_config(pydoc):
     ids = tokenizer(prompt)["input_ids"]
     expected = argmax_continuation(pydoc, ids, 16)
     eos = tokenizer.eos_token_id
-    if eos in expected[len(ids):]:
-        expected = expected[:expected.index(eos, len(ids)) + 1]
-    want = tokenizer.decode(expected, skip_special_tokens=True)[len(tokenizer.decode(ids, skip_special_tokens=True)):]
+    if eos in expected[len(ids) :]:
+        expected = expected[: expected.index(eos, len(ids)) + 1]
+    want = tokenizer.decode(expected, skip_special_tokens=True)[len(tokenizer.decode(ids, skip_special_tokens=True)) :]
     greedy = gen_json("-i", pydoc, "-p", prompt, "-n", "16", "--greedy")
     assert greedy["completion"] == want
     assert greedy["settings"]["repetition_penalty"] == {"value": 1.0, "from": "greedy (arg-max)"}
@@ -174,8 +176,19 @@ def test_up_verify_uses_the_storage_tolerance_it_announces(tmp_path):
     from fixtures import build_checkpoint
 
     source = build_checkpoint(tmp_path / "src", "llama", dtype=torch.bfloat16)
-    result = run("up", "-i", source, "-o", str(tmp_path / "out"), "--strategy", "pad", "--hidden-size", "48",
-                 "--verify", "--json")
+    result = run(
+        "up",
+        "-i",
+        source,
+        "-o",
+        str(tmp_path / "out"),
+        "--strategy",
+        "pad",
+        "--hidden-size",
+        "48",
+        "--verify",
+        "--json",
+    )
     assert "not exact in bfloat16" in result.stdout, result.output
     assert "checking against tolerance 0.01 instead of 0.0001" in result.stderr
     report = json.loads(result.stdout)["verify"]
@@ -185,6 +198,7 @@ def test_up_verify_uses_the_storage_tolerance_it_announces(tmp_path):
 
 
 # --- the real chat model ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
@@ -227,8 +241,10 @@ def test_chat_on_smollm2(smollm2):
     # Without --system the template adds its own ("You are a helpful AI assistant named SmolLM..."); with it,
     # ours replaces that one.
     assert data["prompt_tokens"] == templated([{"role": "user", "content": "What is the capital of France?"}])
-    system = gen_json("-i", smollm2, "--chat", "--system", "Answer in French.", "-p", "Say hello.", "-n", "12",
-                      "--greedy")
-    assert system["prompt_tokens"] == templated([{"role": "system", "content": "Answer in French."},
-                                                 {"role": "user", "content": "Say hello."}])
+    system = gen_json(
+        "-i", smollm2, "--chat", "--system", "Answer in French.", "-p", "Say hello.", "-n", "12", "--greedy"
+    )
+    assert system["prompt_tokens"] == templated(
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Say hello."}]
+    )
     assert system["prompt_tokens"] < templated([{"role": "user", "content": "Say hello."}])

@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from gguf_fixtures import build_gguf, folder_model, relative_logit_error, transformers_gguf_model
 from safetensors.torch import load_file
 
-from gguf_fixtures import build_gguf, folder_model, relative_logit_error, transformers_gguf_model
 from tensorscale.cli.main import cli
 from tensorscale.gguf_import import import_gguf
 from tensorscale.reading.source import open_source
@@ -24,8 +24,11 @@ from tensorscale.reading.source import open_source
 TOLERANCE = 1e-5
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 # Every type on Llama (q/k permuted); the other families a spread of them (each type's decoding is the same code).
-CASES = ([("llama", t) for t in ALL_TYPES] + [("qwen2", t) for t in ("F16", "Q8_0", "Q4_1", "Q4_K")]
-         + [("qwen3", t) for t in ("BF16", "Q4_0", "Q5_K", "Q6_K")])
+CASES = (
+    [("llama", t) for t in ALL_TYPES]
+    + [("qwen2", t) for t in ("F16", "Q8_0", "Q4_1", "Q4_K")]
+    + [("qwen3", t) for t in ("BF16", "Q4_0", "Q5_K", "Q6_K")]
+)
 
 
 @pytest.mark.parametrize("model_type,qtype", CASES)
@@ -44,7 +47,6 @@ def test_f32_import_is_the_written_model(tmp_path, model_type):
     """An F32 GGUF holds the model's own values: the import gives back every tensor bit for bit, so the
     names and llama.cpp's q/k row order are undone right (not merely as transformers undoes them)."""
     import numpy as np
-
     from fixtures import tiny_model
     from gguf_fixtures import GGUF_TINY
 
@@ -52,7 +54,9 @@ def test_f32_import_is_the_written_model(tmp_path, model_type):
     original = tiny_model(model_type, seed=3, sizes=GGUF_TINY)
     config = original.config
     imported = load_file(os.path.join(import_gguf(path, str(tmp_path / "imported")), "model.safetensors"))
-    expected = {k: v for k, v in original.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {
+        k: v for k, v in original.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")
+    }
     assert sorted(imported) == sorted(expected)
     for name, value in expected.items():
         assert np.array_equal(imported[name].numpy(), value.numpy()), name
@@ -78,13 +82,21 @@ def test_row_spans_and_row_lists_decode_like_the_whole(tmp_path):
 
 def test_config_from_metadata(tmp_path):
     config = open_source(build_gguf(tmp_path, "qwen3", "Q8_0"), headers_only=True).config
-    assert (config["model_type"], config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
-            config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"], config["vocab_size"],
-            config["max_position_embeddings"], config["tie_word_embeddings"], config["dtype"]) == \
-        ("qwen3", 256, 512, 2, 4, 2, 128, 96, 64, False, "float32")
-    from transformers import AutoConfig
-
+    assert (
+        config["model_type"],
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["vocab_size"],
+        config["max_position_embeddings"],
+        config["tie_word_embeddings"],
+        config["dtype"],
+    ) == ("qwen3", 256, 512, 2, 4, 2, 128, 96, 64, False, "float32")
     from gguf_fixtures import GGUF_TINY
+    from transformers import AutoConfig
 
     written = AutoConfig.for_model("qwen3", **GGUF_TINY["qwen3"])
     assert config["rms_norm_eps"] == written.rms_norm_eps  # stored as float32, read back as the decimal written
@@ -100,8 +112,11 @@ def test_commands_take_a_gguf(tmp_path):
     plan = runner.invoke(cli, ["plan", "-i", path, "-edm", "2", "--json"], catch_exceptions=False)
     assert plan.exit_code == 0, plan.output
     out = tmp_path / "wide"
-    up = runner.invoke(cli, ["up", "-i", path, "-o", str(out), "-edm", "2", "-upm", "2", "-q", "--verify",
-                             "--manifest"], catch_exceptions=False)
+    up = runner.invoke(
+        cli,
+        ["up", "-i", path, "-o", str(out), "-edm", "2", "-upm", "2", "-q", "--verify", "--manifest"],
+        catch_exceptions=False,
+    )
     assert up.exit_code == 0, up.output
     assert "PASS" in up.output
     with open(out / "tensorscale-manifest.json") as handle:
@@ -117,8 +132,11 @@ def test_batch_job_takes_a_gguf(tmp_path):
 
     path = build_gguf(tmp_path, "qwen2", "Q8_0")
     jobs = tmp_path / "jobs.yaml"
-    jobs.write_text(yaml.safe_dump({"jobs": [{"command": "up", "input": os.path.basename(path), "output": "wide",
-                                              "embed_dim_multiplier": 2}]}))
+    jobs.write_text(
+        yaml.safe_dump(
+            {"jobs": [{"command": "up", "input": os.path.basename(path), "output": "wide", "embed_dim_multiplier": 2}]}
+        )
+    )
     result = CliRunner().invoke(cli, ["batch", str(jobs), "--quiet"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert relative_logit_error(transformers_gguf_model(path), folder_model(str(tmp_path / "wide")), 96) <= TOLERANCE
@@ -127,8 +145,9 @@ def test_batch_job_takes_a_gguf(tmp_path):
 def test_desc_of_a_gguf_loads_neither_torch_nor_transformers(tmp_path):
     from fixtures import run_cli_in_fresh_process
 
-    result = run_cli_in_fresh_process(["desc", "-i", build_gguf(tmp_path, "llama", "Q4_K")],
-                                      forbidden=("transformers", "torch"))
+    result = run_cli_in_fresh_process(
+        ["desc", "-i", build_gguf(tmp_path, "llama", "Q4_K")], forbidden=("transformers", "torch")
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -7,10 +7,9 @@ import os
 
 import gguf
 import pytest
-import torch
 from click.testing import CliRunner
-
 from gguf_fixtures import build_gguf, folder_model, relative_logit_error, transformers_gguf_model
+
 from tensorscale.cli.main import cli
 from tensorscale.gguf_import import import_gguf
 
@@ -41,8 +40,13 @@ def test_up_to_gguf_keeps_the_function(source, tmp_path, outtype):
     run("up", "-i", source, "-o", out, "-edm", "2", "-upm", "2", "-q", "--format", "gguf", "--outtype", outtype)
     reader, meta = fields(str(out))
     arch = meta["general.architecture"]
-    assert (meta[f"{arch}.embedding_length"], meta[f"{arch}.feed_forward_length"], meta[f"{arch}.attention.head_count"],
-            meta[f"{arch}.attention.head_count_kv"], meta[f"{arch}.block_count"]) == (512, 1024, 8, 4, 2)
+    assert (
+        meta[f"{arch}.embedding_length"],
+        meta[f"{arch}.feed_forward_length"],
+        meta[f"{arch}.attention.head_count"],
+        meta[f"{arch}.attention.head_count_kv"],
+        meta[f"{arch}.block_count"],
+    ) == (512, 1024, 8, 4, 2)
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == outtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
     assert list(reader.tensors[[t.name for t in reader.tensors].index("blk.0.attn_q.weight")].shape) == [512, 512]

@@ -4,9 +4,9 @@ independent plain-torch reference (no rules, no engine code)."""
 from __future__ import annotations
 
 import torch
+from fixtures import build_checkpoint
 from safetensors.torch import load_file
 
-from fixtures import build_checkpoint
 from tensorscale.convert import run_up
 from tensorscale.planning.plan import UpOptions
 
@@ -50,4 +50,3 @@ def test_engine_matches_reference(tmp_path):
         assert actual[name].shape == expected[name].shape, name
         # ÷3 is not exact in float32: the engine's blocks sum back to W, the reference's are each W/3.
         torch.testing.assert_close(actual[name], expected[name], rtol=2e-6, atol=1e-7, msg=name)
-

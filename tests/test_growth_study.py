@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 def load_growth():
     spec = importlib.util.spec_from_file_location("growth_study", os.path.join(REPO, "benchmarks", "growth.py"))
     module = importlib.util.module_from_spec(spec)
-    sys.modules["growth_study"] = module      # dataclasses look their module up by name
+    sys.modules["growth_study"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -48,8 +48,25 @@ def data_cache(tmp_path_factory):
 
 
 def toy(work, results, *extra):
-    return ["--work", str(work), "--results", str(results), "--s1-steps", "4", "--batch", "2", "--seq-len", "32",
-            "--eval-every", "2", "--eval-windows", "2", "--threads", "1", *extra]
+    return [
+        "--work",
+        str(work),
+        "--results",
+        str(results),
+        "--s1-steps",
+        "4",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--eval-windows",
+        "2",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -63,8 +80,10 @@ def test_stage1_runs_resumes_and_reports(tmp_path, data_cache):
     # Interrupted: every training stage stops after 2 steps of the call; call until nothing is left.
     for _ in range(20):
         growth.main(toy(work, results, "--stages", "s1", "--stop-after-steps", "2"))
-        states = {n: growth.stage_state(growth.Study(growth.parse_args(toy(work, results))), n)
-                  for n in ("s1.expand", "s1.small", "s1.tabula", "s1.iso-snr", "s1.pad", "s1.iso")}
+        states = {
+            n: growth.stage_state(growth.Study(growth.parse_args(toy(work, results))), n)
+            for n in ("s1.expand", "s1.small", "s1.tabula", "s1.iso-snr", "s1.pad", "s1.iso")
+        }
         if all(s == "done" for s in states.values()):
             break
     else:
@@ -86,7 +105,7 @@ def test_stage1_runs_resumes_and_reports(tmp_path, data_cache):
         assert scale["expansion"]["expansions"][name]["max_delta_logit"] < 1e-3
         assert scale["curves"][name]["val_loss"][0] == pytest.approx(small0, abs=1e-4)
         assert "tensorscale up" in scale["expansion"]["expansions"][name]["command"]
-    assert scale["curves"]["tabula"]["val_loss"][0] > small0 + 1      # random init starts near ln(vocab)
+    assert scale["curves"]["tabula"]["val_loss"][0] > small0 + 1  # random init starts near ln(vocab)
     # FLOPs: pretrained recipes carry the small model's pretraining; tabula rasa starts at 0.
     assert scale["curves"]["tabula"]["flops_total"][0] == 0
     assert scale["curves"]["iso"]["flops_total"][0] == pytest.approx(scale["curves"]["small"]["flops_total"][0])
@@ -100,7 +119,7 @@ def test_stage1_runs_resumes_and_reports(tmp_path, data_cache):
     growth.main(toy(again, tmp_path / "again-results", "--stages", "s1.expand,s1.tabula"))
     fresh = json.loads((tmp_path / "again-results" / "growth" / "s1.tabula.json").read_text())["val_loss"]
     assert fresh == pytest.approx(resumed, abs=1e-5)
-    assert len(resumed) == 3    # steps 0, 2 and 4, each once, although the run was cut at step 2
+    assert len(resumed) == 3  # steps 0, 2 and 4, each once, although the run was cut at step 2
 
 
 @pytest.mark.slow
@@ -112,8 +131,18 @@ def test_down_as_initialisation_and_healing_stages(tmp_path, data_cache):
     work, results = tmp_path / "work", tmp_path / "results"
     work.mkdir()
     os.link(data_cache, work / "data.pt")
-    heal = ["--heal-steps", "2", "--heal-batch", "1", "--heal-eval-every", "1", "--heal-eval-tokens", "256",
-            "--heal-calibration-tokens", "512"]
+    heal = [
+        "--heal-steps",
+        "2",
+        "--heal-batch",
+        "1",
+        "--heal-eval-every",
+        "1",
+        "--heal-eval-tokens",
+        "256",
+        "--heal-calibration-tokens",
+        "512",
+    ]
     growth.main(toy(work, results, "--stages", "s1.expand,s1.tabula,d", *heal))
     out = json.loads((results / "growth.json").read_text())
     down = out["down_init"]["down"]
@@ -143,10 +172,22 @@ def test_crossing_is_the_first_catch_up():
 
 
 def stage_file(results, name, params, tokens, losses, flops_before=0.0, done=True):
-    curve = {"stage": name, "params": params, "start_step": 0, "end_step": len(tokens) - 1, "tokens": tokens,
-             "val_loss": losses, "flops_total": [flops_before + 6 * params * t for t in tokens], "lr": [0.0] * len(tokens),
-             "done": done, "extra": {}, "seconds": 1.0, "cpu_seconds": 1.0, "flops_before": flops_before,
-             "steps": list(range(len(tokens)))}
+    curve = {
+        "stage": name,
+        "params": params,
+        "start_step": 0,
+        "end_step": len(tokens) - 1,
+        "tokens": tokens,
+        "val_loss": losses,
+        "flops_total": [flops_before + 6 * params * t for t in tokens],
+        "lr": [0.0] * len(tokens),
+        "done": done,
+        "extra": {},
+        "seconds": 1.0,
+        "cpu_seconds": 1.0,
+        "flops_before": flops_before,
+        "steps": list(range(len(tokens))),
+    }
     (results / "growth").mkdir(parents=True, exist_ok=True)
     (results / "growth" / f"{name}.json").write_text(json.dumps(curve))
 
@@ -160,17 +201,28 @@ def test_report_reads_n_from_the_stage_files(tmp_path):
     stage_file(results, "s1.small", 100, tokens, [5.0, 4.9, 4.8, 4.7], flops_before=1e9)
     stage_file(results, "s1.iso-snr", 300, tokens, [5.0, 4.8, 4.6, 4.4], flops_before=1e9)
     stage_file(results, "s1.tabula", 300, tokens, [8.0, 5.0, 4.4, 4.0])
-    (results / "growth" / "s1.expand.json").write_text(json.dumps(
-        {"stage": "s1.expand", "done": True, "expansions": {"iso": {"params": 300}}}))
-    args = ["--work", str(tmp_path / "work"), "--results", str(results), "--s1-steps", "3", "--batch", "4",
-            "--seq-len", "128"]
+    (results / "growth" / "s1.expand.json").write_text(
+        json.dumps({"stage": "s1.expand", "done": True, "expansions": {"iso": {"params": 300}}})
+    )
+    args = [
+        "--work",
+        str(tmp_path / "work"),
+        "--results",
+        str(results),
+        "--s1-steps",
+        "3",
+        "--batch",
+        "4",
+        "--seq-len",
+        "128",
+    ]
     out = growth.main(args + ["--report"])
     (scale,) = out["scales"]
     assert (scale["small_params"], scale["large_params"], scale["budget_tokens"]) == (100, 300, 3 * 512)
     # tabula - iso-snr: +0.2 at 2048, -0.2 at 4096 -> N = 3072 tokens.
     assert scale["crossing_tokens"] == pytest.approx(3072)
     assert scale["curves"]["tabula"]["flops_total"][0] == 0
-    assert not scale["complete"]                     # pad and iso have not run
+    assert not scale["complete"]  # pad and iso have not run
     # s1.tabula's curve is done, but d.s1.down reads its trained model, which this work folder lacks
     assert out["stages"]["s1.pad"] == "not started" and out["stages"]["s1.tabula"].startswith("outputs missing")
     (tmp_path / "work" / "s1.tabula" / "final").mkdir(parents=True)

@@ -13,8 +13,8 @@ import struct
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from fixtures import bounded_time, build_checkpoint
+
 from tensorscale.cli.main import cli
 from tensorscale.rulebook.registry import shipped_text
 
@@ -57,26 +57,38 @@ def set_key(key, raw):
         data = json.loads(text)
         data[key] = "@@"
         return json.dumps(data).replace('"@@"', raw)
+
     return edit
 
 
 # ---- item 5: huge sizes ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key,raw,needle", [
-    ("intermediate_size", str(2**62), "space ffn"),
-    ("vocab_size", str(10**18), "space vocab"),
-    ("hidden_size", "1" + "0" * 400, "bits"),
-    ("rms_norm_eps", "NaN", "nan"),
-    ("rms_norm_eps", "1e400", "inf"),
-    ("num_hidden_layers", "[" * 50000 + "]" * 50000, "nested too deeply"),
-])
+
+@pytest.mark.parametrize(
+    "key,raw,needle",
+    [
+        ("intermediate_size", str(2**62), "space ffn"),
+        ("vocab_size", str(10**18), "space vocab"),
+        ("hidden_size", "1" + "0" * 400, "bits"),
+        ("rms_norm_eps", "NaN", "nan"),
+        ("rms_norm_eps", "1e400", "inf"),
+        ("num_hidden_layers", "[" * 50000 + "]" * 50000, "nested too deeply"),
+    ],
+)
 def test_hostile_config_values(model, tmp_path, key, raw, needle):
     folder = with_config(model, tmp_path / "m", set_key(key, raw))
     refused(["up", "-i", folder, "-o", tmp_path / "out", "-edm", "2", "-q"], needle, tmp_path=tmp_path)
 
 
-@pytest.mark.parametrize("options", [["-upm", "100000"], ["-edm", "1000000000"], ["--intermediate-size", "99999999999"],
-                                     ["--add-layers", "1000000000"]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["-upm", "100000"],
+        ["-edm", "1000000000"],
+        ["--intermediate-size", "99999999999"],
+        ["--add-layers", "1000000000"],
+    ],
+)
 def test_huge_size_options(model, tmp_path, options):
     refused(["up", "-i", model, "-o", tmp_path / "out", "-q", *options], tmp_path=tmp_path)
 
@@ -86,6 +98,7 @@ def test_huge_size_options_in_plan(model, tmp_path):
 
 
 # ---- item 6: rules that hang -------------------------------------------------------------------------
+
 
 def rules_file(tmp_path, edit, name="hostile.yaml"):
     path = tmp_path / name
@@ -99,7 +112,9 @@ def rules_file(tmp_path, edit, name="hostile.yaml"):
 @pytest.mark.parametrize("pattern", ["(.|.)*Q", "(.|.|.)*Q(x+x+)+y", "(a*)*(b*)*(a|aa)*c", "(\\w+\\.?)*\\.weight!"])
 def test_backtracking_regex_is_bounded(model, tmp_path, pattern):
     """Before: `match: '(.|.)*Q'` backtracked for hours on every 40-character tensor name (Python's re)."""
-    rules = rules_file(tmp_path, lambda t: t.replace("tensors:\n", f"tensors:\n  - match: '{pattern}'\n    drop: true\n", 1))
+    rules = rules_file(
+        tmp_path, lambda t: t.replace("tensors:\n", f"tensors:\n  - match: '{pattern}'\n    drop: true\n", 1)
+    )
     with time_limit():
         result = CliRunner().invoke(cli, ["plan", "-i", model, "-edm", "2", "--rules", str(rules)])
     assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
@@ -118,18 +133,32 @@ def test_a_match_that_runs_out_of_time_is_one_line(monkeypatch):
 
 def test_yaml_alias_bomb_is_refused(model, tmp_path):
     """Before: 500 bytes of nested `fused` aliases took 107 s and 1.9 GB at depth 5, forever at depth 9."""
-    rules = rules_file(tmp_path, lambda t: t.replace(
-        "tensors:\n",
-        "tensors:\n  - match: 'model\\.embed_tokens\\.weight'\n    ops:\n"
-        + "".join(f"      - fused: {{axis: 0, parts: [&p{i} {{size: 1, ops: [{{fused: {{axis: 0, parts: [{', '.join(['*p' + str(i - 1)] * 9) if i else '{size: 1}'}]}}}}]}}]}}\n"
-                  for i in range(10)), 1))
+    rules = rules_file(
+        tmp_path,
+        lambda t: t.replace(
+            "tensors:\n",
+            "tensors:\n  - match: 'model\\.embed_tokens\\.weight'\n    ops:\n"
+            + "".join(
+                f"      - fused: {{axis: 0, parts: [&p{i} {{size: 1, ops: [{{fused: {{axis: 0, parts: "
+                f"[{', '.join(['*p' + str(i - 1)] * 9) if i else '{size: 1}'}]}}}}]}}]}}\n"
+                for i in range(10)
+            ),
+            1,
+        ),
+    )
     refused(["up", "-i", model, "-o", tmp_path / "out", "-edm", "2", "--rules", rules, "-q"], "alias")
 
 
 def test_huge_replicate_count_is_refused(model, tmp_path):
-    rules = rules_file(tmp_path, lambda t: t.replace(
-        "tensors:\n", "tensors:\n  - match: 'model\\.embed_tokens\\.weight'\n    axes: [vocab, hidden]\n"
-        "    replicate: {count: 100000000, name: 'copy.{k}.weight'}\n", 1))
+    rules = rules_file(
+        tmp_path,
+        lambda t: t.replace(
+            "tensors:\n",
+            "tensors:\n  - match: 'model\\.embed_tokens\\.weight'\n    axes: [vocab, hidden]\n"
+            "    replicate: {count: 100000000, name: 'copy.{k}.weight'}\n",
+            1,
+        ),
+    )
     refused(["plan", "-i", model, "-edm", "2", "--rules", rules], "replicate.count")
 
 
@@ -139,24 +168,32 @@ def test_duplicate_keys_in_rules_are_refused(model, tmp_path):
 
 
 def test_a_repeat_count_too_large_for_the_regex_engine(model, tmp_path):
-    rules = rules_file(tmp_path, lambda t: t.replace("tensors:\n", "tensors:\n  - match: 'a{4294967295}'\n    drop: true\n", 1))
+    rules = rules_file(
+        tmp_path, lambda t: t.replace("tensors:\n", "tensors:\n  - match: 'a{4294967295}'\n    drop: true\n", 1)
+    )
     refused(["plan", "-i", model, "--rules", rules], "does not compile")
 
 
 def test_rules_expressions_that_evaluate_to_inf_or_nan(model, tmp_path):
     for expression in ("hidden_size * 1e308 * 10", "1e308 * 10 - 1e308 * 10"):
-        rules = rules_file(tmp_path, lambda t: t.replace('  hidden_size: "hidden_size * n"',
-                                                         f'  hidden_size: "{expression}"', 1))
+        rules = rules_file(
+            tmp_path, lambda t: t.replace('  hidden_size: "hidden_size * n"', f'  hidden_size: "{expression}"', 1)
+        )
         refused(["plan", "-i", model, "--rules", rules], "not a finite number")
 
 
 def test_rules_and_calibration_from_dev_zero(model, tmp_path):
-    refused(["up", "-i", model, "-o", tmp_path / "out", "-edm", "2", "--rules", "/dev/zero", "-q"], "not a regular file")
-    refused(["down", "-i", model, "-o", tmp_path / "out", "-edd", "2", "--calibration", "/dev/zero", "-q"],
-            "not a regular file")
+    refused(
+        ["up", "-i", model, "-o", tmp_path / "out", "-edm", "2", "--rules", "/dev/zero", "-q"], "not a regular file"
+    )
+    refused(
+        ["down", "-i", model, "-o", tmp_path / "out", "-edd", "2", "--calibration", "/dev/zero", "-q"],
+        "not a regular file",
+    )
 
 
 # ---- Low list and 'refuse also' ----------------------------------------------------------------------
+
 
 def test_down_divisors_of_zero(model, tmp_path):
     """Before: -edd 0 and -upd 0 were taken as 1, an identity copy."""
@@ -171,11 +208,11 @@ def test_snr_db_below_a_sane_floor(model, tmp_path):
 def _rewrite_header(path, change):
     raw = open(path, "rb").read()
     length = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     text = change(header)
     body = text.encode()
     body += b" " * (-len(body) % 8)
-    open(path, "wb").write(struct.pack("<Q", len(body)) + body + raw[8 + length:])
+    open(path, "wb").write(struct.pack("<Q", len(body)) + body + raw[8 + length :])
 
 
 def test_metadata_that_is_not_a_mapping(model, tmp_path):
@@ -188,8 +225,9 @@ def test_metadata_that_is_not_a_mapping(model, tmp_path):
 def test_deeply_nested_header(model, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(model, folder)
-    _rewrite_header(folder / "model.safetensors",
-                    lambda h: json.dumps(h)[:-1] + ', "x": ' + "[" * 50000 + "]" * 50000 + "}")
+    _rewrite_header(
+        folder / "model.safetensors", lambda h: json.dumps(h)[:-1] + ', "x": ' + "[" * 50000 + "]" * 50000 + "}"
+    )
     refused(["up", "-i", folder, "-o", tmp_path / "out", "-edm", "2", "-q"], "nested too deeply")
 
 
@@ -212,8 +250,11 @@ def test_nul_in_a_shard_name(tmp_path):
 
 def test_nul_in_a_batch_input(model, tmp_path):
     path = tmp_path / "jobs.yaml"
-    path.write_text(yaml.safe_dump({"jobs": [{"command": "up", "input": model + "\0x", "output": "out",
-                                              "embed_dim_multiplier": 2}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {"jobs": [{"command": "up", "input": model + "\0x", "output": "out", "embed_dim_multiplier": 2}]}
+        )
+    )
     refused(["batch", path, "-q"], "NUL")
 
 

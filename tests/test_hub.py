@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-
-from fixtures import PYDOC_LLAMA as PYDOC, build_checkpoint, pydoc_copy, relative_logit_error
+from fixtures import PYDOC_LLAMA as PYDOC
+from fixtures import build_checkpoint, pydoc_copy, relative_logit_error
 from hub_cache import REVISION, make_cache
 
 REPO = "tiny-org/pydoc-llama"
@@ -22,15 +22,20 @@ CARD = "---\nlicense: psf-2.0\nlanguage: en\n---\n# pydoc-llama\n"
 
 
 def tensorscale(*args, env, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tensorscale.cli.main", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def use_cache(monkeypatch, hf_home):
     """Point this process's huggingface_hub at the cache under `hf_home` (it read HF_HOME at import)."""
-    from huggingface_hub import constants
-
     from hub_cache import cache_folder
+    from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", cache_folder(hf_home))
@@ -228,8 +233,10 @@ def test_unreachable_hub_fails_fast_without_offline_setting(tmp_path):
     result = tensorscale("desc", "-i", "no-org/not-cached", env=env)
     seconds = time.monotonic() - started
     assert result.returncode == 2, result.stderr
-    assert result.stderr == ("tensorscale: error: no-org/not-cached: not in the local cache and the hub cannot be "
-                             "reached (offline); pass a local model folder instead, or go online\n")
+    assert result.stderr == (
+        "tensorscale: error: no-org/not-cached: not in the local cache and the hub cannot be "
+        "reached (offline); pass a local model folder instead, or go online\n"
+    )
     # huggingface_hub alone retries for seconds (24 s measured on a dead network); the probe is one connect.
     # desc imports neither torch nor transformers, so the process itself starts in well under a second.
     assert seconds < 4, seconds

@@ -11,18 +11,20 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from fixtures import build_checkpoint
 from safetensors.torch import load_file, save_file
 
-from fixtures import build_checkpoint
 from tensorscale.cli.main import cli
 
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     root = tmp_path_factory.mktemp("incomplete")
-    return {"untied": build_checkpoint(root / "untied", "llama", tie_word_embeddings=False),
-            "sharded": build_checkpoint(root / "sharded", "llama", tie_word_embeddings=False, max_shard_size="20KB"),
-            "gpt2": build_checkpoint(root / "gpt2", "gpt2")}
+    return {
+        "untied": build_checkpoint(root / "untied", "llama", tie_word_embeddings=False),
+        "sharded": build_checkpoint(root / "sharded", "llama", tie_word_embeddings=False, max_shard_size="20KB"),
+        "gpt2": build_checkpoint(root / "gpt2", "gpt2"),
+    }
 
 
 def without(source, folder, drop=lambda name: False, config=None):
@@ -55,8 +57,11 @@ def test_missing_final_norm(whole, tmp_path):
 
 
 def test_missing_embedding(whole, tmp_path):
-    refused(without(whole["untied"], tmp_path / "m", lambda n: n == "model.embed_tokens.weight"), tmp_path,
-            "model.embed_tokens.weight")
+    refused(
+        without(whole["untied"], tmp_path / "m", lambda n: n == "model.embed_tokens.weight"),
+        tmp_path,
+        "model.embed_tokens.weight",
+    )
 
 
 def test_missing_gpt2_final_layer_norm(whole, tmp_path):
@@ -64,24 +69,33 @@ def test_missing_gpt2_final_layer_norm(whole, tmp_path):
 
 
 def test_missing_layer(whole, tmp_path):
-    refused(without(whole["untied"], tmp_path / "m", lambda n: n.startswith("model.layers.1.")), tmp_path,
-            "layer 1", "2")
+    refused(
+        without(whole["untied"], tmp_path / "m", lambda n: n.startswith("model.layers.1.")), tmp_path, "layer 1", "2"
+    )
 
 
 def test_a_layer_missing_one_tensor(whole, tmp_path):
-    refused(without(whole["untied"], tmp_path / "m", lambda n: n == "model.layers.0.mlp.down_proj.weight"), tmp_path,
-            "layer 0 lacks model.layers.0.mlp.down_proj.weight")
+    refused(
+        without(whole["untied"], tmp_path / "m", lambda n: n == "model.layers.0.mlp.down_proj.weight"),
+        tmp_path,
+        "layer 0 lacks model.layers.0.mlp.down_proj.weight",
+    )
 
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_config_layer_count_disagrees_with_the_tensors(whole, tmp_path, layers):
-    refused(without(whole["untied"], tmp_path / "m", config={"num_hidden_layers": layers}), tmp_path,
-            "num_hidden_layers")
+    refused(
+        without(whole["untied"], tmp_path / "m", config={"num_hidden_layers": layers}), tmp_path, "num_hidden_layers"
+    )
 
 
 def test_untied_without_a_head(whole, tmp_path):
-    refused(without(whole["untied"], tmp_path / "m", lambda n: n == "lm_head.weight"), tmp_path, "lm_head.weight",
-            "not tied")
+    refused(
+        without(whole["untied"], tmp_path / "m", lambda n: n == "lm_head.weight"),
+        tmp_path,
+        "lm_head.weight",
+        "not tied",
+    )
 
 
 def _index(folder):

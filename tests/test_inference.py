@@ -15,8 +15,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint
+
 from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
 from tensorscale.planning.plan import UpOptions
@@ -76,13 +76,16 @@ def one_line_error(result, *needles):
 
 # --- gen ---------------------------------------------------------------------------------------------------
 
+
 def test_gen_greedy_is_deterministic_and_streams_after_the_prompt(models):
     first = run("gen", "-i", models["talking"], "-p", "the capital of", "-n", "8", "--greedy")
     second = run("gen", "-i", models["talking"], "-p", "the capital of", "-n", "8", "--greedy")
     assert first.exit_code == 0, first.output
     assert first.output == second.output
     assert first.output.startswith("the capital of") and len(first.output.strip()) > len("the capital of")
-    data = json.loads(run("gen", "-i", models["talking"], "-p", "the capital of", "-n", "8", "--greedy", "--json").output)
+    data = json.loads(
+        run("gen", "-i", models["talking"], "-p", "the capital of", "-n", "8", "--greedy", "--json").output
+    )
     assert set(data) >= {"prompt", "completion", "tokens"} and data["prompt"] == "the capital of"
     assert 1 <= data["tokens"] <= 8
     assert data["completion"].strip() and data["completion"].strip() in first.output
@@ -93,13 +96,32 @@ def test_gen_streams_pieces_as_they_decode(models):
     from tensorscale.inference.generate import Settings, generate
 
     pieces = []
-    result = generate(runnable_source(models["talking"]), models["talking"], "once upon a", Settings(n_predict=6, greedy=True), on_text=pieces.append)
+    result = generate(
+        runnable_source(models["talking"]),
+        models["talking"],
+        "once upon a",
+        Settings(n_predict=6, greedy=True),
+        on_text=pieces.append,
+    )
     assert result["tokens"] >= 2 and len(pieces) >= 2, (result, pieces)  # not one lump at the end
     assert "".join(pieces).split() == result["completion"].split()
 
 
 def test_gen_sampling_with_a_seed_is_reproducible(models):
-    args = ("gen", "-i", models["talking"], "-n", "12", "--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--json")
+    args = (
+        "gen",
+        "-i",
+        models["talking"],
+        "-n",
+        "12",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "0",
+        "--top-p",
+        "1",
+        "--json",
+    )
     a, b = (json.loads(run(*args, "--seed", "7").output) for _ in range(2))
     assert a == b and a["seed"] == 7 and not a["greedy"]
     others = {json.loads(run(*args, "--seed", str(seed)).output)["completion"] for seed in range(8, 12)}
@@ -119,6 +141,7 @@ def test_gen_rejects_bad_sampling_options(models):
 
 
 # --- verify ------------------------------------------------------------------------------------------------
+
 
 def test_verify_passes_an_up_scaled_copy(models):
     result = run("verify", models["plain"], models["wide"], "--json")
@@ -173,7 +196,9 @@ def test_verify_with_a_tokenizer_and_a_text_file(models, tmp_path):
     assert "built-in texts" in report["inputs"] and report["passed"]
     text_file = tmp_path / "text.txt"
     text_file.write_text("the capital of france is paris\n\nonce upon a time\n")
-    report = json.loads(run("verify", models["talking"], models["talking_wide"], "--text", str(text_file), "--json").output)
+    report = json.loads(
+        run("verify", models["talking"], models["talking_wide"], "--text", str(text_file), "--json").output
+    )
     assert report["sequences"] == 2 and "--text" in report["inputs"] and report["passed"]
     assert report["perplexity_source"] == pytest.approx(report["perplexity_output"], rel=1e-4)
 
@@ -189,30 +214,38 @@ def test_verify_argument_mistakes_are_one_line(models, tmp_path):
 
 # --- up --verify -------------------------------------------------------------------------------------------
 
+
 def test_up_verify_passes_and_reports(models, tmp_path):
     result = run("up", "-i", models["plain"], "-o", str(tmp_path / "out"), "-edm", "2", "-upm", "3", "--verify", "-q")
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "PASS" in result.output.splitlines()[-1]
-    data = json.loads(run("up", "-i", models["plain"], "-o", str(tmp_path / "out"), "-edm", "2", "--force",
-                          "--verify", "--json").output)
+    data = json.loads(
+        run(
+            "up", "-i", models["plain"], "-o", str(tmp_path / "out"), "-edm", "2", "--force", "--verify", "--json"
+        ).output
+    )
     assert data["verify"]["passed"] and data["verify"]["relative_logit_error"] < 1e-5
 
 
 def test_up_verify_fails_when_precision_is_lost(models, tmp_path):
     """Storing a float32 model in bfloat16 changes its logits by ~1e-2: --verify must say so with exit 1."""
-    result = run("up", "-i", models["plain"], "-o", str(tmp_path / "bf16"), "-edm", "2", "--dtype", "bfloat16",
-                 "--verify", "-q")
+    result = run(
+        "up", "-i", models["plain"], "-o", str(tmp_path / "bf16"), "-edm", "2", "--dtype", "bfloat16", "--verify", "-q"
+    )
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output.splitlines()[-1]
 
 
 # --- transformers stays optional ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["gen", "verify"])
 def test_missing_transformers_is_a_one_line_hint(models, command):
     args = ["gen", "-i", models["talking"]] if command == "gen" else ["verify", models["plain"], models["wide"]]
-    code = ("import sys\nsys.modules['transformers'] = None\nfrom tensorscale.cli.main import main\n"
-            f"sys.argv = ['tensorscale', *{args!r}]\nmain()\n")
+    code = (
+        "import sys\nsys.modules['transformers'] = None\nfrom tensorscale.cli.main import main\n"
+        f"sys.argv = ['tensorscale', *{args!r}]\nmain()\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -221,7 +254,9 @@ def test_missing_transformers_is_a_one_line_hint(models, command):
 
 
 def test_registering_the_commands_imports_neither_torch_nor_transformers():
-    code = ("import sys\nimport tensorscale.cli.main\n"
-            "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import at CLI load'\n")
+    code = (
+        "import sys\nimport tensorscale.cli.main\n"
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules, 'heavy import at CLI load'\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -9,9 +9,9 @@ import os
 import pytest
 import yaml
 from click.testing import CliRunner
+from fixtures import build_checkpoint, pydoc_copy
 from safetensors import safe_open
 
-from fixtures import build_checkpoint, pydoc_copy
 from tensorscale import __version__
 from tensorscale.cli.main import cli
 from tensorscale.writing.model_card import front_matter

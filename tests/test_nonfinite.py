@@ -9,11 +9,10 @@ import os
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
+from fixtures import build_checkpoint
 from safetensors.torch import load_file, save_file
 
-from fixtures import build_checkpoint
 from tensorscale.cli.main import cli
 
 
@@ -26,7 +25,7 @@ def poisoned(clean, folder, value=float("nan"), name="model.layers.0.mlp.down_pr
     shutil.copytree(clean, folder)
     path = os.path.join(folder, "model.safetensors")
     tensors = load_file(path)
-    for key in (tensors if everywhere else [name]):
+    for key in tensors if everywhere else [name]:
         if tensors[key].is_floating_point():
             if everywhere:
                 tensors[key].fill_(value)
@@ -107,7 +106,9 @@ def test_gen_prompt_that_is_not_utf8_is_one_line():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "gen", "-i", EXAMPLE, "-p", b"\xff", "-n", "2",
-                             "--greedy"], capture_output=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "gen", "-i", EXAMPLE, "-p", b"\xff", "-n", "2", "--greedy"],
+        capture_output=True,
+    )
     assert result.returncode == 2, result.stderr
     assert b"UTF-8" in result.stderr and b"Traceback" not in result.stderr

@@ -13,8 +13,22 @@ import pytest
 import torch
 
 from tensorscale.ops import library
-from tensorscale.ops.library import (Fill, Fused, Gather, Interleave, Merge, NoInverse, Noise, Op, OpContext, Pad,
-                                     Scale, Slice, Tile, TileDivide)
+from tensorscale.ops.library import (
+    Fill,
+    Fused,
+    Gather,
+    Interleave,
+    Merge,
+    NoInverse,
+    Noise,
+    Op,
+    OpContext,
+    Pad,
+    Scale,
+    Slice,
+    Tile,
+    TileDivide,
+)
 from tensorscale.ops.rowmap import RowMap
 
 CASES = 40
@@ -32,8 +46,9 @@ def random_op(rng: random.Random, shape: tuple[int, ...]) -> Op:
     """An invertible op for `shape`: any kind the library has an inverse for."""
     axis = rng.randrange(len(shape))
     size = shape[axis]
-    kind = rng.choice(["tile", "interleave", "tile_divide", "noisy_tile_divide", "gather", "divide_gather",
-                       "pad", "scale", "fused"])
+    kind = rng.choice(
+        ["tile", "interleave", "tile_divide", "noisy_tile_divide", "gather", "divide_gather", "pad", "scale", "fused"]
+    )
     times = rng.randint(1, 3)
     if kind == "tile":
         return Tile(axis, times)
@@ -45,7 +60,9 @@ def random_op(rng: random.Random, shape: tuple[int, ...]) -> Op:
     if kind == "noisy_tile_divide":
         return TileDivide(axis, 2, snr_db=20.0)
     if kind in ("gather", "divide_gather"):
-        sources = list(range(size)) + [rng.randrange(size) for _ in range(rng.randint(0, 3))] + [None] * rng.randint(0, 2)
+        sources = (
+            list(range(size)) + [rng.randrange(size) for _ in range(rng.randint(0, 3))] + [None] * rng.randint(0, 2)
+        )
         rng.shuffle(sources)
         return Gather(axis, 1, tuple(sources), divide=kind == "divide_gather")
     if kind == "pad":
@@ -113,14 +130,17 @@ def test_noisy_tile_divide_and_its_gather_keep_the_sum():
         torch.testing.assert_close(grown[:, :6] + grown[:, 6:], x)
 
 
-@pytest.mark.parametrize("op, reason", [
-    (Slice(0, 1, 2), "drops"),
-    (Fill(0.0), "nothing of its input"),
-    (Noise(0, 2, 20.0), "drawn, not stored"),
-    (Merge(0, [0, 0], [0.5, 0.5], [1.0]), "several units into one"),
-    (Gather(0, 1, (0, 0)), "unit 1 of 2 is not copied"),
-    (Scale(0.0), "factor of 0"),
-])
+@pytest.mark.parametrize(
+    "op, reason",
+    [
+        (Slice(0, 1, 2), "drops"),
+        (Fill(0.0), "nothing of its input"),
+        (Noise(0, 2, 20.0), "drawn, not stored"),
+        (Merge(0, [0, 0], [0.5, 0.5], [1.0]), "several units into one"),
+        (Gather(0, 1, (0, 0)), "unit 1 of 2 is not copied"),
+        (Scale(0.0), "factor of 0"),
+    ],
+)
 def test_ops_without_an_inverse_say_why(op, reason):
     with pytest.raises(NoInverse, match=reason):
         op.inverse((2, 3))
@@ -146,19 +166,29 @@ def test_row_maps_say_where_apply_puts_each_row(case):
     rows = shape[0]
     unit = rng.choice([u for u in range(1, rows + 1) if rows % u == 0])
     start = rng.randint(0, rows)
-    op = rng.choice([Tile(0, rng.randint(1, 3)), Interleave(0, rng.randint(1, 3), unit),
-                     Slice(0, start, rng.randint(start, rows)), Pad(0, rng.randint(0, 2), rng.randint(0, 2), 2.5),
-                     Gather(0, 1, tuple(rng.choice([None, *range(rows)]) for _ in range(rng.randint(1, 8)))),
-                     Fill(-1.0), Scale(3.0)])
+    op = rng.choice(
+        [
+            Tile(0, rng.randint(1, 3)),
+            Interleave(0, rng.randint(1, 3), unit),
+            Slice(0, start, rng.randint(start, rows)),
+            Pad(0, rng.randint(0, 2), rng.randint(0, 2), 2.5),
+            Gather(0, 1, tuple(rng.choice([None, *range(rows)]) for _ in range(rng.randint(1, 8)))),
+            Fill(-1.0),
+            Scale(3.0),
+        ]
+    )
     x = torch.randn(shape, generator=torch.Generator().manual_seed(case))
     y = op.apply(x, context(), 0)
     row_map = op.map_rows(RowMap.identity(rows))
     assert row_map is not None and row_map.rows == y.shape[0], op.describe()
     out_row = 0
     for segment in row_map.segments:
-        expected = (torch.full((segment.count, shape[1]), segment.fill) if segment.is_fill
-                    else x[segment.source_start:segment.source_start + segment.count])
+        expected = (
+            torch.full((segment.count, shape[1]), segment.fill)
+            if segment.is_fill
+            else x[segment.source_start : segment.source_start + segment.count]
+        )
         if isinstance(op, Scale):
             expected = op.apply(expected, context(), 0)
-        assert torch.equal(y[out_row:out_row + segment.count].float(), expected.float()), op.describe()
+        assert torch.equal(y[out_row : out_row + segment.count].float(), expected.float()), op.describe()
         out_row += segment.count

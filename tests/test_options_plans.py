@@ -10,8 +10,8 @@ import pathlib
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint, read_config
+
 from tensorscale.cli.main import cli
 from tensorscale.convert import execute_plan, plan_conversion, plan_down
 from tensorscale.errors import TensorscaleError
@@ -36,25 +36,29 @@ def wide(tmp_path_factory, llama):
 
 # ---------------------------------------------------------------- validation: one line naming the option
 
-@pytest.mark.parametrize("options, words", [
-    (UpOptions(0, 1), "--embed-dim-multiplier must be a whole number >= 1"),
-    (UpOptions(1, True), "--up-proj-multiplier must be a whole number >= 1"),
-    (UpOptions(targets={"hidden_size": 0}), "--hidden-size must be a whole number >= 1"),
-    (UpOptions(targets={"width": 8}), "unknown target width"),
-    (UpOptions(strategy="spread"), "--strategy must be clone or pad"),
-    (UpOptions(add_layers=-1), "--add-layers must be a whole number >= 0"),
-    (UpOptions(add_layers=10**6), "--add-layers 1,000,000 is more than"),
-    (UpOptions(snr_db=float("nan")), "--snr-db must be a finite number"),
-    (UpOptions(snr_db=-40.0), "--snr-db -40 is below -20 dB"),
-    (UpOptions(dtype="int8"), "--dtype must be one of keep"),
-    (UpOptions(max_shard_size=0), "--max-shard-size must be positive"),
-    (DownOptions(embed_dim_divisor=0), "--embed-dim-divisor must be a whole number >= 1"),
-    (DownOptions(up_proj_divisor=1.5), "--up-proj-divisor must be a whole number >= 1"),
-    (DownOptions(embed_dim_divisor=2, targets={"hidden_size": 16}), "either divisors or target sizes, not both"),
-    (DownOptions(targets={"num_key_value_heads": -1}), "--num-key-value-heads must be a whole number >= 1"),
-    (DownOptions(dtype="int8"), "--dtype must be one of keep"),
-    (DownOptions(max_shard_size=-5), "--max-shard-size must be positive"),
-])
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (UpOptions(0, 1), "--embed-dim-multiplier must be a whole number >= 1"),
+        (UpOptions(1, True), "--up-proj-multiplier must be a whole number >= 1"),
+        (UpOptions(targets={"hidden_size": 0}), "--hidden-size must be a whole number >= 1"),
+        (UpOptions(targets={"width": 8}), "unknown target width"),
+        (UpOptions(strategy="spread"), "--strategy must be clone or pad"),
+        (UpOptions(add_layers=-1), "--add-layers must be a whole number >= 0"),
+        (UpOptions(add_layers=10**6), "--add-layers 1,000,000 is more than"),
+        (UpOptions(snr_db=float("nan")), "--snr-db must be a finite number"),
+        (UpOptions(snr_db=-40.0), "--snr-db -40 is below -20 dB"),
+        (UpOptions(dtype="int8"), "--dtype must be one of keep"),
+        (UpOptions(max_shard_size=0), "--max-shard-size must be positive"),
+        (DownOptions(embed_dim_divisor=0), "--embed-dim-divisor must be a whole number >= 1"),
+        (DownOptions(up_proj_divisor=1.5), "--up-proj-divisor must be a whole number >= 1"),
+        (DownOptions(embed_dim_divisor=2, targets={"hidden_size": 16}), "either divisors or target sizes, not both"),
+        (DownOptions(targets={"num_key_value_heads": -1}), "--num-key-value-heads must be a whole number >= 1"),
+        (DownOptions(dtype="int8"), "--dtype must be one of keep"),
+        (DownOptions(max_shard_size=-5), "--max-shard-size must be positive"),
+    ],
+)
 def test_invalid_options_are_one_line(options, words):
     with pytest.raises(TensorscaleError) as caught:
         options.validate()
@@ -73,6 +77,7 @@ def test_each_direction_has_only_its_own_options():
 
 
 # ---------------------------------------------------------------- options are read, never changed
+
 
 def test_options_are_frozen_and_do_not_alias_the_callers_targets():
     asked = {"intermediate_size": 100}
@@ -102,6 +107,7 @@ def test_planning_never_changes_the_options_it_is_given(llama, wide):
 
 # ---------------------------------------------------------------- one immutable Plan
 
+
 def test_plan_is_immutable_and_writing_makes_a_new_one(llama, tmp_path):
     plan = plan_conversion(llama, UpOptions(2, 1))
     for name, value in (("options", UpOptions()), ("metadata", {}), ("down", None), ("tensors", [])):
@@ -114,6 +120,7 @@ def test_plan_is_immutable_and_writing_makes_a_new_one(llama, tmp_path):
 
 
 # ---------------------------------------------------------------- `plan up` / `plan down`
+
 
 def _invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
@@ -135,15 +142,18 @@ def test_plan_up_and_plan_down_from_the_command_line(llama, wide, tmp_path):
     assert "plan up" in _invoke("plan", "--help").stdout
 
 
-@pytest.mark.parametrize("args, words", [
-    (["plan", "up", "{model}", "-edd", "2"], "-edd is an option of `plan down`, not `plan up`"),
-    (["plan", "{model}", "--embed-dim-divisor", "2"], "--embed-dim-divisor is an option of `plan down`"),
-    (["plan", "down", "{model}", "-edm", "2"], "-edm is an option of `plan up`, not `plan down`"),
-    (["plan", "down", "{model}", "-edd", "2", "--snr-db=20"], "--snr-db is an option of `plan up`"),
-    (["plan", "down", "{model}", "--hidden-size", "256"], "larger than the model's"),
-    (["plan", "up", "{model}", "--hidden-size", "16"], "smaller than the model's"),
-    (["plan", "down", "{model}"], "say how small"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["plan", "up", "{model}", "-edd", "2"], "-edd is an option of `plan down`, not `plan up`"),
+        (["plan", "{model}", "--embed-dim-divisor", "2"], "--embed-dim-divisor is an option of `plan down`"),
+        (["plan", "down", "{model}", "-edm", "2"], "-edm is an option of `plan up`, not `plan down`"),
+        (["plan", "down", "{model}", "-edd", "2", "--snr-db=20"], "--snr-db is an option of `plan up`"),
+        (["plan", "down", "{model}", "--hidden-size", "256"], "larger than the model's"),
+        (["plan", "up", "{model}", "--hidden-size", "16"], "smaller than the model's"),
+        (["plan", "down", "{model}"], "say how small"),
+    ],
+)
 def test_a_direction_mistake_is_one_line(llama, args, words):
     result = _invoke(*[llama if arg == "{model}" else arg for arg in args])
     assert result.exit_code == 2, result.output

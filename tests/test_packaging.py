@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 
 import pytest
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,8 +68,17 @@ def test_pypi_description_is_self_contained():
     assert "pip install" in text
 
 
-@pytest.mark.parametrize("args", [["desc", "{model}"], ["plan", "{model}", "-edm", "2"], ["rules", "list"],
-                                  ["rules", "show", "llama"], ["rules", "check", "{model}"], ["rules", "new", "{model}"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["desc", "{model}"],
+        ["plan", "{model}", "-edm", "2"],
+        ["rules", "list"],
+        ["rules", "show", "llama"],
+        ["rules", "check", "{model}"],
+        ["rules", "new", "{model}"],
+    ],
+)
 def test_reading_commands_do_not_import_torch(args):
     """Why torch can stay a core dependency without slowing these down: they never import it (the README
     says so); the rewriting commands need it."""
@@ -92,8 +101,11 @@ def test_readme_links_stay_inside_the_repository():
     """A link to ../shared/... worked only beside this checkout; every relative link must resolve here."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         text = handle.read()
-    relative = [link.split("#")[0] for link in re.findall(r"\]\(([^)]+)\)", text)
-                if not link.startswith(("https://", "http://", "#"))]
+    relative = [
+        link.split("#")[0]
+        for link in re.findall(r"\]\(([^)]+)\)", text)
+        if not link.startswith(("https://", "http://", "#"))
+    ]
     assert relative and all(not link.startswith("..") for link in relative)
     missing = [link for link in relative if not os.path.exists(os.path.join(ROOT, link))]
     assert missing == [], missing

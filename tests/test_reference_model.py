@@ -19,7 +19,7 @@ def test_reference_model_loads_and_generates():
     ids = tokenizer("Return the", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    text = tokenizer.decode(out[0][ids.shape[1]:])
+    text = tokenizer.decode(out[0][ids.shape[1] :])
     words = [w.strip(".,:'\"()") for w in text.split()]
     # A trained model continues a docstring with English words, not byte soup.
     common = {"the", "a", "of", "is", "to", "and", "in", "be", "or", "string", "file", "list", "return", "value", "not"}

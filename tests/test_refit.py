@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
+from fixtures import build_checkpoint, read_config, relative_logit_error
 from safetensors.torch import load_file, save_file
 
-from fixtures import build_checkpoint, read_config, relative_logit_error
 from tensorscale.folding.refit import drop_units, drop_units_fast, refit
 
-
 # ---- kernels ---------------------------------------------------------------------------------------
+
 
 def _problem(seed=0, n=4096, d=24, out=10):
     g = torch.Generator().manual_seed(seed)
@@ -71,6 +71,7 @@ def test_dead_columns_are_dropped_first():
 
 # ---- whole models: dead units are dropped exactly ------------------------------------------------------
 
+
 def _kill_units(folder, model_type, layers=2, ffn=(5, 17, 30, 41), head=1, hidden=(2, 9, 20, 27)):
     """Make some units carry nothing: FFN neurons (down_proj columns zero), the query head `head` of every
     kv group (o_proj columns zero), residual dimensions nothing writes or reads."""
@@ -86,11 +87,12 @@ def _kill_units(folder, model_type, layers=2, ffn=(5, 17, 30, 41), head=1, hidde
             tensor[:, list(ffn)] = 0
         if name.endswith("o_proj.weight"):
             for h in dead_heads:
-                tensor[:, h * head_dim:(h + 1) * head_dim] = 0
+                tensor[:, h * head_dim : (h + 1) * head_dim] = 0
         if tensor.dim() == 2 and (name.endswith(("o_proj.weight", "down_proj.weight"))):
             tensor[hidden, :] = 0
-        if tensor.dim() == 2 and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                                                "gate_proj.weight", "up_proj.weight", "lm_head.weight")):
+        if tensor.dim() == 2 and name.endswith(
+            ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "lm_head.weight")
+        ):
             tensor[:, hidden] = 0
         if name.endswith("embed_tokens.weight"):
             tensor[:, hidden] = 0
@@ -109,20 +111,43 @@ def _calibration_file(tmp_path):
 
 
 def _down(args):
-    return subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "down", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "down", *map(str, args)], capture_output=True, text=True
+    )
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", pytest.param("mistral", marks=pytest.mark.slow),
-                                        pytest.param("qwen3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "model_type",
+    ["llama", "qwen2", pytest.param("mistral", marks=pytest.mark.slow), pytest.param("qwen3", marks=pytest.mark.slow)],
+)
 def test_refit_drops_dead_units_exactly(tmp_path, model_type):
     from test_inference import save_tokenizer
 
     source = _kill_units(build_checkpoint(tmp_path / "src", model_type, tie_word_embeddings=False), model_type)
     save_tokenizer(source)
-    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--intermediate-size", 44,
-                    "--num-attention-heads", 2, "--num-key-value-heads", 2, "--hidden-size", 28,
-                    "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 2048, "--json"])
+    result = _down(
+        [
+            "-i",
+            source,
+            "-o",
+            tmp_path / "out",
+            "--method",
+            "refit",
+            "--intermediate-size",
+            44,
+            "--num-attention-heads",
+            2,
+            "--num-key-value-heads",
+            2,
+            "--hidden-size",
+            28,
+            "--calibration",
+            _calibration_file(tmp_path),
+            "--calibration-tokens",
+            2048,
+            "--json",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["method"] == "refit" and summary["calibration"]["source"] == "file"
@@ -140,9 +165,25 @@ def test_refit_without_a_cut_of_hidden_is_exact_to_rounding(tmp_path):
 
     source = _kill_units(build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=True), "llama", hidden=())
     save_tokenizer(source)
-    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--intermediate-size", 44,
-                    "--num-attention-heads", 2, "--calibration", _calibration_file(tmp_path),
-                    "--calibration-tokens", 512, "-q"])
+    result = _down(
+        [
+            "-i",
+            source,
+            "-o",
+            tmp_path / "out",
+            "--method",
+            "refit",
+            "--intermediate-size",
+            44,
+            "--num-attention-heads",
+            2,
+            "--calibration",
+            _calibration_file(tmp_path),
+            "--calibration-tokens",
+            512,
+            "-q",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert read_config(tmp_path / "out")["tie_word_embeddings"] is True
     assert relative_logit_error(source, tmp_path / "out") < 1e-5
@@ -165,8 +206,25 @@ def test_data_free_refit_samples_its_own_text_and_reports_the_damage(tmp_path):
 
 def test_auto_folds_a_hypercloned_model_exactly(tmp_path):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    up = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "up", "-i", source, "-o", tmp_path / "up",
-                         "-edm", "2", "-upm", "2", "-q"], capture_output=True, text=True)
+    up = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorscale.cli.main",
+            "up",
+            "-i",
+            source,
+            "-o",
+            tmp_path / "up",
+            "-edm",
+            "2",
+            "-upm",
+            "2",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert up.returncode == 0, up.stderr
     result = _down(["-i", tmp_path / "up", "-o", tmp_path / "down", "-edd", "2", "-upd", "2", "--json"])
     assert result.returncode == 0, result.stderr
@@ -174,27 +232,49 @@ def test_auto_folds_a_hypercloned_model_exactly(tmp_path):
     assert relative_logit_error(source, tmp_path / "down") < 1e-4
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "refit", "--calibration-tokens", "100"], "must be at least 256"),
-    (["--method", "fold", "--calibration", "CAL"], "--calibration is for --method refit"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "refit", "--calibration-tokens", "100"], "must be at least 256"),
+        (["--method", "fold", "--calibration", "CAL"], "--calibration is for --method refit"),
+    ],
+)
 def test_refit_option_errors_are_one_line(tmp_path, args, message):
     from test_inference import save_tokenizer
 
     source = build_checkpoint(tmp_path / "src", "llama")
     save_tokenizer(source)
     cal = _calibration_file(tmp_path)
-    result = _down(["-i", source, "-o", tmp_path / "out", "--intermediate-size", 32,
-                    *[str(cal) if a == "CAL" else a for a in args], "--calibration", cal]
-                   if "--calibration" not in args else
-                   ["-i", source, "-o", tmp_path / "out", "--intermediate-size", 32,
-                    *[str(cal) if a == "CAL" else a for a in args]])
+    result = _down(
+        [
+            "-i",
+            source,
+            "-o",
+            tmp_path / "out",
+            "--intermediate-size",
+            32,
+            *[str(cal) if a == "CAL" else a for a in args],
+            "--calibration",
+            cal,
+        ]
+        if "--calibration" not in args
+        else [
+            "-i",
+            source,
+            "-o",
+            tmp_path / "out",
+            "--intermediate-size",
+            32,
+            *[str(cal) if a == "CAL" else a for a in args],
+        ]
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 # ---- budgets ----------------------------------------------------------------------------------------
+
 
 def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
     from tensorscale.folding.allocation import Counter, allocate_budget
@@ -212,10 +292,15 @@ def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
     assert "intermediate_size" not in kept  # a size the user gave is kept; others pay
 
 
-@pytest.mark.parametrize("reduction, params, message", [
-    ("lots", None, "cannot read --reduction"), ("150%", None, "between 0% and 100%"),
-    (None, "5B", "ask for fewer"), ("10%", "1M", "give one budget"),
-])
+@pytest.mark.parametrize(
+    "reduction, params, message",
+    [
+        ("lots", None, "cannot read --reduction"),
+        ("150%", None, "between 0% and 100%"),
+        (None, "5B", "ask for fewer"),
+        ("10%", "1M", "give one budget"),
+    ],
+)
 def test_budget_errors_are_one_line(tmp_path, reduction, params, message):
     args = ["-i", build_checkpoint(tmp_path / "src", "llama"), "-o", tmp_path / "out", "--method", "fold"]
     args += ["--reduction", reduction] if reduction else []
@@ -233,11 +318,26 @@ def test_a_batch_down_job_refits_and_leaves_no_workspace(tmp_path):
     save_tokenizer(source)
     (tmp_path / "out").mkdir()
     jobs = tmp_path / "jobs.yaml"
-    jobs.write_text(yaml.safe_dump({"jobs": [
-        {"command": "down", "input": source, "output": str(tmp_path / "out" / "small"), "method": "refit",
-         "intermediate_size": 32, "calibration": str(_calibration_file(tmp_path)), "calibration_tokens": 512}]}))
-    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "batch", str(jobs), "--quiet"],
-                            capture_output=True, text=True)
+    jobs.write_text(
+        yaml.safe_dump(
+            {
+                "jobs": [
+                    {
+                        "command": "down",
+                        "input": source,
+                        "output": str(tmp_path / "out" / "small"),
+                        "method": "refit",
+                        "intermediate_size": 32,
+                        "calibration": str(_calibration_file(tmp_path)),
+                        "calibration_tokens": 512,
+                    }
+                ]
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "batch", str(jobs), "--quiet"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     assert read_config(tmp_path / "out" / "small")["intermediate_size"] == 32
     relative_logit_error(source, tmp_path / "out" / "small")  # loads, no missing or unexpected keys
@@ -249,7 +349,21 @@ def test_refit_refuses_more_query_heads_than_its_kv_groups_hold(tmp_path):
 
     source = build_checkpoint(tmp_path / "src", "llama", num_attention_heads=4, num_key_value_heads=2)
     save_tokenizer(source)
-    result = _down(["-i", source, "-o", tmp_path / "out", "--method", "refit", "--num-attention-heads", 3,
-                    "--num-key-value-heads", 1, "--calibration", _calibration_file(tmp_path)])
+    result = _down(
+        [
+            "-i",
+            source,
+            "-o",
+            tmp_path / "out",
+            "--method",
+            "refit",
+            "--num-attention-heads",
+            3,
+            "--num-key-value-heads",
+            1,
+            "--calibration",
+            _calibration_file(tmp_path),
+        ]
+    )
     assert result.returncode == 2 and "at most 2 heads" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

@@ -15,21 +15,41 @@ import textwrap
 import time
 
 import pytest
-
 from fixtures import build_checkpoint, read_config
+
 from tensorscale.convert import run_up
 from tensorscale.errors import TensorscaleError
 from tensorscale.planning.plan import UpOptions
 from tensorscale.writing import execute
 from tensorscale.writing.integrity import MANIFEST_NAME, file_sha256, verify_tensor_hashes
 
-BIG = dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-           num_attention_heads=8, num_key_value_heads=4)
+BIG = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 
 
 def up_command(source, output, *extra):
-    return [sys.executable, "-m", "tensorscale.cli.main", "up", "-i", str(source), "-o", str(output),
-            "-edm", "2", "-upm", "2", "-q", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "tensorscale.cli.main",
+        "up",
+        "-i",
+        str(source),
+        "-o",
+        str(output),
+        "-edm",
+        "2",
+        "-upm",
+        "2",
+        "-q",
+        *extra,
+    ]
 
 
 def leftovers(parent):
@@ -73,8 +93,11 @@ def test_kills_never_leave_a_partial_output(big, tmp_path):
             outcomes.append("previous")
         else:
             outcomes.append("complete")
-            assert read_config(out)["hidden_size"] == 512 and os.path.exists(out / "model.safetensors.index.json") \
+            assert (
+                read_config(out)["hidden_size"] == 512
+                and os.path.exists(out / "model.safetensors.index.json")
                 or os.path.exists(out / "model.safetensors")
+            )
             from safetensors import safe_open
 
             for name in os.listdir(out):
@@ -122,9 +145,11 @@ def signal_inside_a_weakref_callback(signum):
 
 
 def run_with_a_swallowed_signal(model, out, patch):
-    launch = (f"from tensorscale.cli.main import main\n"
-              f"sys.argv = ['tensorscale', 'up', '-i', {str(model)!r}, '-o', {str(out)!r}, '-upm', '2', '-q']\n"
-              "main()\n")
+    launch = (
+        f"from tensorscale.cli.main import main\n"
+        f"sys.argv = ['tensorscale', 'up', '-i', {str(model)!r}, '-o', {str(out)!r}, '-upm', '2', '-q']\n"
+        "main()\n"
+    )
     script = SWALLOWING_CALLBACK + textwrap.dedent(patch) + launch
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
 
@@ -167,8 +192,10 @@ def test_a_swallowed_interrupt_after_the_swap_still_exits_interrupted(tmp_path):
     result = run_with_a_swallowed_signal(model, out, patch)
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines() == [f"tensorscale: interrupted after the output was written: {out} "
-                                                  "holds the complete new model; nothing else was written"]
+    assert result.stderr.strip().splitlines() == [
+        f"tensorscale: interrupted after the output was written: {out} "
+        "holds the complete new model; nothing else was written"
+    ]
     assert read_config(out)["intermediate_size"] == 2 * read_config(model)["intermediate_size"]
 
 
@@ -205,7 +232,8 @@ def test_an_interrupt_while_gguf_is_written_says_nothing_was_written(tmp_path):
     script = textwrap.dedent(patch) + (
         "import sys\nfrom tensorscale.cli.main import main\n"
         f"sys.argv = ['tensorscale', 'up', {str(model)!r}, '-o', {str(out)!r}, '-upm', '2', '-q', '--format', 'gguf']\n"
-        "main()\n")
+        "main()\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines() == ["tensorscale: interrupted; nothing was written"]
@@ -217,12 +245,15 @@ def test_a_killed_refit_workspace_is_removed_by_the_next_run_and_a_live_one_kept
     it (its kernel lock died with the run); a running refit's folder is never touched."""
     from tensorscale.writing.output_folder import SPILL_MARKER, SpillWorkspace, remove_stale_spills
 
-    opener = (f"import os, signal, sys, time; sys.path[:0] = {sys.path!r}; "
-              "from tensorscale.writing.output_folder import SpillWorkspace; "
-              f"folder = SpillWorkspace({str(tmp_path / 'out')!r}).open(); open(folder + '/t', 'w').write('x'); "
-              "print(folder, flush=True); ")
-    killed = subprocess.run([sys.executable, "-c", opener + "os.kill(os.getpid(), signal.SIGKILL)"],
-                            capture_output=True, text=True)
+    opener = (
+        f"import os, signal, sys, time; sys.path[:0] = {sys.path!r}; "
+        "from tensorscale.writing.output_folder import SpillWorkspace; "
+        f"folder = SpillWorkspace({str(tmp_path / 'out')!r}).open(); open(folder + '/t', 'w').write('x'); "
+        "print(folder, flush=True); "
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", opener + "os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True
+    )
     assert killed.returncode == -signal.SIGKILL
     dead = killed.stdout.strip()
     assert os.path.isdir(dead) and os.path.exists(dead + ".lock")
@@ -270,8 +301,14 @@ def test_input_changing_during_the_run(tmp_path, monkeypatch):
 
 def test_verify_files_and_manifest(tmp_path):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    result = run_up(source, str(tmp_path / "out"), UpOptions(2, 2, max_shard_size=30_000), show_progress=False,
-                    verify_files=True, manifest=True)
+    result = run_up(
+        source,
+        str(tmp_path / "out"),
+        UpOptions(2, 2, max_shard_size=30_000),
+        show_progress=False,
+        verify_files=True,
+        manifest=True,
+    )
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["source"]["shards"] == {"model.safetensors": file_sha256(os.path.join(source, "model.safetensors"))}
     files = manifest["output"]["files"]
@@ -348,11 +385,14 @@ def test_config_that_disagrees_with_tensors(tmp_path):
 
 def test_concurrent_run_on_the_same_output_is_refused(tmp_path):
     source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
-    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n")
+    code = (
+        "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(30)\n"
+    )
     run = f"{os.getpid()}-feedf00d"
-    sleeper = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f".out.tensorscale-lock-{run}")],
-                               stdout=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / f".out.tensorscale-lock-{run}")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert sleeper.stdout.readline().strip() == "locked"
         (tmp_path / f".out.tensorscale-tmp-{run}").mkdir()
@@ -381,7 +421,9 @@ def test_no_code_path_unpickles_or_evals():
     import tensorscale
 
     root = os.path.dirname(tensorscale.__file__)
-    forbidden = re.compile(r"\b(eval|exec)\(|\bpickle\b|torch\.load\b|yaml\.load\(|yaml\.unsafe_load|weights_only\s*=\s*False")
+    forbidden = re.compile(
+        r"\b(eval|exec)\(|\bpickle\b|torch\.load\b|yaml\.load\(|yaml\.unsafe_load|weights_only\s*=\s*False"
+    )
     offenders = []
     for folder, _, files in os.walk(root):
         for name in files:

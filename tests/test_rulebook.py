@@ -6,8 +6,9 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
 from fixtures import TINY
+
+from tensorscale.folding.fold import Fold
 from tensorscale.ops.library import Interleave, Merge, OpContext, Tile, TileDivide
 from tensorscale.rulebook.compile import Space, _grow_leaf
 from tensorscale.rulebook.evaluate import scale_inverts
@@ -15,7 +16,6 @@ from tensorscale.rulebook.layout import plan_layouts
 from tensorscale.rulebook.registry import shipped_rules
 from tensorscale.rulebook.roles import REDUCE_SCALES, REDUCE_WEIGHTS, ROLE_OPS, Role, role_label, split_role
 from tensorscale.rulebook.schema import load_rules_text
-from tensorscale.folding.fold import Fold
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tensorscale"
 
@@ -88,16 +88,21 @@ def test_every_shipped_scale_inverts_itself_at_one_over_n():
             ratios = {"n": n, "m": 2, "nh": n, "nkv": n}
             for rule in [*rule_set.tensors, *rule_set.create]:
                 if rule.transform.scale is not None:
-                    assert scale_inverts(rule_set, rule.transform, config, ratios, untie_embeddings=not tie), (name, rule)
+                    assert scale_inverts(rule_set, rule.transform, config, ratios, untie_embeddings=not tie), (
+                        name,
+                        rule,
+                    )
                     checked += 1
     assert checked > 20
 
 
 def test_a_scale_that_does_not_invert_itself_is_caught():
-    rules = load_rules_text("name: t\nlet: {g: 'sqrt(n)'}\nspaces: {hidden: {size: 4, grow: n}}\ntensors:\n"
-                            "  - {match: a, axes: [hidden], scale: '1 / n + 1'}\n"
-                            "  - {match: b, axes: [hidden], scale: {factor: '1 / g', offset: '1 / g - 1'}}\n"
-                            "  - {match: c, axes: [hidden], scale: {factor: '1 / n', offset: '0.5'}}\n")
+    rules = load_rules_text(
+        "name: t\nlet: {g: 'sqrt(n)'}\nspaces: {hidden: {size: 4, grow: n}}\ntensors:\n"
+        "  - {match: a, axes: [hidden], scale: '1 / n + 1'}\n"
+        "  - {match: b, axes: [hidden], scale: {factor: '1 / g', offset: '1 / g - 1'}}\n"
+        "  - {match: c, axes: [hidden], scale: {factor: '1 / n', offset: '0.5'}}\n"
+    )
     ratios = {"n": 2, "m": 1, "nh": 2, "nkv": 2}
     assert [scale_inverts(rules, rule.transform, {}, ratios) for rule in rules.tensors] == [False, True, False]
 
@@ -110,12 +115,18 @@ from tensorscale.rulebook.registry import resolved_text, shipped_text  # noqa: E
 from tensorscale.rulebook.schema import RulesError  # noqa: E402
 
 BASE = {
-    "name": "base", "detect": {"model_type": ["base"]},
-    "let": {"a": "1", "b": "a + 1"}, "checks": [{"assert": "a == 1"}],
+    "name": "base",
+    "detect": {"model_type": ["base"]},
+    "let": {"a": "1", "b": "a + 1"},
+    "checks": [{"assert": "a == 1"}],
     "spaces": {"hidden": {"size": "h", "grow": "n"}, "ffn": {"size": "f", "grow": "m"}},
     "config": {"h": "h * n", "f": "f * m", "head_dim": "head_dim"},
-    "tensors": [{"match": "x", "axes": ["hidden"]}, {"match": "y", "when": "t", "axes": ["hidden.in"], "scale": "1 / n"},
-                {"match": "y", "axes": ["hidden.in"]}, {"match": "z", "axes": ["ffn"]}],
+    "tensors": [
+        {"match": "x", "axes": ["hidden"]},
+        {"match": "y", "when": "t", "axes": ["hidden.in"], "scale": "1 / n"},
+        {"match": "y", "axes": ["hidden.in"]},
+        {"match": "z", "axes": ["ffn"]},
+    ],
     "create": [{"name": "c", "from": "x", "axes": ["hidden"]}],
     "depth": {"count": "layers", "lists": ["a"], "identity": [{"match": "x", "fill": 0}]},
 }
@@ -123,15 +134,18 @@ BASE = {
 
 def test_extends_merges_mappings_by_key_extends_checks_and_merges_rules_in_place():
     refining = {
-        "name": "mine", "extends": "base",
+        "name": "mine",
+        "extends": "base",
         "let": {"b": "a + 2", "c": "b"},  # replaced in place, added after
         "checks": [{"assert": "b == 3"}],
         "spaces": {"ffn": {"size": "f", "grow": "m", "per": "layer"}},  # a space is replaced whole
         "config": {"head_dim": None},  # null removes the base's key
-        "tensors": [{"match": "y", "when": "t", "axes": ["hidden.in"]},  # same match and when: replaced in place
-                    {"match": "x", "omit": True},
-                    {"match": "w", "after": "y", "axes": ["-"]},  # after the base's last rule matching y
-                    {"match": "v", "axes": ["-"]}],
+        "tensors": [
+            {"match": "y", "when": "t", "axes": ["hidden.in"]},  # same match and when: replaced in place
+            {"match": "x", "omit": True},
+            {"match": "w", "after": "y", "axes": ["-"]},  # after the base's last rule matching y
+            {"match": "v", "axes": ["-"]},
+        ],
         "depth": {"lists": ["b"]},
         "unmatched": "copy",
     }
@@ -141,8 +155,13 @@ def test_extends_merges_mappings_by_key_extends_checks_and_merges_rules_in_place
     assert merged["checks"] == [{"assert": "a == 1"}, {"assert": "b == 3"}]
     assert merged["spaces"]["ffn"] == {"size": "f", "grow": "m", "per": "layer"} and "hidden" in merged["spaces"]
     assert list(merged["config"]) == ["h", "f"]
-    assert merged["tensors"] == [{"match": "y", "when": "t", "axes": ["hidden.in"]}, {"match": "y", "axes": ["hidden.in"]},
-                                 {"match": "w", "axes": ["-"]}, {"match": "z", "axes": ["ffn"]}, {"match": "v", "axes": ["-"]}]
+    assert merged["tensors"] == [
+        {"match": "y", "when": "t", "axes": ["hidden.in"]},
+        {"match": "y", "axes": ["hidden.in"]},
+        {"match": "w", "axes": ["-"]},
+        {"match": "z", "axes": ["ffn"]},
+        {"match": "v", "axes": ["-"]},
+    ]
     assert merged["create"] == BASE["create"] and merged["unmatched"] == "copy"
     assert merged["depth"] == {"count": "layers", "lists": ["b"], "identity": [{"match": "x", "fill": 0}]}
     assert BASE["let"] == {"a": "1", "b": "a + 1"} and len(BASE["tensors"]) == 4  # the base is not changed
@@ -152,17 +171,33 @@ def _bases(files):
     return lambda name: __import__("copy").deepcopy(files.get(name))
 
 
-@pytest.mark.parametrize("files, text, words", [
-    ({}, "name: mine\nextends: nope\n", ["mine.yaml: extends 'nope' names no shipped rules file", "rules list"]),
-    ({"a": {"extends": "b"}, "b": {"extends": "a"}}, "name: mine\nextends: a\n",
-     ["mine.yaml (through rules/b.yaml): extends cycle a -> b -> a", "remove the extends"]),
-    ({"a": {"extends": "a"}}, "name: mine\nextends: a\n", ["mine.yaml (through rules/a.yaml): extends cycle a -> a"]),
-    ({}, "name: mine\nextends: [a]\n", ["mine.yaml: extends must name a shipped rules file"]),
-    ({"a": BASE}, "name: mine\nextends: a\ntensors:\n  - {match: q, omit: true}\n",
-     ["mine.yaml: tensors[0]: omit: true removes a base rule, but the base has none"]),
-    ({"a": BASE}, "name: mine\nextends: a\ntensors:\n  - {match: q, after: nothing, axes: ['-']}\n",
-     ["mine.yaml: tensors[0]: after 'nothing' matches no base rule"]),
-])
+@pytest.mark.parametrize(
+    "files, text, words",
+    [
+        ({}, "name: mine\nextends: nope\n", ["mine.yaml: extends 'nope' names no shipped rules file", "rules list"]),
+        (
+            {"a": {"extends": "b"}, "b": {"extends": "a"}},
+            "name: mine\nextends: a\n",
+            ["mine.yaml (through rules/b.yaml): extends cycle a -> b -> a", "remove the extends"],
+        ),
+        (
+            {"a": {"extends": "a"}},
+            "name: mine\nextends: a\n",
+            ["mine.yaml (through rules/a.yaml): extends cycle a -> a"],
+        ),
+        ({}, "name: mine\nextends: [a]\n", ["mine.yaml: extends must name a shipped rules file"]),
+        (
+            {"a": BASE},
+            "name: mine\nextends: a\ntensors:\n  - {match: q, omit: true}\n",
+            ["mine.yaml: tensors[0]: omit: true removes a base rule, but the base has none"],
+        ),
+        (
+            {"a": BASE},
+            "name: mine\nextends: a\ntensors:\n  - {match: q, after: nothing, axes: ['-']}\n",
+            ["mine.yaml: tensors[0]: after 'nothing' matches no base rule"],
+        ),
+    ],
+)
 def test_extends_errors_are_one_line_naming_the_file_and_the_fix(monkeypatch, files, text, words):
     monkeypatch.setattr(schema, "shipped_data", _bases(files))
     with pytest.raises(RulesError) as caught:
@@ -172,12 +207,15 @@ def test_extends_errors_are_one_line_naming_the_file_and_the_fix(monkeypatch, fi
 
 
 def test_a_users_file_extends_a_shipped_base():
-    mine = schema.load_rules_text("name: mine\ndetect: {model_type: [mine]}\nextends: llama\n"
-                                  "let: {tied: 'true'}\n", "mine.yaml")
+    mine = schema.load_rules_text(
+        "name: mine\ndetect: {model_type: [mine]}\nextends: llama\nlet: {tied: 'true'}\n", "mine.yaml"
+    )
     llama = shipped_rules()["llama"]
     assert mine.name == "mine" and mine.detect_model_types == ["mine"]
     assert [r.pattern for r in mine.tensors] == [r.pattern for r in llama.tensors]
-    assert dict(mine.let)["tied"].source == "true" and [c.message for c in mine.checks] == [c.message for c in llama.checks]
+    assert dict(mine.let)["tied"].source == "true" and [c.message for c in mine.checks] == [
+        c.message for c in llama.checks
+    ]
 
 
 def test_the_decoder_family_extends_one_base_and_bases_are_not_architectures():
@@ -226,41 +264,79 @@ from tensorscale.rulebook.validate import yaml_keys  # noqa: E402
 SPACES = "spaces: {hidden: {size: 4, grow: n}}\n"
 
 
-@pytest.mark.parametrize("text, line", [
-    # unknown keys: the file, the place (the rule, with its pattern), the key, and the keys that exist
-    (SPACES + "tensors:\n  - {match: 'a\\.w', axis: [hidden]}\n",
-     "r.yaml: tensors[0]: unknown key 'axis' (known: axes, component, copy, drop, match, note, ops, replicate, "
-     "required, scale, when)"),
-    (SPACES + "tensors:\n  - {match: 'a\\.w', axes: [hidden], replicate: {count: 2, name: 'b{k}', times: 3}}\n",
-     "r.yaml: tensors[0] (a\\.w): replicate: unknown key 'times' (known: count, name, note, unit_of)"),
-    ("spaces: {hidden: {size: 4, grows: n}}\ntensors: [{match: a}]\n",
-     "r.yaml: spaces.hidden: unknown key 'grows' (known: clone, clusters_of, equal, grow, norm, note, per, scaled, "
-     "size, unit, within)"),
-    ("tensors: [{match: a}]\ncolour: red\n", "r.yaml: unknown key 'colour' (known: checks, config, create, depth, "
-     "description, detect, let, name, note, spaces, targets, tensors, tie, unmatched)"),
-    # wrong types: what the value must be
-    ("spaces: {hidden: {size: 4, scaled: 'yes'}}\ntensors: [{match: a}]\n", "r.yaml: spaces.hidden: scaled must be true or false"),
-    ("spaces: {hidden: {size: 4, clone: copy}}\ntensors: [{match: a}]\n",
-     "r.yaml: spaces.hidden: clone must be 'tile' or 'interleave'"),
-    ("spaces: {hidden: {size: 4, norm: batch}}\ntensors: [{match: a}]\n",
-     "r.yaml: spaces.hidden: norm must be one of rms, rms_one_plus, layer"),
-    (SPACES + "tensors:\n  - {match: 'a\\.w', axes: [hidden], component: brain}\n",
-     "r.yaml: tensors[0] (a\\.w): component must be one of attention, embeddings, head, mlp, norms, other"),
-    (SPACES + "tensors:\n  - {match: 'a\\.w', drop: 1}\n", "r.yaml: tensors[0] (a\\.w): drop must be true or false"),
-    ("detect: {model_type: 3}\ntensors: [{match: a}]\n", "r.yaml: detect.model_type must be a string or a list of strings"),
-    ("tensors: [{match: a}]\nunmatched: skip\n", "r.yaml: unmatched must be 'error' or 'copy'"),
-    ("tensors: [{match: a}]\ncreate: {name: x}\n", "r.yaml: create must be a list"),
-    # missing keys: which one, and what it is for
-    ("spaces: {hidden: {grow: n}}\ntensors: [{match: a}]\n", "r.yaml: spaces.hidden needs 'size'"),
-    (SPACES + "tensors:\n  - {axes: [hidden]}\n", "r.yaml: tensors[0] needs 'match', a regular expression for tensor names"),
-    (SPACES + "tensors:\n  - {match: 'a\\.w', replicate: {count: 2}}\n",
-     "r.yaml: tensors[0] (a\\.w): replicate needs 'count' and a 'name' template"),
-    ("tensors: [{match: a}]\ncreate: [{name: x, axes: ['-']}]\n", "r.yaml: create[0] needs 'name' and 'from' tensor names"),
-    ("tensors: [{match: a}]\nchecks: [{message: m}]\n", "r.yaml: checks[0] needs 'assert'"),
-    ("spaces: {}\n", "r.yaml: 'tensors' must be a non-empty list of rules"),
-    ("tensors:\n  - {match: 'a\\.w', axes: [hidden]}\n", "r.yaml: tensors[0] (a\\.w): axis role 'hidden' names no space "
-     "(spaces: none)"),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        # unknown keys: the file, the place (the rule, with its pattern), the key, and the keys that exist
+        (
+            SPACES + "tensors:\n  - {match: 'a\\.w', axis: [hidden]}\n",
+            "r.yaml: tensors[0]: unknown key 'axis' (known: axes, component, copy, drop, match, note, ops, replicate, "
+            "required, scale, when)",
+        ),
+        (
+            SPACES + "tensors:\n  - {match: 'a\\.w', axes: [hidden], replicate: {count: 2, name: 'b{k}', times: 3}}\n",
+            "r.yaml: tensors[0] (a\\.w): replicate: unknown key 'times' (known: count, name, note, unit_of)",
+        ),
+        (
+            "spaces: {hidden: {size: 4, grows: n}}\ntensors: [{match: a}]\n",
+            "r.yaml: spaces.hidden: unknown key 'grows' (known: clone, clusters_of, equal, grow, norm, note, per, "
+            "scaled, "
+            "size, unit, within)",
+        ),
+        (
+            "tensors: [{match: a}]\ncolour: red\n",
+            "r.yaml: unknown key 'colour' (known: checks, config, create, depth, "
+            "description, detect, let, name, note, spaces, targets, tensors, tie, unmatched)",
+        ),
+        # wrong types: what the value must be
+        (
+            "spaces: {hidden: {size: 4, scaled: 'yes'}}\ntensors: [{match: a}]\n",
+            "r.yaml: spaces.hidden: scaled must be true or false",
+        ),
+        (
+            "spaces: {hidden: {size: 4, clone: copy}}\ntensors: [{match: a}]\n",
+            "r.yaml: spaces.hidden: clone must be 'tile' or 'interleave'",
+        ),
+        (
+            "spaces: {hidden: {size: 4, norm: batch}}\ntensors: [{match: a}]\n",
+            "r.yaml: spaces.hidden: norm must be one of rms, rms_one_plus, layer",
+        ),
+        (
+            SPACES + "tensors:\n  - {match: 'a\\.w', axes: [hidden], component: brain}\n",
+            "r.yaml: tensors[0] (a\\.w): component must be one of attention, embeddings, head, mlp, norms, other",
+        ),
+        (
+            SPACES + "tensors:\n  - {match: 'a\\.w', drop: 1}\n",
+            "r.yaml: tensors[0] (a\\.w): drop must be true or false",
+        ),
+        (
+            "detect: {model_type: 3}\ntensors: [{match: a}]\n",
+            "r.yaml: detect.model_type must be a string or a list of strings",
+        ),
+        ("tensors: [{match: a}]\nunmatched: skip\n", "r.yaml: unmatched must be 'error' or 'copy'"),
+        ("tensors: [{match: a}]\ncreate: {name: x}\n", "r.yaml: create must be a list"),
+        # missing keys: which one, and what it is for
+        ("spaces: {hidden: {grow: n}}\ntensors: [{match: a}]\n", "r.yaml: spaces.hidden needs 'size'"),
+        (
+            SPACES + "tensors:\n  - {axes: [hidden]}\n",
+            "r.yaml: tensors[0] needs 'match', a regular expression for tensor names",
+        ),
+        (
+            SPACES + "tensors:\n  - {match: 'a\\.w', replicate: {count: 2}}\n",
+            "r.yaml: tensors[0] (a\\.w): replicate needs 'count' and a 'name' template",
+        ),
+        (
+            "tensors: [{match: a}]\ncreate: [{name: x, axes: ['-']}]\n",
+            "r.yaml: create[0] needs 'name' and 'from' tensor names",
+        ),
+        ("tensors: [{match: a}]\nchecks: [{message: m}]\n", "r.yaml: checks[0] needs 'assert'"),
+        ("spaces: {}\n", "r.yaml: 'tensors' must be a non-empty list of rules"),
+        (
+            "tensors:\n  - {match: 'a\\.w', axes: [hidden]}\n",
+            "r.yaml: tensors[0] (a\\.w): axis role 'hidden' names no space (spaces: none)",
+        ),
+    ],
+)
 def test_rules_errors_are_one_line_naming_the_file_the_rule_and_the_fix(text, line):
     with pytest.raises(RulesError) as caught:
         schema.load_rules_text("name: r\n" + text, "r.yaml")
@@ -280,8 +356,17 @@ def test_the_known_keys_are_the_dataclass_fields():
                 found.add(field.metadata.get("key") or field.name)
         return found
 
-    for cls in (schema.RuleSet, schema.SpaceSpec, schema.TensorRule, schema.CreateRule, schema.DepthSpec,
-                schema.IdentityRule, schema.Replicate, schema.Check, schema.Detect):
+    for cls in (
+        schema.RuleSet,
+        schema.SpaceSpec,
+        schema.TensorRule,
+        schema.CreateRule,
+        schema.DepthSpec,
+        schema.IdentityRule,
+        schema.Replicate,
+        schema.Check,
+        schema.Detect,
+    ):
         assert set(yaml_keys(cls)) == keys(cls) | {"note"}, cls
     assert {"axes", "ops", "scale", "match", "replicate"} <= set(yaml_keys(schema.TensorRule))
     assert "index" not in yaml_keys(schema.TensorRule) and "path" not in yaml_keys(schema.RuleSet)
@@ -289,19 +374,29 @@ def test_the_known_keys_are_the_dataclass_fields():
 
 # ---- what the engine no longer hard-wires --------------------------------------------------------------
 
+
 def test_targets_and_tie_key_are_declared_by_the_rules():
     from tensorscale.planning.plan import UpOptions, current_units
     from tensorscale.rulebook.targets import DEFAULT_TARGETS, DEFAULT_TIE_KEY
 
-    text = ("name: t\nspaces:\n  residual: {size: d, grow: n}\n  mlp: {size: f, grow: m}\n"
-            "  att: {size: a * 4, unit: 4, grow: nh}\n"
-            "targets: {hidden_size: residual, intermediate_size: mlp, num_attention_heads: att}\ntie: tied\n"
-            "tensors: [{match: w, axes: [residual, mlp.in]}]\n")
+    text = (
+        "name: t\nspaces:\n  residual: {size: d, grow: n}\n  mlp: {size: f, grow: m}\n"
+        "  att: {size: a * 4, unit: 4, grow: nh}\n"
+        "targets: {hidden_size: residual, intermediate_size: mlp, num_attention_heads: att}\ntie: tied\n"
+        "tensors: [{match: w, axes: [residual, mlp.in]}]\n"
+    )
     rules = schema.load_rules_text(text, "t.yaml")
-    assert rules.targets == {**DEFAULT_TARGETS, "hidden_size": "residual", "intermediate_size": "mlp",
-                             "num_attention_heads": "att"} and rules.tie == "tied"
+    assert (
+        rules.targets
+        == {**DEFAULT_TARGETS, "hidden_size": "residual", "intermediate_size": "mlp", "num_attention_heads": "att"}
+        and rules.tie == "tied"
+    )
     assert current_units(rules, {"d": 8, "f": 12, "a": 2}, UpOptions()) == {
-        "hidden_size": 8, "intermediate_size": 12, "num_attention_heads": 2, "num_key_value_heads": 2}
+        "hidden_size": 8,
+        "intermediate_size": 12,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    }
     for name, shipped in shipped_rules().items():
         assert shipped.tie == DEFAULT_TIE_KEY and set(shipped.targets) == set(DEFAULT_TARGETS), name
     with pytest.raises(RulesError, match=r"t.yaml: targets: unknown size option 'width' \(known: hidden_size"):

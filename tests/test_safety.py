@@ -15,10 +15,10 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint
+
 from tensorscale.cli.main import cli
-from tensorscale.convert import plan_conversion, execute_plan
+from tensorscale.convert import execute_plan, plan_conversion
 from tensorscale.errors import TensorscaleError
 from tensorscale.planning.plan import UpOptions
 from tensorscale.writing import output_folder
@@ -45,8 +45,11 @@ def one_line_error(result, *needles):
 
 
 def tree(folder):
-    return sorted(os.path.relpath(os.path.join(root, name), folder)
-                  for root, dirs, files in os.walk(folder) for name in dirs + files)
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, dirs, files in os.walk(folder)
+        for name in dirs + files
+    )
 
 
 def up_x2(model, out, *extra):
@@ -54,6 +57,7 @@ def up_x2(model, out, *extra):
 
 
 # ---- --force never deletes what is not ours ----------------------------------------------------------
+
 
 def test_force_onto_a_folder_above_the_input_is_refused(model, tmp_path):
     """Before: `up -i proj/models/pd -o proj --force` exit 0, the input and proj/notes/thesis.txt gone."""
@@ -154,6 +158,7 @@ def test_force_checks_happen_before_any_work(model, tmp_path, monkeypatch):
 
 # ---- symlink OUT ---------------------------------------------------------------------------------------
 
+
 def test_force_onto_a_symlink_replaces_the_link_and_leaves_nothing(model, tmp_path):
     """Before: the old link stayed behind as `.out.tensorscale-tmp-PID`, never removed."""
     target = tmp_path / "target"
@@ -169,6 +174,7 @@ def test_force_onto_a_symlink_replaces_the_link_and_leaves_nothing(model, tmp_pa
 
 
 # ---- interrupts say what state OUT is in -------------------------------------------------------------
+
 
 def test_interrupt_after_the_swap_says_out_holds_the_new_model(model, tmp_path):
     """Before: Ctrl-C after the swap (then: during `up --force --verify`; verify now runs before the swap)
@@ -194,10 +200,13 @@ def test_interrupt_after_the_swap_says_out_holds_the_new_model(model, tmp_path):
 
 # ---- liveness by kernel lock, not PID ----------------------------------------------------------------
 
+
 def hold_lock(path):
     """A process in 'another container' holding our kind of lock: its PID means nothing here."""
-    code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    code = (
+        "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -246,6 +255,7 @@ def test_temporary_folders_have_a_random_suffix_and_a_held_lock(model, tmp_path,
 
 
 # ---- down does not carry the input's manifest; the whole output is reserved first ------------------
+
 
 def test_down_does_not_copy_the_inputs_manifest(model, tmp_path):
     """Before: `down` copied the input's tensorscale-manifest.json (another command, wrong hashes)."""

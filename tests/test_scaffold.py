@@ -14,13 +14,13 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from fixtures import TINY, build_checkpoint, read_config, relative_logit_error, run_cli_in_fresh_process
+
 from tensorscale.cli.main import cli
 from tensorscale.convert import plan_conversion, run_up
 from tensorscale.planning.plan import UpOptions
-from tensorscale.reading.source import open_source
 from tensorscale.planning.rules_check import check_rules
+from tensorscale.reading.source import open_source
 from tensorscale.rulebook.scaffold import count_decisions, scaffold_rules
 from tensorscale.rulebook.schema import load_rules_text
 
@@ -41,7 +41,9 @@ def checkpoints(tmp_path_factory):
         key = (model_type, tuple(sorted(overrides.items())))
         if key not in built:
             suffix = "-".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
-            built[key] = build_checkpoint(root / f"{model_type}{'-' + suffix if suffix else ''}", model_type, **overrides)
+            built[key] = build_checkpoint(
+                root / f"{model_type}{'-' + suffix if suffix else ''}", model_type, **overrides
+            )
         return built[key]
 
     return get
@@ -62,7 +64,7 @@ def decisions_by_rule(text):
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("# DECIDE:"):
-            pending.append(stripped[len("# DECIDE:"):].strip())
+            pending.append(stripped[len("# DECIDE:") :].strip())
         elif stripped.startswith("#   ") and pending:
             pending[-1] += " " + stripped[1:].strip()
         elif stripped.startswith("- match:"):
@@ -96,8 +98,13 @@ def test_tied_scaffold_keeps_or_unties_exactly(checkpoints, tmp_path):
     scaffold_file(source, tmp_path / "rules.yaml")
     for untie in (False, True):
         out = tmp_path / f"out-{untie}"
-        run_up(source, str(out), UpOptions(2, 2, untie_embeddings=untie), rules_path=str(tmp_path / "rules.yaml"),
-               show_progress=False)
+        run_up(
+            source,
+            str(out),
+            UpOptions(2, 2, untie_embeddings=untie),
+            rules_path=str(tmp_path / "rules.yaml"),
+            show_progress=False,
+        )
         assert read_config(out)["tie_word_embeddings"] is (not untie)
         assert relative_logit_error(source, out) < TOLERANCE
 
@@ -116,7 +123,9 @@ def test_every_architecture_parses_checks_and_plans(checkpoints, tmp_path, model
 
 
 def test_decide_comments_where_the_guess_is_hard(checkpoints, tmp_path):
-    texts = {t: scaffold_file(checkpoints(t), tmp_path / f"{t}.yaml") for t in ("gpt2", "phi3", "opt", "gpt_neox", "gemma")}
+    texts = {
+        t: scaffold_file(checkpoints(t), tmp_path / f"{t}.yaml") for t in ("gpt2", "phi3", "opt", "gpt_neox", "gemma")
+    }
     counts = {t: count_decisions(text) for t, text in texts.items()}
     assert counts["gpt2"] > counts["phi3"] >= 2 and counts["opt"] >= 2, counts
 
@@ -137,8 +146,12 @@ def test_decide_comments_where_the_guess_is_hard(checkpoints, tmp_path):
     opt = texts["opt"]
     assert re.search(r"# DECIDE: word_embed_proj_dim = 32 equals the hidden size", opt)
     assert re.search(r"# DECIDE: .*do_layer_norm_before=true", opt)
-    assert any("GPT-NeoX" in note for note in
-               decisions_by_rule(texts["gpt_neox"])[r"gpt_neox\.layers\.(?P<layer>\d+)\.attention\.query_key_value\.weight"])
+    assert any(
+        "GPT-NeoX" in note
+        for note in decisions_by_rule(texts["gpt_neox"])[
+            r"gpt_neox\.layers\.(?P<layer>\d+)\.attention\.query_key_value\.weight"
+        ]
+    )
     assert "rms_one_plus" in texts["gemma"] and "# DECIDE: Gemma-like" in texts["gemma"]
     # Post-LN OPT, tied: no norm sits before the head, so dividing one by n is left to the user.
     post_ln = scaffold_file(checkpoints("opt", do_layer_norm_before=False), tmp_path / "post-ln.yaml")
@@ -151,8 +164,13 @@ def test_depth_section_inserts_identity_layers(checkpoints, tmp_path, model_type
     text = scaffold_file(source, tmp_path / "rules.yaml")
     if load_rules_text(text).__dict__.get("depth") is None:
         pytest.skip("this version of the rules language has no depth section")
-    run_up(source, str(tmp_path / "out"), UpOptions(2, 1, add_layers=2), rules_path=str(tmp_path / "rules.yaml"),
-           show_progress=False)
+    run_up(
+        source,
+        str(tmp_path / "out"),
+        UpOptions(2, 1, add_layers=2),
+        rules_path=str(tmp_path / "rules.yaml"),
+        show_progress=False,
+    )
     layers = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
     assert read_config(tmp_path / "out")[layers] == read_config(source)[layers] + 2
     assert relative_logit_error(source, tmp_path / "out") < TOLERANCE
@@ -160,20 +178,31 @@ def test_depth_section_inserts_identity_layers(checkpoints, tmp_path, model_type
 
 def test_guesses_on_synthetic_headers():
     """Unknown tensors, squares without a name hint, 3-D tensors and a missing FFN field each get a DECIDE."""
-    config = {"model_type": "toy", "architectures": ["ToyForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
-              "num_hidden_layers": 2, "vocab_size": 96}
-    tensors = {"model.embed_tokens.weight": ((96, 32), "F32"), "model.norm.weight": ((32,), "F32"),
-               "lm_head.weight": ((96, 32), "F32")}
+    config = {
+        "model_type": "toy",
+        "architectures": ["ToyForCausalLM"],
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "vocab_size": 96,
+    }
+    tensors = {
+        "model.embed_tokens.weight": ((96, 32), "F32"),
+        "model.norm.weight": ((32,), "F32"),
+        "lm_head.weight": ((96, 32), "F32"),
+    }
     for layer in range(2):
         prefix = f"model.layers.{layer}"
-        tensors.update({
-            f"{prefix}.mixer.weight": ((32, 32), "F32"),  # square, says nothing
-            f"{prefix}.blob.weight": ((2, 3, 4), "F32"),  # 3-D
-            f"{prefix}.mlp.fc1.weight": ((80, 32), "F32"),  # FFN 80, no config field
-            f"{prefix}.mlp.fc2.weight": ((32, 80), "F32"),
-            f"{prefix}.ln.weight": ((32,), "F32"),
-            f"{prefix}.counter": ((1,), "I64"),
-        })
+        tensors.update(
+            {
+                f"{prefix}.mixer.weight": ((32, 32), "F32"),  # square, says nothing
+                f"{prefix}.blob.weight": ((2, 3, 4), "F32"),  # 3-D
+                f"{prefix}.mlp.fc1.weight": ((80, 32), "F32"),  # FFN 80, no config field
+                f"{prefix}.mlp.fc2.weight": ((32, 80), "F32"),
+                f"{prefix}.ln.weight": ((32,), "F32"),
+                f"{prefix}.counter": ((1,), "I64"),
+            }
+        )
     text = scaffold_rules(config, tensors, source="toy")
     rule_set = load_rules_text(text, "toy")
     by_rule = decisions_by_rule(text)
@@ -190,8 +219,9 @@ def test_guesses_on_synthetic_headers():
 
 def test_cli_stdout_only_and_no_heavy_imports(checkpoints, tmp_path):
     source = checkpoints("llama")
-    result = run_cli_in_fresh_process(["rules", "new", "-i", source, "--name", "mymodel"],
-                                      forbidden=("transformers", "torch"))
+    result = run_cli_in_fresh_process(
+        ["rules", "new", "-i", source, "--name", "mymodel"], forbidden=("transformers", "torch")
+    )
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert load_rules_text(result.stdout).name == "mymodel"
 
@@ -203,7 +233,13 @@ def test_bad_input_is_one_line_and_exit_2(checkpoints, tmp_path, case):
         folder.mkdir()
     if case == "no_weights":
         (folder / "config.json").write_text(open(os.path.join(checkpoints("llama"), "config.json")).read())
-    result = subprocess.run([sys.executable, "-m", "tensorscale.cli.main", "rules", "new", "-i", str(folder)],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "rules", "new", "-i", str(folder)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("tensorscale: error:"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("tensorscale: error:"), (
+        result.stderr
+    )

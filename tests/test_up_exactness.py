@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import TINY, build_checkpoint, read_config, relative_logit_error
 from safetensors import safe_open
 
-from fixtures import TINY, build_checkpoint, read_config, relative_logit_error
 from tensorscale.convert import run_up
 from tensorscale.planning.plan import UpOptions
 

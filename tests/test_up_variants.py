@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from fixtures import build_checkpoint, read_config, relative_logit_error
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fixtures import build_checkpoint, read_config, relative_logit_error
 from tensorscale.convert import run_up
 from tensorscale.planning.plan import UpOptions
 
@@ -41,6 +41,7 @@ def _convert_and_check(tmp_path, model_type, n=2, m=2, *, tie=False, **overrides
 
 
 # --- attention layouts -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_type", ["llama", "olmo2"])
 def test_mqa_one_kv_head(tmp_path, model_type):
@@ -99,6 +100,7 @@ def test_biases(tmp_path, model_type, overrides):
 
 
 # --- storage -----------------------------------------------------------------------------------------
+
 
 def _round_to_bf16(folder):
     """Cast every tensor of a float32 checkpoint to bfloat16 in place: the naive tile(W)/n stored in bf16."""

@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-
 from fixtures import build_checkpoint, read_config, relative_logit_error
+
 from tensorscale.cli.main import cli
 from tensorscale.convert import run_up
 from tensorscale.errors import TensorscaleError
@@ -61,8 +61,15 @@ def test_rmsnorm_models_keep_their_logits(sources, tmp_path, arch, case):
 def test_multipliers_with_pad_match_targets(sources, tmp_path):
     """-edm 2 -upm 2 --strategy pad is the same rewrite as the explicit doubled targets."""
     up(sources["llama"], tmp_path / "a", "pad", 2, 2)
-    up(sources["llama"], tmp_path / "b", "pad", hidden_size=64, intermediate_size=96, num_attention_heads=8,
-       num_key_value_heads=4)
+    up(
+        sources["llama"],
+        tmp_path / "b",
+        "pad",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -73,14 +80,20 @@ def test_pad_places_the_source_top_left(sources, tmp_path):
     up(sources["llama"], tmp_path / "out", "pad", 2, 2)
     before = load_file(os.path.join(sources["llama"], "model.safetensors"))
     after = load_file(str(tmp_path / "out" / "model.safetensors"))
-    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+    ):
         rows, cols = before[name].shape
         assert torch.equal(after[name][:rows, :cols], before[name]), name
         assert after[name][rows:].abs().sum() == 0 and after[name][:, cols:].abs().sum() == 0, name
     gain = after["model.layers.0.input_layernorm.weight"]
     assert torch.allclose(gain[:32], before["model.layers.0.input_layernorm.weight"] * math.sqrt(32 / 64))
     assert gain[32:].abs().sum() == 0
-    assert read_config(tmp_path / "out")["rms_norm_eps"] == pytest.approx(read_config(sources["llama"])["rms_norm_eps"] / 2)
+    assert read_config(tmp_path / "out")["rms_norm_eps"] == pytest.approx(
+        read_config(sources["llama"])["rms_norm_eps"] / 2
+    )
 
 
 @pytest.mark.parametrize("arch", LAYERNORM_ARCHITECTURES)
@@ -103,12 +116,20 @@ def test_layernorm_models_refuse_zeros_in_the_hidden_state(sources, tmp_path, ar
     assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--hidden-size", "16"], "use `down`"),
-    (["--num-attention-heads", "6", "--num-key-value-heads", "3"], "hidden_size must be a multiple of num_attention_heads"),
-    (["--strategy", "pad", "--num-attention-heads", "8", "--num-key-value-heads", "8", "--hidden-size", "64"],
-     "no copy next to its own kv_heads unit"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--hidden-size", "16"], "use `down`"),
+        (
+            ["--num-attention-heads", "6", "--num-key-value-heads", "3"],
+            "hidden_size must be a multiple of num_attention_heads",
+        ),
+        (
+            ["--strategy", "pad", "--num-attention-heads", "8", "--num-key-value-heads", "8", "--hidden-size", "64"],
+            "no copy next to its own kv_heads unit",
+        ),
+    ],
+)
 def test_impossible_targets_get_one_line(sources, tmp_path, args, words):
     result = CliRunner().invoke(cli, ["up", "-i", sources["llama"], "-o", str(tmp_path / "out"), "-q", *args])
     assert result.exit_code == 2, result.output
@@ -117,8 +138,9 @@ def test_impossible_targets_get_one_line(sources, tmp_path, args, words):
 
 
 def test_plan_says_what_each_space_does(sources):
-    result = CliRunner().invoke(cli, ["plan", "-i", sources["llama"], "--json", "--hidden-size", "48",
-                                      "--intermediate-size", "70"])
+    result = CliRunner().invoke(
+        cli, ["plan", "-i", sources["llama"], "--json", "--hidden-size", "48", "--intermediate-size", "70"]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["mode"] == "up" and data["targets"] == {"hidden_size": 48, "intermediate_size": 70}
@@ -127,8 +149,22 @@ def test_plan_says_what_each_space_does(sources):
     text = CliRunner().invoke(cli, ["plan", "-i", sources["llama"], "--strategy", "pad", "-edm", "2"]).output
     assert "spaces (zero-pad):" in text and "hidden: 32 -> 64 units: top-left copy, 32 zero units" in text
     # targets below the model's sizes preview down, said so
-    down = CliRunner().invoke(cli, ["plan", "down", "-i", sources["llama"], "--json", "--hidden-size", "16",
-                                    "--num-attention-heads", "2", "--num-key-value-heads", "1"])
+    down = CliRunner().invoke(
+        cli,
+        [
+            "plan",
+            "down",
+            "-i",
+            sources["llama"],
+            "--json",
+            "--hidden-size",
+            "16",
+            "--num-attention-heads",
+            "2",
+            "--num-key-value-heads",
+            "1",
+        ],
+    )
     assert down.exit_code == 0, down.output
     assert json.loads(down.output)["mode"] == "down"
 
@@ -194,4 +230,6 @@ def test_gather_divide_sums_back(snr_db):
             assert not torch.equal(blocks[:, copies[0]], blocks[:, copies[1]])  # noise broke the symmetry
     copy = Gather(axis=0, unit=2, sources=(1, None, 0))
     rows = torch.arange(8.0).reshape(4, 2)
-    assert torch.equal(copy.apply(rows, OpContext(torch.float32), 0), torch.tensor([[4.0, 5], [6, 7], [0, 0], [0, 0], [0, 1], [2, 3]]))
+    assert torch.equal(
+        copy.apply(rows, OpContext(torch.float32), 0), torch.tensor([[4.0, 5], [6, 7], [0, 0], [0, 0], [0, 1], [2, 3]])
+    )

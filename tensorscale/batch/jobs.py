@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
-from ..strict_yaml import load_yaml_file
 from ..reading.source import looks_like_hub_id
 from ..rulebook.targets import TARGET_KEYS
+from ..strict_yaml import load_yaml_file
 
 MAX_JOBS_BYTES = 16 * 2**20
 COMMANDS = ("up", "down")
@@ -84,13 +84,25 @@ class Job:
         from ..planning.plan import DownOptions, UpOptions, parse_size
 
         o = self.options
-        shared = dict(seed=o["seed"], dtype=o["dtype"], max_shard_size=parse_size(o["max_shard_size"]),
-                      targets={key: o[key] for key in DOWN_TARGETS if o[key] is not None})
+        shared = dict(
+            seed=o["seed"],
+            dtype=o["dtype"],
+            max_shard_size=parse_size(o["max_shard_size"]),
+            targets={key: o[key] for key in DOWN_TARGETS if o[key] is not None},
+        )
         if self.command == "down":
             return DownOptions(embed_dim_divisor=o["embed_dim_divisor"], up_proj_divisor=o["up_proj_divisor"], **shared)
-        return UpOptions(o["embed_dim_multiplier"], o["up_proj_multiplier"], snr_db=o["snr_db"],
-                         untie_embeddings=o["untie_embeddings"], strategy=o["strategy"], add_layers=o["add_layers"],
-                         insert_at=_positions(o["at"]), duplicate_layers=o["duplicate_layers"], **shared)
+        return UpOptions(
+            o["embed_dim_multiplier"],
+            o["up_proj_multiplier"],
+            snr_db=o["snr_db"],
+            untie_embeddings=o["untie_embeddings"],
+            strategy=o["strategy"],
+            add_layers=o["add_layers"],
+            insert_at=_positions(o["at"]),
+            duplicate_layers=o["duplicate_layers"],
+            **shared,
+        )
 
     def command_line(self) -> list[str]:
         """The equivalent single command, recorded in the output's manifest: it names every option that
@@ -132,7 +144,9 @@ def parse_jobs(data, path: str = "<jobs>") -> list[Job]:
         raise TensorscaleError(f"{path}: `defaults:` must be a mapping of options shared by every job")
     for key in defaults:
         if key not in ALL_OPTIONS:
-            raise TensorscaleError(f"{path}: defaults: unknown key {key!r}; defaults hold options ({', '.join(ALL_OPTIONS)})")
+            raise TensorscaleError(
+                f"{path}: defaults: unknown key {key!r}; defaults hold options ({', '.join(ALL_OPTIONS)})"
+            )
     entries = data["jobs"]
     if not isinstance(entries, list) or not entries:
         raise TensorscaleError(f"{path}: `jobs:` must be a non-empty list of mappings")
@@ -148,8 +162,11 @@ def _parse_job(index: int, entry, defaults: dict, base: str, path: str) -> Job:
         raise TensorscaleError(f"{where}: expected a mapping with command, input and output")
     for key in entry:
         if key not in KNOWN_KEYS:
-            hint = f"; did you mean {key.replace('-', '_')!r}?" if isinstance(key, str) and key.replace("-", "_") in KNOWN_KEYS \
+            hint = (
+                f"; did you mean {key.replace('-', '_')!r}?"
+                if isinstance(key, str) and key.replace("-", "_") in KNOWN_KEYS
                 else f"; known keys: {', '.join(KNOWN_KEYS)}"
+            )
             raise TensorscaleError(f"{where}: unknown key {key!r}{hint}")
     for key in REQUIRED:
         if key not in entry:
@@ -162,7 +179,9 @@ def _parse_job(index: int, entry, defaults: dict, base: str, path: str) -> Job:
     known = OPTIONS[command]
     for key in entry:
         if key not in REQUIRED and key not in known:
-            raise TensorscaleError(f"{where}: `{key}` is not an option of `{command}`; {command} takes {', '.join(known)}")
+            raise TensorscaleError(
+                f"{where}: `{key}` is not an option of `{command}`; {command} takes {', '.join(known)}"
+            )
     for key in ("input", "output"):
         if not isinstance(entry[key], str) or not entry[key].strip():
             raise TensorscaleError(f"{where}: `{key}` must be a path (or, for input, a hub id like org/name)")
@@ -185,8 +204,9 @@ def _parse_job(index: int, entry, defaults: dict, base: str, path: str) -> Job:
             raise TensorscaleError(f"{where}: rules file {rules} does not exist")
     if command == "down":
         if not any(options[key] is not None for key in ("embed_dim_divisor", "up_proj_divisor", *DOWN_TARGETS)):
-            raise TensorscaleError(f"{where}: say how small: embed_dim_divisor/up_proj_divisor, or "
-                                   f"{'/'.join(DOWN_TARGETS)}")
+            raise TensorscaleError(
+                f"{where}: say how small: embed_dim_divisor/up_proj_divisor, or {'/'.join(DOWN_TARGETS)}"
+            )
         if options["calibration"] is not None:
             options["calibration"] = _resolve(options["calibration"], base)
             if not os.path.isfile(options["calibration"]):
@@ -229,10 +249,10 @@ def _check_value(key: str, value) -> str | None:
         except (TypeError, ValueError):
             positions = None
         if not positions or any(isinstance(p, bool) or not isinstance(p, int) for p in positions):
-            return f"must be layer indices, as a list [4, 8] or a string \"4,8\", got {value!r}"
+            return f'must be layer indices, as a list [4, 8] or a string "4,8", got {value!r}'
     elif key == "duplicate_layers":
         if value is not None and not isinstance(value, str):
-            return f"must be START:END as a string (quote it: \"8:16\"), got {value!r}"
+            return f'must be START:END as a string (quote it: "8:16"), got {value!r}'
     elif key in ("embed_dim_multiplier", "up_proj_multiplier", "calibration_tokens"):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"must be a whole number >= 1, got {value!r}"
@@ -249,7 +269,9 @@ def _check_value(key: str, value) -> str | None:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"must be a whole number, got {value!r}"
     elif key == "snr_db":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             return f"must be a finite number of decibels (or null for no noise), got {value!r}"
     elif key in ("untie_embeddings", "force", "verify_files", "allow_nonfinite"):
         if not isinstance(value, bool):
@@ -297,8 +319,10 @@ def check_inputs_and_outputs(jobs: list[Job], path: str = "<jobs>") -> None:
     for job in jobs:
         where = f"{path}: job {job.index}"
         if job.command == "up" and not asks_for_a_change(job.engine_options()):
-            raise TensorscaleError(f"{where}: nothing to change; give embed_dim_multiplier, up_proj_multiplier, a "
-                                   "target size, add_layers or duplicate_layers")
+            raise TensorscaleError(
+                f"{where}: nothing to change; give embed_dim_multiplier, up_proj_multiplier, a "
+                "target size, add_layers or duplicate_layers"
+            )
         try:
             source = open_source(job.input, headers_only=True)
             resolve_rules(source.config, job.rules)
@@ -323,7 +347,9 @@ def create_output_parents(jobs: list[Job]) -> None:
         try:
             os.makedirs(os.path.dirname(job.output), exist_ok=True)
         except OSError as exc:
-            raise TensorscaleError(f"job {job.index}: cannot create {os.path.dirname(job.output)}: {exc.strerror}") from None
+            raise TensorscaleError(
+                f"job {job.index}: cannot create {os.path.dirname(job.output)}: {exc.strerror}"
+            ) from None
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -340,14 +366,20 @@ def _check_across_jobs(jobs: list[Job], path: str, base: str | None = None) -> N
     for job in jobs:
         out = os.path.realpath(job.output)
         if _inside(jobs_file, out):
-            raise TensorscaleError(f"{path}: job {job.index} writes {job.output}, which holds this jobs file; "
-                                   "choose an output folder of its own")
+            raise TensorscaleError(
+                f"{path}: job {job.index} writes {job.output}, which holds this jobs file; "
+                "choose an output folder of its own"
+            )
         for other, index in writers.items():
             if other == out:
-                raise TensorscaleError(f"{path}: jobs {index} and {job.index} both write {job.output}; give each its own output")
+                raise TensorscaleError(
+                    f"{path}: jobs {index} and {job.index} both write {job.output}; give each its own output"
+                )
             if _inside(out, other) or _inside(other, out):
-                raise TensorscaleError(f"{path}: the outputs of jobs {index} and {job.index} are nested (one inside the "
-                                       "other); give each a folder of its own, side by side")
+                raise TensorscaleError(
+                    f"{path}: the outputs of jobs {index} and {job.index} are nested (one inside the "
+                    "other); give each a folder of its own, side by side"
+                )
         writers[out] = job.index
     for job in jobs:
         candidates = {os.path.realpath(job.input if os.path.isabs(job.input) else _resolve(job.input, base))}

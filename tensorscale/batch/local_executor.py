@@ -90,8 +90,9 @@ class LocalExecutor:
         import multiprocessing
 
         threads = max(1, (os.cpu_count() or 1) // self.workers)
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=init_worker, initargs=(threads,))
+        return ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(threads,)
+        )
 
     def _submit(self, args):
         with self._lock:
@@ -144,7 +145,8 @@ class LocalExecutor:
                             error = exc
                         if self.cancelled or attempt >= self.retries:
                             raise TensorscaleError(
-                                f"shard {plan.shards[index].filename} failed after {attempt + 1} attempt(s): {one_line(error)}"
+                                f"shard {plan.shards[index].filename} failed after {attempt + 1} attempt(s): "
+                                f"{one_line(error)}"
                             ) from None
                         state.retried()
                         future, pool = self._submit(args)

@@ -15,8 +15,10 @@ class Overview:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.total = len(jobs)
-        self.labels = {job.index: f"job {job.index}/{self.total} {job.command} {_short(job.input)} -> {_short(job.output)}"
-                       for job in jobs}
+        self.labels = {
+            job.index: f"job {job.index}/{self.total} {job.command} {_short(job.input)} -> {_short(job.output)}"
+            for job in jobs
+        }
         self.lock = threading.Lock()
         self.bars = {}
         self.use_bars = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -37,8 +39,15 @@ class Overview:
             from tqdm import tqdm
 
             with self.lock:
-                self.bars[index] = tqdm(total=shards, desc=self.labels[index], unit="shard", position=index - 1,
-                                        leave=True, file=self.stream, dynamic_ncols=True)
+                self.bars[index] = tqdm(
+                    total=shards,
+                    desc=self.labels[index],
+                    unit="shard",
+                    position=index - 1,
+                    leave=True,
+                    file=self.stream,
+                    dynamic_ncols=True,
+                )
         else:
             self._line(f"{self.labels[index]}: started, {shards} shard(s)")
 
@@ -63,4 +72,4 @@ class Overview:
 
 
 def _short(path: str, width: int = 40) -> str:
-    return path if len(path) <= width else "..." + path[-(width - 3):]
+    return path if len(path) <= width else "..." + path[-(width - 3) :]

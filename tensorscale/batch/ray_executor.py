@@ -41,16 +41,20 @@ class RayExecutor:
         self._owns = False
         if not ray.is_initialized():
             try:
-                ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
-                         ignore_reinit_error=True)
+                ray.init(
+                    address=address, include_dashboard=False, logging_level=logging.WARNING, ignore_reinit_error=True
+                )
             except ConnectionError as exc:
-                raise TensorscaleError(f"cannot reach the Ray cluster at {address}: {one_line(exc)}; check --address") from None
+                raise TensorscaleError(
+                    f"cannot reach the Ray cluster at {address}: {one_line(exc)}; check --address"
+                ) from None
             self._owns = True
         resources = ray.cluster_resources()
         self.workers = int(resources.get("CPU", 1))
         # Ray's own retries cover both a task that raised and a worker that died.
         self._remote = ray.remote(produce_shard_task).options(
-            num_cpus=1, memory=WORKER_BYTES, max_retries=retries, retry_exceptions=True)
+            num_cpus=1, memory=WORKER_BYTES, max_retries=retries, retry_exceptions=True
+        )
 
     def shard_runner(self, rules_path: str | None, state):
         ray = self.ray
@@ -63,8 +67,9 @@ class RayExecutor:
                 if self.cancelled:
                     raise TensorscaleError("the batch was interrupted")
                 for index, shard in enumerate(plan.shards):
-                    ref = self._remote.remote(spec, index, os.path.join(folder, shard.filename),
-                                              shard_fingerprint(plan, index), verify_files)
+                    ref = self._remote.remote(
+                        spec, index, os.path.join(folder, shard.filename), shard_fingerprint(plan, index), verify_files
+                    )
                     names[ref] = shard.filename
                     self._refs.add(ref)
             pending = list(names)

@@ -54,7 +54,11 @@ def records_job(job, output: str) -> bool:
         recorded = _read_manifest(output)
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(recorded, dict) and recorded.get("tool") == "tensorscale" and recorded.get("command") == job.command_line()
+    return (
+        isinstance(recorded, dict)
+        and recorded.get("tool") == "tensorscale"
+        and recorded.get("command") == job.command_line()
+    )
 
 
 def check_existing(job, source, output: str) -> Verdict:

@@ -60,13 +60,18 @@ def run_job(job: Job, executor, overview) -> dict:
         if os.path.lexists(job.output):
             verdict = check_existing(job, open_source(job.input), job.output)
             if verdict.matches:
-                entry.update(status="skipped", seconds=round(time.perf_counter() - started, 3),
-                             note="output exists and matches its manifest")
+                entry.update(
+                    status="skipped",
+                    seconds=round(time.perf_counter() - started, 3),
+                    note="output exists and matches its manifest",
+                )
                 overview.job_finished(job.index, "skipped (already done)", entry["seconds"])
                 return entry
             if not verdict.ours and not job.force:
-                raise TensorscaleError(f"output {job.output} exists and {verdict.reason}; set `force: true` in this job "
-                                       "to replace it, or choose another output")
+                raise TensorscaleError(
+                    f"output {job.output} exists and {verdict.reason}; set `force: true` in this job "
+                    "to replace it, or choose another output"
+                )
             entry["note"] = f"redone: {verdict.reason}"
         plan, runner = _plan(job, executor, state)
         from ..convert import plan_changes_nothing
@@ -77,11 +82,25 @@ def run_job(job: Job, executor, overview) -> dict:
         if plan.notes:
             entry["notes"] = list(plan.notes)  # e.g. "not exact in bfloat16": the summary must say so too
 
-        result = execute_plan(plan, job.output, force=True, show_progress=False, verify_files=job.verify_files,
-                              manifest=True, command=job.command_line(), shard_runner=runner,
-                              extra_kept=tuple(job.kept), allow_nonfinite=job.options["allow_nonfinite"])
-        entry.update(status="done", seconds=round(time.perf_counter() - started, 3), shards=len(plan.shards),
-                     total_bytes=plan.total_bytes, manifest=result.manifest)
+        result = execute_plan(
+            plan,
+            job.output,
+            force=True,
+            show_progress=False,
+            verify_files=job.verify_files,
+            manifest=True,
+            command=job.command_line(),
+            shard_runner=runner,
+            extra_kept=tuple(job.kept),
+            allow_nonfinite=job.options["allow_nonfinite"],
+        )
+        entry.update(
+            status="done",
+            seconds=round(time.perf_counter() - started, 3),
+            shards=len(plan.shards),
+            total_bytes=plan.total_bytes,
+            manifest=result.manifest,
+        )
         if result.warnings:
             entry["warnings"] = list(result.warnings)
     except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the batch goes on
@@ -103,6 +122,7 @@ def _plan(job: Job, executor, state: JobState):
 
     if job.command == "down":
         import atexit
+
         from ..convert import plan_down_by_method
         from ..writing.output_folder import SpillWorkspace
 
@@ -114,8 +134,15 @@ def _plan(job: Job, executor, state: JobState):
         workspace = SpillWorkspace(job.output)
         spill = workspace.open()
         atexit.register(workspace.close)  # a job that fails before writing leaves nothing either
-        plan, _ = plan_down_by_method(job.input, job.engine_options(), job.rules, job.options["method"], text,
-                                      job.options["calibration_tokens"], spill)
+        plan, _ = plan_down_by_method(
+            job.input,
+            job.engine_options(),
+            job.rules,
+            job.options["method"],
+            text,
+            job.options["calibration_tokens"],
+            spill,
+        )
 
         def in_this_thread(plan, folder, verify_files, progress):
             from ..rewrite import run_shards_in_order

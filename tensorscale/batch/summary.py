@@ -49,4 +49,6 @@ def write_summary(path: str, summary: dict) -> None:
             os.remove(tmp)
         except OSError:
             pass
-        raise TensorscaleError(f"cannot write the summary {path}: {exc.strerror}; pass --summary FILE elsewhere") from None
+        raise TensorscaleError(
+            f"cannot write the summary {path}: {exc.strerror}; pass --summary FILE elsewhere"
+        ) from None

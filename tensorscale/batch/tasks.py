@@ -25,15 +25,21 @@ def job_spec(plan, rules_path: str | None) -> dict:
     """The picklable description of a job a worker needs: local input (folder, or a GGUF file), options, rules
     file, and the shards' provenance metadata (string values, decided by the driver's execute_plan)."""
     local = plan.source.shards[0] if getattr(plan.source, "gguf", None) is not None else plan.source.folder
-    return {"input": os.path.abspath(local), "options": asdict(plan.options), "rules": rules_path,
-            "metadata": dict(plan.metadata) if plan.metadata else None}
+    return {
+        "input": os.path.abspath(local),
+        "options": asdict(plan.options),
+        "rules": rules_path,
+        "metadata": dict(plan.metadata) if plan.metadata else None,
+    }
 
 
 def shard_fingerprint(plan, index: int) -> str:
     shard = plan.shards[index]
     layout = [shard.filename, len(plan.shards)]
-    layout += [[t.name, t.out_dtype, list(t.out_shape), t.offset, t.source.dtype, list(t.source.shape), t.source.start]
-               for t in shard.tensors]
+    layout += [
+        [t.name, t.out_dtype, list(t.out_shape), t.offset, t.source.dtype, list(t.source.shape), t.source.start]
+        for t in shard.tensors
+    ]
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
 
 
@@ -69,8 +75,12 @@ def produce_shard_task(spec: dict, index: int, path: str, fingerprint: str, veri
         _PLAN_CACHE.clear()
         raise TensorscaleError(f"the input {spec['input']} changed since the job was planned; run the batch again")
     nonfinite = produce_shard(plan, plan.shards[index], path, verify_files=verify_files)
-    return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            "nonfinite": nonfinite}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "nonfinite": nonfinite,
+    }
 
 
 def init_worker(threads: int) -> None:

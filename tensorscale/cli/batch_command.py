@@ -19,20 +19,47 @@ from ..errors import TensorscaleError
 
 @click.command()
 @click.argument("jobs_file", metavar="JOBS.yaml", type=click.Path(dir_okay=False))
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: worker processes on this machine; ray: one Ray task per output shard.")
-@click.option("--address", default=None, metavar="RAY_ADDRESS",
-              help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local Ray instance.")
-@click.option("--jobs", "-j", "jobs", type=int, default=None,
-              help="local: worker processes (default: CPU count); ray: jobs in flight at once (default: CPU count).")
-@click.option("--memory-budget", default=None, metavar="SIZE",
-              help="local: memory all workers may use, e.g. 4GiB; ~0.5 GiB per worker (default: 80% of free memory).")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: worker processes on this machine; ray: one Ray task per output shard.",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="RAY_ADDRESS",
+    help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local Ray instance.",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    "jobs",
+    type=int,
+    default=None,
+    help="local: worker processes (default: CPU count); ray: jobs in flight at once (default: CPU count).",
+)
+@click.option(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help="local: memory all workers may use, e.g. 4GiB; ~0.5 GiB per worker (default: 80% of free memory).",
+)
 @click.option("--retries", type=int, default=2, show_default=True, help="Times a failed shard is tried again.")
-@click.option("--summary", "summary_path", default=None, metavar="FILE",
-              help="Where to write the JSON summary (default: JOBS.summary.json beside the jobs file).")
-@click.option("--verify-files", is_flag=True,
-              help="Every job as with `verify_files: true`: re-read each tensor written, and re-hash a finished "
-                   "job's files before skipping it (by default sizes and mtimes are compared with its manifest).")
+@click.option(
+    "--summary",
+    "summary_path",
+    default=None,
+    metavar="FILE",
+    help="Where to write the JSON summary (default: JOBS.summary.json beside the jobs file).",
+)
+@click.option(
+    "--verify-files",
+    is_flag=True,
+    help="Every job as with `verify_files: true`: re-read each tensor written, and re-hash a finished "
+    "job's files before skipping it (by default sizes and mtimes are compared with its manifest).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_path, verify_files, quiet, as_json):
@@ -74,7 +101,9 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
     if not os.path.isdir(os.path.dirname(summary_path)):
         raise TensorscaleError(f"the folder for the summary {summary_path} does not exist; create it or pass --summary")
     if not os.access(os.path.dirname(summary_path), os.W_OK):
-        raise TensorscaleError(f"cannot write the summary into {os.path.dirname(summary_path)}; pass --summary FILE elsewhere")
+        raise TensorscaleError(
+            f"cannot write the summary into {os.path.dirname(summary_path)}; pass --summary FILE elsewhere"
+        )
     check_inputs_and_outputs(job_list, jobs_file)
     check_outputs(job_list, os.path.abspath(jobs_file), summary_path)
     slots = jobs or os.cpu_count() or 1
@@ -102,8 +131,10 @@ def batch(jobs_file, executor, address, jobs, memory_budget, retries, summary_pa
         click.echo(json.dumps(summary, indent=2))
     else:
         counts = summary["counts"]
-        click.echo(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
-                   f"in {summary['seconds']:.1f} s with {summary['workers']} {runner.name} worker(s); summary: {summary_path}")
+        click.echo(
+            f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
+            f"in {summary['seconds']:.1f} s with {summary['workers']} {runner.name} worker(s); summary: {summary_path}"
+        )
         for entry in entries:
             for note in entry.get("notes") or []:
                 click.echo(f"tensorscale: job {entry['index']} note: {note}", err=True)

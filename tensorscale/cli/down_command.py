@@ -8,10 +8,24 @@ import click
 
 from ..errors import TensorscaleError
 from . import render
-from .options import (ALLOW_NONFINITE, AS_JSON, DTYPE, FORCE, MANIFEST, MAX_SHARD_SIZE, OUTPUT, QUIET, RULES,
-                      VERIFY_FILES, model_input, seed_option, target_size_options, with_options)
-from .revision import command_line, revision_option
+from .options import (
+    ALLOW_NONFINITE,
+    AS_JSON,
+    DTYPE,
+    FORCE,
+    MANIFEST,
+    MAX_SHARD_SIZE,
+    OUTPUT,
+    QUIET,
+    RULES,
+    VERIFY_FILES,
+    model_input,
+    seed_option,
+    target_size_options,
+    with_options,
+)
 from .output_format import output_format_options
+from .revision import command_line, revision_option
 from .writes import check_output_early, print_warnings
 
 
@@ -19,16 +33,32 @@ def down_target_options(func):
     """The ways to say how small: divisors (the mirror of up's multipliers), target sizes or a budget, passed on
     as `edd`, `upd`, `targets` (see target_size_options), `reduction` and `params`."""
     options = [
-        click.option("--embed-dim-divisor", "-edd", "edd", type=int, default=None,
-                     help="N: hidden size and head counts ÷N (the mirror of -edm)."),
-        click.option("--up-proj-divisor", "-upd", "upd", type=int, default=None,
-                     help="M: FFN size ÷M (the mirror of -upm)."),
+        click.option(
+            "--embed-dim-divisor",
+            "-edd",
+            "edd",
+            type=int,
+            default=None,
+            help="N: hidden size and head counts ÷N (the mirror of -edm).",
+        ),
+        click.option(
+            "--up-proj-divisor", "-upd", "upd", type=int, default=None, help="M: FFN size ÷M (the mirror of -upm)."
+        ),
         target_size_options("any the architecture allows", " (divides the heads)"),
-        click.option("--reduction", default=None, metavar="P%",
-                     help="A budget instead of sizes: this share fewer parameters (e.g. 25%); the cuts are chosen "
-                          "in the order that measured cheapest (FFN, then query heads, then hidden)."),
-        click.option("--params", "params", default=None, metavar="N",
-                     help="A budget instead of sizes: this many parameters at most (e.g. 100M, 1.2B)."),
+        click.option(
+            "--reduction",
+            default=None,
+            metavar="P%",
+            help="A budget instead of sizes: this share fewer parameters (e.g. 25%); the cuts are chosen "
+            "in the order that measured cheapest (FFN, then query heads, then hidden).",
+        ),
+        click.option(
+            "--params",
+            "params",
+            default=None,
+            metavar="N",
+            help="A budget instead of sizes: this many parameters at most (e.g. 100M, 1.2B).",
+        ),
     ]
     return with_options(func, options)
 
@@ -41,8 +71,11 @@ def budget_targets(source, rules_path, targets: dict, reduction, params, edd, up
 
     targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
     if announce:
-        click.echo("tensorscale: budget allocated as " + ", ".join(
-            f"--{key.replace('_', '-')} {value}" for key, value in targets.items()), err=True)
+        click.echo(
+            "tensorscale: budget allocated as "
+            + ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in targets.items()),
+            err=True,
+        )
     return targets
 
 
@@ -55,14 +88,30 @@ def down_options(edd, upd, targets: dict, seed, dtype, max_shard_size):
             "say how small: --embed-dim-divisor/--up-proj-divisor, or --hidden-size/--intermediate-size/"
             "--num-attention-heads/--num-key-value-heads"
         )
-    return DownOptions(seed=seed, dtype=dtype, max_shard_size=parse_size(max_shard_size), embed_dim_divisor=edd,
-                       up_proj_divisor=upd, targets=chosen)
+    return DownOptions(
+        seed=seed,
+        dtype=dtype,
+        max_shard_size=parse_size(max_shard_size),
+        embed_dim_divisor=edd,
+        up_proj_divisor=upd,
+        targets=chosen,
+    )
 
 
 def down_planning_options(func):
     """What shapes a down plan, for `down` and `plan down` alike."""
-    return with_options(func, [OUTPUT, down_target_options, seed_option("of the clustering (k-means, sketches)"), DTYPE,
-                               RULES, MAX_SHARD_SIZE, AS_JSON])
+    return with_options(
+        func,
+        [
+            OUTPUT,
+            down_target_options,
+            seed_option("of the clustering (k-means, sketches)"),
+            DTYPE,
+            RULES,
+            MAX_SHARD_SIZE,
+            AS_JSON,
+        ],
+    )
 
 
 def fold_summary(plan) -> dict:
@@ -77,15 +126,30 @@ def fold_summary(plan) -> dict:
 @click.command()
 @model_input()
 @down_planning_options
-@click.option("--method", type=click.Choice(["auto", "fold", "refit"]), default="auto", show_default=True,
-              help="fold: merge copies (exact on a HyperCloned model, data-free, no transformers); refit: keep the "
-                   "units that matter and re-solve their readers layer by layer (any trained model; needs "
-                   "transformers); auto: fold where every space holds copies, else refit.")
-@click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="refit: text to calibrate on (held-out text measures best with text like it); without it the "
-                   "model calibrates on text it samples itself (data-free).")
-@click.option("--calibration-tokens", type=int, default=8192, show_default=True,
-              help="refit: tokens to calibrate on (windows of 256).")
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "fold", "refit"]),
+    default="auto",
+    show_default=True,
+    help="fold: merge copies (exact on a HyperCloned model, data-free, no transformers); refit: keep the "
+    "units that matter and re-solve their readers layer by layer (any trained model; needs "
+    "transformers); auto: fold where every space holds copies, else refit.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="refit: text to calibrate on (held-out text measures best with text like it); without it the "
+    "model calibrates on text it samples itself (data-free).",
+)
+@click.option(
+    "--calibration-tokens",
+    type=int,
+    default=8192,
+    show_default=True,
+    help="refit: tokens to calibrate on (windows of 256).",
+)
 @FORCE
 @VERIFY_FILES
 @MANIFEST
@@ -93,8 +157,30 @@ def fold_summary(plan) -> dict:
 @ALLOW_NONFINITE
 @revision_option
 @output_format_options
-def down(source, output, edd, upd, targets, reduction, params, seed, dtype, rules_path, max_shard_size, as_json, method,
-         calibration, calibration_tokens, force, verify_files, manifest, quiet, allow_nonfinite, out_format, outtype):
+def down(
+    source,
+    output,
+    edd,
+    upd,
+    targets,
+    reduction,
+    params,
+    seed,
+    dtype,
+    rules_path,
+    max_shard_size,
+    as_json,
+    method,
+    calibration,
+    calibration_tokens,
+    force,
+    verify_files,
+    manifest,
+    quiet,
+    allow_nonfinite,
+    out_format,
+    outtype,
+):
     """Make a narrower model of the same architecture.
 
     On a HyperCloned model the copies are found and merged: an exact inverse of `up`. On any other
@@ -106,7 +192,8 @@ def down(source, output, edd, upd, targets, reduction, params, seed, dtype, rule
     \b
     Example:
       tensorscale down tiny-llama-x2 -o tiny-llama-again -edd 2 -upd 2
-      tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 --num-attention-heads 12 --num-key-value-heads 4
+      tensorscale down my-model --hidden-size 1536 --intermediate-size 4096 \\
+        --num-attention-heads 12 --num-key-value-heads 4
     """
     from .output_format import write_output
 
@@ -122,21 +209,34 @@ def down(source, output, edd, upd, targets, reduction, params, seed, dtype, rule
     from ..convert import plan_down_by_method, refit_workspace
 
     with refit_workspace(output) as spill:
-        plan, report = plan_down_by_method(source, options, rules_path, method, text, calibration_tokens, spill,
-                                           show_progress=show)
-        result = write_output(plan, output, out_format, outtype, force=force, show_progress=show,
-                              verify_files=verify_files, manifest=manifest, command=command_line(),
-                              allow_nonfinite=allow_nonfinite)
+        plan, report = plan_down_by_method(
+            source, options, rules_path, method, text, calibration_tokens, spill, show_progress=show
+        )
+        result = write_output(
+            plan,
+            output,
+            out_format,
+            outtype,
+            force=force,
+            show_progress=show,
+            verify_files=verify_files,
+            manifest=manifest,
+            command=command_line(),
+            allow_nonfinite=allow_nonfinite,
+        )
     print_warnings(result)
     summary = result.summary()
     summary.update(fold_summary(plan))
     summary["method"] = "refit" if report is not None else "fold"
     summary["targets"] = dict(options.targets)
     if report is not None:
-        summary["calibration"] = {"source": "file" if text is not None else "self-generated",
-                                  "kl": report["calibration_kl"], "ppl_ratio": report["calibration_ppl_ratio"],
-                                  "held_out": report["calibration_held_out"],
-                                  "massive_dimensions": report.get("massive", [])}
+        summary["calibration"] = {
+            "source": "file" if text is not None else "self-generated",
+            "kl": report["calibration_kl"],
+            "ppl_ratio": report["calibration_ppl_ratio"],
+            "held_out": report["calibration_held_out"],
+            "massive_dimensions": report.get("massive", []),
+        }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

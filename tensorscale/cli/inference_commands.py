@@ -24,10 +24,20 @@ EXIT_INTERRUPTED = 130
 
 def run_options(func):
     """--dtype and --device: how gen and verify run the model (float32 on the CPU: the faithful reference)."""
-    func = click.option("--device", type=click.Choice(["cpu", "cuda", "mps"]), default="cpu", show_default=True,
-                        help="Where the model runs (cuda: an NVIDIA GPU, mps: Apple silicon).")(func)
-    return click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                        show_default=True, help="Compute dtype; bfloat16 halves the memory (a 7B in ~14 GB).")(func)
+    func = click.option(
+        "--device",
+        type=click.Choice(["cpu", "cuda", "mps"]),
+        default="cpu",
+        show_default=True,
+        help="Where the model runs (cuda: an NVIDIA GPU, mps: Apple silicon).",
+    )(func)
+    return click.option(
+        "--dtype",
+        type=click.Choice(["float32", "bfloat16", "float16"]),
+        default="float32",
+        show_default=True,
+        help="Compute dtype; bfloat16 halves the memory (a 7B in ~14 GB).",
+    )(func)
 
 
 @click.command()
@@ -36,23 +46,64 @@ def run_options(func):
 @click.option("--chat", is_flag=True, help="Send the prompt as a user message through the model's chat template.")
 @click.option("--system", default=None, metavar="TEXT", help="A system message before the prompt (implies --chat).")
 @click.option("--n-predict", "-n", type=int, default=100, show_default=True, help="Tokens to generate (fewer at EOS).")
-@click.option("--temperature", type=float, default=None, metavar="T",
-              help="Sampling temperature; 0 is greedy [default: generation_config.json's, else 0.8].")
-@click.option("--top-k", type=int, default=None, metavar="K",
-              help="Sample from the k likeliest tokens, 0: all [default: generation_config.json's, else 40].")
-@click.option("--top-p", type=float, default=None, metavar="P",
-              help="Nucleus sampling mass [default: generation_config.json's, else 0.9].")
-@click.option("--repeat-penalty", type=float, default=None, metavar="R",
-              help="Repetition penalty, 1: none [default: generation_config.json's when sampling, else 1].")
-@click.option("--greedy", is_flag=True, help="Always take the likeliest token: pure arg-max (no penalty unless "
-                                             "--repeat-penalty), deterministic.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    metavar="T",
+    help="Sampling temperature; 0 is greedy [default: generation_config.json's, else 0.8].",
+)
+@click.option(
+    "--top-k",
+    type=int,
+    default=None,
+    metavar="K",
+    help="Sample from the k likeliest tokens, 0: all [default: generation_config.json's, else 40].",
+)
+@click.option(
+    "--top-p",
+    type=float,
+    default=None,
+    metavar="P",
+    help="Nucleus sampling mass [default: generation_config.json's, else 0.9].",
+)
+@click.option(
+    "--repeat-penalty",
+    type=float,
+    default=None,
+    metavar="R",
+    help="Repetition penalty, 1: none [default: generation_config.json's when sampling, else 1].",
+)
+@click.option(
+    "--greedy",
+    is_flag=True,
+    help="Always take the likeliest token: pure arg-max (no penalty unless --repeat-penalty), deterministic.",
+)
 @click.option("--seed", type=int, default=None, help="Seed for sampling (default: a fresh one, reported).")
 @run_options
-@click.option("--json", "as_json", is_flag=True,
-              help="Print {prompt, completion, tokens, settings (each with its origin), ...} as JSON instead of streaming.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print {prompt, completion, tokens, settings (each with its origin), ...} as JSON instead of streaming.",
+)
 @revision_option
-def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repeat_penalty, greedy, seed, dtype,
-        device, as_json):
+def gen(
+    source,
+    prompt,
+    chat,
+    system,
+    n_predict,
+    temperature,
+    top_k,
+    top_p,
+    repeat_penalty,
+    greedy,
+    seed,
+    dtype,
+    device,
+    as_json,
+):
     """Complete a prompt with a model, streaming tokens as they are generated.
 
     \b
@@ -69,12 +120,24 @@ def gen(source, prompt, chat, system, n_predict, temperature, top_k, top_p, repe
     from ..inference.generate import Settings, generate
     from ..inference.loading import require_transformers
 
-    settings = Settings(n_predict, temperature, top_k, top_p, greedy, seed, repeat_penalty,
-                        chat or system is not None, system, dtype, device)
+    settings = Settings(
+        n_predict,
+        temperature,
+        top_k,
+        top_p,
+        greedy,
+        seed,
+        repeat_penalty,
+        chat or system is not None,
+        system,
+        dtype,
+        device,
+    )
     settings.check()  # before the prompt is printed, so a bad option is the only output
     seed = settings.draw_seed()
-    interrupted = ("tensorscale: interrupted" +
-                   (f"; rerun with --seed {seed} to repeat this sample" if seed is not None else ""))
+    interrupted = "tensorscale: interrupted" + (
+        f"; rerun with --seed {seed} to repeat this sample" if seed is not None else ""
+    )
 
     def note(text):
         click.echo(f"tensorscale: note: {text}", err=True)
@@ -127,13 +190,32 @@ def _exit_interrupted(message: str):
 @click.command()
 @click.argument("paths", nargs=-1, metavar="[SRC DST]")
 @click.option("--input", "-i", "source", default=None, metavar="SRC", help="The reference model.")
-@click.option("--output", "-o", "output", default=None, metavar="DST", help="The model that should compute the same function.")
-@click.option("--text", "text_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Compare on this text (one sequence per paragraph) instead of the built-in prompts.")
-@click.option("--tolerance", type=float, default=None, metavar="X",
-              help="Pass mark on max|Δlogit| / max|logit|; exit status 1 beyond it "
-                   "[default: 1e-4 in float32, 1e-2 in float16, 5e-2 in bfloat16].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random token ids used when there is no tokenizer.")
+@click.option(
+    "--output", "-o", "output", default=None, metavar="DST", help="The model that should compute the same function."
+)
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Compare on this text (one sequence per paragraph) instead of the built-in prompts.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    metavar="X",
+    help="Pass mark on max|Δlogit| / max|logit|; exit status 1 beyond it "
+    "[default: 1e-4 in float32, 1e-2 in float16, 5e-2 in bfloat16].",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the random token ids used when there is no tokenizer.",
+)
 @run_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON for scripts.")
 def verify(paths, source, output, text_path, tolerance, seed, dtype, device, as_json):
@@ -150,14 +232,24 @@ def verify(paths, source, output, text_path, tolerance, seed, dtype, device, as_
     """
     from ..gguf_import import runnable_source
     from ..inference.loading import require_transformers
-    from ..inference.verify import read_texts, verify as run_verify
+    from ..inference.verify import read_texts
+    from ..inference.verify import verify as run_verify
 
     source, output = _two_models(paths, source, output)
     texts = read_texts(text_path) if text_path else None
     with _interruptible("tensorscale: interrupted"):
         require_transformers("verify")  # before a GGUF input is imported for it
-        report = run_verify(runnable_source(source), runnable_source(output), source, output, texts=texts,
-                            tolerance=tolerance, seed=seed, dtype=dtype, device=device)
+        report = run_verify(
+            runnable_source(source),
+            runnable_source(output),
+            source,
+            output,
+            texts=texts,
+            tolerance=tolerance,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+        )
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else verify_text(report))
     if not report.passed:
         sys.exit(EXIT_FAILED)
@@ -194,9 +286,11 @@ class UpVerification:
             self.tolerance = default_tolerance()
             return None
         self.tolerance = STORAGE_TOLERANCE[rounding]
-        return (f"up --verify: {rounding} storage rounds this model's scaled weights (see the note), so its logits "
-                f"can differ by ~1e-3 relative: checking against tolerance {self.tolerance:g} instead of "
-                f"{default_tolerance():g}; pass --tolerance to choose, or --dtype float32 to keep it exact")
+        return (
+            f"up --verify: {rounding} storage rounds this model's scaled weights (see the note), so its logits "
+            f"can differ by ~1e-3 relative: checking against tolerance {self.tolerance:g} instead of "
+            f"{default_tolerance():g}; pass --tolerance to choose, or --dtype float32 to keep it exact"
+        )
 
     @property
     def expected_change(self) -> bool:
@@ -223,7 +317,8 @@ class UpVerification:
             text = text.rsplit("\n", 1)[0] + (
                 f"\nCHANGED, as expected (--duplicate-layers is not function-preserving): relative logit error "
                 f"{report.relative_logit_error:.4g}, KL {report.kl_mean:.4g} nats, top-1 agreement "
-                f"{report.top1_agreement:.2%}")
+                f"{report.top1_agreement:.2%}"
+            )
         return text
 
     @property
@@ -259,7 +354,9 @@ def verify_text(report) -> str:
         f"  KL(src ‖ dst)          {number(report.kl_mean)} nats per position",
         f"  top-1 agreement        {report.top1_agreement:.2%}",
         f"  perplexity             src {number(report.perplexity_source)}, dst {number(report.perplexity_output)}",
-        f"{verdict}: relative logit error {number(report.relative_logit_error)} {relation} tolerance {report.tolerance:g}"
-        if not getattr(report, "nonfinite", None) else f"FAIL: {report.nonfinite}",
+        f"{verdict}: relative logit error {number(report.relative_logit_error)} {relation} tolerance "
+        f"{report.tolerance:g}"
+        if not getattr(report, "nonfinite", None)
+        else f"FAIL: {report.nonfinite}",
     ]
     return "\n".join(lines)

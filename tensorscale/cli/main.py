@@ -17,21 +17,39 @@ if __name__ == "__main__":  # `python -m tensorscale.cli.main`: take the signals
     interrupts.install(raising=False)
 
 import click  # noqa: E402
+
 from ..errors import TensorscaleError
 from . import render
 from .down_command import budget_targets, down, down_options, down_planning_options
-from .options import (ALLOW_NONFINITE, AS_JSON, DTYPE, FORCE, MANIFEST, MAX_SHARD_SIZE, OUTPUT, QUIET, RULES,
-                      VERIFY_FILES, add_to_every_command, model_input, seed_option, target_size_options,
-                      verbose_option, with_options)
-from .writes import check_output_early, print_warnings
-from .revision import command_line, remember_arguments, revision_option
+from .options import (
+    ALLOW_NONFINITE,
+    AS_JSON,
+    DTYPE,
+    FORCE,
+    MANIFEST,
+    MAX_SHARD_SIZE,
+    OUTPUT,
+    QUIET,
+    RULES,
+    VERIFY_FILES,
+    add_to_every_command,
+    model_input,
+    seed_option,
+    target_size_options,
+    verbose_option,
+    with_options,
+)
 from .output_format import output_format_options
+from .revision import command_line, remember_arguments, revision_option
+from .writes import check_output_early, print_warnings
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-NOTHING_TO_CHANGE = ("nothing to change: the output would equal the input; give a size: -edm/-upm, --hidden-size, "
-                     "--intermediate-size, --num-attention-heads, --num-key-value-heads, --add-layers or "
-                     "--duplicate-layers")
+NOTHING_TO_CHANGE = (
+    "nothing to change: the output would equal the input; give a size: -edm/-upm, --hidden-size, "
+    "--intermediate-size, --num-attention-heads, --num-key-value-heads, --add-layers or "
+    "--duplicate-layers"
+)
 
 
 class _Group(click.Group):
@@ -42,7 +60,9 @@ class _Group(click.Group):
         kwargs.setdefault("standalone_mode", True)
         remember_arguments(args[0] if args else kwargs.get("args"))
         try:
-            return super().main(*args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"})
+            return super().main(
+                *args, standalone_mode=False, **{k: v for k, v in kwargs.items() if k != "standalone_mode"}
+            )
         except TensorscaleError as exc:
             click.echo(f"tensorscale: error: {exc}", err=True)
             sys.exit(EXIT_USER_ERROR)
@@ -75,8 +95,10 @@ def interrupted_message() -> str:
     done = committed_outputs()
     if not done:
         return "interrupted; nothing was written"
-    states = "; ".join(f"{out} holds the complete new model" + (" (the old one was replaced)" if replaced else "")
-                       for out, replaced in done)
+    states = "; ".join(
+        f"{out} holds the complete new model" + (" (the old one was replaced)" if replaced else "")
+        for out, replaced in done
+    )
     return f"interrupted after the output was written: {states}; nothing else was written"
 
 
@@ -101,37 +123,90 @@ def _up_options(func):
     sizes together as `targets`."""
     options = [
         OUTPUT,
-        click.option("--embed-dim-multiplier", "-edm", "edm", type=int, default=1, show_default=True,
-                     help="n: hidden size and attention/kv head counts grow ×n (head_dim kept)."),
-        click.option("--up-proj-multiplier", "-upm", "upm", type=int, default=1, show_default=True,
-                     help="m: FFN (intermediate) size grows ×m."),
+        click.option(
+            "--embed-dim-multiplier",
+            "-edm",
+            "edm",
+            type=int,
+            default=1,
+            show_default=True,
+            help="n: hidden size and attention/kv head counts grow ×n (head_dim kept).",
+        ),
+        click.option(
+            "--up-proj-multiplier",
+            "-upm",
+            "upm",
+            type=int,
+            default=1,
+            show_default=True,
+            help="m: FFN (intermediate) size grows ×m.",
+        ),
         target_size_options("any larger value", ""),
-        click.option("--snr-db", type=float, default=None, metavar="DB",
-                     help="Add function-preserving symmetry-breaking noise at this signal-to-noise ratio."),
+        click.option(
+            "--snr-db",
+            type=float,
+            default=None,
+            metavar="DB",
+            help="Add function-preserving symmetry-breaking noise at this signal-to-noise ratio.",
+        ),
         seed_option("for --snr-db noise (reproducible)"),
-        click.option("--untie-embeddings", is_flag=True,
-                     help="Write a separate lm_head instead of keeping tied embeddings (tie kept by default)."),
+        click.option(
+            "--untie-embeddings",
+            is_flag=True,
+            help="Write a separate lm_head instead of keeping tied embeddings (tie kept by default).",
+        ),
         DTYPE,
         RULES,
         MAX_SHARD_SIZE,
         AS_JSON,
-        click.option("--strategy", type=click.Choice(["clone", "pad"]), default="clone", show_default=True,
-                     help="clone: HyperCloning (copies; any width by cloning a subset of units). pad: the source in "
-                          "the top-left block, zeros elsewhere (RMSNorm models; gains rescaled)."),
-        click.option("--add-layers", type=int, default=0, metavar="K",
-                     help="Insert K identity layers (residual writers zeroed): same function, deeper model."),
-        click.option("--at", "insert_at", default=None, metavar="POSITIONS",
-                     help="Where --add-layers inserts, as source layer indices (e.g. 4,8): before that layer; "
-                          "default: spread evenly."),
-        click.option("--duplicate-layers", default=None, metavar="START:END",
-                     help="Copy source layers START..END-1 and insert the copy after END-1 (SOLAR-style depth "
-                          "up-scaling; not function-preserving)."),
+        click.option(
+            "--strategy",
+            type=click.Choice(["clone", "pad"]),
+            default="clone",
+            show_default=True,
+            help="clone: HyperCloning (copies; any width by cloning a subset of units). pad: the source in "
+            "the top-left block, zeros elsewhere (RMSNorm models; gains rescaled).",
+        ),
+        click.option(
+            "--add-layers",
+            type=int,
+            default=0,
+            metavar="K",
+            help="Insert K identity layers (residual writers zeroed): same function, deeper model.",
+        ),
+        click.option(
+            "--at",
+            "insert_at",
+            default=None,
+            metavar="POSITIONS",
+            help="Where --add-layers inserts, as source layer indices (e.g. 4,8): before that layer; "
+            "default: spread evenly.",
+        ),
+        click.option(
+            "--duplicate-layers",
+            default=None,
+            metavar="START:END",
+            help="Copy source layers START..END-1 and insert the copy after END-1 (SOLAR-style depth "
+            "up-scaling; not function-preserving).",
+        ),
     ]
     return _input_option(with_options(func, options))
 
 
-def up_options(edm, upm, targets, snr_db, seed, untie_embeddings, dtype, max_shard_size, strategy, add_layers,
-               insert_at, duplicate_layers):
+def up_options(
+    edm,
+    upm,
+    targets,
+    snr_db,
+    seed,
+    untie_embeddings,
+    dtype,
+    max_shard_size,
+    strategy,
+    add_layers,
+    insert_at,
+    duplicate_layers,
+):
     """The UpOptions the command line asks for (--max-shard-size parsed, --at split into layer indices)."""
     from ..planning.plan import UpOptions, parse_size
 
@@ -143,11 +218,24 @@ def up_options(edm, upm, targets, snr_db, seed, untie_embeddings, dtype, max_sha
         try:
             positions = tuple(int(part) for part in str(insert_at).split(",") if part.strip())
         except ValueError:
-            raise TensorscaleError(f"--at takes layer indices separated by commas (e.g. 4,8), got {insert_at!r}") from None
+            raise TensorscaleError(
+                f"--at takes layer indices separated by commas (e.g. 4,8), got {insert_at!r}"
+            ) from None
     chosen = {key: value for key, value in targets.items() if value is not None}
-    return UpOptions(edm, upm, snr_db=snr_db, seed=seed, untie_embeddings=untie_embeddings, dtype=dtype,
-                     max_shard_size=parse_size(max_shard_size), targets=chosen, strategy=strategy,
-                     add_layers=add_layers, insert_at=positions, duplicate_layers=duplicate_layers)
+    return UpOptions(
+        edm,
+        upm,
+        snr_db=snr_db,
+        seed=seed,
+        untie_embeddings=untie_embeddings,
+        dtype=dtype,
+        max_shard_size=parse_size(max_shard_size),
+        targets=chosen,
+        strategy=strategy,
+        add_layers=add_layers,
+        insert_at=positions,
+        duplicate_layers=duplicate_layers,
+    )
 
 
 @cli.command(short_help="Grow a model wider or deeper (HyperCloning: the same logits).")
@@ -157,15 +245,38 @@ def up_options(edm, upm, targets, snr_db, seed, untie_embeddings, dtype, max_sha
 @MANIFEST
 @QUIET
 @ALLOW_NONFINITE
-@click.option("--verify", "verify_logits", is_flag=True,
-              help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
-                   "(--duplicate-layers changes the logits on purpose: the change is reported, not failed).")
-@click.option("--tolerance", type=float, default=None, metavar="X",
-              help="--verify's pass mark on the relative logit error [default: 1e-4; 1e-2 where 16-bit storage "
-                   "rounds the function].")
+@click.option(
+    "--verify",
+    "verify_logits",
+    is_flag=True,
+    help="Then run `tensorscale verify SRC OUT` (needs transformers); exit status 1 if it fails "
+    "(--duplicate-layers changes the logits on purpose: the change is reported, not failed).",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=None,
+    metavar="X",
+    help="--verify's pass mark on the relative logit error [default: 1e-4; 1e-2 where 16-bit storage "
+    "rounds the function].",
+)
 @output_format_options
-def up(source, output, as_json, rules_path, force, verify_files, manifest, quiet, allow_nonfinite, verify_logits,
-       tolerance, out_format, outtype, **asked):
+def up(
+    source,
+    output,
+    as_json,
+    rules_path,
+    force,
+    verify_files,
+    manifest,
+    quiet,
+    allow_nonfinite,
+    verify_logits,
+    tolerance,
+    out_format,
+    outtype,
+    **asked,
+):
     """Widen a model by HyperCloning: hidden and heads ×n, FFN ×m, same logits.
 
     \b
@@ -194,9 +305,19 @@ def up(source, output, as_json, rules_path, force, verify_files, manifest, quiet
         note = check.prepare(plan)
         if note:
             click.echo(f"tensorscale: {note}", err=True)
-    result = write_output(plan, output, out_format, outtype, force=force, show_progress=not quiet and not as_json,
-                          verify_files=verify_files, manifest=manifest, command=command_line(), check=check,
-                          allow_nonfinite=allow_nonfinite)
+    result = write_output(
+        plan,
+        output,
+        out_format,
+        outtype,
+        force=force,
+        show_progress=not quiet and not as_json,
+        verify_files=verify_files,
+        manifest=manifest,
+        command=command_line(),
+        check=check,
+        allow_nonfinite=allow_nonfinite,
+    )
     print_warnings(result)
     summary = result.summary()
     for note in summary["notes"]:
@@ -238,8 +359,10 @@ class _PlanCommand(click.Command):
             theirs = _option_names(plan.commands[other]) - _option_names(self)
             for flag in (arg.split("=", 1)[0] for arg in given):  # click names "-e" for -edd: find the flag
                 if flag in theirs:
-                    raise TensorscaleError(f"{flag} is an option of `plan {other}`, not `plan {self.name}`: "
-                                           f"tensorscale plan {other} MODEL {flag} ...") from None
+                    raise TensorscaleError(
+                        f"{flag} is an option of `plan {other}`, not `plan {self.name}`: "
+                        f"tensorscale plan {other} MODEL {flag} ..."
+                    ) from None
             raise
 
 
@@ -276,8 +399,9 @@ def plan_down(source, output, edd, upd, targets, reduction, params, seed, dtype,
     from ..convert import plan_down
 
     targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd)  # as `down` allocates it
-    _show_plan(plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path), output,
-               as_json)
+    _show_plan(
+        plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path), output, as_json
+    )
 
 
 def _show_plan(the_plan, output, as_json) -> None:
@@ -313,9 +437,15 @@ def rules_list(as_json):
     """The shipped rules files and the model types they detect."""
     from ..rulebook.registry import shipped_rules
 
-    rows = [{"name": name, "model_types": list(rule_set.detect_model_types),
-             "architectures": list(rule_set.detect_architectures), "description": rule_set.description}
-            for name, rule_set in shipped_rules().items()]
+    rows = [
+        {
+            "name": name,
+            "model_types": list(rule_set.detect_model_types),
+            "architectures": list(rule_set.detect_architectures),
+            "description": rule_set.description,
+        }
+        for name, rule_set in shipped_rules().items()
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -324,7 +454,9 @@ def rules_list(as_json):
 
 @rules.command("show")
 @click.argument("arch")
-@click.option("--resolved", is_flag=True, help="Merge in the file's `extends:` base: the complete rules the engine reads.")
+@click.option(
+    "--resolved", is_flag=True, help="Merge in the file's `extends:` base: the complete rules the engine reads."
+)
 def rules_show(arch, resolved):
     """Print a shipped rules file (a good start for your own)."""
     from ..rulebook.registry import resolved_text, shipped_text
@@ -334,8 +466,14 @@ def rules_show(arch, resolved):
 
 @rules.command("check")
 @_input_option
-@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Check this rules file instead of the shipped one.")
+@click.option(
+    "--rules",
+    "rules_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Check this rules file instead of the shipped one.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def rules_check(source, rules_path, as_json):
     """Match rules against a checkpoint: tensors no rule matches, and rules that match nothing."""
@@ -369,19 +507,20 @@ def rules_new(source, name):
     click.echo(scaffold_rules(model.config, model.tensors, source=model.label, name=name), nl=False)
 
 
-from .inference_commands import gen, verify  # noqa: E402  (torch and transformers load inside them)
-
 from .batch_command import batch  # noqa: E402  (the engine and Ray load inside it)
+from .inference_commands import gen, verify  # noqa: E402  (torch and transformers load inside them)
 
 cli.add_command(gen)
 cli.add_command(verify)
 cli.add_command(batch)
 # The one-line summaries of `tensorscale --help` (click would cut the docstrings' first sentences short).
-for _command, _summary in (("down", "Narrow a model by folding units into clusters; exactly undoes up."),
-                           ("rules", "List, show, check and scaffold (rules new) architecture rules files."),
-                           ("gen", "Complete a prompt with a model (needs transformers)."),
-                           ("verify", "Prove two checkpoints compute the same logits (needs transformers)."),
-                           ("batch", "Run a jobs file of up/down conversions in parallel; rerun to resume.")):
+for _command, _summary in (
+    ("down", "Narrow a model by folding units into clusters; exactly undoes up."),
+    ("rules", "List, show, check and scaffold (rules new) architecture rules files."),
+    ("gen", "Complete a prompt with a model (needs transformers)."),
+    ("verify", "Prove two checkpoints compute the same logits (needs transformers)."),
+    ("batch", "Run a jobs file of up/down conversions in parallel; rerun to resume."),
+):
     cli.commands[_command].short_help = _summary
 add_to_every_command(cli, verbose_option)  # -v after the command name too: `tensorscale up -v ...`
 

@@ -20,8 +20,11 @@ MODEL_HELP = "Model folder, or a Hugging Face hub id (org/name)."
 
 
 # up, down (and batch jobs' allow_nonfinite) share this flag and its wording.
-ALLOW_NONFINITE = click.option("--allow-nonfinite", is_flag=True,
-                               help="Write the output even if input weights hold NaN or Inf (refused by default).")
+ALLOW_NONFINITE = click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Write the output even if input weights hold NaN or Inf (refused by default).",
+)
 
 
 def with_options(func, options: list):
@@ -39,11 +42,20 @@ def model_input(help_text: str = MODEL_HELP):
         def command(*args, model=None, source=None, **kwargs):
             return func(*args, source=chosen_model(model, source), **kwargs)
 
-        return with_options(command, [
-            click.argument("model", required=False, metavar="MODEL"),
-            click.option("--input", "-i", "source", default=None, metavar="MODEL",
-                         help=f"{help_text} The same as giving MODEL."),
-        ])
+        return with_options(
+            command,
+            [
+                click.argument("model", required=False, metavar="MODEL"),
+                click.option(
+                    "--input",
+                    "-i",
+                    "source",
+                    default=None,
+                    metavar="MODEL",
+                    help=f"{help_text} The same as giving MODEL.",
+                ),
+            ],
+        )
 
     return decorate
 
@@ -51,8 +63,10 @@ def model_input(help_text: str = MODEL_HELP):
 def chosen_model(positional: str | None, option: str | None) -> str:
     command = click.get_current_context().command_path
     if positional is not None and option is not None:
-        raise TensorscaleError(f"the model is given twice ({positional!r} and --input {option!r}); give it once: "
-                               f"{command} MODEL, or {command} --input MODEL")
+        raise TensorscaleError(
+            f"the model is given twice ({positional!r} and --input {option!r}); give it once: "
+            f"{command} MODEL, or {command} --input MODEL"
+        )
     if positional is None and option is None:
         raise TensorscaleError(f"which model? {command} MODEL (a folder or a hub id like org/name), or --input MODEL")
     return positional if positional is not None else option
@@ -91,8 +105,15 @@ def _set_verbosity(ctx, param, count):
 
 
 def verbose_option():
-    return click.option("--verbose", "-v", count=True, expose_value=False, is_eager=True, callback=_set_verbosity,
-                        help="Log each step to stderr: the model opened, its rules, the plan, each shard, the commit.")
+    return click.option(
+        "--verbose",
+        "-v",
+        count=True,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_verbosity,
+        help="Log each step to stderr: the model opened, its rules, the plan, each shard, the commit.",
+    )
 
 
 def add_to_every_command(group: click.Group, make_option) -> None:
@@ -104,23 +125,43 @@ def add_to_every_command(group: click.Group, make_option) -> None:
             make_option()(command)  # click appends the option to an existing Command's params
 
 
-
 # Options that up, down and their `plan` dry runs share, declared once (the same flag, default and wording).
-OUTPUT = click.option("--output", "-o", "output", default=None, metavar="OUT",
-                      help="Output folder (default: <source name>-<size> in the current folder).")
+OUTPUT = click.option(
+    "--output",
+    "-o",
+    "output",
+    default=None,
+    metavar="OUT",
+    help="Output folder (default: <source name>-<size> in the current folder).",
+)
 AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts.")
-DTYPE = click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
-                     show_default=True, help="Storage dtype of the output's float tensors.")
-RULES = click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-                     help="A rules file for an architecture tensorscale does not ship.")
-MAX_SHARD_SIZE = click.option("--max-shard-size", default="5GB", show_default=True,
-                              help="Largest output shard, e.g. 5GB, 500MB.")
+DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(["keep", "float32", "bfloat16", "float16"]),
+    default="keep",
+    show_default=True,
+    help="Storage dtype of the output's float tensors.",
+)
+RULES = click.option(
+    "--rules",
+    "rules_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="A rules file for an architecture tensorscale does not ship.",
+)
+MAX_SHARD_SIZE = click.option(
+    "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB."
+)
 FORCE = click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
-VERIFY_FILES = click.option("--verify-files", is_flag=True,
-                            help="Re-read every tensor and compare its sha256 with what was streamed.")
-MANIFEST = click.option("--manifest", is_flag=True,
-                        help="Write tensorscale-manifest.json: source and output hashes, command, version.")
+VERIFY_FILES = click.option(
+    "--verify-files", is_flag=True, help="Re-read every tensor and compare its sha256 with what was streamed."
+)
+MANIFEST = click.option(
+    "--manifest", is_flag=True, help="Write tensorscale-manifest.json: source and output hashes, command, version."
+)
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
 
 def seed_option(what: str):
     """--seed, which seeds what each direction draws at random (up's noise, down's clustering)."""
@@ -134,16 +175,25 @@ def target_size_options(hidden: str, kv_heads: str):
 
     def decorate(func):
         @functools.wraps(func)
-        def command(*args, hidden_size=None, intermediate_size=None, num_attention_heads=None,
-                    num_key_value_heads=None, **kwargs):
+        def command(
+            *args,
+            hidden_size=None,
+            intermediate_size=None,
+            num_attention_heads=None,
+            num_key_value_heads=None,
+            **kwargs,
+        ):
             sizes = (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads)
             return func(*args, targets=dict(zip(TARGET_KEYS, sizes)), **kwargs)
 
-        return with_options(command, [
-            click.option("--hidden-size", type=int, default=None, help=f"Target hidden size ({hidden})."),
-            click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
-            click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
-            click.option("--num-key-value-heads", type=int, default=None, help=f"Target kv head count{kv_heads}."),
-        ])
+        return with_options(
+            command,
+            [
+                click.option("--hidden-size", type=int, default=None, help=f"Target hidden size ({hidden})."),
+                click.option("--intermediate-size", type=int, default=None, help="Target FFN size."),
+                click.option("--num-attention-heads", type=int, default=None, help="Target attention head count."),
+                click.option("--num-key-value-heads", type=int, default=None, help=f"Target kv head count{kv_heads}."),
+            ],
+        )
 
     return decorate

@@ -8,11 +8,20 @@ from ..errors import TensorscaleError
 from .options import with_options
 
 FORMAT_OPTIONS = [
-    click.option("--format", "out_format", type=click.Choice(["safetensors", "gguf"]), default="safetensors",
-                 show_default=True, help="safetensors: a Hugging Face folder. gguf: one file llama.cpp loads "
-                                         "(--output ends in .gguf)."),
-    click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
-                 help="Tensor type of a --format gguf output (default f16; 1-D tensors stay f32)."),
+    click.option(
+        "--format",
+        "out_format",
+        type=click.Choice(["safetensors", "gguf"]),
+        default="safetensors",
+        show_default=True,
+        help="safetensors: a Hugging Face folder. gguf: one file llama.cpp loads (--output ends in .gguf).",
+    ),
+    click.option(
+        "--outtype",
+        type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+        default=None,
+        help="Tensor type of a --format gguf output (default f16; 1-D tensors stay f32).",
+    ),
 ]
 
 
@@ -39,8 +48,9 @@ def write_output(plan, output, out_format: str, outtype: str | None, **options):
 
         for flag in ("verify_files", "manifest"):
             if options.pop(flag, False):
-                raise TensorscaleError(f"--{flag.replace('_', '-')} checks a safetensors output; it does not combine "
-                                       "with --format gguf")
+                raise TensorscaleError(
+                    f"--{flag.replace('_', '-')} checks a safetensors output; it does not combine with --format gguf"
+                )
         return execute_plan_as_gguf(plan, output, outtype, **options)
     if outtype is not None:
         raise TensorscaleError("--outtype sets the tensor type of a GGUF output: add --format gguf (or use --dtype)")

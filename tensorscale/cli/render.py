@@ -37,8 +37,10 @@ def desc_text(data: dict) -> str:
     lines.append(_table([(key, value) for key, value in data["config"].items()]))
     lines.append("")
     total = data["total_parameters"]
-    rows = [(component, f"{count:,}", f"{100 * count / max(1, total):.1f}%")
-            for component, count in data["parameters_by_component"].items()]
+    rows = [
+        (component, f"{count:,}", f"{100 * count / max(1, total):.1f}%")
+        for component, count in data["parameters_by_component"].items()
+    ]
     rows.append(("total", f"{total:,}", f"({human_count(total)})"))
     lines.append(_table(rows, ("component", "parameters", "share")))
     if data["tied_embeddings"]:
@@ -55,16 +57,22 @@ def plan_data(plan, output: str) -> dict:
         "input": plan.source.label,
         "output": output,
         "rules": plan.rules.name,
-        **{key: options[key] for key in ("mode", "embed_dim_multiplier", "up_proj_multiplier", "snr_db", "strategy",
-                                         "targets")},
-        "spaces": {name: layout.describe() for name, layout in (plan.layouts or {}).items()
-                   if layout.target != layout.size},
+        **{
+            key: options[key]
+            for key in ("mode", "embed_dim_multiplier", "up_proj_multiplier", "snr_db", "strategy", "targets")
+        },
+        "spaces": {
+            name: layout.describe() for name, layout in (plan.layouts or {}).items() if layout.target != layout.size
+        },
         "source_parameters": sum(info.numel for info in plan.source.tensors.values()),
         "total_parameters": plan.total_parameters,
         "source_bytes": plan.source.total_bytes,
         "total_bytes": plan.total_bytes,
-        "config_changes": {key: {"from": plan.source.config.get(key), "to": value}
-                           for key, value in plan.config.items() if plan.source.config.get(key) != value},
+        "config_changes": {
+            key: {"from": plan.source.config.get(key), "to": value}
+            for key, value in plan.config.items()
+            if plan.source.config.get(key) != value
+        },
         "tensors": [
             {
                 "name": tensor.name,
@@ -82,7 +90,9 @@ def plan_data(plan, output: str) -> dict:
         "dropped": plan.dropped,
         "notes": list(plan.notes),
         "depth": plan.depth.describe() if getattr(plan, "depth", None) else None,
-        "shards": [{"file": shard.filename, "tensors": len(shard.tensors), "bytes": shard.nbytes} for shard in plan.shards],
+        "shards": [
+            {"file": shard.filename, "tensors": len(shard.tensors), "bytes": shard.nbytes} for shard in plan.shards
+        ],
     }
 
 
@@ -91,7 +101,11 @@ def plan_text(data: dict) -> str:
     for tensor in data["tensors"]:
         name = tensor["name"] if tensor["name"] == tensor["source"] else f"{tensor['name']} <- {tensor['source']}"
         shape = f"{tensor['in_shape']} -> {tensor['out_shape']}"
-        dtype = tensor["in_dtype"] if tensor["in_dtype"] == tensor["out_dtype"] else f"{tensor['in_dtype']}->{tensor['out_dtype']}"
+        dtype = (
+            tensor["in_dtype"]
+            if tensor["in_dtype"] == tensor["out_dtype"]
+            else f"{tensor['in_dtype']}->{tensor['out_dtype']}"
+        )
         rows.append((name, shape, dtype, " -> ".join(tensor["ops"]) or "copy", tensor["rule"]))
     if data.get("mode") == "down":
         how = "down"
@@ -135,13 +149,17 @@ def _growth(data: dict) -> str:
     """How `up` grows the model, for the plan header and the up summary: target sizes or multipliers."""
     targets = data.get("targets") or {}
     how = ", ".join(f"{key}={value}" for key, value in targets.items()) or (
-        f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}")
+        f"n={data['embed_dim_multiplier']}, m={data['up_proj_multiplier']}"
+    )
     return how + (", zero-pad" if data.get("strategy") == "pad" else "")
 
 
 def down_summary(summary: dict) -> str:
-    exact = f"{summary['exact_copies']}/{summary['clusterings']} clusterings merged exact copies" \
-        if summary.get("method", "fold") == "fold" else "units kept and readers re-solved layer by layer (refit)"
+    exact = (
+        f"{summary['exact_copies']}/{summary['clusterings']} clusterings merged exact copies"
+        if summary.get("method", "fold") == "fold"
+        else "units kept and readers re-solved layer by layer (refit)"
+    )
     retied = f"; {summary['retied']} equals the embedding again, so the output is tied" if summary.get("retied") else ""
     return (
         f"wrote {summary['output']}: {human_count(summary['source_parameters'])} -> "
@@ -157,18 +175,27 @@ def damage_note(calibration: dict) -> str:
     """What a refitted (not exact) down costs, estimated on the calibration text, and what to do about it."""
     where = "the calibration text" if calibration["source"] == "file" else "text the model sampled itself"
     part = "windows of " + where + " the refit did not see" if calibration.get("held_out") else where
-    line = (f"tensorscale: estimated damage on {part}: KL {calibration['kl']:.3f} nats/token, perplexity "
-            f"x{calibration['ppl_ratio']:.2f} (text of another kind may show more)")
+    line = (
+        f"tensorscale: estimated damage on {part}: KL {calibration['kl']:.3f} nats/token, perplexity "
+        f"x{calibration['ppl_ratio']:.2f} (text of another kind may show more)"
+    )
     if calibration["kl"] > DAMAGE_WARNING_KL:
-        line += ("\ntensorscale: warning: this is not an exact inverse of `up`; the smaller model needs healing "
-                 "(continued training) before it matches the original")
+        line += (
+            "\ntensorscale: warning: this is not an exact inverse of `up`; the smaller model needs healing "
+            "(continued training) before it matches the original"
+        )
     return line
 
 
 def rules_list_text(rows: list[dict]) -> str:
-    table = _table([(row["name"], ", ".join(row["model_types"]) or "-", row["description"]) for row in rows],
-                   ("rules", "model_type", "description"))
-    return table + "\n\nA model's config.json model_type selects its rules; `tensorscale rules new MODEL` scaffolds new ones."
+    table = _table(
+        [(row["name"], ", ".join(row["model_types"]) or "-", row["description"]) for row in rows],
+        ("rules", "model_type", "description"),
+    )
+    return (
+        table
+        + "\n\nA model's config.json model_type selects its rules; `tensorscale rules new MODEL` scaffolds new ones."
+    )
 
 
 def check_text(report: dict) -> str:
@@ -182,6 +209,8 @@ def check_text(report: dict) -> str:
     else:
         lines.append("every tensor matches a rule")
     if report["unused_rules"]:
-        lines.append(f"{len(report['unused_rules'])} rule(s) match no tensor (fine for optional tensors such as biases):")
+        lines.append(
+            f"{len(report['unused_rules'])} rule(s) match no tensor (fine for optional tensors such as biases):"
+        )
         lines.extend(f"  {label}" for label in report["unused_rules"])
     return "\n".join(lines)

@@ -38,5 +38,9 @@ def revision_option(func, param: str = "source"):
             kwargs[param] = with_revision(kwargs[param], revision)
         return func(*args, **kwargs)
 
-    return click.option("--revision", default=None, metavar="REV",
-                        help="Hub revision (branch, tag or commit) of a hub-id input; same as org/name@REV.")(command)
+    return click.option(
+        "--revision",
+        default=None,
+        metavar="REV",
+        help="Hub revision (branch, tag or commit) of a hub-id input; same as org/name@REV.",
+    )(command)

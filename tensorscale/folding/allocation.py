@@ -39,7 +39,9 @@ def parse_budget(reduction, params, total: int) -> int:
         raise TensorscaleError(f"cannot read --params {params!r}; write it like 100M or 1.2B")
     wanted = int(float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[match.group(2).upper()])
     if not 0 < wanted < total:
-        raise TensorscaleError(f"--params {params}: the model has {total:,} parameters; ask for fewer (and more than 0)")
+        raise TensorscaleError(
+            f"--params {params}: the model has {total:,} parameters; ask for fewer (and more than 0)"
+        )
     return wanted
 
 
@@ -47,21 +49,23 @@ class Counter:
     """Parameters of the model at given target sizes, from the rules' axis roles and the headers."""
 
     def __init__(self, source_label: str, rules_path: str | None):
+        from ..planning.plan import DownOptions, current_units
         from ..reading.source import open_source
         from ..rulebook.registry import resolve_rules
-        from ..planning.plan import DownOptions, current_units
 
         self.source = open_source(source_label, headers_only=True)
         self.rules = resolve_rules(self.source.config, rules_path)
         self.current = current_units(self.rules, self.source.config, DownOptions())
 
     def count(self, targets: dict) -> int:
-        from .analysis import match_all
-        from ..rulebook.compile import resolve_spaces
         from ..planning.plan import DownOptions, evaluate_env
+        from ..rulebook.compile import resolve_spaces
+        from .analysis import match_all
 
-        options = DownOptions(targets={k: v for k, v in targets.items() if v != self.current[k]} or
-                              {"hidden_size": self.current["hidden_size"]})
+        options = DownOptions(
+            targets={k: v for k, v in targets.items() if v != self.current[k]}
+            or {"hidden_size": self.current["hidden_size"]}
+        )
         env = evaluate_env(self.rules, self.source.config, options)
         spaces = resolve_spaces(self.rules, env)
         total = 0
@@ -111,8 +115,11 @@ def allocate_budget(source_label: str, rules_path, given: dict, reduction, param
     ffn_step = FFN_STEP if current["intermediate_size"] % FFN_STEP == 0 else 1
     stages = [
         lambda: shrink("intermediate_size", int(current["intermediate_size"] * FFN_FLOOR), ffn_step),
-        lambda: shrink("num_attention_heads", max(targets["num_key_value_heads"], int(heads * HEADS_FLOOR + 0.999)),
-                       targets["num_key_value_heads"]),
+        lambda: shrink(
+            "num_attention_heads",
+            max(targets["num_key_value_heads"], int(heads * HEADS_FLOOR + 0.999)),
+            targets["num_key_value_heads"],
+        ),
     ]
     stages += [
         lambda: shrink_hidden(int(current["hidden_size"] * HIDDEN_FLOOR)),

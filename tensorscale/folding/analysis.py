@@ -31,11 +31,11 @@ from .. import interrupts
 from ..errors import TensorscaleError
 from ..ops.library import Fused, OpContext
 from ..ops.seeding import seeded_generator
-from ..rulebook.evaluate import match_rule
 from ..reading.safetensors_header import DTYPE_SIZES
 from ..reading.source import ModelSource
 from ..reading.tensor_reader import ShardReader
 from ..rulebook.compile import Space
+from ..rulebook.evaluate import match_rule
 from ..rulebook.roles import Role, split_role
 from ..rulebook.schema import RuleSet
 from .clustering import cluster_units
@@ -56,7 +56,9 @@ class Match:
     def roles(self):
         """(axis, space name, role) for every plain (not fused, not '-') axis label."""
         axes = self.rule.transform.axes or []
-        return [(axis, *split_role(label)) for axis, label in enumerate(axes) if isinstance(label, str) and label != "-"]
+        return [
+            (axis, *split_role(label)) for axis, label in enumerate(axes) if isinstance(label, str) and label != "-"
+        ]
 
     def blocks(self, spaces: dict[str, Space]):
         """(axis, start, length, space name, role) for every labelled block: a plain axis is one block, a
@@ -135,8 +137,9 @@ def match_all(source: ModelSource, rule_set: RuleSet, env: dict) -> list[Match]:
     return matches
 
 
-def analyse(source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0,
-            progress=None) -> Folds:
+def analyse(
+    source: ModelSource, rule_set: RuleSet, env: dict, spaces: dict[str, Space], seed: int = 0, progress=None
+) -> Folds:
     """Cluster every folded space (data-free: from the weights alone).
 
     `progress`: True for a bar on stderr ("analysing", bytes of weights read, layers done; the same Progress
@@ -181,16 +184,18 @@ def _analysis_progress(progress, matches: list[Match], spaces: dict[str, Space],
         return None
     from ..progress import progress_for
 
-    total = sum(m.info.nbytes for space in _global_spaces(spaces, folded)
-                for m, _, _ in _global_matches(space, matches, spaces))
+    total = sum(
+        m.info.nbytes for space in _global_spaces(spaces, folded) for m, _, _ in _global_matches(space, matches, spaces)
+    )
     pers = {s.per for s in spaces.values() if s.name in folded and s.per is not None and s.clusters_of is None}
     layer_matches = [m for m in matches if any(per in m.env for per in pers)]
     layers = {m.env.get(per) for m in layer_matches for per in pers if per in m.env}
     return progress_for(total + sum(m.info.nbytes for m in layer_matches), "analysing", len(layers), noun="layers")
 
 
-def _analyse_spaces(matches: list[Match], spaces: dict[str, Space], folded: set[str], folds: Folds, seed: int,
-                    dtype: str, tick) -> None:
+def _analyse_spaces(
+    matches: list[Match], spaces: dict[str, Space], folded: set[str], folds: Folds, seed: int, dtype: str, tick
+) -> None:
     """Fold the global spaces, then every layer's (see the module doc); `tick(nbytes, layers)` reports."""
     with ShardReader() as reader, _workers() as pool:
         for space in _global_spaces(spaces, folded):
@@ -205,8 +210,9 @@ def _analyse_spaces(matches: list[Match], spaces: dict[str, Space], folded: set[
         for referenced in (s.clusters_of for s in spaces.values() if s.name in folded and s.clusters_of):
             if referenced not in folded:
                 raise TensorscaleError(f"space {referenced} must fold with the spaces clustered like it")
-        instances = sorted({m.env.get(s.per) for s in per_layer for m in matches if s.per in m.env},
-                           key=lambda v: (str(type(v)), v))
+        instances = sorted(
+            {m.env.get(s.per) for s in per_layer for m in matches if s.per in m.env}, key=lambda v: (str(type(v)), v)
+        )
         shared = dict(folds.by_key)
 
         def fold_layer(instance) -> dict:
@@ -253,8 +259,16 @@ def _workers():
         torch.set_num_threads(threads)
 
 
-def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces: dict[str, Space], seed: int,
-                 dtype: str, pool: ThreadPoolExecutor, tick=None) -> Fold:
+def _fold_global(
+    space: Space,
+    matches: list[Match],
+    reader: ShardReader,
+    spaces: dict[str, Space],
+    seed: int,
+    dtype: str,
+    pool: ThreadPoolExecutor,
+    tick=None,
+) -> Fold:
     mine_by_match = _global_matches(space, matches, spaces)
 
     def sketches(item) -> list[torch.Tensor]:
@@ -267,8 +281,10 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces
             # Units are rows (a writer of the space): a few MiB of rows at a time.
             return [_sketch_row_chunks(reader, match.info, space.unit, _key(match.name, 0, 0, None))]
         tensor = reader.read(match.info)
-        return [_sketch(_unit_rows(tensor, axis, space.unit, start, length), _key(match.name, axis, start, length))
-                for axis, start, length in mine]
+        return [
+            _sketch(_unit_rows(tensor, axis, space.unit, start, length), _key(match.name, axis, start, length))
+            for axis, start, length in mine
+        ]
 
     everything = torch.zeros(space.units, SKETCH)
     noise_free = torch.zeros(space.units, SKETCH)
@@ -282,10 +298,18 @@ def _fold_global(space: Space, matches: list[Match], reader: ShardReader, spaces
         if tick:
             tick(match.info.nbytes, 0)
     what = f"space {space.name}"
-    labels, exact = cluster_units(noise_free if clean_count else everything, space.target_units, equal=space.equal,
-                                  what=what, seed=seed, dtype=dtype)
+    labels, exact = cluster_units(
+        noise_free if clean_count else everything,
+        space.target_units,
+        equal=space.equal,
+        what=what,
+        seed=seed,
+        dtype=dtype,
+    )
     if not exact and clean_count:
-        labels, exact = cluster_units(everything, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype)
+        labels, exact = cluster_units(
+            everything, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype
+        )
     return Fold(labels, space.target_units, exact)
 
 
@@ -300,7 +324,7 @@ def _sampled_row_pieces(reader: ShardReader, info, rows: list[int]):
     row_bytes = max(1, math.prod(info.shape[1:]) * DTYPE_SIZES[info.dtype])
     count = max(1, SAMPLE_READ_BYTES // row_bytes)
     for begin in range(0, len(rows), count):
-        yield reader.read_row_list(info, rows[begin:begin + count])
+        yield reader.read_row_list(info, rows[begin : begin + count])
 
 
 def _sketch_sampled_rows(reader: ShardReader, info, key) -> torch.Tensor:
@@ -314,10 +338,10 @@ def _sketch_sampled_rows(reader: ShardReader, info, key) -> torch.Tensor:
     out = torch.zeros(info.shape[1], SKETCH)
     squares, done = 0.0, 0
     for piece in _sampled_row_pieces(reader, info, rows):
-        out += _project(piece.T, projection[done:done + piece.shape[0]])
+        out += _project(piece.T, projection[done : done + piece.shape[0]])
         squares += float(torch.linalg.vector_norm(piece, dtype=torch.float32)) ** 2
         done += piece.shape[0]
-    return out / squares ** 0.5 if squares > 0 else out
+    return out / squares**0.5 if squares > 0 else out
 
 
 STREAM_ELEMENTS = 2**20  # elements of one row chunk a streamed sketch holds (4 MiB in float32)
@@ -344,9 +368,9 @@ def _sketch_row_chunks(reader: ShardReader, info, unit: int, key, lift=None) -> 
             sampled = _sample(features) if features > MAX_SAMPLES else None
             projection = _projection(features if sampled is None else len(sampled), key)
         picked = units if sampled is None else units[:, sampled]
-        out[begin // unit:end // unit] = _project(picked, projection)
+        out[begin // unit : end // unit] = _project(picked, projection)
         squares += float(torch.linalg.vector_norm(picked, dtype=torch.float32)) ** 2
-    return out / squares ** 0.5 if squares > 0 else out
+    return out / squares**0.5 if squares > 0 else out
 
 
 def _residual_unmerge(axis: int, label: str, spaces: dict[str, Space], folds: Folds):
@@ -386,8 +410,11 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
     for match in matches:
         if match.env.get(space.per) != instance:
             continue
-        mine = [(axis, start, length, name) for axis, start, length, name, role in match.blocks(spaces)
-                if role != Role.IN and (name == space.name or spaces[name].clusters_of == space.name)]
+        mine = [
+            (axis, start, length, name)
+            for axis, start, length, name, role in match.blocks(spaces)
+            if role != Role.IN and (name == space.name or spaces[name].clusters_of == space.name)
+        ]
         if not mine:
             continue
         if len(match.info.shape) == 2 and len(mine) == 1 and mine[0][0] == 0 and mine[0][2] is None:
@@ -398,13 +425,17 @@ def _fold_instance(space: Space, instance, matches, reader, spaces, folds: Folds
             continue
         tensor = _lift(reader.read(match.info).float(), match, spaces, folds)
         for axis, start, length, name in mine:
-            features += _sketch(_unit_rows(tensor, axis, spaces[name].unit, start, length), _key(match.name, axis, start, length))
+            features += _sketch(
+                _unit_rows(tensor, axis, spaces[name].unit, start, length), _key(match.name, axis, start, length)
+            )
             found = True
     what = f"space {space.name} ({space.per} {instance})"
     if not found:
         raise TensorscaleError(f"{what}: no tensor writes this space, so its units cannot be compared")
     if space.within is None:
-        labels, exact = cluster_units(features, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype)
+        labels, exact = cluster_units(
+            features, space.target_units, equal=space.equal, what=what, seed=seed, dtype=dtype
+        )
         return Fold(labels, space.target_units, exact)
     return _fold_within(space, instance, features, spaces[space.within], folds, what, seed, dtype)
 
@@ -414,8 +445,13 @@ def _sketch_streamed(reader, match: Match, unit: int, spaces, folds: Folds) -> t
     linear, so chunk sketches are stacked and the whole is divided by the norm summed over chunks."""
     lifted_projection = _lifted_projection(match, spaces, folds) if unit == 1 else None
     if lifted_projection is None:
-        return _sketch_row_chunks(reader, match.info, unit, _key(match.name, 0, 0, None),
-                                  lift=lambda rows: _lift(rows.float(), match, spaces, folds))
+        return _sketch_row_chunks(
+            reader,
+            match.info,
+            unit,
+            _key(match.name, 0, 0, None),
+            lift=lambda rows: _lift(rows.float(), match, spaces, folds),
+        )
     rows_total, columns_in = match.info.shape
     step = _row_step(columns_in, unit)
     out = torch.zeros(rows_total, SKETCH)
@@ -461,7 +497,9 @@ def _lifted_projection(match: Match, spaces, folds: Folds) -> torch.Tensor | Non
     return lifted_projection
 
 
-def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, what: str, seed: int, dtype: str) -> Fold:
+def _fold_within(
+    space: Space, instance, features, parent: Space, folds: Folds, what: str, seed: int, dtype: str
+) -> Fold:
     """Cluster q heads inside each kv cluster: small q head j = c·G' + t uses small kv head c."""
     parent_fold = folds.by_key.get((parent.name, instance))
     if parent.target == parent.size or parent_fold is None:
@@ -479,8 +517,14 @@ def _fold_within(space: Space, instance, features, parent: Space, folds: Folds, 
     labels = [0] * space.units
     exact = parent_fold.exact
     for cluster, units in sorted(members.items()):
-        local, local_exact = cluster_units(features[units], per_cluster, equal=space.equal,
-                                           what=f"{what}, kv cluster {cluster}", seed=seed, dtype=dtype)
+        local, local_exact = cluster_units(
+            features[units],
+            per_cluster,
+            equal=space.equal,
+            what=f"{what}, kv cluster {cluster}",
+            seed=seed,
+            dtype=dtype,
+        )
         exact = exact and local_exact
         for unit, label in zip(units, local):
             labels[unit] = cluster * per_cluster + label

@@ -24,7 +24,9 @@ def read_calibration_text(path: str) -> str:
 
     text = read_text_file(path, "calibration text", MAX_CALIBRATION_BYTES)  # /dev/zero: one line, not a hang
     if not text.strip():
-        raise TensorscaleError(f"calibration text {path} is empty; give a file of ordinary text in the model's language")
+        raise TensorscaleError(
+            f"calibration text {path} is empty; give a file of ordinary text in the model's language"
+        )
     return text
 
 
@@ -38,14 +40,23 @@ def calibration_ids(folder: str, label: str, text: str, tokens: int, sequence: i
     ids = tokenizer(text[: tokens * 16], add_special_tokens=False)["input_ids"][:tokens]
     windows = len(ids) // sequence
     if windows < 1:
-        raise TensorscaleError(f"the calibration text gives {len(ids)} tokens, fewer than one window of {sequence}; "
-                               "give a longer text")
+        raise TensorscaleError(
+            f"the calibration text gives {len(ids)} tokens, fewer than one window of {sequence}; give a longer text"
+        )
     return torch.tensor(ids[: windows * sequence]).reshape(windows, sequence)
 
 
 @torch.no_grad()
-def self_generated_ids(folder: str, label: str, config: dict, tokens: int, seed: int = 0,
-                       sequence: int = SEQUENCE, batch: int = 8, progress=None) -> "torch.Tensor":
+def self_generated_ids(
+    folder: str,
+    label: str,
+    config: dict,
+    tokens: int,
+    seed: int = 0,
+    sequence: int = SEQUENCE,
+    batch: int = 8,
+    progress=None,
+) -> "torch.Tensor":
     """Data-free calibration: `tokens` tokens the model samples itself (temperature 1, each window started
     from the config's BOS token, else EOS, else token 0). No tokenizer and no user text; the model's own
     distribution covers the domains it knows, where any one text covers one. The model is loaded whole
@@ -66,8 +77,10 @@ def self_generated_ids(folder: str, label: str, config: dict, tokens: int, seed:
             past = result.past_key_values
             probs = torch.softmax(result.logits[:, -1].float(), dim=-1)
             if not bool(torch.isfinite(probs).all()):
-                raise TensorscaleError(f"{label} computes NaN or Inf (its weights hold NaN or Inf?): refit cannot "
-                                       "calibrate on it; repair the checkpoint, or fold it: --method fold --allow-nonfinite")
+                raise TensorscaleError(
+                    f"{label} computes NaN or Inf (its weights hold NaN or Inf?): refit cannot "
+                    "calibrate on it; repair the checkpoint, or fold it: --method fold --allow-nonfinite"
+                )
             step = torch.multinomial(probs, 1, generator=generator)
             ids = torch.cat([ids, step], dim=1)
         out.append(ids)

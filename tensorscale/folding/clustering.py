@@ -51,7 +51,7 @@ def duplicate_groups(features: torch.Tensor, relative_tolerance: float = 1e-4) -
     coarse = features[:, :PREFILTER_DIMS].contiguous()
     block = _block_rows(n, 5)  # float32 distances and their bool mask
     for begin in range(0, n, block):
-        rows = coarse[begin:begin + block]
+        rows = coarse[begin : begin + block]
         pairs = (torch.cdist(rows, coarse) <= proposal).nonzero()
         pairs = pairs[pairs[:, 0] + begin < pairs[:, 1]]
         if not len(pairs):
@@ -77,7 +77,7 @@ def _split_groups(groups: list[int], k: int, equal: bool) -> list[int] | None:
         size = n // k
         if any(len(units) % size for units in members.values()):
             return None
-        pieces = [units[i:i + size] for units in members.values() for i in range(0, len(units), size)]
+        pieces = [units[i : i + size] for units in members.values() for i in range(0, len(units), size)]
     else:
         pieces = list(members.values())
         while len(pieces) < k:
@@ -167,10 +167,12 @@ def _balanced_assign(x, squared, centres, k: int) -> torch.Tensor:
     margin = torch.empty(n)
     step = _block_rows(k, 4)
     for begin in range(0, n, step):
-        nearest = _distances(x[begin:begin + step], squared[begin:begin + step], centres).topk(keep, dim=1, largest=False)
-        candidates[begin:begin + step] = nearest.indices
+        nearest = _distances(x[begin : begin + step], squared[begin : begin + step], centres).topk(
+            keep, dim=1, largest=False
+        )
+        candidates[begin : begin + step] = nearest.indices
         values = nearest.values
-        margin[begin:begin + step] = values[:, 1] - values[:, 0] if k > 1 else values[:, 0]
+        margin[begin : begin + step] = values[:, 1] - values[:, 0] if k > 1 else values[:, 0]
     capacity = [n // k] * k
     full = torch.zeros(k, dtype=torch.bool)
     labels = torch.full((n,), -1, dtype=torch.long)
@@ -178,7 +180,7 @@ def _balanced_assign(x, squared, centres, k: int) -> torch.Tensor:
     for unit in margin.argsort(descending=True).tolist():
         chosen = next((c for c in choices[unit] if capacity[c]), None)
         if chosen is None:
-            row = _distances(x[unit:unit + 1], squared[unit:unit + 1], centres)[0]
+            row = _distances(x[unit : unit + 1], squared[unit : unit + 1], centres)[0]
             chosen = int(row.masked_fill_(full, float("inf")).argmin())
         capacity[chosen] -= 1
         if not capacity[chosen]:
@@ -204,8 +206,8 @@ def _nearest(x, centres) -> torch.Tensor:
     labels = torch.empty(x.shape[0], dtype=torch.long)
     step = _block_rows(centres.shape[0], 6)  # the bf16 product and its float32 copy
     for begin in range(0, x.shape[0], step):
-        block = torch.mm(low_x[begin:begin + step], low_centres).float().mul_(-2).add_(centre_squared)
-        labels[begin:begin + step] = block.argmin(dim=1)
+        block = torch.mm(low_x[begin : begin + step], low_centres).float().mul_(-2).add_(centre_squared)
+        labels[begin : begin + step] = block.argmin(dim=1)
     return labels
 
 
@@ -222,8 +224,9 @@ def _fill_empty(labels: torch.Tensor, x: torch.Tensor, centres: torch.Tensor, k:
     return labels
 
 
-def cluster_units(features: torch.Tensor, k: int, *, equal: bool, what: str, seed: int = 0,
-                  dtype: str = "F32") -> tuple[list[int], bool]:
+def cluster_units(
+    features: torch.Tensor, k: int, *, equal: bool, what: str, seed: int = 0, dtype: str = "F32"
+) -> tuple[list[int], bool]:
     """Labels (unit -> cluster in 0..k-1) and whether every cluster holds exact copies."""
     n = features.shape[0]
     if not 1 <= k <= n:

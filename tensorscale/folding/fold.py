@@ -60,10 +60,10 @@ class Fold:
         scale = {"S": scale_s, "1/S": [1.0 / s for s in scale_s], "1": [1.0] * m}[role_ops.reduce_scale]
         return Merge(axis, self.cluster, weight, scale, space.unit, label=f"{space.name}.{role}")
 
-
     def averaging_weights(self, sizes: list[int]) -> list[float]:
         """Ω: the uniform mean within each cluster (exact for copies, which is what folding is for)."""
         return [1.0 / sizes[c] for c in self.cluster]
+
 
 @dataclass
 class Folds:
@@ -77,7 +77,8 @@ class Folds:
             return (space.name, None)
         if space.per not in env:
             raise TensorscaleError(
-                f"space {space.name} is clustered per {space.per!r}, but the rule's regex has no group (?P<{space.per}>...)"
+                f"space {space.name} is clustered per {space.per!r}, but the rule's regex has no group "
+                f"(?P<{space.per}>...)"
             )
         return (space.name, env[space.per])
 
@@ -86,7 +87,11 @@ class Folds:
         key = (source, self.key(space, env)[1])
         fold = self.by_key.get(key)
         if fold is None:
-            raise TensorscaleError(f"{where}: no clustering for space {source} {key[1] if key[1] is not None else ''}".rstrip())
+            raise TensorscaleError(
+                f"{where}: no clustering for space {source} {key[1] if key[1] is not None else ''}".rstrip()
+            )
         if len(fold.cluster) * space.unit != space.size:
-            raise TensorscaleError(f"{where}: space {space.name} has {space.units} units but its clustering has {len(fold.cluster)}")
+            raise TensorscaleError(
+                f"{where}: space {space.name} has {space.units} units but its clustering has {len(fold.cluster)}"
+            )
         return fold

@@ -21,8 +21,9 @@ def needs_equal_groups(space: Space, parent: Space) -> bool:
     return space.target_units * parent.units > space.units * parent.target_units
 
 
-def fits(heads: int, kv_heads: int, target_heads: int, target_kv_heads: int, equal: bool = False,
-         parent_equal: bool = False) -> bool:
+def fits(
+    heads: int, kv_heads: int, target_heads: int, target_kv_heads: int, equal: bool = False, parent_equal: bool = False
+) -> bool:
     """Whether `heads` over `kv_heads` fold into `target_heads` over `target_kv_heads` (see the module doc)."""
     if not (1 <= target_kv_heads <= kv_heads and 1 <= target_heads <= heads) or heads % kv_heads:
         return False
@@ -47,8 +48,10 @@ def check_head_targets(spaces: dict[str, Space]) -> None:
         a, k, a2, k2 = space.units, parent.units, space.target_units, parent.target_units
         if fits(a, k, a2, k2, space.equal, parent.equal):
             continue
-        raise TensorscaleError(f"--num-attention-heads {a2} with --num-key-value-heads {k2} cannot be folded from "
-                               f"{a} heads over {k} kv heads: {_why(a, k, a2, k2)}; {_choices(space, parent)}")
+        raise TensorscaleError(
+            f"--num-attention-heads {a2} with --num-key-value-heads {k2} cannot be folded from "
+            f"{a} heads over {k} kv heads: {_why(a, k, a2, k2)}; {_choices(space, parent)}"
+        )
 
 
 def _why(a: int, k: int, a2: int, k2: int) -> str:
@@ -58,9 +61,11 @@ def _why(a: int, k: int, a2: int, k2: int) -> str:
         return f"{k2} kv heads cannot share {a2} heads evenly"
     group, target_group = a // k, a2 // k2
     if target_group > group and k % k2:
-        return (f"each new kv head would serve {target_group} heads, more than a source kv head's {group}, so it must "
-                f"merge whole kv heads in equal groups, and {k} kv heads do not split into {k2} equal groups (down "
-                "merges heads, it never splits one)")
+        return (
+            f"each new kv head would serve {target_group} heads, more than a source kv head's {group}, so it must "
+            f"merge whole kv heads in equal groups, and {k} kv heads do not split into {k2} equal groups (down "
+            "merges heads, it never splits one)"
+        )
     return f"the {k} kv heads' groups of {group} heads do not fold evenly into groups of {target_group}"
 
 

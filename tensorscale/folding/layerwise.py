@@ -78,8 +78,10 @@ def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[Te
     for match in matches:
         axes = match.rule.transform.axes or []
         if any(isinstance(label, list) for label in axes):
-            raise TensorscaleError(f"{match.name}: down --calibration does not cut fused tensors yet "
-                                   "(q/k/v or gate/up in one tensor); use plain down")
+            raise TensorscaleError(
+                f"{match.name}: down --calibration does not cut fused tensors yet "
+                "(q/k/v or gate/up in one tensor); use plain down"
+            )
         labels = [split_role(label) if isinstance(label, str) and label != "-" else None for label in axes]
         layer = match.env.get(group)
         if isinstance(layer, int):
@@ -101,9 +103,20 @@ def _expand(units: list[int], unit: int) -> torch.Tensor:
 class LayerwiseDown:
     """Cut a model to the spaces' targets, reading `source` and writing tensors through `emit(name, t)`."""
 
-    def __init__(self, source, spaces: dict, new_config: dict, working_config: dict, matches, group: str,
-                 ids: torch.Tensor, progress=None, ridge: float = 1e-2, target: str | float = "cross",
-                 prior: bool = True):
+    def __init__(
+        self,
+        source,
+        spaces: dict,
+        new_config: dict,
+        working_config: dict,
+        matches,
+        group: str,
+        ids: torch.Tensor,
+        progress=None,
+        ridge: float = 1e-2,
+        target: str | float = "cross",
+        prior: bool = True,
+    ):
         """`target`: "cross" re-solves each reader to reproduce the original layer's outputs from the original
         stream (it also corrects what earlier layers left behind); "self" reproduces the original weights'
         outputs on the small stream's own inputs (plain OBS compensation). `prior`: the ridge pulls towards
@@ -118,7 +131,7 @@ class LayerwiseDown:
         # tokens looked 100x better than on held-out text (SmolLM2-135M: ppl x1.003 against x1.25).
         held = len(ids) // 8 if len(ids) >= 4 else 0
         self.ids = ids[: len(ids) - held]
-        self.check_ids = ids[len(ids) - held:] if held else None
+        self.check_ids = ids[len(ids) - held :] if held else None
         self.progress = progress
         self.ridge = ridge
         self.mix = {"cross": 1.0, "self": 0.0}[target] if target in ("cross", "self") else float(target)
@@ -137,16 +150,25 @@ class LayerwiseDown:
         self.small = LayerSlot(working_config, prefix)
         self.new_config = new_config
         self.cut = Cut()
-        self.hidden = next((s for s in spaces.values() if s.per is None and any(
-            t.axes and t.axes[-1] == (s.name, "in") for ts in self.layers.values() for t in ts)), None)
+        self.hidden = next(
+            (
+                s
+                for s in spaces.values()
+                if s.per is None
+                and any(t.axes and t.axes[-1] == (s.name, "in") for ts in self.layers.values() for t in ts)
+            ),
+            None,
+        )
         self.statistics = {}
         self._moment_cache = None
 
     def read(self, roles: TensorRoles) -> torch.Tensor:
         tensor = self.reader.read(roles.info).float()
         if not bool(torch.isfinite(tensor).all()):
-            raise TensorscaleError(f"tensor {roles.name} holds NaN or Inf: refit cannot re-solve around it; repair "
-                                   "the checkpoint, or fold it: --method fold --allow-nonfinite")
+            raise TensorscaleError(
+                f"tensor {roles.name} holds NaN or Inf: refit cannot re-solve around it; repair "
+                "the checkpoint, or fold it: --method fold --allow-nonfinite"
+            )
         return tensor
 
     # ---- selection of global units -------------------------------------------------------------
@@ -162,8 +184,9 @@ class LayerwiseDown:
             tensors = {t.slot_name: self.read(t) for t in self.layers[layer]}
             self.original.load(tensors)
             energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
-            h, inputs = self._run_catching(self.original, h, kwargs,
-                                           [t for t in self.layers[layer] if t.reader and t.reader[1] == space.name])
+            h, inputs = self._run_catching(
+                self.original, h, kwargs, [t for t in self.layers[layer] if t.reader and t.reader[1] == space.name]
+            )
             for name, x in inputs.items():
                 weight = tensors[name]
                 usage = weight.double().pow(2).sum(0) * x.double().pow(2).reshape(-1, x.shape[-1]).mean(0)
@@ -182,8 +205,12 @@ class LayerwiseDown:
     def _run_catching(slot, h, kwargs, readers: list[TensorRoles]):
         """Run the slot's layer on `h`, catching the input of every reader in `readers` (by slot name)."""
         caught = {}
-        handles = [slot.module(t.slot_name).register_forward_pre_hook(
-            lambda mod, args, key=t.slot_name: caught.__setitem__(key, args[0].detach())) for t in readers]
+        handles = [
+            slot.module(t.slot_name).register_forward_pre_hook(
+                lambda mod, args, key=t.slot_name: caught.__setitem__(key, args[0].detach())
+            )
+            for t in readers
+        ]
         try:
             return slot.run(h, kwargs), caught
         finally:
@@ -209,8 +236,14 @@ class LayerwiseDown:
 
     def _choose_kv(self, layer: int, tensors: dict, o_input: torch.Tensor | None) -> None:
         """Keep the kv groups whose query heads write the most energy through the output projection."""
-        kv = next((s for s in self.spaces.values() if s.per and any(
-            s.name == self.spaces[h].within for h in self.spaces if self.spaces[h].within)), None)
+        kv = next(
+            (
+                s
+                for s in self.spaces.values()
+                if s.per and any(s.name == self.spaces[h].within for h in self.spaces if self.spaces[h].within)
+            ),
+            None,
+        )
         heads = next((s for s in self.spaces.values() if s.within), None)
         if heads is None:
             return
@@ -224,7 +257,7 @@ class LayerwiseDown:
                 block = slice(g * group * heads.unit, (g + 1) * group * heads.unit)
                 y = x[:, block] @ weight[:, block].double().T
                 energy.append(float(y.pow(2).sum()))
-            kept = sorted(sorted(range(kv.units), key=lambda g: -energy[g])[:kv.target_units])
+            kept = sorted(sorted(range(kv.units), key=lambda g: -energy[g])[: kv.target_units])
         else:
             kept = list(range(kv.units))
         self.cut.working[(kv.name, layer)] = kept
@@ -254,7 +287,9 @@ class LayerwiseDown:
         for t in roles:
             if t.reader:
                 module = self.small.module(t.slot_name)
-                handles.append(module.register_forward_pre_hook(self._refit_hook(t, tensors, by_slot, caught, refitted, layer)))
+                handles.append(
+                    module.register_forward_pre_hook(self._refit_hook(t, tensors, by_slot, caught, refitted, layer))
+                )
         h_small_next = self.small.run(h_small, kw_small)
         for handle in handles:
             handle.remove()
@@ -271,8 +306,9 @@ class LayerwiseDown:
                     bias_roles = by_slot.get(t.slot_name[: -len("weight")] + "bias")
                     emit(bias_roles.name, self._final_rows(bias, bias_roles))
         for t in roles:
-            if t.slot_name in refitted or (t.slot_name.endswith("bias") and
-                                           t.slot_name[: -len("bias")] + "weight" in refitted):
+            if t.slot_name in refitted or (
+                t.slot_name.endswith("bias") and t.slot_name[: -len("bias")] + "weight" in refitted
+            ):
                 continue
             emit(t.name, self._select(tensors[t.slot_name], t, "final"))
         return h_orig_next, h_small_next
@@ -342,15 +378,20 @@ class LayerwiseDown:
             solved = None
             # the original layer on the original stream (cross), and the original weights on the small
             # stream's own inputs (self), in the shares self.mix and 1 - self.mix
-            for share, source, reference in ((self.mix, caught[t.slot_name], weight),
-                                             (1.0 - self.mix, args[0].detach(), prior)):
+            for share, source, reference in (
+                (self.mix, caught[t.slot_name], weight),
+                (1.0 - self.mix, args[0].detach(), prior),
+            ):
                 if share == 0.0:
                     continue
                 gram, cross = self._moments(args[0].detach(), source, bias is not None)
                 pull = None
                 if self.prior:
-                    pull = prior if reference is prior else \
-                        self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
+                    pull = (
+                        prior
+                        if reference is prior
+                        else self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
+                    )
                 part = refit(reference, cross, gram, self.ridge, pull)
                 solved = part * share if solved is None else solved + part * share
             working_units = self._units(in_space_name, layer, "working") if in_space.per else None
@@ -434,7 +475,7 @@ class LayerwiseDown:
         try:
             for begin in range(0, len(self.ids), batch):
                 try:
-                    slot.logits(self.ids[begin:begin + batch], h[begin:begin + batch])
+                    slot.logits(self.ids[begin : begin + batch], h[begin : begin + batch])
                 except _HeadReached:
                     pass
         finally:
@@ -474,13 +515,12 @@ class LayerwiseDown:
         windows; all of them when there were too few to hold any back)."""
         kl = nll_orig = nll_small = count = 0.0
         for begin in range(0, len(windows), batch):
-            ids = windows[begin:begin + batch]
-            logp = torch.log_softmax(self.original.logits(ids, h_orig[begin:begin + batch]).float()[:, :-1], -1)
-            logq = torch.log_softmax(self.small.logits(ids, h_small[begin:begin + batch]).float()[:, :-1], -1)
+            ids = windows[begin : begin + batch]
+            logp = torch.log_softmax(self.original.logits(ids, h_orig[begin : begin + batch]).float()[:, :-1], -1)
+            logq = torch.log_softmax(self.small.logits(ids, h_small[begin : begin + batch]).float()[:, :-1], -1)
             target = ids[:, 1:, None]
             kl += float((logp.exp() * (logp - logq)).sum())
             nll_orig -= float(logp.gather(-1, target).sum())
             nll_small -= float(logq.gather(-1, target).sum())
             count += target.numel()
         return {"calibration_kl": kl / count, "calibration_ppl_ratio": math.exp((nll_small - nll_orig) / count)}
-

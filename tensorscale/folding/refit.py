@@ -27,8 +27,13 @@ def _regularised(gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
     return gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
 
 
-def refit(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, ridge: float = RIDGE,
-          prior: torch.Tensor | None = None) -> torch.Tensor:
+def refit(
+    weight: torch.Tensor,
+    cross: torch.Tensor,
+    gram: torch.Tensor,
+    ridge: float = RIDGE,
+    prior: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(W C + λP)(H + λI)⁻¹ in float64: the reader of the new input that best reproduces `weight` on the
     old one, pulled towards `prior` (the same units' original weights) where the calibration text says
     little, instead of towards zero."""
@@ -51,8 +56,14 @@ def _remove_block(w: torch.Tensor, hinv: torch.Tensor, block: torch.Tensor) -> N
     hinv[:, block] = 0
 
 
-def drop_units(weight: torch.Tensor, gram: torch.Tensor, unit: int, drop: int, groups: list[list[int]] | None = None,
-               ridge: float = RIDGE) -> tuple[list[int], torch.Tensor]:
+def drop_units(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    unit: int,
+    drop: int,
+    groups: list[list[int]] | None = None,
+    ridge: float = RIDGE,
+) -> tuple[list[int], torch.Tensor]:
     """Greedily drop `drop` input units (blocks of `unit` columns) of `weight` [out, in] whose removal, with
     the other columns re-solved, costs least on inputs of Gram `gram` [in, in].
 
@@ -79,8 +90,11 @@ def drop_units(weight: torch.Tensor, gram: torch.Tensor, unit: int, drop: int, g
                 continue
             block = slice(u * unit, (u + 1) * unit)
             wb = w[:, block]
-            cost = float((wb @ torch.linalg.inv(hinv[block, block]) * wb).sum()) if unit > 1 else \
-                float((wb.square().sum()) / hinv[u, u])
+            cost = (
+                float((wb @ torch.linalg.inv(hinv[block, block]) * wb).sum())
+                if unit > 1
+                else float((wb.square().sum()) / hinv[u, u])
+            )
             if best_cost is None or cost < best_cost:
                 best, best_cost = u, cost
         _remove_block(w, hinv, torch.arange(best * unit, (best + 1) * unit))
@@ -88,12 +102,15 @@ def drop_units(weight: torch.Tensor, gram: torch.Tensor, unit: int, drop: int, g
         if quota is not None:
             quota[group_of[best]] -= 1
     kept = [u for u in range(units) if alive[u]]
-    columns = torch.cat([torch.arange(u * unit, (u + 1) * unit) for u in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    columns = (
+        torch.cat([torch.arange(u * unit, (u + 1) * unit) for u in kept]) if kept else torch.zeros(0, dtype=torch.long)
+    )
     return kept, w[:, columns]
 
 
-def drop_units_fast(weight: torch.Tensor, gram: torch.Tensor, drop: int, ridge: float = RIDGE,
-                    steps: int = 32) -> tuple[list[int], torch.Tensor]:
+def drop_units_fast(
+    weight: torch.Tensor, gram: torch.Tensor, drop: int, ridge: float = RIDGE, steps: int = 32
+) -> tuple[list[int], torch.Tensor]:
     """`drop_units` for single columns (FFN neurons), vectorised: each of about `steps` steps scores every
     column at once and removes the cheapest block of columns jointly (an exact block OBS update; only the
     choice of the block ignores how its members interact). One column a step is the exact greedy OBS, and

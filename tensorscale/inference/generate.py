@@ -77,10 +77,15 @@ class Settings:
 
 def effective_settings(settings: Settings, file_config: dict) -> dict[str, dict]:
     """{setting: {"value": v, "from": "command line" | "generation_config.json" | "default"}} by the rule above."""
-    given = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
-             "repetition_penalty": settings.repeat_penalty}
-    chosen: dict[str, dict] = {"greedy": {"value": settings.is_greedy,
-                                          "from": "command line" if settings.is_greedy else "default"}}
+    given = {
+        "temperature": settings.temperature,
+        "top_k": settings.top_k,
+        "top_p": settings.top_p,
+        "repetition_penalty": settings.repeat_penalty,
+    }
+    chosen: dict[str, dict] = {
+        "greedy": {"value": settings.is_greedy, "from": "command line" if settings.is_greedy else "default"}
+    }
     for key in FROM_FILE:
         if given[key] is not None and not (key == "temperature" and settings.is_greedy):
             chosen[key] = {"value": given[key], "from": "command line"}
@@ -125,12 +130,16 @@ def prompt_ids(tokenizer, prompt: str, settings: Settings, label: str):
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise TensorscaleError("--prompt is not valid UTF-8 text (a stray byte such as \\xff); pass plain text") from None
+        raise TensorscaleError(
+            "--prompt is not valid UTF-8 text (a stray byte such as \\xff); pass plain text"
+        ) from None
     if settings.chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise TensorscaleError(f"{label} has no chat template (chat_template.jinja, or chat_template in "
-                                   "tokenizer_config.json); leave out --chat and --system")
-        messages = ([{"role": "system", "content": settings.system}] if settings.system is not None else [])
+            raise TensorscaleError(
+                f"{label} has no chat template (chat_template.jinja, or chat_template in "
+                "tokenizer_config.json); leave out --chat and --system"
+            )
+        messages = [{"role": "system", "content": settings.system}] if settings.system is not None else []
         messages.append({"role": "user", "content": prompt})
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -141,7 +150,9 @@ def prompt_ids(tokenizer, prompt: str, settings: Settings, label: str):
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         if tokenizer.bos_token_id is None:
-            raise TensorscaleError("the prompt is empty and the tokenizer has no BOS token to start from; pass --prompt TEXT")
+            raise TensorscaleError(
+                "the prompt is empty and the tokenizer has no BOS token to start from; pass --prompt TEXT"
+            )
         ids = torch.tensor([[tokenizer.bos_token_id]])
     return ids
 
@@ -151,19 +162,28 @@ def fit_context(ids, n_predict: int, limit: int | None, on_note: Callable[[str],
     if limit is None:
         return ids
     if n_predict >= limit:
-        raise TensorscaleError(f"--n-predict {n_predict} does not fit the model's context of {limit} tokens; "
-                               f"ask for fewer than {limit}")
+        raise TensorscaleError(
+            f"--n-predict {n_predict} does not fit the model's context of {limit} tokens; ask for fewer than {limit}"
+        )
     room = limit - n_predict
     if ids.shape[1] <= room:
         return ids
     if on_note is not None:
-        on_note(f"the prompt has {ids.shape[1]} tokens and the model's context {limit}: it was cut to its last "
-                f"{room} tokens to leave room for {n_predict} new ones")
+        on_note(
+            f"the prompt has {ids.shape[1]} tokens and the model's context {limit}: it was cut to its last "
+            f"{room} tokens to leave room for {n_predict} new ones"
+        )
     return ids[:, -room:]
 
 
-def generate(source, label: str, prompt: str, settings: Settings, on_text: Callable[[str], None] | None = None,
-             on_note: Callable[[str], None] | None = None) -> dict:
+def generate(
+    source,
+    label: str,
+    prompt: str,
+    settings: Settings,
+    on_text: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> dict:
     """Complete `prompt`; `on_text` receives each new piece of text as soon as it decodes to whole characters,
     `on_note` what the user should know (a cut prompt)."""
     settings.check()
@@ -173,8 +193,9 @@ def generate(source, label: str, prompt: str, settings: Settings, on_text: Calla
 
     check_device(settings.device)
     tokenizer = load_tokenizer(source.folder, label, "gen")  # before the model: fail fast on a missing tokenizer
-    ids = fit_context(prompt_ids(tokenizer, prompt, settings, label), settings.n_predict,
-                      context_length(source.config), on_note)
+    ids = fit_context(
+        prompt_ids(tokenizer, prompt, settings, label), settings.n_predict, context_length(source.config), on_note
+    )
     file_config = read_generation_config(source.folder)
     seed = settings.draw_seed()
     chosen = effective_settings(settings, file_config)
@@ -183,8 +204,9 @@ def generate(source, label: str, prompt: str, settings: Settings, on_text: Calla
     # A fresh config with every setting explicit: generate() fills any unset field from the model's own
     # generation_config, which is how a file's repetition_penalty used to slip into --greedy.
     values = {key: entry["value"] for key, entry in chosen.items() if key in FROM_FILE}
-    config = GenerationConfig(max_new_tokens=settings.n_predict, do_sample=not settings.is_greedy, num_beams=1,
-                              **values)
+    config = GenerationConfig(
+        max_new_tokens=settings.n_predict, do_sample=not settings.is_greedy, num_beams=1, **values
+    )
     for key in TOKEN_IDS:
         value = file_config.get(key, source.config.get(key))
         setattr(config, key, value if value is not None else getattr(tokenizer, key, None))
@@ -197,12 +219,18 @@ def generate(source, label: str, prompt: str, settings: Settings, on_text: Calla
         torch.manual_seed(seed)
     with torch.no_grad():  # a broken model would sample from NaN (a traceback) or emit junk greedily
         if not bool(torch.isfinite(model(ids.to(settings.device)).logits).all()):
-            raise TensorscaleError(f"{label} computes NaN or Inf logits on the prompt: its weights are broken "
-                                   "(`tensorscale verify` names where); nothing to generate")
+            raise TensorscaleError(
+                f"{label} computes NaN or Inf logits on the prompt: its weights are broken "
+                "(`tensorscale verify` names where); nothing to generate"
+            )
     stream = _Continuation(tokenizer, ids[0].tolist(), on_text)
     with torch.no_grad():
-        model.generate(ids.to(settings.device), attention_mask=torch.ones_like(ids).to(settings.device),
-                       generation_config=config, streamer=stream)
+        model.generate(
+            ids.to(settings.device),
+            attention_mask=torch.ones_like(ids).to(settings.device),
+            generation_config=config,
+            streamer=stream,
+        )
     stream.end()
     return {
         "prompt": prompt,
@@ -240,8 +268,8 @@ class _Continuation:
     def text(self) -> str:
         full = self._decode(self.ids)
         if full.startswith(self.prefix):
-            return full[len(self.prefix):]
-        return self._decode(self.ids[self.prompt_length:])  # the prompt's text changed on merging: rare
+            return full[len(self.prefix) :]
+        return self._decode(self.ids[self.prompt_length :])  # the prompt's text changed on merging: rare
 
     def put(self, value) -> None:
         if not self.seen_prompt:  # generate() first hands over the prompt itself
@@ -258,5 +286,5 @@ class _Continuation:
             return
         if text.startswith(self.sent) and len(text) > len(self.sent):
             if self.on_text is not None:
-                self.on_text(text[len(self.sent):])
+                self.on_text(text[len(self.sent) :])
             self.sent = text

@@ -34,8 +34,10 @@ class LayerSlot:
         settings.pop("layer_types", None)  # per-layer attention kinds are re-derived for one layer
         settings["use_cache"] = False
         try:
-            hf_config = transformers.AutoConfig.for_model(settings.pop("model_type"), **{
-                k: v for k, v in settings.items() if k not in ("architectures", "transformers_version")})
+            hf_config = transformers.AutoConfig.for_model(
+                settings.pop("model_type"),
+                **{k: v for k, v in settings.items() if k not in ("architectures", "transformers_version")},
+            )
         except (KeyError, ValueError, TypeError) as exc:
             raise TensorscaleError(f"transformers cannot build this architecture for calibration: {exc}") from None
         hf_config._attn_implementation = "sdpa"
@@ -50,8 +52,10 @@ class LayerSlot:
         try:
             self.layer = self.model.get_submodule(module_name)
         except AttributeError:
-            raise TensorscaleError(f"transformers' model has no module {module_name}; the rules' layer names "
-                                   "do not match the stock architecture") from None
+            raise TensorscaleError(
+                f"transformers' model has no module {module_name}; the rules' layer names "
+                "do not match the stock architecture"
+            ) from None
         self.keys = set(self.model.state_dict())
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -100,8 +104,10 @@ class LayerSlot:
     def logits(self, ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
         """The model's logits for `ids` when its last layer outputs `last_hidden`: the model's own final
         norm, head and any soft-capping run on it (a forward hook replaces the one layer's output)."""
-        handle = self.layer.register_forward_hook(lambda module, args, kwargs, out: (
-            (last_hidden, *out[1:]) if isinstance(out, tuple) else last_hidden), with_kwargs=True)
+        handle = self.layer.register_forward_hook(
+            lambda module, args, kwargs, out: (last_hidden, *out[1:]) if isinstance(out, tuple) else last_hidden,
+            with_kwargs=True,
+        )
         try:
             return self.model(input_ids=ids, use_cache=False).logits
         finally:

@@ -49,7 +49,8 @@ def load_tokenizer(folder: str, label: str, command: str):
     if not has_tokenizer(folder):
         raise TensorscaleError(
             f"{label} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
-            "copy them from the model it came from into that folder")
+            "copy them from the model it came from into that folder"
+        )
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -65,8 +66,9 @@ def check_device(device: str) -> str:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise TensorscaleError("--device cuda: torch sees no CUDA GPU here (a CPU-only torch, or no driver); "
-                               "use --device cpu")
+        raise TensorscaleError(
+            "--device cuda: torch sees no CUDA GPU here (a CPU-only torch, or no driver); use --device cpu"
+        )
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise TensorscaleError("--device mps: Apple's Metal backend is not available here; use --device cpu")
     if device not in DEVICES:
@@ -85,15 +87,22 @@ def load_model(folder: str, label: str, command: str, dtype: str = "float32", de
     check_device(device)
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, dtype), attn_implementation="eager", use_safetensors=True,
-            trust_remote_code=False, output_loading_info=True)
+            folder,
+            dtype=getattr(torch, dtype),
+            attn_implementation="eager",
+            use_safetensors=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise TensorscaleError(f"transformers cannot load {label}: {_first_line(exc)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         # transformers would fill them with random values: any output would be meaningless.
-        raise TensorscaleError(f"{label} lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}); "
-                               "the checkpoint is incomplete, rewrite or re-download it")
+        raise TensorscaleError(
+            f"{label} lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]}); "
+            "the checkpoint is incomplete, rewrite or re-download it"
+        )
     model.train(False)  # inference mode (dropout off); spelled so the static no-eval guard stays simple
     return model.to(device) if device != "cpu" else model
 

@@ -1,8 +1,9 @@
 """`verify`: run two checkpoints on the same tokens and measure how far apart their predictions are.
 
 `up` claims the wider model computes the same function; this is the check anyone can run on the result.
-Both models run in float32 (or `--dtype`) with eager attention on the CPU (or `--device`), one at a time (the source's logits are kept,
-the source freed, then the output loaded), so memory holds one model plus the logits of a few short texts.
+Both models run in float32 (or `--dtype`) with eager attention on the CPU (or `--device`), one at a time (the
+source's logits are kept, the source freed, then the output loaded), so memory holds one model plus the logits
+of a few short texts.
 
 The pass mark is the relative logit error max|Δlogit| / max|logit|: it does not depend on the logits'
 scale, and float32 rounding through a small network stays around 1e-7..1e-6, so the default tolerance of
@@ -70,8 +71,18 @@ def default_tolerance(dtype: str = "float32") -> float:
     return COMPUTE_TOLERANCE.get(dtype, DEFAULT_TOLERANCE)
 
 
-def verify(src, dst, source_label: str, output_label: str, *, texts: list[str] | None = None,
-           tolerance: float | None = None, seed: int = 0, dtype: str = "float32", device: str = "cpu") -> Report:
+def verify(
+    src,
+    dst,
+    source_label: str,
+    output_label: str,
+    *,
+    texts: list[str] | None = None,
+    tolerance: float | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Report:
     """Compare SRC and DST (ModelSources that transformers loads: gguf_import.runnable_source) on the same
     token ids; `passed` is relative_logit_error <= tolerance (by default
     the mark for `dtype`, default_tolerance)."""
@@ -98,9 +109,13 @@ def verify(src, dst, source_label: str, output_label: str, *, texts: list[str] |
         for number, (ids, a) in enumerate(zip(sequences, reference), start=1):
             b = model(ids.unsqueeze(0).to(device)).logits[0].float().cpu()
             if b.shape != a.shape:
-                raise TensorscaleError(f"{output_label} produces logits of shape {tuple(b.shape)}, "
-                                       f"{source_label} {tuple(a.shape)}; they do not share a vocabulary")
-            nonfinite = nonfinite or first_nonfinite(a, source_label, number) or first_nonfinite(b, output_label, number)
+                raise TensorscaleError(
+                    f"{output_label} produces logits of shape {tuple(b.shape)}, "
+                    f"{source_label} {tuple(a.shape)}; they do not share a vocabulary"
+                )
+            nonfinite = (
+                nonfinite or first_nonfinite(a, source_label, number) or first_nonfinite(b, output_label, number)
+            )
             max_diff = max(max_diff, (a - b).abs().max().item())
             max_logit = max(max_logit, a.abs().max().item())
             log_p, log_q = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
@@ -118,13 +133,23 @@ def verify(src, dst, source_label: str, output_label: str, *, texts: list[str] |
     if math.isnan(max_diff) or math.isnan(max_logit):
         relative = math.nan
     return Report(
-        source=source_label, output=output_label, inputs=inputs, sequences=len(sequences),
-        positions=model_positions, max_abs_logit_diff=max_diff, max_abs_logit=max_logit,
-        relative_logit_error=relative, kl_mean=kl_sum / model_positions, top1_agreement=agree / model_positions,
+        source=source_label,
+        output=output_label,
+        inputs=inputs,
+        sequences=len(sequences),
+        positions=model_positions,
+        max_abs_logit_diff=max_diff,
+        max_abs_logit=max_logit,
+        relative_logit_error=relative,
+        kl_mean=kl_sum / model_positions,
+        top1_agreement=agree / model_positions,
         perplexity_source=math.exp(nll["source"] / targets) if targets else None,
         perplexity_output=math.exp(nll["output"] / targets) if targets else None,
-        tolerance=tolerance, passed=nonfinite is None and relative <= tolerance,  # NaN compares False too
-        dtype=dtype, device=device, nonfinite=nonfinite,
+        tolerance=tolerance,
+        passed=nonfinite is None and relative <= tolerance,  # NaN compares False too
+        dtype=dtype,
+        device=device,
+        nonfinite=nonfinite,
     )
 
 
@@ -140,8 +165,10 @@ def first_nonfinite(logits, label: str, sequence: int) -> str | None:
     value = logits[position, token].item()
     kind = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
     count = int(bad.sum())
-    return (f"{label}'s logits hold {kind} ({count} non-finite value(s); first at sequence {sequence}, "
-            f"position {position}, token {token})")
+    return (
+        f"{label}'s logits hold {kind} ({count} non-finite value(s); first at sequence {sequence}, "
+        f"position {position}, token {token})"
+    )
 
 
 def read_texts(path: str) -> list[str]:
@@ -164,13 +191,19 @@ def _common_vocab(src, dst, source_label: str, output_label: str) -> int:
         missing = source_label if a is None else output_label
         raise TensorscaleError(f"{missing}/config.json has no vocab_size; verify needs it to compare vocabularies")
     if a != b:
-        raise TensorscaleError(f"the vocabularies differ ({source_label}: vocab_size {a}, {output_label}: {b}); "
-                               "verify compares logits token by token, so both must share one vocabulary")
+        raise TensorscaleError(
+            f"the vocabularies differ ({source_label}: vocab_size {a}, {output_label}: {b}); "
+            "verify compares logits token by token, so both must share one vocabulary"
+        )
     if has_tokenizer(src.folder) and has_tokenizer(dst.folder):
-        if load_tokenizer(src.folder, source_label, "verify").get_vocab() != \
-                load_tokenizer(dst.folder, output_label, "verify").get_vocab():
-            raise TensorscaleError(f"the tokenizers of {source_label} and {output_label} differ; "
-                                   "verify needs both models to share one tokenizer")
+        if (
+            load_tokenizer(src.folder, source_label, "verify").get_vocab()
+            != load_tokenizer(dst.folder, output_label, "verify").get_vocab()
+        ):
+            raise TensorscaleError(
+                f"the tokenizers of {source_label} and {output_label} differ; "
+                "verify needs both models to share one tokenizer"
+            )
     return a
 
 
@@ -179,12 +212,20 @@ def _token_ids(src, dst, source_label, output_label, vocab, texts, seed):
     import torch
 
     limit = src.config.get("max_position_embeddings") or None
-    owner = next(((source.folder, label) for source, label in ((src, source_label), (dst, output_label))
-                  if has_tokenizer(source.folder)), None)
+    owner = next(
+        (
+            (source.folder, label)
+            for source, label in ((src, source_label), (dst, output_label))
+            if has_tokenizer(source.folder)
+        ),
+        None,
+    )
     if owner is None:
         if texts is not None:
-            raise TensorscaleError("--text needs a tokenizer, and neither model folder has tokenizer files; "
-                                   "copy them in, or leave out --text to compare on random token ids")
+            raise TensorscaleError(
+                "--text needs a tokenizer, and neither model folder has tokenizer files; "
+                "copy them in, or leave out --text to compare on random token ids"
+            )
         length = min(RANDOM_LENGTH, limit) if limit else RANDOM_LENGTH
         generator = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, vocab, (RANDOM_SEQUENCES, length), generator=generator)
@@ -201,10 +242,15 @@ def _token_ids(src, dst, source_label, output_label, vocab, texts, seed):
         raise TensorscaleError("the texts tokenize to nothing; give --text a file with some words in it")
     top = max(int(ids.max()) for ids in sequences)
     if top >= vocab:
-        raise TensorscaleError(f"the tokenizer produces id {top}, beyond vocab_size {vocab}; the tokenizer does not "
-                               "belong to this model")
+        raise TensorscaleError(
+            f"the tokenizer produces id {top}, beyond vocab_size {vocab}; the tokenizer does not belong to this model"
+        )
     where = "built-in texts" if texts is None else "--text"
-    return sequences, f"{len(sequences)} {where}, tokenized by the tokenizer of {os.path.basename(os.path.normpath(owner[1])) or owner[1]}"
+    return (
+        sequences,
+        f"{len(sequences)} {where}, tokenized by the tokenizer of "
+        f"{os.path.basename(os.path.normpath(owner[1])) or owner[1]}",
+    )
 
 
 def _logits(folder: str, label: str, sequences, dtype: str, device: str) -> list:

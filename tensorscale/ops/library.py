@@ -184,7 +184,9 @@ class Interleave(Op):
     def out_shape(self, shape):
         self._check_axis(shape)
         if shape[self.axis] % self.unit:
-            raise TensorscaleError(f"interleave: axis {self.axis} of size {shape[self.axis]} is not a multiple of unit {self.unit}")
+            raise TensorscaleError(
+                f"interleave: axis {self.axis} of size {shape[self.axis]} is not a multiple of unit {self.unit}"
+            )
         return _replace(shape, self.axis, shape[self.axis] * self.times)
 
     def apply(self, x, ctx, op_index):
@@ -306,14 +308,15 @@ class Noise(Op):
     def out_shape(self, shape):
         self._check_axis(shape)
         if shape[self.axis] % self.blocks:
-            raise TensorscaleError(f"noise: axis {self.axis} of size {shape[self.axis]} does not split into {self.blocks} blocks")
+            raise TensorscaleError(
+                f"noise: axis {self.axis} of size {shape[self.axis]} does not split into {self.blocks} blocks"
+            )
         return shape
 
     def draws_noise(self):
         return True
 
-    no_inverse = ("the noise is drawn, not stored: only the blocks' sum survives it (a Merge of weight 1 "
-                  "recovers that)")
+    no_inverse = "the noise is drawn, not stored: only the blocks' sum survives it (a Merge of weight 1 recovers that)"
 
     def apply(self, x, ctx, op_index):
         x = x.float()
@@ -365,7 +368,9 @@ class Slice(Op):
     def out_shape(self, shape):
         self._check_axis(shape)
         if not 0 <= self.start <= self.stop <= shape[self.axis]:
-            raise TensorscaleError(f"slice [{self.start}:{self.stop}] is out of range for axis {self.axis} of size {shape[self.axis]}")
+            raise TensorscaleError(
+                f"slice [{self.start}:{self.stop}] is out of range for axis {self.axis} of size {shape[self.axis]}"
+            )
         return _replace(shape, self.axis, self.stop - self.start)
 
     def apply(self, x, ctx, op_index):
@@ -406,7 +411,9 @@ class Pad(Op):
         return torch.cat(parts, dim=self.axis) if len(parts) > 1 else x
 
     def map_rows(self, row_map):
-        return RowMap([Segment(self.before, None, self.value), *row_map.segments, Segment(self.after, None, self.value)])
+        return RowMap(
+            [Segment(self.before, None, self.value), *row_map.segments, Segment(self.after, None, self.value)]
+        )
 
     def inverse(self, shape):
         self._check_axis(shape)
@@ -436,7 +443,8 @@ class Fused(Op):
         self._check_axis(shape)
         if sum(self.sizes) != shape[self.axis]:
             raise TensorscaleError(
-                f"fused axis {self.axis} has size {shape[self.axis]} but its parts add up to {sum(self.sizes)} {self.sizes}"
+                f"fused axis {self.axis} has size {shape[self.axis]} but its parts add up to {sum(self.sizes)} "
+                f"{self.sizes}"
             )
         total = 0
         other = None
@@ -596,8 +604,10 @@ class Merge(Op):
     label: str = ""
     name = "merge"
     arithmetic = True
-    no_inverse = ("it folds several units into one (no left inverse); it is the inverse of the Gather that "
-                  "made the copies, and `adjoint` gives that Gather")
+    no_inverse = (
+        "it folds several units into one (no left inverse); it is the inverse of the Gather that "
+        "made the copies, and `adjoint` gives that Gather"
+    )
     grouped = None  # the size groups, where part() computed them already
 
     def __post_init__(self):
@@ -609,7 +619,8 @@ class Merge(Op):
         self._check_axis(shape)
         if shape[self.axis] != len(self.cluster) * self.unit:
             raise TensorscaleError(
-                f"merge: axis {self.axis} has size {shape[self.axis]}, expected {len(self.cluster)} units of {self.unit}"
+                f"merge: axis {self.axis} has size {shape[self.axis]}, expected {len(self.cluster)} units of "
+                f"{self.unit}"
             )
         return _replace(shape, self.axis, len(self.scale) * self.unit)
 
@@ -636,8 +647,10 @@ class Merge(Op):
             counts[label] += weight != 0.0
         sources = tuple(label if weight != 0.0 else None for label, weight in zip(self.cluster, self.weight))
         if all(abs(scale - 1.0) < 1e-12 for scale in self.scale):
-            if all(weight == 0.0 or abs(weight * counts[label] - 1.0) < 1e-9
-                   for label, weight in zip(self.cluster, self.weight)):
+            if all(
+                weight == 0.0 or abs(weight * counts[label] - 1.0) < 1e-9
+                for label, weight in zip(self.cluster, self.weight)
+            ):
                 return Gather(self.axis, self.unit, sources)
             if all(weight in (0.0, 1.0) for weight in self.weight):
                 return Gather(self.axis, self.unit, sources, divide=True)
@@ -655,7 +668,9 @@ class Merge(Op):
             if bool(keep.any()):
                 pieces.append((clusters[keep] - first, units[keep], weight[keep]))
         if not pieces:
-            return torch.empty(0, dtype=torch.long), Merge(self.axis, [], [], self.scale[first:stop], self.unit, self.label)
+            return torch.empty(0, dtype=torch.long), Merge(
+                self.axis, [], [], self.scale[first:stop], self.unit, self.label
+            )
         members = torch.cat([units.reshape(-1) for _, units, _ in pieces]).sort().values
         cluster = torch.empty(len(members), dtype=torch.long)
         weights = torch.empty(len(members), dtype=torch.float32)
@@ -729,7 +744,9 @@ class Gather(Op):
 
     def _units_in(self, shape):
         if shape[self.axis] % self.unit:
-            raise TensorscaleError(f"gather: axis {self.axis} of size {shape[self.axis]} is not a multiple of unit {self.unit}")
+            raise TensorscaleError(
+                f"gather: axis {self.axis} of size {shape[self.axis]} is not a multiple of unit {self.unit}"
+            )
         return shape[self.axis] // self.unit
 
     def out_shape(self, shape):
@@ -792,8 +809,11 @@ class Gather(Op):
             return None
         segments = []
         for src in self.sources:
-            segments.extend(row_map.take(src * self.unit, (src + 1) * self.unit).segments if src is not None
-                            else [Segment(self.unit, None, 0.0)])
+            segments.extend(
+                row_map.take(src * self.unit, (src + 1) * self.unit).segments
+                if src is not None
+                else [Segment(self.unit, None, 0.0)]
+            )
         return RowMap(segments)
 
     def describe(self):
@@ -801,8 +821,11 @@ class Gather(Op):
         zeros = len(self.sources) - kept
         what = "divide" if self.divide else "copy"
         noise = f", noise {self.snr_db:g} dB" if self.snr_db is not None and self.divide else ""
-        return (f"gather(axis={self.axis}, {what} {kept} units of {self.unit}"
-                + (f" + {zeros} zero" if zeros else "") + f"{noise})")
+        return (
+            f"gather(axis={self.axis}, {what} {kept} units of {self.unit}"
+            + (f" + {zeros} zero" if zeros else "")
+            + f"{noise})"
+        )
 
 
 @dataclass

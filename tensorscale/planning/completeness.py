@@ -56,13 +56,15 @@ def _check_layers(rule_set, source, env: dict) -> None:
         raise TensorscaleError(
             f"config.json says {key} {count}, but the checkpoint holds tensors of layer {beyond[0]}"
             f"{' and more' if len(beyond) > 1 else ''} ({len(set(layers) | set(range(count)))} layers in all); "
-            f"fix {key} in config.json or use the matching weights")
+            f"fix {key} in config.json or use the matching weights"
+        )
     missing = [index for index in range(count) if index not in layers]
     if missing:
         shown = ", ".join(str(i) for i in missing[:_SHOWN]) + (" ..." if len(missing) > _SHOWN else "")
         raise TensorscaleError(
             f"the checkpoint has no tensors for layer {shown} of the {count} that config.json ({key}) counts; "
-            "the download is incomplete (or fix the config)")
+            "the download is incomplete (or fix the config)"
+        )
     union = set().union(*layers.values())
     for index in sorted(layers):
         lacking = sorted(union - layers[index])
@@ -70,7 +72,8 @@ def _check_layers(rule_set, source, env: dict) -> None:
             more = f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""
             raise TensorscaleError(
                 f"layer {index} lacks {lacking[0].format(index)}{more}, which other layers have; the checkpoint is "
-                "incomplete (re-download it)")
+                "incomplete (re-download it)"
+            )
 
 
 def _check_required(rule_set, source, env: dict) -> None:
@@ -87,4 +90,5 @@ def _check_required(rule_set, source, env: dict) -> None:
             why = "" if rule.required.source is True else f" (required when {rule.required.source})"
             raise TensorscaleError(
                 f"the checkpoint has no tensor {shown}, which a {rule_set.name} model of this config needs{why}; "
-                "the download is incomplete, or config.json does not describe these weights")
+                "the download is incomplete, or config.json does not describe these weights"
+            )

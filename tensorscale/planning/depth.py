@@ -62,15 +62,19 @@ class Layers:
         parts = [f"{self.source_count} -> {len(self.layers)} layers"]
         if identity:
             sources = ", ".join(str(self.layers[i].source) for i in identity)
-            parts.append(f"identity layers at {', '.join(map(str, identity))} (copies of source layers {sources}, "
-                         "each adding nothing to the residual stream)")
+            parts.append(
+                f"identity layers at {', '.join(map(str, identity))} (copies of source layers {sources}, "
+                "each adding nothing to the residual stream)"
+            )
         if duplicate:
             sources = [self.layers[i].source for i in duplicate]
             if len(duplicate) == 1:
                 parts.append(f"layer {duplicate[0]} repeats source layer {sources[0]} (SOLAR-style duplicate)")
             else:
-                parts.append(f"layers {duplicate[0]}-{duplicate[-1]} repeat source layers {sources[0]}-{sources[-1]} "
-                             "(SOLAR-style duplicate)")
+                parts.append(
+                    f"layers {duplicate[0]}-{duplicate[-1]} repeat source layers {sources[0]}-{sources[-1]} "
+                    "(SOLAR-style duplicate)"
+                )
         text = "; ".join(parts)
         if not self.function_preserving:
             text += ": NOT function-preserving, the logits change (measure it with --verify)"
@@ -110,8 +114,10 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
     spec = rule_set.depth
     flag = "--add-layers" if options.add_layers else "--duplicate-layers"
     if spec is None:
-        raise TensorscaleError(f"rules {rule_set.name} have no depth section, so {flag} is not possible; "
-                               "add one (see README, depth growth)")
+        raise TensorscaleError(
+            f"rules {rule_set.name} have no depth section, so {flag} is not possible; "
+            "add one (see README, depth growth)"
+        )
     count = config.get(spec.count)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise TensorscaleError(f"config.json's {spec.count} must be a whole number >= 1 for {flag}, got {count!r}")
@@ -127,12 +133,16 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
             raise TensorscaleError(f"--at gives {len(positions)} position(s) but --add-layers asks for {k}")
         for position in positions:
             if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= count:
-                raise TensorscaleError(f"--at position {position!r} is out of range: the model has {count} layers, "
-                                       f"so positions go from 0 (before the first) to {count} (after the last)")
+                raise TensorscaleError(
+                    f"--at position {position!r} is out of range: the model has {count} layers, "
+                    f"so positions go from 0 (before the first) to {count} (after the last)"
+                )
             before.setdefault(position, []).append(max(0, position - 1))
         message = first_failed_check(spec.identity_checks, env, f"{rule_set.path}: depth.identity_checks")
         if message is not None:
-            raise TensorscaleError(f"--add-layers cannot insert exact identity layers: {message} (rules {rule_set.name})")
+            raise TensorscaleError(
+                f"--add-layers cannot insert exact identity layers: {message} (rules {rule_set.name})"
+            )
     elif options.insert_at is not None:
         raise TensorscaleError("--at says where --add-layers inserts; give --add-layers K too")
 
@@ -140,12 +150,15 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
     if options.duplicate_layers is not None:
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(options.duplicate_layers))
         if not match:
-            raise TensorscaleError(f"--duplicate-layers takes START:END (source layers START..END-1), "
-                                   f"got {options.duplicate_layers!r}")
+            raise TensorscaleError(
+                f"--duplicate-layers takes START:END (source layers START..END-1), got {options.duplicate_layers!r}"
+            )
         start, end = int(match.group(1)), int(match.group(2))
         if not 0 <= start < end <= count:
-            raise TensorscaleError(f"--duplicate-layers {start}:{end} is out of range: it needs 0 <= START < END <= "
-                                   f"{count} (the model's layers)")
+            raise TensorscaleError(
+                f"--duplicate-layers {start}:{end} is out of range: it needs 0 <= START < END <= "
+                f"{count} (the model's layers)"
+            )
         block = (start, end)
 
     layers: list[Layer] = []
@@ -170,8 +183,9 @@ def rewrite_config(rule_set, source_config: dict, new_config: dict, layers: Laye
         if values is None:
             continue
         if not isinstance(values, list) or len(values) != layers.source_count:
-            raise TensorscaleError(f"config.json's {key} should list one entry per layer ({layers.source_count}), "
-                                   f"got {values!r}")
+            raise TensorscaleError(
+                f"config.json's {key} should list one entry per layer ({layers.source_count}), got {values!r}"
+            )
         new_config[key] = [values[layer.source] for layer in layers.layers]
     for key in spec.thresholds:
         value = source_config.get(key)
@@ -181,7 +195,9 @@ def rewrite_config(rule_set, source_config: dict, new_config: dict, layers: Laye
             raise TensorscaleError(f"config.json's {key} should be a whole number of layers, got {value!r}")
         # the output index of the first source layer at or above the threshold; every layer inserted
         # before it is counted below the threshold
-        first = next((i for i, layer in enumerate(layers.layers) if layer.kind == SOURCE and layer.source >= value), None)
+        first = next(
+            (i for i, layer in enumerate(layers.layers) if layer.kind == SOURCE and layer.source >= value), None
+        )
         new_config[key] = value + (len(layers.layers) - layers.source_count if first is None else first - value)
 
 
@@ -202,19 +218,26 @@ def entries(tensors: dict, rule_set, env: dict, layers: Layers | None) -> list[E
         found = _layer_span(rule_set, name, spec.group)
         if found is None:
             if rule_set.unmatched == "copy" and _LAYER_LIKE.search(name) and not _any_rule(rule_set, name):
-                raise TensorscaleError(f"tensor {name!r} matches no rule, so its layer is unknown; depth growth needs "
-                                       f"a rule capturing (?P<{spec.group}>\\d+) for every per-layer tensor")
+                raise TensorscaleError(
+                    f"tensor {name!r} matches no rule, so its layer is unknown; depth growth needs "
+                    f"a rule capturing (?P<{spec.group}>\\d+) for every per-layer tensor"
+                )
             out.append(Entry(name, name, info))
             continue
         source, (begin, end) = found
         if source >= layers.source_count:
-            raise TensorscaleError(f"tensor {name!r} belongs to layer {source}, but config.json's {layers.count_key} "
-                                   f"is {layers.source_count}")
+            raise TensorscaleError(
+                f"tensor {name!r} belongs to layer {source}, but config.json's {layers.count_key} "
+                f"is {layers.source_count}"
+            )
         for index in where.get(source, []):
             layer = layers.layers[index]
             extra = _identity_fills(rule_set, name, env) if layer.kind == IDENTITY else []
-            out.append(Entry(f"{name[:begin]}{index}{name[end:]}", name, info, extra, {spec.group: index},
-                             layer.kind == SOURCE))
+            out.append(
+                Entry(
+                    f"{name[:begin]}{index}{name[end:]}", name, info, extra, {spec.group: index}, layer.kind == SOURCE
+                )
+            )
     return out
 
 
@@ -239,8 +262,11 @@ def _identity_fills(rule_set, name: str, env: dict) -> list[Op]:
         match = rule.regex.fullmatch(name)
         if not match:
             continue
-        groups = {key: int(value) if value.isdigit() else value
-                  for key, value in match.groupdict().items() if value is not None}
+        groups = {
+            key: int(value) if value.isdigit() else value
+            for key, value in match.groupdict().items()
+            if value is not None
+        }
         rule_env = {**env, **groups}
         where = f"{rule_set.path}: depth.identity ({rule.pattern})"
         try:

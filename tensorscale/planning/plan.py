@@ -18,12 +18,19 @@ from ..reading.describe import guess_component
 from ..reading.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from ..reading.source import ModelSource
 from ..rulebook.compile import Space, compile_transform, resolve_spaces
-from ..rulebook.layout import plan_layouts
 from ..rulebook.evaluate import (
-    UNIT_RATIOS, evaluate_let, evaluate_rules, first_failed_check, match_rule, render_name,
-    replicate_count, rules_env, truthy,
+    UNIT_RATIOS,
+    evaluate_let,
+    evaluate_rules,
+    first_failed_check,
+    match_rule,
+    render_name,
+    replicate_count,
+    rules_env,
+    truthy,
 )
 from ..rulebook.expr import ExpressionError
+from ..rulebook.layout import plan_layouts
 from ..rulebook.schema import RuleSet, Transform
 from ..rulebook.targets import TARGET_KEYS
 from . import depth
@@ -35,8 +42,6 @@ MAX_ADDED_LAYERS = 10_000
 MAX_OUTPUT_BYTES = 2**50  # 1 PiB: beyond any disk; the free space itself is checked when the run starts
 
 DTYPE_CHOICES = {"keep": None, "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,10 +76,18 @@ class ResizeOptions:
         """The options as summaries, plans and manifests record them, with the same keys in both directions:
         `down` records up's neutral values (×1, no noise, the tie kept, strategy clone)."""
         up = self if isinstance(self, UpOptions) else UpOptions()
-        return {"mode": self.mode, "embed_dim_multiplier": up.embed_dim_multiplier,
-                "up_proj_multiplier": up.up_proj_multiplier, "snr_db": up.snr_db, "seed": self.seed,
-                "untie_embeddings": up.untie_embeddings, "dtype": self.dtype, "max_shard_size": self.max_shard_size,
-                "strategy": up.strategy, "targets": dict(self.targets)}
+        return {
+            "mode": self.mode,
+            "embed_dim_multiplier": up.embed_dim_multiplier,
+            "up_proj_multiplier": up.up_proj_multiplier,
+            "snr_db": up.snr_db,
+            "seed": self.seed,
+            "untie_embeddings": up.untie_embeddings,
+            "dtype": self.dtype,
+            "max_shard_size": self.max_shard_size,
+            "strategy": up.strategy,
+            "targets": dict(self.targets),
+        }
 
 
 def _check_counts(flags, values) -> None:
@@ -99,8 +112,9 @@ class UpOptions(ResizeOptions):
     duplicate_layers: str | None = field(default=None, kw_only=True)  # "START:END", SOLAR-style block copy
 
     def validate(self) -> None:
-        _check_counts(("--embed-dim-multiplier", "--up-proj-multiplier"),
-                      (self.embed_dim_multiplier, self.up_proj_multiplier))
+        _check_counts(
+            ("--embed-dim-multiplier", "--up-proj-multiplier"), (self.embed_dim_multiplier, self.up_proj_multiplier)
+        )
         super().validate()
         if self.strategy not in ("clone", "pad"):
             raise TensorscaleError(f"--strategy must be clone or pad, got {self.strategy!r}")
@@ -111,8 +125,10 @@ class UpOptions(ResizeOptions):
         if self.snr_db is not None and not math.isfinite(self.snr_db):
             raise TensorscaleError("--snr-db must be a finite number of decibels")
         if self.snr_db is not None and self.snr_db < MIN_SNR_DB:
-            raise TensorscaleError(f"--snr-db {self.snr_db:g} is below {MIN_SNR_DB} dB: noise that much louder than "
-                                   "the weights drowns them in float32 rounding; use a value such as 20")
+            raise TensorscaleError(
+                f"--snr-db {self.snr_db:g} is below {MIN_SNR_DB} dB: noise that much louder than "
+                "the weights drowns them in float32 rounding; use a value such as 20"
+            )
 
 
 @dataclass(frozen=True)
@@ -124,8 +140,14 @@ class DownOptions(ResizeOptions):
     up_proj_divisor: int | None = None
 
     def validate(self) -> None:
-        given = [(flag, value) for flag, value in (("--embed-dim-divisor", self.embed_dim_divisor),
-                                                   ("--up-proj-divisor", self.up_proj_divisor)) if value is not None]
+        given = [
+            (flag, value)
+            for flag, value in (
+                ("--embed-dim-divisor", self.embed_dim_divisor),
+                ("--up-proj-divisor", self.up_proj_divisor),
+            )
+            if value is not None
+        ]
         _check_counts((flag for flag, _ in given), (value for _, value in given))
         super().validate()
         if self.targets and given:
@@ -251,10 +273,13 @@ def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
             raise TensorscaleError(f"num_key_value_heads {kv} is not divisible by {n}; give target sizes instead")
     for key, value in wanted.items():
         if value > current[key]:
-            raise TensorscaleError(f"--{key.replace('_', '-')} {value} is larger than the model's {current[key]}; use `up` to grow")
+            raise TensorscaleError(
+                f"--{key.replace('_', '-')} {value} is larger than the model's {current[key]}; use `up` to grow"
+            )
     if wanted["num_attention_heads"] % wanted["num_key_value_heads"]:
         raise TensorscaleError(
-            f"{wanted['num_attention_heads']} attention heads are not a multiple of {wanted['num_key_value_heads']} kv heads"
+            f"{wanted['num_attention_heads']} attention heads are not a multiple of {wanted['num_key_value_heads']} "
+            "kv heads"
         )
     return {
         "n": wanted["hidden_size"] / current["hidden_size"],
@@ -290,7 +315,8 @@ def up_ratios(rule_set: RuleSet, config: dict, options: UpOptions) -> dict:
                 raise TensorscaleError(f"rules {rule_set.name} have no space for --{key.replace('_', '-')}")
             if value < current[key]:
                 raise TensorscaleError(
-                    f"--{key.replace('_', '-')} {value} is smaller than the model's {current[key]}; use `down` to shrink"
+                    f"--{key.replace('_', '-')} {value} is smaller than the model's {current[key]}; use `down` to "
+                    "shrink"
                 )
         targets = options.targets
         if "hidden_size" in targets:
@@ -387,8 +413,9 @@ def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options:
             )
 
 
-def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | DownOptions,
-               down: DownSection | None = None) -> Plan:
+def build_plan(
+    source: ModelSource, rule_set: RuleSet, options: UpOptions | DownOptions, down: DownSection | None = None
+) -> Plan:
     """The full plan, for `up` (UpOptions) or for a fold `down` (DownOptions and the analysis's section: its
     folds turn roles into merges; its `retied` names a head tensor the analysis found equal to the embedding,
     so it is dropped and the output is tied again). Reads `options`, never changes them."""
@@ -422,7 +449,9 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
         shape = info.shape
         for op in ops:
             shape = op.out_shape(shape)
-        plan = TensorPlan(name, info, rule_label, ops, shape, _out_dtype(info, options), component or guess_component(name))
+        plan = TensorPlan(
+            name, info, rule_label, ops, shape, _out_dtype(info, options), component or guess_component(name)
+        )
         _row_plan(plan)
         tensors.append(plan)
 
@@ -465,8 +494,10 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
         for create in creates_after.get(name, []) if entry.original else []:
             add(create.name, info, f"create {create.name}", create.transform, create.component, env)
         if len(tensors) > MAX_TENSORS:
-            raise TensorscaleError(f"the plan would write more than {MAX_TENSORS:,} tensors; check the rules' "
-                                   "replicate counts and the depth options")
+            raise TensorscaleError(
+                f"the plan would write more than {MAX_TENSORS:,} tensors; check the rules' "
+                "replicate counts and the depth options"
+            )
 
     if unmatched:
         more = f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else ""
@@ -477,7 +508,9 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
     seen = set()
     for tensor in tensors:
         if tensor.name in seen:
-            raise TensorscaleError(f"two rules write tensor {tensor.name!r}; fix the rules file's replicate/create names")
+            raise TensorscaleError(
+                f"two rules write tensor {tensor.name!r}; fix the rules file's replicate/create names"
+            )
         seen.add(tensor.name)
 
     total = sum(t.nbytes for t in tensors)
@@ -485,9 +518,22 @@ def build_plan(source: ModelSource, rule_set: RuleSet, options: UpOptions | Down
         raise TensorscaleError(f"the output would be {total / 2**40:,.0f} TiB; check config.json and the size options")
     shards = layout_shards(tensors, options.max_shard_size)
     unused = [rule.label for rule in rule_set.tensors if rule.index not in used]
-    return Plan(source, rule_set, options, env, spaces, new_config, tensors, shards, dropped, unused, down=down,
-                depth=layers, layouts=layouts, notes=storage_notes(tensors))
-
+    return Plan(
+        source,
+        rule_set,
+        options,
+        env,
+        spaces,
+        new_config,
+        tensors,
+        shards,
+        dropped,
+        unused,
+        down=down,
+        depth=layers,
+        layouts=layouts,
+        notes=storage_notes(tensors),
+    )
 
 
 def _scales(ops):
@@ -539,18 +585,25 @@ def _down_unit_names(rule, env, spaces, folds, entry) -> list[str]:
     member; on a HyperCloned model all members are copies, so their tensors are equal), under the name the
     template gives unit j; the other source units' tensors are not written."""
     if rule.replicate_unit_of is None:
-        raise TensorscaleError(f"{rule.label}: down cannot fold a tensor written per unit without replicate.unit_of "
-                               "(the space whose units the regex group h counts) in the rules file")
+        raise TensorscaleError(
+            f"{rule.label}: down cannot fold a tensor written per unit without replicate.unit_of "
+            "(the space whose units the regex group h counts) in the rules file"
+        )
     space = spaces[rule.replicate_unit_of]
     if space.target == space.size:
         return [entry.name]
     try:
         unit = int(env["h"])
     except (KeyError, TypeError, ValueError):
-        raise TensorscaleError(f"{rule.label}: replicate.unit_of needs the unit index as the regex group (?P<h>...)") from None
+        raise TensorscaleError(
+            f"{rule.label}: replicate.unit_of needs the unit index as the regex group (?P<h>...)"
+        ) from None
     representatives = folds.lookup(space, env, rule.label).representatives()
-    return [render_name(rule.replicate_name, {**env, **entry.rename, "h": j, "k": 0}, rule.label)
-            for j, source in enumerate(representatives) if source == unit]
+    return [
+        render_name(rule.replicate_name, {**env, **entry.rename, "h": j, "k": 0}, rule.label)
+        for j, source in enumerate(representatives)
+        if source == unit
+    ]
 
 
 def layout_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
@@ -575,7 +628,18 @@ def layout_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardP
     return shards
 
 
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:

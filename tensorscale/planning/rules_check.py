@@ -10,8 +10,15 @@ from ..rulebook.registry import resolve_rules
 
 def check_rules(source: ModelSource, rules_path: str | None) -> dict:
     rule_set = resolve_rules(source.config, rules_path)
-    report = {"rules": rule_set.name, "path": rule_set.path, "tensors": len(source.tensors),
-              "unmatched_tensors": [], "unused_rules": [], "matches": {}, "error": None}
+    report = {
+        "rules": rule_set.name,
+        "path": rule_set.path,
+        "tensors": len(source.tensors),
+        "unmatched_tensors": [],
+        "unused_rules": [],
+        "matches": {},
+        "error": None,
+    }
     try:
         env = evaluate_rules(rule_set, rules_env(source.config, UNIT_RATIOS))  # the model at its own size
     except TensorscaleError as exc:

@@ -25,8 +25,12 @@ def hub_repo_folder(folder: str) -> str | None:
     real = os.path.realpath(folder)
     snapshots = os.path.dirname(real)
     repo = os.path.dirname(snapshots)
-    if (_COMMIT.match(os.path.basename(real)) and os.path.basename(snapshots) == "snapshots"
-            and os.path.basename(repo).startswith("models--") and os.path.isdir(os.path.join(repo, "blobs"))):
+    if (
+        _COMMIT.match(os.path.basename(real))
+        and os.path.basename(snapshots) == "snapshots"
+        and os.path.basename(repo).startswith("models--")
+        and os.path.isdir(os.path.join(repo, "blobs"))
+    ):
         return repo
     return None
 

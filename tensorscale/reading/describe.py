@@ -8,10 +8,30 @@ from collections import Counter, defaultdict
 from .source import ModelSource
 
 KEY_FIELDS = (
-    "model_type", "architectures", "hidden_size", "n_embd", "intermediate_size", "n_inner", "ffn_dim",
-    "num_hidden_layers", "n_layer", "num_attention_heads", "n_head", "num_key_value_heads", "head_dim",
-    "vocab_size", "max_position_embeddings", "n_positions", "tie_word_embeddings", "dtype", "torch_dtype",
-    "hidden_act", "rms_norm_eps", "layer_norm_eps", "partial_rotary_factor", "sliding_window",
+    "model_type",
+    "architectures",
+    "hidden_size",
+    "n_embd",
+    "intermediate_size",
+    "n_inner",
+    "ffn_dim",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_positions",
+    "tie_word_embeddings",
+    "dtype",
+    "torch_dtype",
+    "hidden_act",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "partial_rotary_factor",
+    "sliding_window",
 )
 COMPONENT_ORDER = ("embeddings", "attention", "mlp", "norms", "head", "other")
 

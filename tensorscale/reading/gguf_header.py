@@ -15,7 +15,7 @@ import math
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import TensorscaleError
 
@@ -67,8 +67,10 @@ class _Cursor:
 
     def take(self, count: int, what: str) -> bytes:
         if count < 0 or self.pos + count > self.size:
-            raise TensorscaleError(f"{self.name}: the GGUF header ends early (reading {what} at byte {self.pos} of "
-                                   f"{self.size}); the file is truncated or corrupt, re-download it")
+            raise TensorscaleError(
+                f"{self.name}: the GGUF header ends early (reading {what} at byte {self.pos} of "
+                f"{self.size}); the file is truncated or corrupt, re-download it"
+            )
         data = self.handle.read(count)
         if len(data) != count:
             raise TensorscaleError(f"{self.name}: the file ended early while reading {what}; it is truncated")
@@ -107,7 +109,9 @@ class _Cursor:
                 return np.frombuffer(self.take(count * size, what), dtype=_NUMPY[element]).tolist()
             if element == STRING:
                 return [self.string(what) for _ in range(count)]
-            raise TensorscaleError(f"{self.name}: {what} is an array of unknown type {element}; the GGUF header is corrupt")
+            raise TensorscaleError(
+                f"{self.name}: {what} is an array of unknown type {element}; the GGUF header is corrupt"
+            )
         raise TensorscaleError(f"{self.name}: {what} has unknown value type {kind}; the GGUF header is corrupt")
 
 
@@ -115,7 +119,9 @@ def ggml_type_table() -> dict[int, tuple[str, int, int]]:
     """ggml type id -> (name, block size in elements, bytes per block), from gguf-py."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    return {int(kind): (kind.name, *GGML_QUANT_SIZES[kind]) for kind in GGMLQuantizationType if kind in GGML_QUANT_SIZES}
+    return {
+        int(kind): (kind.name, *GGML_QUANT_SIZES[kind]) for kind in GGMLQuantizationType if kind in GGML_QUANT_SIZES
+    }
 
 
 def check_not_split(path: str, metadata: dict | None = None) -> None:
@@ -127,7 +133,8 @@ def check_not_split(path: str, metadata: dict | None = None) -> None:
         parts = int(match.group(2)) if match else count
         raise TensorscaleError(
             f"{os.path.basename(path)} is one part of a GGUF split into {parts} files; tensorscale reads single-file "
-            f"GGUFs: merge the parts first (llama-gguf-split --merge {os.path.basename(path)} merged.gguf)")
+            f"GGUFs: merge the parts first (llama-gguf-split --merge {os.path.basename(path)} merged.gguf)"
+        )
 
 
 def read_gguf_header(path: str) -> GgufHeader:
@@ -141,13 +148,16 @@ def read_gguf_header(path: str) -> GgufHeader:
                 raise TensorscaleError(f"{name} is not a GGUF file (no GGUF magic number at its start)")
             version = cursor.unpack("<I", "the version")
             if version not in (2, 3):
-                raise TensorscaleError(f"{name}: GGUF version {version} is not supported (2 and 3 are; a huge number "
-                                       "means a big-endian file, which llama.cpp does not load either)")
+                raise TensorscaleError(
+                    f"{name}: GGUF version {version} is not supported (2 and 3 are; a huge number "
+                    "means a big-endian file, which llama.cpp does not load either)"
+                )
             tensor_count = cursor.unpack("<Q", "the tensor count")
             kv_count = cursor.unpack("<Q", "the metadata count")
             if tensor_count > 1 << 20 or kv_count > 1 << 20:
-                raise TensorscaleError(f"{name}: the header claims {tensor_count} tensors and {kv_count} metadata "
-                                       "keys; it is corrupt")
+                raise TensorscaleError(
+                    f"{name}: the header claims {tensor_count} tensors and {kv_count} metadata keys; it is corrupt"
+                )
             metadata, value_types = {}, {}
             for _ in range(kv_count):
                 key = cursor.string("a metadata key")
@@ -160,7 +170,9 @@ def read_gguf_header(path: str) -> GgufHeader:
                 tensor_name = cursor.string(f"the name of tensor {index}")
                 n_dims = cursor.unpack("<I", f"the rank of {tensor_name}")
                 if n_dims > MAX_DIMS:
-                    raise TensorscaleError(f"{name}: tensor {tensor_name!r} claims {n_dims} dimensions; the header is corrupt")
+                    raise TensorscaleError(
+                        f"{name}: tensor {tensor_name!r} claims {n_dims} dimensions; the header is corrupt"
+                    )
                 dims = tuple(cursor.unpack("<Q", f"the shape of {tensor_name}") for _ in range(n_dims))
                 ggml_type = cursor.unpack("<I", f"the type of {tensor_name}")
                 offset = cursor.unpack("<Q", f"the offset of {tensor_name}")
@@ -179,28 +191,46 @@ def read_gguf_header(path: str) -> GgufHeader:
             raise TensorscaleError(f"{name}: tensor {tensor_name!r} appears twice; the header is corrupt")
         seen.add(tensor_name)
         if ggml_type not in types:
-            raise TensorscaleError(f"{name}: tensor {tensor_name!r} has unknown ggml type {ggml_type}; the file is "
-                                   "corrupt or newer than the installed gguf package (pip install -U gguf)")
+            raise TensorscaleError(
+                f"{name}: tensor {tensor_name!r} has unknown ggml type {ggml_type}; the file is "
+                "corrupt or newer than the installed gguf package (pip install -U gguf)"
+            )
         type_name, block, block_bytes = types[ggml_type]
         if dims and dims[0] % block:
-            raise TensorscaleError(f"{name}: tensor {tensor_name!r} has rows of {dims[0]} values, not a whole number of "
-                                   f"{type_name} blocks of {block}; the header is corrupt")
+            raise TensorscaleError(
+                f"{name}: tensor {tensor_name!r} has rows of {dims[0]} values, not a whole number of "
+                f"{type_name} blocks of {block}; the header is corrupt"
+            )
         nbytes = math.prod(dims[1:]) * (dims[0] // block) * block_bytes if dims else block_bytes
         start = data_start + offset
         if offset % alignment:
-            raise TensorscaleError(f"{name}: tensor {tensor_name!r} starts at offset {offset}, not aligned to {alignment}; "
-                                   "the header is corrupt")
+            raise TensorscaleError(
+                f"{name}: tensor {tensor_name!r} starts at offset {offset}, not aligned to {alignment}; "
+                "the header is corrupt"
+            )
         if start + nbytes > status.st_size:
-            raise TensorscaleError(f"{name}: tensor {tensor_name!r} runs past the end of the {status.st_size}-byte file; "
-                                   "the file is truncated, re-download it")
+            raise TensorscaleError(
+                f"{name}: tensor {tensor_name!r} runs past the end of the {status.st_size}-byte file; "
+                "the file is truncated, re-download it"
+            )
         tensors.append(GgufTensor(tensor_name, dims, ggml_type, type_name, start, nbytes))
     spans = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors)
     for (_, end, before), (begin, _, after) in zip(spans, spans[1:]):
         if begin < end:
             raise TensorscaleError(f"{name}: tensors {before!r} and {after!r} overlap; the header is corrupt")
     data_end = spans[-1][1] if spans else data_start
-    return GgufHeader(path, version, metadata, value_types, tensors, data_start, alignment, status.st_size,
-                      status.st_mtime_ns, data_end)
+    return GgufHeader(
+        path,
+        version,
+        metadata,
+        value_types,
+        tensors,
+        data_start,
+        alignment,
+        status.st_size,
+        status.st_mtime_ns,
+        data_end,
+    )
 
 
 def is_gguf_path(text: str) -> bool:

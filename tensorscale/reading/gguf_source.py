@@ -61,8 +61,10 @@ def architecture_table() -> dict:
 def architecture_entry(arch) -> dict:
     table = architecture_table()
     if arch not in table:
-        raise TensorscaleError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(table)}); "
-                               "convert the Hugging Face checkpoint instead")
+        raise TensorscaleError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(table)}); "
+            "convert the Hugging Face checkpoint instead"
+        )
     return table[arch]
 
 
@@ -91,8 +93,10 @@ def build_config(header: GgufHeader) -> dict:
         config["head_dim"] = meta[f"{arch}.rope.dimension_count"]
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if not isinstance(config.get(key), int) or config[key] <= 0:
-            raise TensorscaleError(f"{name}: metadata {arch}.{entry['config'][key]} is missing or not a positive "
-                                   "integer; the GGUF header is incomplete")
+            raise TensorscaleError(
+                f"{name}: metadata {arch}.{entry['config'][key]} is missing or not a positive "
+                "integer; the GGUF header is incomplete"
+            )
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     scaling = meta.get(f"{arch}.rope.scaling.type")
@@ -104,28 +108,40 @@ def build_config(header: GgufHeader) -> dict:
     if embedding is None or len(embedding.dims) != 2:
         raise TensorscaleError(f"{name} has no 2-D token_embd.weight; it is not a complete {arch} model")
     if embedding.dims[0] != config["hidden_size"]:
-        raise TensorscaleError(f"{name}: metadata {arch}.embedding_length is {config['hidden_size']} but "
-                               f"token_embd.weight has rows of {embedding.dims[0]}; the header disagrees with the tensors")
+        raise TensorscaleError(
+            f"{name}: metadata {arch}.embedding_length is {config['hidden_size']} but "
+            f"token_embd.weight has rows of {embedding.dims[0]}; the header disagrees with the tensors"
+        )
     config["vocab_size"] = embedding.dims[1]
     stated = meta.get(f"{arch}.vocab_size")
     if stated is not None and stated != embedding.dims[1]:
-        raise TensorscaleError(f"{name}: metadata {arch}.vocab_size is {stated} but token_embd.weight has "
-                               f"{embedding.dims[1]} rows; the header disagrees with the tensors")
+        raise TensorscaleError(
+            f"{name}: metadata {arch}.vocab_size is {stated} but token_embd.weight has "
+            f"{embedding.dims[1]} rows; the header disagrees with the tensors"
+        )
     blocks = {int(parts[1]) for parts in (t.split(".") for t in tensors) if parts[0] == "blk" and parts[1].isdigit()}
     if blocks != set(range(config["num_hidden_layers"])):
         held = f"blocks {min(blocks)}-{max(blocks)}" if blocks else "no blocks"
-        raise TensorscaleError(f"{name}: metadata {arch}.block_count is {config['num_hidden_layers']} but the file holds "
-                               f"{held} ({len(blocks)}); the header disagrees with the tensors")
+        raise TensorscaleError(
+            f"{name}: metadata {arch}.block_count is {config['num_hidden_layers']} but the file holds "
+            f"{held} ({len(blocks)}); the header disagrees with the tensors"
+        )
     config["tie_word_embeddings"] = "output.weight" not in tensors
     for flag, tensor in (entry.get("from_tensors") or {}).items():
         config[flag] = f"blk.0.{tensor}" in tensors
-    for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                          ("pad_token_id", "padding_token_id")):
+    for key, gguf_key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         value = meta.get(f"tokenizer.ggml.{gguf_key}")
         if isinstance(value, int):
             config[key] = value
-    config["dtype"] = "float32" if any(t.type_name not in RAW_TYPES for t in header.tensors) else \
-        {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[embedding.type_name]
+    config["dtype"] = (
+        "float32"
+        if any(t.type_name not in RAW_TYPES for t in header.tensors)
+        else {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[embedding.type_name]
+    )
     return config
 
 
@@ -163,8 +179,10 @@ def hf_names(header: GgufHeader, config: dict, rules) -> dict[str, str]:
         matches = [f"{key}.{suffix}" if suffix else key for key in candidates.get(base, [])]
         fitting = [hf for hf in matches if any(regex.fullmatch(hf) for regex in known)]
         if not fitting:
-            raise TensorscaleError(f"{name}: tensor {tensor.name!r} has no Hugging Face name that the {rules.name} rules "
-                                   f"know (gguf-py maps it to {matches[:3] or 'nothing'}); this GGUF cannot be read")
+            raise TensorscaleError(
+                f"{name}: tensor {tensor.name!r} has no Hugging Face name that the {rules.name} rules "
+                f"know (gguf-py maps it to {matches[:3] or 'nothing'}); this GGUF cannot be read"
+            )
         out[tensor.name] = fitting[0]
     return out
 
@@ -181,8 +199,10 @@ def _permuted_heads(header: GgufHeader, config: dict, tensor: GgufTensor) -> int
     rows = tensor.dims[-1]
     heads = config[count_key]
     if rows % heads or (rows // heads) % 2:
-        raise TensorscaleError(f"{os.path.basename(header.path)}: {tensor.name} has {rows} rows, which {heads} heads "
-                               "of even size cannot split; the header disagrees with the tensors")
+        raise TensorscaleError(
+            f"{os.path.basename(header.path)}: {tensor.name} has {rows} rows, which {heads} heads "
+            "of even size cannot split; the header disagrees with the tensors"
+        )
     return rows // heads
 
 
@@ -190,8 +210,10 @@ def tensor_info(header: GgufHeader, config: dict, tensor: GgufTensor, hf_name: s
     from .gguf_header import ggml_type_table
 
     if tensor.type_name not in SUPPORTED_TYPES:
-        raise TensorscaleError(f"{os.path.basename(header.path)}: tensor {tensor.name} is {tensor.type_name}, a type "
-                               f"tensorscale does not read (supported: {', '.join(SUPPORTED_TYPES)}); requantize it")
+        raise TensorscaleError(
+            f"{os.path.basename(header.path)}: tensor {tensor.name} is {tensor.type_name}, a type "
+            f"tensorscale does not read (supported: {', '.join(SUPPORTED_TYPES)}); requantize it"
+        )
     shape = tuple(reversed(tensor.dims))
     head_rows = _permuted_heads(header, config, tensor)
     end = tensor.start + tensor.nbytes
@@ -235,7 +257,9 @@ def open_gguf(path: str, *, headers_only: bool = False, label: str | None = None
     for tensor in sorted(header.tensors, key=lambda t: t.start):
         info = tensor_info(header, config, tensor, names[tensor.name])
         if info.name in tensors:
-            raise TensorscaleError(f"{os.path.basename(path)}: two tensors map to {info.name}; this GGUF cannot be read")
+            raise TensorscaleError(
+                f"{os.path.basename(path)}: two tensors map to {info.name}; this GGUF cannot be read"
+            )
         tensors[info.name] = info
     folder = cache_folder(header)
     if not headers_only:
@@ -255,7 +279,9 @@ def write_side_folder(header: GgufHeader, config: dict, folder: str) -> None:
     """config.json, generation_config.json and the tokenizer files, written once per GGUF file (again if the
     tokenizer could not be converted before for want of transformers, and transformers is there now)."""
     marker = _read_marker(folder)
-    if marker is not None and not (str(marker.get("tokenizer", "")).startswith(NO_TRANSFORMERS) and _has_transformers()):
+    if marker is not None and not (
+        str(marker.get("tokenizer", "")).startswith(NO_TRANSFORMERS) and _has_transformers()
+    ):
         return
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -267,17 +293,29 @@ def write_side_folder(header: GgufHeader, config: dict, folder: str) -> None:
                 handle.write("\n")
         tokenizer = write_tokenizer(header, tmp)
         if tokenizer.startswith("not converted"):
-            sys.stderr.write(f"tensorscale: note: {os.path.basename(header.path)}: tokenizer {tokenizer}; "
-                             "outputs will lack tokenizer files\n")
+            sys.stderr.write(
+                f"tensorscale: note: {os.path.basename(header.path)}: tokenizer {tokenizer}; "
+                "outputs will lack tokenizer files\n"
+            )
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as handle:
-            json.dump({"gguf": os.path.realpath(header.path), "size": header.file_size, "mtime_ns": header.mtime_ns,
-                       "tokenizer": tokenizer}, handle, indent=2)
+            json.dump(
+                {
+                    "gguf": os.path.realpath(header.path),
+                    "size": header.file_size,
+                    "mtime_ns": header.mtime_ns,
+                    "tokenizer": tokenizer,
+                },
+                handle,
+                indent=2,
+            )
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TensorscaleError(f"cannot write the GGUF side folder {folder}: {exc.strerror or exc} "
-                               "(set TENSORSCALE_CACHE to a writable folder)") from None
+        raise TensorscaleError(
+            f"cannot write the GGUF side folder {folder}: {exc.strerror or exc} "
+            "(set TENSORSCALE_CACHE to a writable folder)"
+        ) from None
 
 
 def write_tokenizer(header: GgufHeader, folder: str) -> str:
@@ -294,7 +332,8 @@ def write_tokenizer(header: GgufHeader, folder: str) -> str:
     transformers.logging.set_verbosity_error()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            os.path.dirname(os.path.abspath(header.path)), gguf_file=os.path.basename(header.path))
+            os.path.dirname(os.path.abspath(header.path)), gguf_file=os.path.basename(header.path)
+        )
     except Exception as exc:  # noqa: BLE001  (any failure of the converter: the weights are still usable)
         return f"not converted: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     tokenizer.save_pretrained(folder)
@@ -353,15 +392,16 @@ def read_rows(pread, info: TensorInfo, start: int, stop: int):
         from gguf.quants import dequantize
 
         packed = np.frombuffer(raw, dtype=np.uint8)
-        values = dequantize(packed.reshape(-1, encoding.row_bytes) if encoding.row_bytes else packed,
-                            GGMLQuantizationType(encoding.ggml_type))
+        values = dequantize(
+            packed.reshape(-1, encoding.row_bytes) if encoding.row_bytes else packed,
+            GGMLQuantizationType(encoding.ggml_type),
+        )
         x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(count, *rest)
     if encoding.head_rows:
         half = encoding.head_rows // 2
         x = x.reshape(-1, half, 2, *rest).transpose(1, 2).reshape(count, *rest)
-    return x[start - first:stop - first]
+    return x[start - first : stop - first]
 
 
 def is_gguf(text: str) -> bool:
     return is_gguf_path(text) and os.path.isfile(text)
-

@@ -14,8 +14,8 @@ import socket
 from urllib.parse import urlsplit
 
 from ..errors import TensorscaleError
-from .safetensors_header import TensorInfo, DTYPE_SIZES
 from .model_source import HUB_PATTERNS, ModelSource, open_local, split_revision
+from .safetensors_header import DTYPE_SIZES, TensorInfo
 
 PROBE_SECONDS = 3.0
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -53,12 +53,16 @@ def _explain(hub_id: str, exc: Exception) -> TensorscaleError:
         return TensorscaleError(f"{hub_id}: gated model; accept its licence on the hub and run `hf auth login`")
     if isinstance(exc, errors.LocalEntryNotFoundError) or _offline_by_setting():
         return _not_cached(hub_id)
-    return TensorscaleError(f"{hub_id}: cannot fetch from the hub ({type(exc).__name__}: {exc}); check the network or pass a local folder")
+    return TensorscaleError(
+        f"{hub_id}: cannot fetch from the hub ({type(exc).__name__}: {exc}); check the network or pass a local folder"
+    )
 
 
 def _not_cached(hub_id: str) -> TensorscaleError:
     why = "HF_HUB_OFFLINE is set (offline)" if _offline_by_setting() else "the hub cannot be reached (offline)"
-    return TensorscaleError(f"{hub_id}: not in the local cache and {why}; pass a local model folder instead, or go online")
+    return TensorscaleError(
+        f"{hub_id}: not in the local cache and {why}; pass a local model folder instead, or go online"
+    )
 
 
 def open_hub(label: str, *, headers_only: bool = False) -> ModelSource:
@@ -91,8 +95,9 @@ def _cached_snapshot(hub_id: str, revision: str | None) -> str | None:
     import huggingface_hub
 
     try:
-        folder = huggingface_hub.snapshot_download(hub_id, revision=revision, allow_patterns=HUB_PATTERNS,
-                                                   local_files_only=True)
+        folder = huggingface_hub.snapshot_download(
+            hub_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True
+        )
     except Exception:
         return None
     has_weights = any(name.endswith(".safetensors") for name in os.listdir(folder))
@@ -119,5 +124,13 @@ def _open_remote_headers(label: str, hub_id: str, revision: str | None) -> Model
             begin, end = info.data_offsets
             # Remote tensors have no local file: the path names the shard, offsets stay relative.
             tensors[name] = TensorInfo(name, info.dtype, tuple(info.shape), f"hub://{hub_id}/{shard}", begin, end)
-    return ModelSource(label, os.path.dirname(config_path), config, tensors, [f"hub://{hub_id}/{s}" for s in shards], {},
-                       hub_id, revision)
+    return ModelSource(
+        label,
+        os.path.dirname(config_path),
+        config,
+        tensors,
+        [f"hub://{hub_id}/{s}" for s in shards],
+        {},
+        hub_id,
+        revision,
+    )

@@ -93,21 +93,25 @@ def local_path(source: str) -> str:
         return source
     import importlib.util
 
-    package, _, filename = source[len(PACKAGE_PREFIX):].partition("/")
+    package, _, filename = source[len(PACKAGE_PREFIX) :].partition("/")
     try:
         spec = importlib.util.find_spec(package) if package else None
     except (ImportError, ValueError):
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
-        raise TensorscaleError(f"{source}: no installed package {package!r} (pip install --no-deps {package.replace('_', '-')})")
+        raise TensorscaleError(
+            f"{source}: no installed package {package!r} (pip install --no-deps {package.replace('_', '-')})"
+        )
     folder = locations[0]
     if filename:
         return os.path.join(folder, filename)
     models = sorted(name for name in os.listdir(folder) if name.lower().endswith(".gguf"))
     if len(models) != 1:
-        raise TensorscaleError(f"{source}: the package holds {len(models)} .gguf files ({', '.join(models) or 'none'}); "
-                               f"name one: {PACKAGE_PREFIX}{package}/FILE")
+        raise TensorscaleError(
+            f"{source}: the package holds {len(models)} .gguf files ({', '.join(models) or 'none'}); "
+            f"name one: {PACKAGE_PREFIX}{package}/FILE"
+        )
     return os.path.join(folder, models[0])
 
 
@@ -145,13 +149,13 @@ def shard_paths(folder: str) -> list[str]:
             if not link_allowed(path, root):
                 raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which lies outside {where}")
             if not os.path.isfile(path):
-                raise TensorscaleError(f"{INDEX_NAME} names shard {shard!r}, which does not exist; re-download the model")
+                raise TensorscaleError(
+                    f"{INDEX_NAME} names shard {shard!r}, which does not exist; re-download the model"
+                )
             paths.append(path)
         _check_index_covers_shards(folder, names)
         return paths
-    paths = sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")
-    )
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not paths:
         pickles = [f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES)]
         if pickles:
@@ -177,11 +181,14 @@ def read_index(folder: str) -> dict[str, str]:
         raise TensorscaleError(f"{index_path} is nested too deeply to be an index; fix or delete it") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TensorscaleError(f"{index_path} is not a valid index ({exc}); fix or delete it") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise TensorscaleError(f"{index_path}: weight_map must map tensor names to shard file names; fix or delete it")
     if not weight_map:
-        raise TensorscaleError(f"{index_path} lists no tensors (its weight_map is empty); re-download the model or "
-                               "delete the index")
+        raise TensorscaleError(
+            f"{index_path} lists no tensors (its weight_map is empty); re-download the model or delete the index"
+        )
     if any("\0" in shard for shard in weight_map.values()):
         raise TensorscaleError(f"{INDEX_NAME} names a shard with a NUL character in its name; fix or delete the index")
     return weight_map
@@ -206,8 +213,9 @@ def _check_index_covers_shards(folder: str, names: list[str]) -> None:
     for name in sorted(present):
         match = _NUMBERED_SHARD.match(name)
         if match and (match.group("stem"), match.group("total")) in sets and name not in listed:
-            raise TensorscaleError(f"{INDEX_NAME} leaves out shard {name}, whose tensors would be dropped; "
-                                   "re-download the index")
+            raise TensorscaleError(
+                f"{INDEX_NAME} leaves out shard {name}, whose tensors would be dropped; re-download the index"
+            )
 
 
 def _check_index_matches_headers(folder: str, tensors: dict, shard_of: dict[str, str]) -> None:
@@ -215,19 +223,24 @@ def _check_index_matches_headers(folder: str, tensors: dict, shard_of: dict[str,
     weight_map = read_index(folder)
     for name, shard in weight_map.items():
         if name not in shard_of:
-            raise TensorscaleError(f"{INDEX_NAME} lists tensor {name!r} in {shard}, which does not hold it; "
-                                   "re-download the model")
+            raise TensorscaleError(
+                f"{INDEX_NAME} lists tensor {name!r} in {shard}, which does not hold it; re-download the model"
+            )
         if os.path.realpath(os.path.join(folder, shard)) != shard_of[name]:
-            raise TensorscaleError(f"{INDEX_NAME} lists tensor {name!r} in {shard}, but another shard holds it; "
-                                   "re-download the index")
+            raise TensorscaleError(
+                f"{INDEX_NAME} lists tensor {name!r} in {shard}, but another shard holds it; re-download the index"
+            )
     unlisted = [name for name in tensors if name not in weight_map]
     if unlisted:
-        raise TensorscaleError(f"{INDEX_NAME} leaves out tensor {unlisted[0]!r}"
-                               f"{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''}; re-download the index")
+        raise TensorscaleError(
+            f"{INDEX_NAME} leaves out tensor {unlisted[0]!r}"
+            f"{f' and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''}; re-download the index"
+        )
 
 
-def open_local(folder: str, label: str | None = None, hub_id: str | None = None,
-               revision: str | None = None) -> ModelSource:
+def open_local(
+    folder: str, label: str | None = None, hub_id: str | None = None, revision: str | None = None
+) -> ModelSource:
     config = read_config(folder)
     paths = shard_paths(folder)
     tensors: dict[str, TensorInfo] = {}

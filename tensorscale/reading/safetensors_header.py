@@ -17,10 +17,21 @@ from ..errors import TensorscaleError
 
 # Bytes per element for every dtype the safetensors format defines.
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 # A header larger than this is not a model header (the format's own reader caps it at 100 MB).
@@ -69,7 +80,9 @@ def read_header(path: str) -> SafetensorsHeader:
             file_size = status.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise TensorscaleError(f"{name}: file is too short to be safetensors ({file_size} bytes); re-download or re-convert it")
+                raise TensorscaleError(
+                    f"{name}: file is too short to be safetensors ({file_size} bytes); re-download or re-convert it"
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
                 raise TensorscaleError(
@@ -93,7 +106,9 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> SafetensorsHead
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorscaleError(f"{name}: header is not valid JSON ({exc}); the file is corrupt") from None
     except RecursionError:
-        raise TensorscaleError(f"{name}: header is nested too deeply to be a safetensors header; the file is corrupt") from None
+        raise TensorscaleError(
+            f"{name}: header is nested too deeply to be a safetensors header; the file is corrupt"
+        ) from None
     if not isinstance(header, dict):
         raise TensorscaleError(f"{name}: header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None)
@@ -110,9 +125,8 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> SafetensorsHead
         offsets = entry.get("data_offsets")
         if dtype not in DTYPE_SIZES:
             raise TensorscaleError(f"{name}: tensor {tensor_name!r} has unknown dtype {dtype!r}")
-        if (
-            not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise TensorscaleError(f"{name}: tensor {tensor_name!r} has an invalid shape {shape!r}")
         if (
@@ -142,7 +156,9 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> SafetensorsHead
         if begin < cursor:
             raise TensorscaleError(f"{name}: tensor {tensor_name!r} overlaps the tensor before it; the file is corrupt")
         if begin > cursor:
-            raise TensorscaleError(f"{name}: gap of {begin - cursor} bytes before tensor {tensor_name!r}; the file is corrupt")
+            raise TensorscaleError(
+                f"{name}: gap of {begin - cursor} bytes before tensor {tensor_name!r}; the file is corrupt"
+            )
         cursor = end
     if data_start + cursor != file_size:
         raise TensorscaleError(

@@ -13,13 +13,38 @@ import os
 from ..errors import TensorscaleError
 from .gguf_source import open_gguf
 from .hub import open_hub
-from .model_source import (HUB_PATTERNS, INDEX_NAME, PACKAGE_PREFIX, PICKLE_SUFFIXES, ModelSource, local_path,
-                           looks_like_hub_id, open_local, read_config, read_index, shard_paths, split_revision,
-                           with_revision)
+from .model_source import (
+    HUB_PATTERNS,
+    INDEX_NAME,
+    PACKAGE_PREFIX,
+    PICKLE_SUFFIXES,
+    ModelSource,
+    local_path,
+    looks_like_hub_id,
+    open_local,
+    read_config,
+    read_index,
+    shard_paths,
+    split_revision,
+    with_revision,
+)
 
-__all__ = ["HUB_PATTERNS", "INDEX_NAME", "PACKAGE_PREFIX", "PICKLE_SUFFIXES", "ModelSource", "local_path",
-           "looks_like_hub_id", "open_local", "open_source", "read_config", "read_index", "shard_paths",
-           "split_revision", "with_revision"]
+__all__ = [
+    "HUB_PATTERNS",
+    "INDEX_NAME",
+    "PACKAGE_PREFIX",
+    "PICKLE_SUFFIXES",
+    "ModelSource",
+    "local_path",
+    "looks_like_hub_id",
+    "open_local",
+    "open_source",
+    "read_config",
+    "read_index",
+    "shard_paths",
+    "split_revision",
+    "with_revision",
+]
 
 
 def open_source(source: str, *, headers_only: bool = False) -> ModelSource:

@@ -33,8 +33,15 @@ from ..errors import TensorscaleError  # noqa: E402  (after the guarded torch im
 from .safetensors_header import DTYPE_SIZES, TensorInfo  # noqa: E402
 
 TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 SAFETENSORS_DTYPES = {value: key for key, value in TORCH_DTYPES.items()}
@@ -44,7 +51,9 @@ def torch_dtype(dtype: str) -> torch.dtype:
     try:
         return TORCH_DTYPES[dtype]
     except KeyError:
-        raise TensorscaleError(f"dtype {dtype} is not supported for rewriting (supported: {', '.join(TORCH_DTYPES)})") from None
+        raise TensorscaleError(
+            f"dtype {dtype} is not supported for rewriting (supported: {', '.join(TORCH_DTYPES)})"
+        ) from None
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -70,8 +79,13 @@ class ShardReader:
         self.nonfinite: set[str] | None = None
 
     def _note_nonfinite(self, info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
-        if self.nonfinite is not None and tensor.is_floating_point() and info.name not in self.nonfinite \
-                and tensor.numel() and not _all_finite(tensor):
+        if (
+            self.nonfinite is not None
+            and tensor.is_floating_point()
+            and info.name not in self.nonfinite
+            and tensor.numel()
+            and not _all_finite(tensor)
+        ):
             self.nonfinite.add(info.name)
         return tensor
 
@@ -124,7 +138,9 @@ class ShardReader:
         while done < length:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
-                raise TensorscaleError(f"{os.path.basename(path)} ended early while reading {name}; the file changed or is truncated")
+                raise TensorscaleError(
+                    f"{os.path.basename(path)} ended early while reading {name}; the file changed or is truncated"
+                )
             done += got
 
     def pread(self, path: str, offset: int, length: int, name: str = "") -> bytearray:
@@ -137,8 +153,9 @@ class ShardReader:
         """Rows of a tensor stored other than as plain rows (GGUF: quantized blocks, permuted heads)."""
         from .gguf_source import read_rows
 
-        rows = read_rows(lambda offset, length: self.pread(info.path, offset, length, info.name), info,
-                         row_start, row_stop)
+        rows = read_rows(
+            lambda offset, length: self.pread(info.path, offset, length, info.name), info, row_start, row_stop
+        )
         if into is None:
             return rows
         length = rows.numel() * rows.element_size()
@@ -184,7 +201,7 @@ class ShardReader:
                 run = end + 1
                 while run < len(rows) and rows[run] == rows[run - 1] + 1:
                     run += 1
-                buffers.append(target[end * row_bytes:run * row_bytes])
+                buffers.append(target[end * row_bytes : run * row_bytes])
                 end = run
                 if end == len(rows) or len(buffers) + 2 > IOV_MAX:
                     break
@@ -196,7 +213,9 @@ class ShardReader:
             if os.preadv(fd, buffers, info.start + rows[begin] * row_bytes) != wanted:
                 # A short read (the end of the file, or the kernel's per-call limit): read run by run.
                 for first in range(begin, end):
-                    self.read_rows(info, rows[first], rows[first] + 1, into=target[first * row_bytes:(first + 1) * row_bytes])
+                    self.read_rows(
+                        info, rows[first], rows[first] + 1, into=target[first * row_bytes : (first + 1) * row_bytes]
+                    )
             begin = end
         return self._note_nonfinite(info, out)
 

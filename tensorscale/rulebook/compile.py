@@ -14,7 +14,6 @@ Because roles say what an axis *is*, not what to do to it, the same file can als
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from ..errors import TensorscaleError
@@ -77,20 +76,39 @@ def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
         except ExpressionError as exc:
             raise TensorscaleError(f"{where}: {exc}") from None
         if unit < 1 or size < 0 or target < 0:
-            raise TensorscaleError(f"{where}: size and target must be >= 0 and unit >= 1 (got {size}, {target}, {unit})")
+            raise TensorscaleError(
+                f"{where}: size and target must be >= 0 and unit >= 1 (got {size}, {target}, {unit})"
+            )
         if max(size, target) > MAX_SPACE_SIZE:
             raise TensorscaleError(
                 f"space {name} would be {max(size, target):,} dimensions ({size:,} -> {target:,}), beyond the "
-                f"{MAX_SPACE_SIZE:,} this tool writes; check config.json and the size options")
+                f"{MAX_SPACE_SIZE:,} this tool writes; check config.json and the size options"
+            )
         if size % unit or target % unit:
             raise TensorscaleError(f"{where}: sizes {size} -> {target} are not multiples of its unit {unit}")
-        spaces[name] = Space(name, size, target, unit, spec.clone, spec.per, spec.scaled, spec.equal, spec.within,
-                             spec.clusters_of, spec.norm)
+        spaces[name] = Space(
+            name,
+            size,
+            target,
+            unit,
+            spec.clone,
+            spec.per,
+            spec.scaled,
+            spec.equal,
+            spec.within,
+            spec.clusters_of,
+            spec.norm,
+        )
     return spaces
 
 
 def compile_transform(
-    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str, folds=None,
+    transform: Transform,
+    shape: tuple[int, ...],
+    spaces: dict[str, Space],
+    env,
+    where: str,
+    folds=None,
     layouts=None,
 ) -> list[Op]:
     """The ops for one tensor. With `folds` (cluster assignments from the `down` analysis) roles become

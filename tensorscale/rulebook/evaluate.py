@@ -19,8 +19,9 @@ MAX_REPLICATE = 65_536  # copies one tensor rule may write
 def rules_env(config: dict, ratios: dict, *, snr_db=None, untie_embeddings: bool = False) -> dict:
     """Config fields plus the options rules see: n (hidden), m (FFN), nh (heads), nkv (kv heads) as growth
     ratios (new size / old size), n_tiles, snr_db and untie_embeddings."""
-    env = {key: value for key, value in config.items()
-           if isinstance(value, (int, float, str, bool, list)) or value is None}
+    env = {
+        key: value for key, value in config.items() if isinstance(value, (int, float, str, bool, list)) or value is None
+    }
     ratios = dict(ratios)
     # n_tiles: how many whole copies of the source hidden state the new one holds (a tied head sums them).
     # Tiling: n. Down: n too (a fraction). Zero-padding: 1; any width: the whole part of n, the rest padded.
@@ -103,8 +104,10 @@ def replicate_count(expression, env, where) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise TensorscaleError(f"{where}: replicate.count must be a whole number >= 0, got {value!r}")
     if value > MAX_REPLICATE:
-        raise TensorscaleError(f"{where}: replicate.count {value:,} is more than the {MAX_REPLICATE:,} copies "
-                               "a rule may write (per-head tensors of the widest model need a few hundred)")
+        raise TensorscaleError(
+            f"{where}: replicate.count {value:,} is more than the {MAX_REPLICATE:,} copies "
+            "a rule may write (per-head tensors of the widest model need a few hundred)"
+        )
     return value
 
 
@@ -130,6 +133,7 @@ def scale_inverts(rule_set: RuleSet, transform, config: dict, ratios: dict, **op
     ratios inverted (n -> 1/n, as `down` evaluates it, `let` values included), undoes the scale at n.
     `1 / n_tiles` and `1 / sqrt(n)` do; `1 / n + 1` does not. With an offset (y = x·c + o; (1+w) gains
     have o = c − 1) the two affine maps must compose to the identity: c·c' = 1 and o·c' + o' = 0."""
+
     def affine(env):
         factor = 1 if transform.scale is None else transform.scale.evaluate(env)
         offset = 0 if transform.scale_offset is None else transform.scale_offset.evaluate(env)

@@ -94,11 +94,15 @@ class Expression:
             value = _Evaluator(env, self.source).visit(self._tree)
             if isinstance(value, float) and not math.isfinite(value):
                 # a config value of NaN or 1e400 (inf in JSON), or arithmetic that overflows
-                raise ExpressionError(f"{_short(self.source)} evaluates to {value}, not a finite number "
-                                      "(check config.json for NaN or huge values)")
+                raise ExpressionError(
+                    f"{_short(self.source)} evaluates to {value}, not a finite number "
+                    "(check config.json for NaN or huge values)"
+                )
             if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
-                raise ExpressionError(f"{_short(self.source)} evaluates to a number of {value.bit_length()} bits, "
-                                      "far beyond any model size (check config.json)")
+                raise ExpressionError(
+                    f"{_short(self.source)} evaluates to a number of {value.bit_length()} bits, "
+                    "far beyond any model size (check config.json)"
+                )
             return value
         except ExpressionError:
             raise
@@ -115,9 +119,24 @@ class Expression:
 
 def _validate(node: ast.AST, source: str) -> None:
     allowed = (
-        ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp,
-        ast.Call, ast.And, ast.Or, ast.List, ast.Tuple,
-        *_BINARY.keys(), *_UNARY.keys(), *_COMPARE.keys(), ast.In, ast.NotIn,
+        ast.Constant,
+        ast.Name,
+        ast.Load,
+        ast.BinOp,
+        ast.UnaryOp,
+        ast.BoolOp,
+        ast.Compare,
+        ast.IfExp,
+        ast.Call,
+        ast.And,
+        ast.Or,
+        ast.List,
+        ast.Tuple,
+        *_BINARY.keys(),
+        *_UNARY.keys(),
+        *_COMPARE.keys(),
+        ast.In,
+        ast.NotIn,
     )
     for child in ast.walk(node):
         if not isinstance(child, allowed):
@@ -131,7 +150,8 @@ def _validate(node: ast.AST, source: str) -> None:
         if isinstance(child, ast.Call):
             if not isinstance(child.func, ast.Name) or child.func.id not in FUNCTIONS:
                 raise ExpressionError(
-                    f"call to a function that is not allowed in {_short(source)}; allowed: {', '.join(sorted(FUNCTIONS))}"
+                    f"call to a function that is not allowed in {_short(source)}; allowed: "
+                    f"{', '.join(sorted(FUNCTIONS))}"
                 )
             if child.keywords:
                 raise ExpressionError(f"keyword arguments are not allowed in {_short(source)}")
@@ -159,7 +179,9 @@ class _Evaluator:
             for value in (left, right):
                 # Arithmetic on numbers only: 'x' * 10**9 or [0] * 10**9 would exhaust memory.
                 if not isinstance(value, (int, float)):
-                    raise ExpressionError(f"arithmetic on a non-number ({type(value).__name__}) in {_short(self.source)}")
+                    raise ExpressionError(
+                        f"arithmetic on a non-number ({type(value).__name__}) in {_short(self.source)}"
+                    )
             op = _safe_pow if isinstance(node.op, ast.Pow) else _BINARY[type(node.op)]
             result = op(left, right)
             if isinstance(result, int) and result.bit_length() > _MAX_INT_BITS:
@@ -211,7 +233,9 @@ class _Evaluator:
             if name == "cfg":
                 # cfg('field', default): a config field that may be absent or null.
                 if len(node.args) not in (1, 2) or not isinstance(node.args[0], ast.Constant):
-                    raise ExpressionError(f"cfg() takes a quoted field name and an optional default in {_short(self.source)}")
+                    raise ExpressionError(
+                        f"cfg() takes a quoted field name and an optional default in {_short(self.source)}"
+                    )
                 field = node.args[0].value
                 value = self.env.get(field)
                 if value is None:

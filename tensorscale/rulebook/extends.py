@@ -46,12 +46,15 @@ def resolve_extends(data, path: str, bases, chain: tuple[str, ...] = ()) -> obje
         cycle = " -> ".join([*chain, name])
         raise ExtendsError(f"{where}: extends cycle {cycle}; remove the extends that closes it")
     if len(chain) >= MAX_EXTENDS_DEPTH:
-        raise ExtendsError(f"{where}: extends is nested more than {MAX_EXTENDS_DEPTH} deep; "
-                           "extend a file nearer the base")
+        raise ExtendsError(
+            f"{where}: extends is nested more than {MAX_EXTENDS_DEPTH} deep; extend a file nearer the base"
+        )
     base = bases(name)
     if base is None:
-        raise ExtendsError(f"{where}: extends {name!r} names no shipped rules file; `tensorscale rules list` shows "
-                           "them (bases such as _decoder too), or copy the base's rules into this file")
+        raise ExtendsError(
+            f"{where}: extends {name!r} names no shipped rules file; `tensorscale rules list` shows "
+            "them (bases such as _decoder too), or copy the base's rules into this file"
+        )
     if not isinstance(base, dict):
         raise ExtendsError(f"{where}: the base rules/{name}.yaml is not a YAML mapping")
     base = resolve_extends(base, path, bases, (*chain, name))
@@ -108,12 +111,15 @@ def _merge_entries(base: list, refining: list, section: str, path: str) -> list:
         at = next((j for j, old in enumerate(merged) if _entry_key(old, section) == key), None)
         if omit:
             if at is None:
-                raise ExtendsError(f"{where}: omit: true removes a base rule, but the base has none with this "
-                                   f"{'name' if section == 'create' else 'match and when'}; check them with "
-                                   "`tensorscale rules show BASE --resolved`")
+                raise ExtendsError(
+                    f"{where}: omit: true removes a base rule, but the base has none with this "
+                    f"{'name' if section == 'create' else 'match and when'}; check them with "
+                    "`tensorscale rules show BASE --resolved`"
+                )
             if set(entry) - {"match", "when", "name"}:
-                raise ExtendsError(f"{where}: an omitted rule is given by its match (and when) alone; drop its "
-                                   "other keys")
+                raise ExtendsError(
+                    f"{where}: an omitted rule is given by its match (and when) alone; drop its other keys"
+                )
             del merged[at]
         elif at is not None:
             if after is not None:
@@ -122,8 +128,10 @@ def _merge_entries(base: list, refining: list, section: str, path: str) -> list:
         elif after is not None:
             places = [j for j, old in enumerate(merged) if isinstance(old, dict) and old.get("match") == after]
             if not places:
-                raise ExtendsError(f"{where}: after {after!r} matches no base rule's 'match'; copy it from "
-                                   "`tensorscale rules show BASE --resolved`")
+                raise ExtendsError(
+                    f"{where}: after {after!r} matches no base rule's 'match'; copy it from "
+                    "`tensorscale rules show BASE --resolved`"
+                )
             merged.insert(places[-1] + 1, entry)
         else:
             merged.append(entry)

@@ -99,8 +99,7 @@ class Layout:
         extra = sum(1 for c in counts if c > min(counts))
         zeros = t - self.kept
         tail = f", {zeros} zero units" if zeros else ""
-        return (f"{s} -> {t} {what}: clone {extra} of {s} units once more (Net2Net; readers split by copy "
-                f"count){tail}")
+        return f"{s} -> {t} {what}: clone {extra} of {s} units once more (Net2Net; readers split by copy count){tail}"
 
 
 def plan_layouts(spaces: dict, strategy: str) -> dict[str, Layout]:

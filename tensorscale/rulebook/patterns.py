@@ -40,7 +40,8 @@ class Pattern:
         except TimeoutError:
             raise TensorscaleError(
                 f"{self.where}: regex {self.pattern!r} took over {MATCH_SECONDS} s to match {name!r} "
-                "(catastrophic backtracking); simplify it, e.g. without nested or alternated repeats") from None
+                "(catastrophic backtracking); simplify it, e.g. without nested or alternated repeats"
+            ) from None
 
     def __repr__(self) -> str:
         return f"Pattern({self.pattern!r})"

@@ -41,7 +41,8 @@ def resolved_text(name: str) -> str:
 
         def represent_list(self, data):
             flow = all(not isinstance(item, (dict, list)) for item in data) or all(
-                isinstance(item, list) for item in data)
+                isinstance(item, list) for item in data
+            )
             return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
         def increase_indent(self, flow=False, indentless=False):

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import TensorscaleError
-from ..strict_yaml import load_yaml, load_yaml_file
 from ..ops.library import OP_TYPES
+from ..strict_yaml import load_yaml, load_yaml_file
 from .expr import Expression, ExpressionError
 from .extends import resolve_extends
 from .patterns import Pattern
 from .roles import split_role
+from .shipped import shipped_data
 from .targets import DEFAULT_TARGETS, DEFAULT_TIE_KEY, TARGET_KEYS
 from .validate import Identifier, Name, Strings, check_keys, key, mapping, read
-from .shipped import shipped_data
 
 # How a space is normalised, where something normalises it as a whole (see SpaceSpec.norm).
 NormKind = Literal["rms", "rms_one_plus", "layer"]
@@ -39,12 +39,12 @@ Component = Literal["attention", "embeddings", "head", "mlp", "norms", "other"]
 COMPONENTS = set(typing.get_args(Component))
 
 
-
 class RulesError(TensorscaleError):
     pass
 
 
 # Readers for what a type alone does not say: (raw value, where, fields read so far) -> the field's value.
+
 
 def _expression(value, where, context) -> Expression:
     return _expr(value, where)
@@ -63,10 +63,12 @@ def _regex(value, where, context) -> Pattern:
 
 def _needs(message: str):
     """A reader for a required string key, with the error to give when it is not a string."""
+
     def parse(value, where, context):
         if not isinstance(value, str):
             raise RulesError(f"{where} {message}")
         return value
+
     return parse
 
 
@@ -85,12 +87,14 @@ def _mapping_of_expressions(value, where, context) -> list[tuple[str, Expression
 
 def _rules_list(cls, kind: str = "", separator: str = ": "):
     """A reader for an optional list of mappings (`checks`, `create`, `identity`), each read as `cls`."""
+
     def parse(value, where, context):
         label = f"{where}{separator}{context['key']}"
         value = value or []
         if not isinstance(value, list):
             raise RulesError(f"{label} must be a list{kind}")
         return [read(cls, item, f"{label}[{i}]", context) for i, item in enumerate(value)]
+
     return parse
 
 
@@ -211,8 +215,9 @@ def _required_expression(value, where, context) -> Expression | None:
 @dataclass
 class TensorRule:
     index: int = key(yaml=False)
-    regex: Pattern = key("match", parse=_regex, labels=True,
-                         missing="needs 'match', a regular expression for tensor names")
+    regex: Pattern = key(
+        "match", parse=_regex, labels=True, missing="needs 'match', a regular expression for tensor names"
+    )
     transform: Transform = key(inline=Transform)
     when: Expression | None = key(default=None, parse=_expression)
     replicate: Replicate | None = None
@@ -225,11 +230,14 @@ class TensorRule:
 
     def __post_init__(self):
         if self.drop and not self.transform.is_copy():
-            raise RulesError(f"{self.regex.where} ({self.pattern}): a dropped tensor cannot also have axes, ops or "
-                             "scale")
+            raise RulesError(
+                f"{self.regex.where} ({self.pattern}): a dropped tensor cannot also have axes, ops or scale"
+            )
         if self.replicate_unit_of is not None and "(?P<h>" not in self.pattern:
-            raise RulesError(f"{self.regex.where} ({self.pattern}): replicate.unit_of needs the unit index as the "
-                             "regex group (?P<h>...)")
+            raise RulesError(
+                f"{self.regex.where} ({self.pattern}): replicate.unit_of needs the unit index as the "
+                "regex group (?P<h>...)"
+            )
 
     @property
     def pattern(self) -> str:
@@ -256,10 +264,12 @@ class TensorRule:
 class CreateRule:
     """A tensor written that the source lacks (an untied lm_head), from the source tensor `from`."""
 
-    name: str = key(parse=_needs("needs 'name' and 'from' tensor names"),
-                    missing="needs 'name' and 'from' tensor names")
-    source: str = key("from", parse=_needs("needs 'name' and 'from' tensor names"),
-                      missing="needs 'name' and 'from' tensor names")
+    name: str = key(
+        parse=_needs("needs 'name' and 'from' tensor names"), missing="needs 'name' and 'from' tensor names"
+    )
+    source: str = key(
+        "from", parse=_needs("needs 'name' and 'from' tensor names"), missing="needs 'name' and 'from' tensor names"
+    )
     transform: Transform = key(inline=Transform)
     when: Expression | None = key(default=None, parse=_expression)
     component: Component | None = None
@@ -291,8 +301,9 @@ class DepthSpec:
     group: Identifier = "layer"
     lists: Strings = key(default_factory=list)
     thresholds: Strings = key(default_factory=list)
-    identity: list[IdentityRule] = key(default_factory=list,
-                                       parse=_rules_list(IdentityRule, " of {match, fill} rules", "."))
+    identity: list[IdentityRule] = key(
+        default_factory=list, parse=_rules_list(IdentityRule, " of {match, fill} rules", ".")
+    )
     identity_checks: list[Check] = key(default_factory=list, parse=_rules_list(Check, separator="."))
 
 
@@ -342,8 +353,10 @@ def _depth(value, where, context) -> DepthSpec | None:
     here = f"{where}: depth"
     spec = read(DepthSpec, value, here, context)
     if not any(spec.group in rule.regex.groupindex for rule in context["tensors"]):
-        raise RulesError(f"{here}.group {spec.group!r} is captured by no tensor rule; per-layer rules need "
-                         f"(?P<{spec.group}>\\d+) in their regex")
+        raise RulesError(
+            f"{here}.group {spec.group!r} is captured by no tensor rule; per-layer rules need "
+            f"(?P<{spec.group}>\\d+) in their regex"
+        )
     return spec
 
 
@@ -480,7 +493,9 @@ def _axis_label(label, where, spaces):
     if label is None or label == "-":
         return "-"
     if not isinstance(label, str):
-        raise RulesError(f"{where}: axis role {label!r} must be a space name, 'space.in', 'space.norm', '-' or a list of them")
+        raise RulesError(
+            f"{where}: axis role {label!r} must be a space name, 'space.in', 'space.norm', '-' or a list of them"
+        )
     space = split_role(label)[0]
     if space not in spaces:
         raise RulesError(f"{where}: axis role {label!r} names no space (spaces: {', '.join(spaces) or 'none'})")
@@ -495,7 +510,7 @@ def _op_chain(ops, where) -> list[OpSpec]:
         here = f"{where}: ops[{i}]"
         if not isinstance(entry, dict) or len(entry) != 1:
             raise RulesError(f"{here}: each op is a one-key mapping, e.g. {{tile: {{axis: 0, times: n}}}}")
-        (op_type, params), = entry.items()
+        ((op_type, params),) = entry.items()
         params = _mapping(params, here)
         if op_type == "fused":
             _unknown(params, {"axis", "parts"}, here)

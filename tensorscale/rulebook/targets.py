@@ -5,7 +5,11 @@ The one list of them: planning, the CLI and batch import it from here (a module 
 reading a jobs file or declaring click options loads nothing else).
 """
 
-DEFAULT_TARGETS = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
-                   "num_key_value_heads": "kv_heads"}
+DEFAULT_TARGETS = {
+    "hidden_size": "hidden",
+    "intermediate_size": "ffn",
+    "num_attention_heads": "heads",
+    "num_key_value_heads": "kv_heads",
+}
 TARGET_KEYS = tuple(DEFAULT_TARGETS)
 DEFAULT_TIE_KEY = "tie_word_embeddings"  # the config key that says the embeddings are tied, unless `tie:` says

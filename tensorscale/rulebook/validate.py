@@ -37,8 +37,16 @@ class Strings(list):
     """A type for fields holding one string or a list of strings (read as a list)."""
 
 
-def key(name: str | None = None, *, parse=None, missing: str | None = None, yaml: bool = True, inline=None,
-        labels: bool = False, **field_options):
+def key(
+    name: str | None = None,
+    *,
+    parse=None,
+    missing: str | None = None,
+    yaml: bool = True,
+    inline=None,
+    labels: bool = False,
+    **field_options,
+):
     """A dataclass field read from a YAML mapping.
 
     name: the YAML key, when it is not the field's name (`assert`, `from`, `match`). parse: a function
@@ -112,7 +120,9 @@ def _read_fields(cls, value: dict, where: str, context: dict, given: dict) -> di
                 missing = _meta(field, "missing") or f"needs {name!r}"
                 raise ValidationError(f"{where}{'' if missing.startswith(':') else ' '}{missing}")
             # the default, so that later fields see it (the tensors of a file without spaces see {})
-            found[field.name] = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+            found[field.name] = (
+                field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+            )
             continue
         parse = _meta(field, "parse")
         raw = value[name]
@@ -132,8 +142,7 @@ def convert(hint, value, name: str, where: str, context: dict | None = None):
         options = [arg for arg in args if arg is not type(None)]
         if value is None and len(options) < len(args):
             return None
-        return convert(options[0] if len(options) == 1 else typing.Union[tuple(options)], value, name, where,
-                       context)
+        return convert(options[0] if len(options) == 1 else typing.Union[tuple(options)], value, name, where, context)
     if origin is Literal:
         if value not in args:
             words = f"{args[0]!r} or {args[1]!r}" if len(args) == 2 else f"one of {', '.join(map(str, args))}"

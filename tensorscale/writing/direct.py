@@ -142,7 +142,7 @@ class BlockAssembler:
                 block, mask = entry
                 lo = at - start
                 hi = min(length, lo + len(data) - position)
-                block[lo:hi] = data[position:position + hi - lo]
+                block[lo:hi] = data[position : position + hi - lo]
                 mask[lo:hi] = b"\x01" * (hi - lo)
                 position += hi - lo
                 if mask.count(0) == 0:

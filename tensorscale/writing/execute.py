@@ -35,12 +35,20 @@ Progress = Callable[[int, int], None]  # (bytes written, tensors finished)
 
 
 def shard_header(shard: ShardPlan, metadata: dict[str, str] | None = None) -> bytes:
-    return header_bytes([(t.name, t.out_dtype, t.out_shape, t.offset, t.offset + t.nbytes) for t in shard.tensors],
-                        metadata)
+    return header_bytes(
+        [(t.name, t.out_dtype, t.out_shape, t.offset, t.offset + t.nbytes) for t in shard.tensors], metadata
+    )
 
 
-def write_shard(plan: Plan, shard: ShardPlan, path: str, reader: ShardReader, progress: Progress | None = None,
-                hashes: dict[str, str] | None = None, workers: int | None = None) -> None:
+def write_shard(
+    plan: Plan,
+    shard: ShardPlan,
+    path: str,
+    reader: ShardReader,
+    progress: Progress | None = None,
+    hashes: dict[str, str] | None = None,
+    workers: int | None = None,
+) -> None:
     """Write one shard. With `hashes`, record each tensor's sha256 as streamed (for --verify-files).
 
     Tensors are produced by `workers` threads at once (default: one per core, at most WORKERS): torch ops,
@@ -186,8 +194,9 @@ class _Rows:
             return raw
         if self.input is None:
             self.input = POOL.acquire(self.rows_per_chunk * self.in_row_bytes)
-        x = self.reader.read_rows(self.tensor.source, source_row, source_row + rows,
-                                  into=self.input.view[: rows * self.in_row_bytes])
+        x = self.reader.read_rows(
+            self.tensor.source, source_row, source_row + rows, into=self.input.view[: rows * self.in_row_bytes]
+        )
         ctx = self.ctx
         ctx.chunk_key = chunk_key
         ops = self.tensor.row_ops
@@ -208,8 +217,9 @@ class _Rows:
             self.input = None
 
 
-def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None,
-                 digest=None) -> None:
+def write_tensor(
+    plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None, digest=None
+) -> None:
     """Write one tensor by the one of three paths its plan allows, chosen here and only here:
 
     1. row-mapped (planning found a row map: copies, tiles, slices and fills along axis 0): streamed in row
@@ -232,8 +242,9 @@ def write_tensor(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardRe
         progress(tensor.nbytes, 0)
 
 
-def _write_row_mapped(plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader,
-                      progress: Progress | None, digest) -> None:
+def _write_row_mapped(
+    plan: Plan, tensor: TensorPlan, out: ShardFile, reader: ShardReader, progress: Progress | None, digest
+) -> None:
     rows = _Rows(plan, tensor, reader)
     try:
         # Segments that repeat the same source rows (a tile along axis 0) form one group, produced once.

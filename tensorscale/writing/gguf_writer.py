@@ -21,8 +21,14 @@ from ..reading.gguf_source import architecture_table, gguf_arch_enum
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CHUNK_BYTES = 16 << 20  # float32 working set of one span of rows
 # Keys that describe the file, not the model: never copied from the source GGUF.
-_FILE_KEYS = ("GGUF.", "split.", "general.architecture", "general.file_type", "general.alignment",
-              "general.quantization_version")
+_FILE_KEYS = (
+    "GGUF.",
+    "split.",
+    "general.architecture",
+    "general.file_type",
+    "general.alignment",
+    "general.quantization_version",
+)
 
 
 def _types():
@@ -30,8 +36,12 @@ def _types():
 
     ggml = gguf.GGMLQuantizationType
     quant = {"f32": ggml.F32, "f16": ggml.F16, "bf16": ggml.BF16, "q8_0": ggml.Q8_0}
-    files = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    files = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
     return quant, files
 
 
@@ -42,8 +52,10 @@ def gguf_architecture(config: dict) -> tuple[str, dict]:
         if entry["model_type"] == model_type:
             return arch, entry
     known = sorted({entry["model_type"] for entry in architecture_table().values()})
-    raise TensorscaleError(f"--format gguf does not write {model_type!r} models yet (it writes {', '.join(known)}); "
-                           "write safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
+    raise TensorscaleError(
+        f"--format gguf does not write {model_type!r} models yet (it writes {', '.join(known)}); "
+        "write safetensors and convert with llama.cpp's convert_hf_to_gguf.py"
+    )
 
 
 def model_metadata(config: dict, arch: str, entry: dict, source_header=None) -> dict:
@@ -146,7 +158,9 @@ def plan_tensors(source, arch: str, entry: dict, outtype: str) -> list[_TensorOu
     return out
 
 
-def write_gguf(folder: str, path: str, outtype: str, source_header=None, progress=None, name: str | None = None) -> None:
+def write_gguf(
+    folder: str, path: str, outtype: str, source_header=None, progress=None, name: str | None = None
+) -> None:
     """Write the safetensors checkpoint in `folder` as the GGUF file `path` (header first, then the data).
 
     `name` is `general.name` when the source had no GGUF header to copy it from (default: the folder's
@@ -171,8 +185,9 @@ def write_gguf(folder: str, path: str, outtype: str, source_header=None, progres
             if key.startswith(_FILE_KEYS) or key in model_keys:
                 continue
             kind, element = source_header.value_types[key]
-            writer.add_key_value(key, value, gguf.GGUFValueType(kind),
-                                 gguf.GGUFValueType(element) if element is not None else None)
+            writer.add_key_value(
+                key, value, gguf.GGUFValueType(kind), gguf.GGUFValueType(element) if element is not None else None
+            )
     else:
         writer.add_name(name or os.path.basename(os.path.normpath(folder)))
     for key, (value, kind) in model_keys.items():
@@ -181,7 +196,9 @@ def write_gguf(folder: str, path: str, outtype: str, source_header=None, progres
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tensor in tensors:
         # uint8 with the byte shape: GGUFWriter derives the element shape from it, for every type alike
-        writer.add_tensor_info(tensor.name, tensor.byte_shape(), np.dtype(np.uint8), tensor.nbytes, raw_dtype=tensor.qtype)
+        writer.add_tensor_info(
+            tensor.name, tensor.byte_shape(), np.dtype(np.uint8), tensor.nbytes, raw_dtype=tensor.qtype
+        )
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -196,7 +213,9 @@ def write_gguf(folder: str, path: str, outtype: str, source_header=None, progres
                     handle.write(chunk)
                     written += len(chunk)
                 if written != tensor.nbytes:
-                    raise TensorscaleError(f"internal error: {tensor.name} came to {written} bytes, not {tensor.nbytes}")
+                    raise TensorscaleError(
+                        f"internal error: {tensor.name} came to {written} bytes, not {tensor.nbytes}"
+                    )
                 writer.write_padding(handle, written)
                 if progress:
                     progress(written)

@@ -74,8 +74,18 @@ def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command if command is not None else sys.argv,
         "options": {
-            **{key: options[key] for key in ("embed_dim_multiplier", "up_proj_multiplier", "snr_db", "seed",
-                                             "untie_embeddings", "dtype", "max_shard_size")},
+            **{
+                key: options[key]
+                for key in (
+                    "embed_dim_multiplier",
+                    "up_proj_multiplier",
+                    "snr_db",
+                    "seed",
+                    "untie_embeddings",
+                    "dtype",
+                    "max_shard_size",
+                )
+            },
             "rules": plan.rules.name,
         },
         "source": {
@@ -99,8 +109,11 @@ def build_manifest(plan: Plan, folder: str, command: list[str] | None) -> dict:
 
 def manifest_files(folder: str) -> list[str]:
     """The output files a manifest lists: every plain file but hidden ones and the manifest itself."""
-    return [name for name in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME]
+    return [
+        name
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".") and name != MANIFEST_NAME
+    ]
 
 
 def file_stat(path: str) -> list[int]:

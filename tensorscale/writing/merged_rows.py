@@ -59,8 +59,9 @@ def _slices(merge: Merge, row_bytes: int) -> list[tuple[int, int]]:
     return slices
 
 
-def write_merged_rows(tensor: TensorPlan, row_mixing: tuple[int, Merge], seed: int, out: ShardFile,
-                      reader: ShardReader, progress, digest) -> None:
+def write_merged_rows(
+    tensor: TensorPlan, row_mixing: tuple[int, Merge], seed: int, out: ShardFile, reader: ShardReader, progress, digest
+) -> None:
     merge_index, merge = row_mixing
     store = torch_dtype(tensor.out_dtype)
     row_local = [(index, op) for index, op in enumerate(tensor.ops) if op.axis != 0]

@@ -78,7 +78,7 @@ def base_model(source) -> str:
         return source.hub_id
     repo = hub_repo_folder(source.folder)
     if repo:
-        return os.path.basename(repo)[len("models--"):].replace("--", "/")
+        return os.path.basename(repo)[len("models--") :].replace("--", "/")
     return os.path.basename(os.path.realpath(source.folder))
 
 
@@ -87,8 +87,11 @@ def card_facts(plan, command: list[str] | None) -> dict:
     source = plan.source
     card = read_source_card(source.folder) if not source.folder.startswith("hub://") else {}
     mode = plan.options.mode
-    changed = {key: [source.config.get(key), value] for key, value in plan.config.items()
-               if source.config.get(key) != value and key != "transformers_version"}
+    changed = {
+        key: [source.config.get(key), value]
+        for key, value in plan.config.items()
+        if source.config.get(key) != value and key != "transformers_version"
+    }
     return {
         "base_model": base_model(source),
         "revision": snapshot_revision(source.folder) if source.hub_id else None,
@@ -137,14 +140,25 @@ def card_text(facts: dict, verify: dict | None = None) -> str:
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", ""]
     base = facts["base_model"]
     at = f" at revision `{facts['revision']}`" if facts["revision"] else ""
-    lines += [f"# {base} ({facts['operation']})", "",
-              f"This model is `{base}`{at}, {WHAT[facts['operation']]} by tensorscale {facts['version']} "
-              f"(rules `{facts['rules']}`). It was made with:", "", "```sh", facts["command"], "```", ""]
+    lines += [
+        f"# {base} ({facts['operation']})",
+        "",
+        f"This model is `{base}`{at}, {WHAT[facts['operation']]} by tensorscale {facts['version']} "
+        f"(rules `{facts['rules']}`). It was made with:",
+        "",
+        "```sh",
+        facts["command"],
+        "```",
+        "",
+    ]
     if "license" not in facts["carried"]:
         lines += ["The source model card states no licence: check the source's terms before you share this model.", ""]
-    lines += ["| | before | after |", "|---|---|---|",
-              f"| parameters | {facts['parameters'][0]:,} | {facts['parameters'][1]:,} |",
-              f"| bytes | {facts['bytes'][0]:,} | {facts['bytes'][1]:,} |"]
+    lines += [
+        "| | before | after |",
+        "|---|---|---|",
+        f"| parameters | {facts['parameters'][0]:,} | {facts['parameters'][1]:,} |",
+        f"| bytes | {facts['bytes'][0]:,} | {facts['bytes'][1]:,} |",
+    ]
     for key, (old, new) in facts["config_changes"].items():
         lines.append(f"| `{key}` | {json.dumps(old)} | {json.dumps(new)} |")
     lines.append("")
@@ -152,15 +166,21 @@ def card_text(facts: dict, verify: dict | None = None) -> str:
         lines += [f"Note: {note}.", ""]
     if verify is not None:
         verdict = "passed" if verify["passed"] else "FAILED"
-        lines += ["## Verification", "",
-                  f"`tensorscale verify` {verdict} at tolerance {verify['tolerance']:g} on {verify['inputs']} "
-                  f"({verify['positions']} positions):", "",
-                  "| measure | value |", "|---|---|",
-                  f"| relative logit error (max\\|Δlogit\\| / max\\|logit\\|) | {_number(verify['relative_logit_error'])} |",
-                  f"| KL(source ‖ this model), nats per position | {_number(verify['kl_mean'])} |",
-                  f"| top-1 agreement | {verify['top1_agreement']:.2%} |",
-                  f"| perplexity, source / this model | {_number(verify['perplexity_source'])} / "
-                  f"{_number(verify['perplexity_output'])} |", ""]
+        lines += [
+            "## Verification",
+            "",
+            f"`tensorscale verify` {verdict} at tolerance {verify['tolerance']:g} on {verify['inputs']} "
+            f"({verify['positions']} positions):",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| relative logit error (max\\|Δlogit\\| / max\\|logit\\|) | {_number(verify['relative_logit_error'])} |",
+            f"| KL(source ‖ this model), nats per position | {_number(verify['kl_mean'])} |",
+            f"| top-1 agreement | {verify['top1_agreement']:.2%} |",
+            f"| perplexity, source / this model | {_number(verify['perplexity_source'])} / "
+            f"{_number(verify['perplexity_output'])} |",
+            "",
+        ]
     else:
         lines += ["Check it yourself: `tensorscale verify SOURCE THIS_FOLDER` compares the two models' logits.", ""]
     return "\n".join(lines)

@@ -59,7 +59,9 @@ def check_output_path(output: str, source_folder: str | None, force: bool, extra
         src = os.path.realpath(source_folder)
         real_out = os.path.realpath(out)
         if real_out == src or os.path.commonpath([src, real_out]) == src:
-            raise TensorscaleError(f"output {output} is the input folder or file, or inside it; choose another --output")
+            raise TensorscaleError(
+                f"output {output} is the input folder or file, or inside it; choose another --output"
+            )
     if os.path.lexists(out) and not force:
         raise TensorscaleError(f"output {output} already exists; pass --force to replace it or choose another --output")
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -157,11 +159,11 @@ class OutputFolder:
         runs: dict[str, list[str]] = {}
         for name in names:
             if name.startswith(tmp_prefix):
-                run = name[len(tmp_prefix):]
-                run = run[:-len("-old")] if run.endswith("-old") else run
+                run = name[len(tmp_prefix) :]
+                run = run[: -len("-old")] if run.endswith("-old") else run
                 runs.setdefault(run, []).append(name)
             elif name.startswith(lock_prefix):
-                runs.setdefault(name[len(lock_prefix):], [])
+                runs.setdefault(name[len(lock_prefix) :], [])
         for run, folders in sorted(runs.items()):
             lock = os.path.join(self.parent, lock_prefix + run)
             if os.path.lexists(lock) and not _lock_is_free(lock):
@@ -293,8 +295,10 @@ def reserve_space(folder: str, nbytes: int) -> None:
             return
         free = _free_bytes(folder)
         have = f", {free / 1e9:.2f} GB free" if free is not None else ""
-        raise TensorscaleError(f"cannot reserve {nbytes / 1e9:.2f} GB for the output in {os.path.dirname(folder)}"
-                               f"{have}: {exc.strerror} (is the disk full?)") from None
+        raise TensorscaleError(
+            f"cannot reserve {nbytes / 1e9:.2f} GB for the output in {os.path.dirname(folder)}"
+            f"{have}: {exc.strerror} (is the disk full?)"
+        ) from None
     except AttributeError:
         pass
     finally:
@@ -423,8 +427,12 @@ def remove_stale_spills(parent: str) -> list[str]:
             os.unlink(lock)
     for name in names:  # locks whose folder is gone, and private locks a kill left before their rename
         path = os.path.join(parent, name)
-        if name.startswith(SPILL_MARKER) and name.endswith((".lock", ".newlock")) and os.path.lexists(path) \
-                and _lock_is_free(path):
+        if (
+            name.startswith(SPILL_MARKER)
+            and name.endswith((".lock", ".newlock"))
+            and os.path.lexists(path)
+            and _lock_is_free(path)
+        ):
             try:
                 os.unlink(path)
             except OSError:

@@ -22,10 +22,23 @@ from ..errors import TensorscaleError
 
 MANIFEST_NAME = "tensorscale-manifest.json"  # as writing.integrity names it (kept light: no planning import)
 MODEL_FILE_NAMES = {
-    "config.json", "generation_config.json", "model.safetensors.index.json", MANIFEST_NAME, "README.md",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-    "chat_template.jinja", "chat_template.json",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    MANIFEST_NAME,
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
 }
 MODEL_FILE_PATTERNS = ("*.safetensors", "*.gguf", "*.tiktoken", "tokenizer*.json", "tokenizer*.model")
 OWN_HIDDEN_PREFIX = ".tensorscale"  # our own bookkeeping files (locks, reservations)
@@ -115,12 +128,15 @@ def check_location(output: str, input_folder: str | None, extra_kept: tuple[str,
     for path, what in keep:
         if _within(path, real):
             where = "is" if path == real else f"contains {path}, which is"
-            raise TensorscaleError(f"--force would replace {output}, which {where} {what}; "
-                                   "tensorscale never replaces that: choose another --output")
+            raise TensorscaleError(
+                f"--force would replace {output}, which {where} {what}; "
+                "tensorscale never replaces that: choose another --output"
+            )
     for point in _mount_points():
         if _within(point, real):
-            raise TensorscaleError(f"--force would replace {output}, which is or contains the mount point {point}; "
-                                   "choose another --output")
+            raise TensorscaleError(
+                f"--force would replace {output}, which is or contains the mount point {point}; choose another --output"
+            )
     if real == os.path.realpath(os.sep):
         raise TensorscaleError("--force would replace the root folder; choose another --output")
 
@@ -134,4 +150,5 @@ def check_contents(output: str) -> None:
         more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
         raise TensorscaleError(
             f"--force would replace {output}, but it holds {odd[0]}{more}, which is not a model file tensorscale "
-            "writes; move it out, or choose another --output")
+            "writes; move it out, or choose another --output"
+        )

@@ -22,7 +22,9 @@ from .direct import ALIGN, POOL, BlockAssembler, align_down, align_up, is_refusa
 STAGING_BYTES = 16 * 2**20  # copies of unaligned tensors pass through this much aligned memory at a time
 
 
-def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None = None) -> bytes:
+def header_bytes(
+    entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None = None
+) -> bytes:
     """entries: (name, dtype, shape, begin, end) with offsets relative to the data section."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     for name, dtype, shape, begin, end in entries:
@@ -81,7 +83,8 @@ class ShardFile:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise TensorscaleError(
-                    f"cannot reserve {self.size} bytes for {os.path.basename(self.path)}: {exc.strerror} (is the disk full?)"
+                    f"cannot reserve {self.size} bytes for {os.path.basename(self.path)}: {exc.strerror} (is the "
+                    "disk full?)"
                 ) from None
         try:
             os.ftruncate(self.fd, self.size)
@@ -176,14 +179,14 @@ class ShardFile:
                 at = head
                 while at < body:
                     step = min(body - at, align_down(staging.capacity))
-                    staging.view[:step] = view[at - offset: at - offset + step]
+                    staging.view[:step] = view[at - offset : at - offset + step]
                     self.write_aligned(staging.view[:step], at)
                     at += step
             finally:
                 POOL.release(staging)
         tail = max(head, body)
         if end > tail:
-            self.write_partial(view[tail - offset:], tail)
+            self.write_partial(view[tail - offset :], tail)
 
     def write_tensor_bytes(self, tensor: torch.Tensor, data_offset: int, digest=None) -> None:
         """Write a tensor's raw bytes at `data_offset` within the data section (and feed `digest`)."""
@@ -263,7 +266,7 @@ class Stream:
             POOL.release(self.buffer)
             self.buffer = bigger
         self.reserved = nbytes
-        return self.buffer.tensor[self.fill: self.fill + nbytes], self.buffer.view[self.fill: self.fill + nbytes]
+        return self.buffer.tensor[self.fill : self.fill + nbytes], self.buffer.view[self.fill : self.fill + nbytes]
 
     def commit(self) -> None:
         """The reserved bytes are filled: write what forms whole blocks, carry the rest."""

@@ -62,8 +62,9 @@ class SpillFolder:
                 for tensor in self.pending.values():
                     handle.write(as_bytes(tensor).numpy().tobytes())
         except OSError as exc:
-            raise TensorscaleError(f"cannot write the refitted tensors to {self.folder}: {exc.strerror} "
-                                   "(is the disk full?)") from None
+            raise TensorscaleError(
+                f"cannot write the refitted tensors to {self.folder}: {exc.strerror} (is the disk full?)"
+            ) from None
         for name in self.pending:
             self.weight_map[name] = filename
         self.pending = {}

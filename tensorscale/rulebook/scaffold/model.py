@@ -10,8 +10,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import product
 
-from .vocabulary import (DECIDE, EMBED_WORDS, FFN_KEYS, HEADS_KEYS, HIDDEN_KEYS, KV_KEYS, LAYER_KEYS, VOCAB_KEYS,
-                         _is_norm_component)
+from .vocabulary import (
+    DECIDE,
+    EMBED_WORDS,
+    FFN_KEYS,
+    HEADS_KEYS,
+    HIDDEN_KEYS,
+    KV_KEYS,
+    LAYER_KEYS,
+    VOCAB_KEYS,
+    _is_norm_component,
+)
 
 
 @dataclass
@@ -104,8 +113,17 @@ def _group(tensors: dict) -> list[_Pattern]:
         names.sort(key=_natural)
         shapes = {_shape_of(tensors[name]) for name in names}
         first = tensors[names[0]]
-        patterns.append(_Pattern(r"\.".join(pieces), names, _shape_of(first), _dtype_of(first), seen > 0,
-                                 max(0, seen - 1), len(shapes) > 1))
+        patterns.append(
+            _Pattern(
+                r"\.".join(pieces),
+                names,
+                _shape_of(first),
+                _dtype_of(first),
+                seen > 0,
+                max(0, seen - 1),
+                len(shapes) > 1,
+            )
+        )
     return patterns
 
 
@@ -172,19 +190,36 @@ def _model(config: dict, patterns: list[_Pattern]) -> _Model:
     else:
         found = _ffn_from_shapes(patterns, model.sizes)
         if found is not None:
-            derived = (f"{found // hidden} * {model.size_exprs['hidden']}" if hidden and found % hidden == 0
-                       else str(found))
+            derived = (
+                f"{found // hidden} * {model.size_exprs['hidden']}" if hidden and found % hidden == 0 else str(found)
+            )
             model.sizes["ffn"] = found
             if ffn_key:  # present but null: a size derived from the hidden size
-                model.lets.append(("ffn_size", f"cfg('{ffn_key}', {derived})", [
-                    f"{DECIDE} {ffn_key} is null in config.json; the FFN tensors are {found} wide = {derived}. "
-                    f"Null means the model derives it from the hidden size, so the new config writes {ffn_key} "
-                    "out (config below) lest it follow the new hidden size"]))
+                model.lets.append(
+                    (
+                        "ffn_size",
+                        f"cfg('{ffn_key}', {derived})",
+                        [
+                            f"{DECIDE} {ffn_key} is null in config.json; the FFN tensors are {found} wide = {derived}. "
+                            f"Null means the model derives it from the hidden size, so the new config writes {ffn_key} "
+                            "out (config below) lest it follow the new hidden size"
+                        ],
+                    )
+                )
             else:
-                model.lets.append(("ffn_size", derived, [
-                    f"{DECIDE} no FFN-size field ({', '.join(FFN_KEYS[:3])}...) in config.json; the FFN tensors are "
-                    f"{found} wide = {derived}. If the model derives it from the hidden size, -upm must equal -edm "
-                    "(the config cannot say otherwise)"]))
+                model.lets.append(
+                    (
+                        "ffn_size",
+                        derived,
+                        [
+                            f"{DECIDE} no FFN-size field ({', '.join(FFN_KEYS[:3])}...) in config.json; the FFN "
+                            "tensors are "
+                            f"{found} wide = {derived}. If the model derives it from the hidden size, -upm must "
+                            "equal -edm "
+                            "(the config cannot say otherwise)"
+                        ],
+                    )
+                )
             model.size_exprs["ffn"] = "ffn_size"
     vocab_key = keys["vocab"]
     if vocab_key:
@@ -256,7 +291,10 @@ def _settle_norm(config: dict, model: _Model, patterns: list[_Pattern]) -> None:
         )
     elif model.norm == "rms" and "rms_norm_eps" not in config:
         model.norm_comment.append(
-            f"{DECIDE} no rms_norm_eps in config.json: if the model computes x̂·(1+w), use norm: rms_one_plus")
+            f"{DECIDE} no rms_norm_eps in config.json: if the model computes x̂·(1+w), use norm: rms_one_plus"
+        )
     if not norm_patterns:
-        model.header_decide.append("no norm tensor of the hidden size was found: the hidden space has no norm: key, "
-                                   "so `up` can only tile by whole factors")
+        model.header_decide.append(
+            "no norm tensor of the hidden size was found: the hidden space has no norm: key, "
+            "so `up` can only tile by whole factors"
+        )

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .model import _Model, _Pattern, _natural, _shape_text
+from .model import _Model, _natural, _Pattern, _shape_text
 from .roles import _Rule
 from .vocabulary import DECIDE
 
@@ -54,7 +54,9 @@ def _module_path(pattern: _Pattern) -> str:
 def _final_norms(patterns, by_regex, kinds) -> tuple[list[_Pattern], str | None]:
     """The norm just before the head (its weight and bias patterns): the one top-level hidden norm, or among
     several the one named final / ln_f / norm_f; and a DECIDE text when that is a guess."""
-    top = [p for p in patterns if kinds[p.regex] == "block" and not p.layered and by_regex[p.regex].axes == ["hidden.norm"]]
+    top = [
+        p for p in patterns if kinds[p.regex] == "block" and not p.layered and by_regex[p.regex].axes == ["hidden.norm"]
+    ]
     modules = list(dict.fromkeys(_module_path(p) for p in top))
     if len(modules) <= 1:
         return top, None
@@ -62,13 +64,17 @@ def _final_norms(patterns, by_regex, kinds) -> tuple[list[_Pattern], str | None]
     chosen = named[0] if len(named) == 1 else modules[-1]
     how = "by its name" if len(named) == 1 else "as the last one stored"
     others = ", ".join(m for m in modules if m != chosen)
-    return ([p for p in top if _module_path(p) == chosen],
-            f"several top-level norms: {chosen} taken as the one the head reads ({how}), not {others}")
+    return (
+        [p for p in top if _module_path(p) == chosen],
+        f"several top-level norms: {chosen} taken as the one the head reads ({how}), not {others}",
+    )
 
 
-NO_FINAL_NORM = ("tied embeddings but no top-level norm before the head: the head would read the residual stream ×n. "
-                 "Divide the last thing that writes what it reads by n_tiles (a post-LN model's last layer norm, with "
-                 "a `when: layer == ...` rule), or use --untie-embeddings")
+NO_FINAL_NORM = (
+    "tied embeddings but no top-level norm before the head: the head would read the residual stream ×n. "
+    "Divide the last thing that writes what it reads by n_tiles (a post-LN model's last layer norm, with "
+    "a `when: layer == ...` rule), or use --untie-embeddings"
+)
 
 
 @dataclass
@@ -98,13 +104,34 @@ def _render(config, model: _Model, patterns, by_regex, kinds, source, name) -> s
     finals, finals_guess = _final_norms(patterns, by_regex, kinds)
     tied_default = head_weight is None and bool(embeds)
     tied_now = config.get("tie_word_embeddings", tied_default)
-    per_layer_lists = [key for key, value in config.items()
-                       if isinstance(value, list) and model.layers and len(value) == model.layers]
+    per_layer_lists = [
+        key for key, value in config.items() if isinstance(value, list) and model.layers and len(value) == model.layers
+    ]
     emit_depth = _depth_supported() and bool(model.keys["layers"]) and any(p.layered for p in patterns)
-    file = _File(config, model, patterns, by_regex, kinds, embeds, head_weight, finals, finals_guess, tied_default,
-                 tied_default if tied_now is None else bool(tied_now), per_layer_lists, emit_depth)
-    sections = [_header_section(file, source, name), _let_section(file), _checks_section(file), _spaces_section(file),
-                _config_section(file), _tensors_section(file), _create_section(file)]
+    file = _File(
+        config,
+        model,
+        patterns,
+        by_regex,
+        kinds,
+        embeds,
+        head_weight,
+        finals,
+        finals_guess,
+        tied_default,
+        tied_default if tied_now is None else bool(tied_now),
+        per_layer_lists,
+        emit_depth,
+    )
+    sections = [
+        _header_section(file, source, name),
+        _let_section(file),
+        _checks_section(file),
+        _spaces_section(file),
+        _config_section(file),
+        _tensors_section(file),
+        _create_section(file),
+    ]
     if emit_depth:
         sections.append(_depth(config, model, patterns, by_regex, per_layer_lists))
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
@@ -120,7 +147,8 @@ def _header_section(file: _File, source: str, name: str | None) -> list[str]:
         "written by",
         f"# `tensorscale rules new` from {source}: config.json and the safetensors headers ({tensors} tensors, "
         f"{len(file.patterns)} patterns).",
-        "# Roles are guessed from sizes and names. Lines marked DECIDE are guesses to confirm against the model's code;",
+        "# Roles are guessed from sizes and names. Lines marked DECIDE are guesses to confirm against the model's "
+        "code;",
         "# fix each, then:",
         "#   tensorscale rules check -i SRC --rules THIS.yaml                  # every tensor matches a rule",
         "#   tensorscale plan -i SRC --rules THIS.yaml -edm 2 -upm 2           # shapes and ops of every tensor",
@@ -131,13 +159,16 @@ def _header_section(file: _File, source: str, name: str | None) -> list[str]:
     out.extend(_comment([f"{DECIDE} {text}" for text in model.header_decide], ""))
     out.append(f"name: {json.dumps(name or re.sub(r'[^A-Za-z0-9_.-]+', '_', model_type))}")
     keys, sizes = model.keys, model.sizes
-    summary = [f"{model.layers} layers" if model.layers else None, f"hidden {sizes['hidden']}",
-               f"{config.get(keys['heads'])} heads" if "heads" in sizes else None,
-               f"{config.get(keys['kv'])} kv heads" if "kv_heads" in sizes else None,
-               f"FFN {sizes['ffn']}" if "ffn" in sizes else None,
-               {"rms": "RMSNorm", "layer": "LayerNorm", None: "no norms"}[model.norm],
-               "Conv1D [in, out] weights" if model.layout == "conv1d" else None,
-               "tied embeddings" if file.tied_now else "untied"]
+    summary = [
+        f"{model.layers} layers" if model.layers else None,
+        f"hidden {sizes['hidden']}",
+        f"{config.get(keys['heads'])} heads" if "heads" in sizes else None,
+        f"{config.get(keys['kv'])} kv heads" if "kv_heads" in sizes else None,
+        f"FFN {sizes['ffn']}" if "ffn" in sizes else None,
+        {"rms": "RMSNorm", "layer": "LayerNorm", None: "no norms"}[model.norm],
+        "Conv1D [in, out] weights" if model.layout == "conv1d" else None,
+        "tied embeddings" if file.tied_now else "untied",
+    ]
     out.append(f"description: {json.dumps('scaffold: ' + ', '.join(s for s in summary if s))}")
     out.append("detect:")
     out.append(f"  model_type: [{json.dumps(model_type)}]" if config.get("model_type") else "  model_type: []")
@@ -146,9 +177,11 @@ def _header_section(file: _File, source: str, name: str | None) -> list[str]:
 
 
 def _let_section(file: _File) -> list[str]:
-    out = ["# Derived values: expressions over config.json fields and the options n, m, nh, nkv, n_tiles,",
-           "# snr_db, untie_embeddings; cfg(field, default) for a field that may be missing or null.",
-           "let:"]
+    out = [
+        "# Derived values: expressions over config.json fields and the options n, m, nh, nkv, n_tiles,",
+        "# snr_db, untie_embeddings; cfg(field, default) for a field that may be missing or null.",
+        "let:",
+    ]
     for key, expression, comments in file.model.lets:
         out.extend(_comment(comments, "  "))
         out.append(f"  {key}: {json.dumps(expression)}")
@@ -176,9 +209,11 @@ def _checks_section(file: _File) -> list[str]:
 
 def _spaces_section(file: _File) -> list[str]:
     model, sizes, exprs = file.model, file.model.sizes, file.model.size_exprs
-    out = ["# The model's spaces: size, growth (n hidden, nh heads, nkv kv heads, m FFN), unit (a head), and for",
-           "# `down` whether clustering is per layer, whether a norm rescales (scaled) or centres (equal) the space.",
-           "spaces:"]
+    out = [
+        "# The model's spaces: size, growth (n hidden, nh heads, nkv kv heads, m FFN), unit (a head), and for",
+        "# `down` whether clustering is per layer, whether a norm rescales (scaled) or centres (equal) the space.",
+        "spaces:",
+    ]
     out.extend(_comment(model.norm_comment, "  "))
     norm_keys = {"rms": ", scaled: true, norm: rms", "layer": ", equal: true, norm: layer", None: ""}[model.norm]
     out.append(f"  hidden: {{size: {exprs['hidden']}, grow: n{norm_keys}}}")
@@ -204,8 +239,14 @@ def _config_section(file: _File) -> list[str]:
     out = ["# New config.json values.", "config:"]
     if keys["hidden"]:
         out.append(f"  {keys['hidden']}: {json.dumps(keys['hidden'] + ' * n')}")
-    eps_key = next((key for key in ("rms_norm_eps", "norm_eps", "rms_eps", "layer_norm_eps", "layer_norm_epsilon")
-                    if isinstance(config.get(key), float)), None)
+    eps_key = next(
+        (
+            key
+            for key in ("rms_norm_eps", "norm_eps", "rms_eps", "layer_norm_eps", "layer_norm_epsilon")
+            if isinstance(config.get(key), float)
+        ),
+        None,
+    )
     if model.norm == "rms" and eps_key:
         out.append("  # Zero units (--strategy pad, widths that are not multiples) lower the mean square by n_tiles/n:")
         out.append("  # scaling eps alike keeps x/sqrt(ms + eps) exact (unchanged when tiling by a whole factor).")
@@ -213,7 +254,7 @@ def _config_section(file: _File) -> list[str]:
     if "heads" in model.sizes:
         out.append(f"  {keys['heads']}: {json.dumps(keys['heads'] + ' * nh')}")
     if "kv_heads" in model.sizes:
-        out.append(f"  {keys['kv']}: \"kv_heads * nkv\"")
+        out.append(f'  {keys["kv"]}: "kv_heads * nkv"')
     if "ffn" in model.sizes and keys["ffn"]:
         out.append(f"  {keys['ffn']}: {json.dumps(model.size_exprs['ffn'] + ' * m')}")
     if "head_dim" in config and "heads" in model.sizes:
@@ -224,30 +265,70 @@ def _config_section(file: _File) -> list[str]:
         if key in used or isinstance(value, bool) or not isinstance(value, int):
             continue
         if value == model.sizes["hidden"] and any(w in key.lower() for w in ("dim", "size", "embd", "embed", "width")):
-            out.extend(_comment([f"{DECIDE} {key} = {value} equals the hidden size: taken to grow with it. Remove "
-                                 "this line if it is independent of the hidden size"], "  "))
+            out.extend(
+                _comment(
+                    [
+                        f"{DECIDE} {key} = {value} equals the hidden size: taken to grow with it. Remove "
+                        "this line if it is independent of the hidden size"
+                    ],
+                    "  ",
+                )
+            )
             out.append(f"  {key}: {json.dumps(key + ' * n')}")
     lists = ", ".join(file.per_layer_lists)
     if lists and file.emit_depth:
-        out.extend(_comment([f"per-layer lists ({lists}): kept for width; depth.lists below inserts entries with the "
-                             "layers"], "  "))
+        out.extend(
+            _comment(
+                [f"per-layer lists ({lists}): kept for width; depth.lists below inserts entries with the layers"], "  "
+            )
+        )
     elif lists:
-        out.extend(_comment([f"{DECIDE} per-layer lists in config.json ({lists}) are kept as they are: right for width, "
-                             "but a change of depth must change them too; and if one holds sizes, it must grow with "
-                             "its space"], "  "))
-    flags = [f"{key}={json.dumps(value)}" for key, value in config.items()
-             if isinstance(value, bool) and key != "tie_word_embeddings"
-             and any(w in key.lower() for w in ("norm", "parallel", "residual", "bias", "qk_"))]
-    placement = [f"{key}={json.dumps(value)}" for key, value in config.items()
-                 if isinstance(value, bool) and any(w in key.lower() for w in ("norm_before", "pre_norm", "post_norm",
-                                                                               "remove_final", "prenorm", "postnorm"))]
+        out.extend(
+            _comment(
+                [
+                    f"{DECIDE} per-layer lists in config.json ({lists}) are kept as they are: right for width, "
+                    "but a change of depth must change them too; and if one holds sizes, it must grow with "
+                    "its space"
+                ],
+                "  ",
+            )
+        )
+    flags = [
+        f"{key}={json.dumps(value)}"
+        for key, value in config.items()
+        if isinstance(value, bool)
+        and key != "tie_word_embeddings"
+        and any(w in key.lower() for w in ("norm", "parallel", "residual", "bias", "qk_"))
+    ]
+    placement = [
+        f"{key}={json.dumps(value)}"
+        for key, value in config.items()
+        if isinstance(value, bool)
+        and any(
+            w in key.lower() for w in ("norm_before", "pre_norm", "post_norm", "remove_final", "prenorm", "postnorm")
+        )
+    ]
     if flags:
-        out.extend(_comment([f"config flags that change which tensors exist: {', '.join(flags)}. The rules below fit "
-                             "this checkpoint; `rules check` on another one lists the tensors they lack"], "  "))
+        out.extend(
+            _comment(
+                [
+                    f"config flags that change which tensors exist: {', '.join(flags)}. The rules below fit "
+                    "this checkpoint; `rules check` on another one lists the tensors they lack"
+                ],
+                "  ",
+            )
+        )
     if placement and file.tied_now:
-        out.extend(_comment([f"{DECIDE} {', '.join(placement)} say where the norms sit. Tied, the norm the head reads "
-                             "is divided by n_tiles (tensors below); with the other setting another norm (or none) "
-                             "feeds the head: add `when:` rules for it (see rules/opt.yaml)"], "  "))
+        out.extend(
+            _comment(
+                [
+                    f"{DECIDE} {', '.join(placement)} say where the norms sit. Tied, the norm the head reads "
+                    "is divided by n_tiles (tensors below); with the other setting another norm (or none) "
+                    "feeds the head: add `when:` rules for it (see rules/opt.yaml)"
+                ],
+                "  ",
+            )
+        )
     return out
 
 
@@ -259,8 +340,12 @@ def _tensors_section(file: _File) -> list[str]:
     final_regexes = {p.regex for p in finals}
 
     def rank(p):
-        return (3 if p.regex in final_regexes else order[kinds[p.regex]], 0 if p.layered else 1,
-                _natural(p.example.rsplit(".", 1)[0]), p.is_bias)
+        return (
+            3 if p.regex in final_regexes else order[kinds[p.regex]],
+            0 if p.layered else 1,
+            _natural(p.example.rsplit(".", 1)[0]),
+            p.is_bias,
+        )
 
     rules = []
     for p in sorted(patterns, key=rank):
@@ -269,36 +354,51 @@ def _tensors_section(file: _File) -> list[str]:
             continue
         if p.regex in final_regexes:
             scaled = _Rule(p, list(rule.axes), when="keep_tie", scale="1 / n_tiles")
-            scaled.notes.append("tied: one tensor cannot be both the tiled embedding and the ÷n head, so the tie is "
-                                "kept and the norm before the head is divided by n_tiles instead")
+            scaled.notes.append(
+                "tied: one tensor cannot be both the tiled embedding and the ÷n head, so the tie is "
+                "kept and the norm before the head is divided by n_tiles instead"
+            )
             if file.finals_guess and p is finals[0]:
                 scaled.decide.append(file.finals_guess)
             rules.append(scaled)
         if kinds[p.regex] == "head" and not p.is_bias:
             tied_axes = ["vocab", "hidden"] if rule.axes == ["vocab", "hidden.in"] else list(rule.axes)
-            rules.append(_Rule(p, tied_axes, when="keep_tie", notes=["tied: the head is the embedding, so it is tiled "
-                                                                      "like it"]))
+            rules.append(
+                _Rule(p, tied_axes, when="keep_tie", notes=["tied: the head is the embedding, so it is tiled like it"])
+            )
         if kinds[p.regex] == "head" and file.tied_now and not finals:
             rule.decide.append(NO_FINAL_NORM)
         rules.append(rule)
     if file.head_weight is None and file.embeds:
         # The checkpoint has no head: keep rules for one, so untied variants of the architecture work.
         head = _Pattern(re.escape("lm_head.weight"), [], (0,), "F32", False, 0)
-        tied = _Rule(head, ["vocab", "hidden"], when="keep_tie",
-                     notes=["the head, absent here (tied); these rules fit untied checkpoints"])
+        tied = _Rule(
+            head,
+            ["vocab", "hidden"],
+            when="keep_tie",
+            notes=["the head, absent here (tied); these rules fit untied checkpoints"],
+        )
         if file.tied_now and not finals:
             tied.decide.append(NO_FINAL_NORM)
         rules.extend([tied, _Rule(head, ["vocab", "hidden.in"])])
     drops = [by_regex[p.regex] for p in patterns if by_regex[p.regex].drop]
     rotary = any("rope" in key or "rotary" in key for key in file.config)
     if (rotary or drops) and not any(p.example.lower().endswith("inv_freq") for p in patterns):
-        rules.append(_Rule(_Pattern(r".*\.inv_freq", [], (0,), "F32", False, 0), drop=True,
-                           notes=["rotary inv_freq buffers (older checkpoints): not parameters"]))
+        rules.append(
+            _Rule(
+                _Pattern(r".*\.inv_freq", [], (0,), "F32", False, 0),
+                drop=True,
+                notes=["rotary inv_freq buffers (older checkpoints): not parameters"],
+            )
+        )
     rules.extend(drops)
 
-    out = ["# Axis roles: 'space' = the tensor writes that space (copied), 'space.in' = it reads it (blocks that sum",
-           "# back, each ÷growth), 'space.norm' = a norm gain, '-' = unchanged, [a, b] = a fused axis of consecutive parts.",
-           "tensors:"]
+    out = [
+        "# Axis roles: 'space' = the tensor writes that space (copied), 'space.in' = it reads it (blocks that sum",
+        "# back, each ÷growth), 'space.norm' = a norm gain, '-' = unchanged, [a, b] = a fused axis of consecutive "
+        "parts.",
+        "tensors:",
+    ]
     for rule in rules:
         out.extend(_comment([f"{DECIDE} {text}" for text in rule.decide] + rule.notes, "  "))
         names = rule.pattern.names
@@ -319,13 +419,15 @@ def _create_section(file: _File) -> list[str]:
     if not file.embeds:
         return []
     head = file.head_weight.example if file.head_weight is not None else "lm_head.weight"
-    return ["create:",
-            "  # --untie-embeddings on a tied model: write the head the file never had.",
-            f"  - name: {head}",
-            f"    from: {file.embeds[0].example}",
-            '    when: "tied and untie_embeddings"',
-            "    axes: [vocab, hidden.in]",
-            "    component: head"]
+    return [
+        "create:",
+        "  # --untie-embeddings on a tied model: write the head the file never had.",
+        f"  - name: {head}",
+        f"    from: {file.embeds[0].example}",
+        '    when: "tied and untie_embeddings"',
+        "    axes: [vocab, hidden.in]",
+        "    component: head",
+    ]
 
 
 def _depth_supported() -> bool:
@@ -342,36 +444,66 @@ def _writes_residual(rule: _Rule) -> bool:
 
 def _depth(config, model: _Model, patterns, by_regex, per_layer_lists) -> list[str]:
     """up --add-layers: an inserted layer copies the one before it with its residual writers zeroed."""
-    writers = [p for p in sorted(patterns, key=lambda p: _natural(p.example)) if p.layered and _writes_residual(by_regex[p.regex])]
-    out = ["# Depth growth (up --add-layers / --duplicate-layers): an inserted layer copies the layer before it with",
-           "# the identity fills below applied."]
+    writers = [
+        p
+        for p in sorted(patterns, key=lambda p: _natural(p.example))
+        if p.layered and _writes_residual(by_regex[p.regex])
+    ]
+    out = [
+        "# Depth growth (up --add-layers / --duplicate-layers): an inserted layer copies the layer before it with",
+        "# the identity fills below applied.",
+    ]
     decide = []
     if writers:
-        decide.append("every tensor of a layer that writes the residual stream is zeroed, so an inserted layer adds "
-                      "nothing: exact for blocks x + f(x) (pre-norm, parallel, or a bias-less norm after f). A post-LN "
-                      "block LN(x + f(x)) has no identity layer: add identity_checks (see rules/opt.yaml)")
+        decide.append(
+            "every tensor of a layer that writes the residual stream is zeroed, so an inserted layer adds "
+            "nothing: exact for blocks x + f(x) (pre-norm, parallel, or a bias-less norm after f). A post-LN "
+            "block LN(x + f(x)) has no identity layer: add identity_checks (see rules/opt.yaml)"
+        )
     else:
         decide.append("no per-layer tensor writes the residual stream by these rules: name the tensors to zero")
     index_flags = [key for key in config if "layer_idx" in key.lower() or "layer_scale" in key.lower()]
     if index_flags:
-        decide.append(f"{', '.join(index_flags)} may tie a layer's computation to its index, which inserting layers "
-                      "changes (GPT-2's scale_attn_by_inverse_layer_idx): add identity_checks")
+        decide.append(
+            f"{', '.join(index_flags)} may tie a layer's computation to its index, which inserting layers "
+            "changes (GPT-2's scale_attn_by_inverse_layer_idx): add identity_checks"
+        )
     out.extend(_comment([f"{DECIDE} {text}" for text in decide], ""))
     out.append("depth:")
     out.append(f"  count: {model.keys['layers']}")
     out.append("  group: layer")
     if per_layer_lists:
-        out.extend(_comment([f"{DECIDE} one entry per layer, inserted with the layers (each copied from the layer "
-                             "the new one copies); remove any that is not per layer. If one holds sizes, its entries must "
-                             "also grow with their space under width growth: no rule does that here"], "  "))
+        out.extend(
+            _comment(
+                [
+                    f"{DECIDE} one entry per layer, inserted with the layers (each copied from the layer "
+                    "the new one copies); remove any that is not per layer. If one holds sizes, its entries must "
+                    "also grow with their space under width growth: no rule does that here"
+                ],
+                "  ",
+            )
+        )
         out.append(f"  lists: [{', '.join(per_layer_lists)}]")
-    counters = [key for key, value in config.items()
-                if key != model.keys["layers"] and "layer" in key.lower() and isinstance(value, int)
-                and not isinstance(value, bool) and key not in per_layer_lists]
+    counters = [
+        key
+        for key, value in config.items()
+        if key != model.keys["layers"]
+        and "layer" in key.lower()
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and key not in per_layer_lists
+    ]
     if counters:
-        out.extend(_comment([f"{DECIDE} config values that may count layers: {', '.join(counters)}. If one is a "
-                             "threshold (layers from it on behave otherwise: Qwen2's max_window_layers), add "
-                             "`thresholds: [KEY]` so it shifts with the layers inserted below it"], "  "))
+        out.extend(
+            _comment(
+                [
+                    f"{DECIDE} config values that may count layers: {', '.join(counters)}. If one is a "
+                    "threshold (layers from it on behave otherwise: Qwen2's max_window_layers), add "
+                    "`thresholds: [KEY]` so it shifts with the layers inserted below it"
+                ],
+                "  ",
+            )
+        )
     if writers:
         out.append("  identity:")
         for p in writers:

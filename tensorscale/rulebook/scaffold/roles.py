@@ -14,9 +14,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import product
 
-from .model import _Model, _Pattern, _is_norm, _shape_text
-from .vocabulary import (ATTN_OUT_NAMES, EMBED_WORDS, FFN_FUSED_IN_NAMES, FFN_IN_NAMES, FFN_OUT_NAMES, FLOAT_DTYPES,
-                         HEAD_NAMES, K_NAMES, POSITION_WORDS, Q_NAMES, QKV_NAMES, V_NAMES)
+from .model import _is_norm, _Model, _Pattern, _shape_text
+from .vocabulary import (
+    ATTN_OUT_NAMES,
+    EMBED_WORDS,
+    FFN_FUSED_IN_NAMES,
+    FFN_IN_NAMES,
+    FFN_OUT_NAMES,
+    FLOAT_DTYPES,
+    HEAD_NAMES,
+    K_NAMES,
+    POSITION_WORDS,
+    Q_NAMES,
+    QKV_NAMES,
+    V_NAMES,
+)
 
 
 @dataclass
@@ -137,28 +149,40 @@ def _pick(size: int, prefs: list[str], tag, context, model: _Model, rule: _Rule,
     if candidates:
         chosen = candidates[0]
         if prefs:
-            rule.decide.append(f"{where}: the name suggests {prefs[0]}, but {size} matches {' and '.join(candidates)}; "
-                               f"guessed {chosen}")
+            rule.decide.append(
+                f"{where}: the name suggests {prefs[0]}, but {size} matches {' and '.join(candidates)}; "
+                f"guessed {chosen}"
+            )
         elif len(candidates) > 1:
-            rule.decide.append(f"{where}: {size} matches {' and '.join(candidates)} and the name does not say which; "
-                               f"guessed {chosen}")
+            rule.decide.append(
+                f"{where}: {size} matches {' and '.join(candidates)} and the name does not say which; guessed {chosen}"
+            )
         return chosen
     parts, by_name = _fused(size, tag, context, model)
     if parts is not None:
         sums = " + ".join(str(sizes[p]) for p in parts)
-        text = (f"{where}: {size} = {sums}, read as a fused axis [{', '.join(parts)}] of consecutive blocks "
-                f"({'parts from the name' if by_name else 'parts guessed from the sizes'}); check the part order in "
-                "the model's code")
+        text = (
+            f"{where}: {size} = {sums}, read as a fused axis [{', '.join(parts)}] of consecutive blocks "
+            f"({'parts from the name' if by_name else 'parts guessed from the sizes'}); check the part order in "
+            "the model's code"
+        )
         if len(parts) == 3 and "heads" in parts:
-            text += ("; if each head's q, k, v lie together (GPT-NeoX query_key_value), use one space of size "
-                     f"{size} with unit 3 * head_dim instead (see rules/gpt_neox.yaml)")
+            text += (
+                "; if each head's q, k, v lie together (GPT-NeoX query_key_value), use one space of size "
+                f"{size} with unit 3 * head_dim instead (see rules/gpt_neox.yaml)"
+            )
         rule.decide.append(text)
         return parts
-    fields = [key for key, value in model.config.items()
-              if value == size and isinstance(value, int) and not isinstance(value, bool)]
+    fields = [
+        key
+        for key, value in model.config.items()
+        if value == size and isinstance(value, int) and not isinstance(value, bool)
+    ]
     hint = f"; it equals {', '.join(fields)} in config.json, a size that does not grow?" if fields else ""
-    rule.decide.append(f"{where}: {size} matches no space (hidden {sizes.get('hidden')}, heads {sizes.get('heads')}, "
-                       f"ffn {sizes.get('ffn')}): left unchanged ('-'){hint}")
+    rule.decide.append(
+        f"{where}: {size} matches no space (hidden {sizes.get('hidden')}, heads {sizes.get('heads')}, "
+        f"ffn {sizes.get('ffn')}): left unchanged ('-'){hint}"
+    )
     return "-"
 
 
@@ -183,30 +207,40 @@ def _matrix_roles(pattern: _Pattern, model: _Model, rule: _Rule) -> list:
     axes = [None, None]
     if tag in READS or (tag is None and shape[in_axis] == hidden and shape[out_axis] != hidden):
         if shape[in_axis] != hidden:
-            rule.decide.append(f"the name says it reads the residual stream, but its input axis is {shape[in_axis]}, "
-                               f"not the hidden size {hidden}")
+            rule.decide.append(
+                f"the name says it reads the residual stream, but its input axis is {shape[in_axis]}, "
+                f"not the hidden size {hidden}"
+            )
             axes[in_axis] = _in(_pick(shape[in_axis], [], tag, context, model, rule, "input axis"))
         else:
             axes[in_axis] = "hidden.in"
         if tag is None:
-            rule.decide.append("the name says nothing of what it computes: taken as a reader of the residual stream "
-                               "because its input axis is the hidden size")
+            rule.decide.append(
+                "the name says nothing of what it computes: taken as a reader of the residual stream "
+                "because its input axis is the hidden size"
+            )
         axes[out_axis] = _pick(shape[out_axis], prefs, tag, context, model, rule, "output axis")
     elif tag in WRITES or (tag is None and shape[out_axis] == hidden and shape[in_axis] != hidden):
         if shape[out_axis] != hidden:
-            rule.decide.append(f"the name says it writes the residual stream, but its output axis is "
-                               f"{shape[out_axis]}, not the hidden size {hidden}")
+            rule.decide.append(
+                f"the name says it writes the residual stream, but its output axis is "
+                f"{shape[out_axis]}, not the hidden size {hidden}"
+            )
             axes[out_axis] = _pick(shape[out_axis], [], tag, context, model, rule, "output axis")
         else:
             axes[out_axis] = "hidden"
         if tag is None:
-            rule.decide.append("the name says nothing of what it computes: taken as a writer of the residual stream "
-                               "because its output axis is the hidden size")
+            rule.decide.append(
+                "the name says nothing of what it computes: taken as a writer of the residual stream "
+                "because its output axis is the hidden size"
+            )
         axes[in_axis] = _in(_pick(shape[in_axis], prefs, tag, context, model, rule, "input axis"))
     elif shape[0] == hidden and shape[1] == hidden:
         axes = ["hidden", "hidden.in"] if layout == "linear" else ["hidden.in", "hidden"]
-        rule.decide.append("hidden × hidden and the name does not say what it is: taken as a map of the residual "
-                           "stream to itself; if one side is the heads space, say so")
+        rule.decide.append(
+            "hidden × hidden and the name does not say what it is: taken as a map of the residual "
+            "stream to itself; if one side is the heads space, say so"
+        )
     else:
         axes[out_axis] = _pick(shape[out_axis], prefs, tag, context, model, rule, "output axis")
         axes[in_axis] = _in(_pick(shape[in_axis], prefs, tag, context, model, rule, "input axis"))
@@ -241,21 +275,26 @@ def _norm_roles(pattern: _Pattern, model: _Model, rule: _Rule) -> list:
         if size == model.head_dim:
             rule.notes.append(f"one norm of head_dim ({size}) shared by every head: unchanged (head_dim is kept)")
             if pattern.extra_indices:
-                rule.decide.append("one module per head index: new heads need their own copies (see the "
-                                   "`replicate:` rules of rules/stablelm.yaml)")
+                rule.decide.append(
+                    "one module per head index: new heads need their own copies (see the "
+                    "`replicate:` rules of rules/stablelm.yaml)"
+                )
             return ["-"]
     if size == sizes["hidden"]:
         return ["hidden.norm"]
-    rule.decide.append(f"a norm of size {size}, which is not the hidden size {sizes['hidden']}: which space does it "
-                       "normalise? Left unchanged")
+    rule.decide.append(
+        f"a norm of size {size}, which is not the hidden size {sizes['hidden']}: which space does it "
+        "normalise? Left unchanged"
+    )
     return ["-"]
 
 
 def _roles(pattern: _Pattern, model: _Model, by_regex: dict, rule: _Rule):
     shape, sizes = pattern.shape, model.sizes
     if pattern.dtype not in FLOAT_DTYPES:
-        rule.decide.append(f"a {pattern.dtype} tensor (a buffer?): copied unchanged; drop it if the model does not "
-                           "load it")
+        rule.decide.append(
+            f"a {pattern.dtype} tensor (a buffer?): copied unchanged; drop it if the model does not load it"
+        )
         return ["-"] * len(shape)
     if len(shape) == 0:
         return []
@@ -269,8 +308,10 @@ def _roles(pattern: _Pattern, model: _Model, by_regex: dict, rule: _Rule):
                 return [sibling.axes[min(out_axis, len(sibling.axes) - 1)]]
         candidates = [name for name in ("hidden", "heads", "kv_heads", "ffn", "vocab") if sizes.get(name) == shape[0]]
         if candidates:
-            rule.decide.append(f"a vector of size {shape[0]} ({', '.join(candidates)}) whose name does not say what "
-                               f"it is: taken as elementwise on {candidates[0]}")
+            rule.decide.append(
+                f"a vector of size {shape[0]} ({', '.join(candidates)}) whose name does not say what "
+                f"it is: taken as elementwise on {candidates[0]}"
+            )
             return [candidates[0]]
         rule.decide.append(f"a vector of size {shape[0]} that matches no space: left unchanged")
         return ["-"]
@@ -305,8 +346,10 @@ def _embedding_roles(pattern: _Pattern, model: _Model, rule: _Rule, hidden_role:
     if len(shape) == 2 and shape[0] == sizes["hidden"] and shape[1] == sizes.get("vocab", shape[1]):
         rule.decide.append(f"stored {_shape_text(shape)} = [hidden, vocab], transposed from the usual [vocab, hidden]")
         return [hidden_role, "vocab"]
-    rule.decide.append(f"{_shape_text(shape)} is not [vocab {sizes.get('vocab')}, hidden {sizes['hidden']}]: does "
-                       "it have its own space (OPT's word_embed_proj_dim)? Left unchanged")
+    rule.decide.append(
+        f"{_shape_text(shape)} is not [vocab {sizes.get('vocab')}, hidden {sizes['hidden']}]: does "
+        "it have its own space (OPT's word_embed_proj_dim)? Left unchanged"
+    )
     return ["-"] * len(shape)
 
 
@@ -321,15 +364,20 @@ def _settle_layout(model: _Model, patterns: list[_Pattern]) -> None:
     if model.layout == "conv1d":
         model.header_decide.append(
             f"the weights look stored [in, out] (Conv1D, y = x·W: {votes['conv1d']} tensors say so"
-            + (f", {votes['linear']} say [out, in]" if votes["linear"] else "") + "); their roles read "
+            + (f", {votes['linear']} say [out, in]" if votes["linear"] else "")
+            + "); their roles read "
             "[input axis, output axis]"
         )
     elif not votes:
-        model.header_decide.append("no tensor name says whether weights are stored [out, in] (nn.Linear) or [in, out] "
-                                   "(Conv1D): [out, in] assumed everywhere")
+        model.header_decide.append(
+            "no tensor name says whether weights are stored [out, in] (nn.Linear) or [in, out] "
+            "(Conv1D): [out, in] assumed everywhere"
+        )
     elif not model.layout_certain:
-        model.header_decide.append(f"storage layouts disagree ({votes['linear']} tensors [out, in], {votes['conv1d']} "
-                                   "[in, out]): each tensor follows its own shape where it can")
+        model.header_decide.append(
+            f"storage layouts disagree ({votes['linear']} tensors [out, in], {votes['conv1d']} "
+            "[in, out]): each tensor follows its own shape where it can"
+        )
 
 
 def _tensor_rules(model: _Model, patterns: list[_Pattern], kinds: dict) -> dict[str, _Rule]:
@@ -342,8 +390,11 @@ def _tensor_rules(model: _Model, patterns: list[_Pattern], kinds: dict) -> dict[
         rule = _Rule(p)
         by_regex[p.regex] = rule
         lowered = p.example.lower()
-        if lowered.endswith("inv_freq") or lowered.endswith("masked_bias") or (
-                p.module in ("attn", "attention") and p.is_bias and len(p.shape) == 4):
+        if (
+            lowered.endswith("inv_freq")
+            or lowered.endswith("masked_bias")
+            or (p.module in ("attn", "attention") and p.is_bias and len(p.shape) == 4)
+        ):
             rule.drop = True
             rule.notes.append("a buffer, not a parameter: dropped")
             continue
@@ -365,8 +416,10 @@ def _tensor_rules(model: _Model, patterns: list[_Pattern], kinds: dict) -> dict[
         else:
             rule.axes = _roles(p, model, by_regex, rule)
         if p.shapes_differ:
-            rule.decide.append("the tensors of this pattern differ in shape from layer to layer: one rule cannot fit "
-                               "them all unless the sizes come from per-layer config values")
+            rule.decide.append(
+                "the tensors of this pattern differ in shape from layer to layer: one rule cannot fit "
+                "them all unless the sizes come from per-layer config values"
+            )
         if p.extra_indices and not any("one module per head index" in text for text in rule.decide):
             rule.decide.append("a second index in the name (experts? per-head modules?): every value shares this rule")
     return by_regex

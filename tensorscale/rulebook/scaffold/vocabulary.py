@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-
 DECIDE = "DECIDE:"
 
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "model_dim", "n_embed", "embed_dim")
@@ -25,8 +24,22 @@ K_NAMES = {"k_proj", "k", "key", "wk", "k_lin"}
 V_NAMES = {"v_proj", "v", "value", "wv", "v_lin"}
 QKV_NAMES = {"qkv_proj", "qkv", "c_attn", "query_key_value", "wqkv", "w_pack", "in_proj", "att_proj", "qkv_lin"}
 ATTN_OUT_NAMES = {"o_proj", "out_proj", "o", "wo", "out_lin", "dense", "c_proj", "proj", "attn_out"}
-FFN_IN_NAMES = {"gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "dense_h_to_4h", "wi", "wi_0", "wi_1", "fc_in",
-                "gate", "up", "ff_in"}
+FFN_IN_NAMES = {
+    "gate_proj",
+    "up_proj",
+    "fc1",
+    "c_fc",
+    "w1",
+    "w3",
+    "dense_h_to_4h",
+    "wi",
+    "wi_0",
+    "wi_1",
+    "fc_in",
+    "gate",
+    "up",
+    "ff_in",
+}
 FFN_FUSED_IN_NAMES = {"gate_up_proj", "gate_up", "w13", "w1w3", "ff_proj"}
 FFN_OUT_NAMES = {"down_proj", "fc2", "w2", "dense_4h_to_h", "wo", "fc_out", "c_proj", "proj", "down", "ff_out"}
 HEAD_NAMES = {"lm_head", "embed_out", "output", "head"}
