@@ -192,3 +192,29 @@ def test_row_maps_say_where_apply_puts_each_row(case):
             expected = op.apply(expected, context(), 0)
         assert torch.equal(y[out_row : out_row + segment.count].float(), expected.float()), op.describe()
         out_row += segment.count
+
+
+@pytest.mark.parametrize("grow", [dict(embed_dim_multiplier=2, up_proj_multiplier=3), dict(up_proj_multiplier=2)])
+def test_down_of_up_finds_the_unit_map_up_wrote(tmp_path, grow):
+    """One UnitMap type for both directions: `up` plans each space's layout (new unit -> the source unit it
+    copies), and `down` of the result, clustering the weights it reads, finds that very map (unit -> its
+    cluster), so the Merge it applies is the adjoint of the Gather that made the copies."""
+    from fixtures import build_checkpoint
+
+    from tensorscale.convert import plan_conversion, plan_down, run_up
+    from tensorscale.planning.plan import DownOptions, UpOptions
+
+    source = build_checkpoint(tmp_path / "src", "llama")
+    up_plan = plan_conversion(source, UpOptions(**grow))
+    run_up(source, str(tmp_path / "up"), UpOptions(**grow), show_progress=False)
+    down = plan_down(
+        str(tmp_path / "up"),
+        DownOptions(embed_dim_divisor=grow.get("embed_dim_multiplier", 1), up_proj_divisor=grow["up_proj_multiplier"]),
+    )
+    found = 0
+    for (space, _), fold in down.down.folds.by_key.items():
+        layout = up_plan.layouts[space]
+        if layout.target != layout.size:
+            assert fold.exact and fold.map == layout.map, space
+            found += 1
+    assert found >= 1

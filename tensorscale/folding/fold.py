@@ -15,24 +15,37 @@ from dataclasses import dataclass, field
 
 from ..errors import TensorscaleError
 from ..ops.library import Merge
+from ..ops.unit_map import UnitMap
 from ..rulebook.roles import ROLE_OPS
 
 
-@dataclass
 class Fold:
-    cluster: list[int]  # unit -> cluster
-    clusters: int
-    exact: bool = False  # True when every cluster held identical units (an exact inverse)
-    merges: dict = field(default_factory=dict, repr=False, compare=False)  # merge_op's, by axis and role
+    """A clustering: `map` (ops/unit_map.py, the type `up`'s layouts use too) sends unit j of the space to
+    cluster map.of[j]; `exact` is True when every cluster held identical units (an exact inverse)."""
 
-    def __post_init__(self):
-        self.cluster = array("q", self.cluster)  # 8 bytes a unit: a 7B model holds 39 layers of 11008
+    def __init__(self, cluster, clusters: int, exact: bool = False):
+        # an array, 8 bytes a unit: a 7B model holds 39 layers of 11008
+        self.map = UnitMap(array("q", cluster), clusters)
+        self.exact = exact
+        self.merges: dict = {}  # merge_op's, by axis and role
+
+    @property
+    def cluster(self):
+        """unit -> cluster"""
+        return self.map.of
+
+    @property
+    def clusters(self) -> int:
+        return self.map.narrow
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Fold) and (self.map, self.exact) == (other.map, other.exact)
+
+    def __repr__(self) -> str:
+        return f"Fold({self.map.wide} units -> {self.clusters} clusters, exact={self.exact})"
 
     def sizes(self) -> list[int]:
-        counts = [0] * self.clusters
-        for c in self.cluster:
-            counts[c] += 1
-        return counts
+        return self.map.counts()
 
     def representatives(self) -> list[int]:
         """Per cluster, the source unit whose per-unit tensors it takes (a per-head norm): its first member."""
@@ -58,7 +71,7 @@ class Fold:
         role_ops = ROLE_OPS[role]  # the role's reduce op: summed or averaged, then times S, 1/S or 1
         weight = [1.0] * n if role_ops.reduce_weights == "sum" else self.averaging_weights(sizes)
         scale = {"S": scale_s, "1/S": [1.0 / s for s in scale_s], "1": [1.0] * m}[role_ops.reduce_scale]
-        return Merge(axis, self.cluster, weight, scale, space.unit, label=f"{space.name}.{role}")
+        return self.map.merge(axis, weight, scale, space.unit, label=f"{space.name}.{role}")
 
     def averaging_weights(self, sizes: list[int]) -> list[float]:
         """Ω: the uniform mean within each cluster (exact for copies, which is what folding is for)."""

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import TensorscaleError
-from ..ops.library import OP_TYPES, Fused, Gather, Interleave, Op, Pad, Scale, Tile, TileDivide
+from ..ops.library import OP_TYPES, Fused, Interleave, Op, Pad, Scale, Tile, TileDivide
 from .expr import ExpressionError
 from .layout import plan_layouts
 from .roles import ROLE_OPS
@@ -200,7 +200,7 @@ def _grow_leaf(env, where, layouts):
             if padded > 1:
                 ops.append(_expand(role_ops.expand_op("tile"), axis, padded, space.unit, snr_db))
         else:
-            ops = [Gather(axis, layout.unit, layout.sources, divide=role_ops.divides, snr_db=snr_db)]
+            ops = [layout.map.gather(axis, layout.unit, divide=role_ops.divides, snr_db=snr_db)]
         if role_ops.rescales_norm:
             ops.extend(_norm_rescale(space, layout, where))
         if padded is not None:

@@ -19,29 +19,34 @@ import math
 from dataclasses import dataclass
 
 from ..errors import TensorscaleError
+from ..ops.unit_map import UnitMap
 
 
 @dataclass(frozen=True)
 class Layout:
     space: str
-    size: int  # source units
-    sources: tuple  # for each new unit: the source unit it copies, or None (zeros)
+    map: UnitMap  # for each new unit: the source unit it copies, or None (zeros); `down`'s folds are the same type
     unit: int
     norm: str | None
     clone: str = "tile"
 
     @property
+    def size(self) -> int:
+        """Source units."""
+        return self.map.narrow
+
+    @property
+    def sources(self) -> tuple:
+        return self.map.of
+
+    @property
     def target(self) -> int:
-        return len(self.sources)
+        return self.map.wide
 
     @property
     def counts(self) -> list[int]:
         """How many copies each source unit has."""
-        counts = [0] * self.size
-        for source in self.sources:
-            if source is not None:
-                counts[source] += 1
-        return counts
+        return self.map.counts()
 
     @property
     def kept(self) -> int:
@@ -117,7 +122,7 @@ def plan_layouts(spaces: dict, strategy: str) -> dict[str, Layout]:
             sources = _nested_sources(space, parent, strategy)
         else:
             sources = _plain_sources(space, strategy)
-        layout = Layout(name, space.units, tuple(sources), space.unit, space.norm, space.clone)
+        layout = Layout(name, UnitMap(tuple(sources), space.units), space.unit, space.norm, space.clone)
         _check_exact(space, layout, strategy)
         layouts[name] = layout
         return layout
