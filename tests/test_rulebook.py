@@ -9,7 +9,7 @@ import pytest
 from fixtures import TINY
 
 from tensorscale.folding.fold import Fold
-from tensorscale.ops.library import Interleave, Merge, OpContext, Tile, TileDivide
+from tensorscale.ops.library import Gather, Interleave, Merge, OpContext, Tile, TileDivide
 from tensorscale.rulebook.compile import Space, _grow_leaf
 from tensorscale.rulebook.evaluate import scale_inverts
 from tensorscale.rulebook.layout import plan_layouts
@@ -50,13 +50,18 @@ def test_every_role_used_by_a_shipped_rules_file_is_in_the_table():
     assert used == set(Role)  # and no role of the table is unused
 
 
-# Only "tile": a reader of a `clone: interleave` space gets TileDivide (tiled blocks), so its copies do not
-# sit where Interleave put the writer's copies. No shipped rules file declares an interleaved space.
-@pytest.mark.parametrize("clone", ["tile"])
+# A reader of a `clone: interleave` space gets its copies side by side too (a dividing Gather), where the
+# writer's Interleave put them: before, it got TileDivide's blocks, and down(up(M)) was not M.
+@pytest.mark.parametrize("clone", ["tile", "interleave"])
 def test_the_table_drives_up_and_its_reduce_op_undoes_it(clone):
     space = Space("hidden", 4, 8, 1, clone, scaled=True, norm="rms")
     leaf = _grow_leaf({"snr_db": None}, "test", plan_layouts({"hidden": space}, "clone"))
-    expected = {Role.OUT: Interleave if clone == "interleave" else Tile, Role.IN: TileDivide, Role.NORM: Tile}
+    interleaved = clone == "interleave"
+    expected = {
+        Role.OUT: Interleave if interleaved else Tile,
+        Role.IN: Gather if interleaved else TileDivide,
+        Role.NORM: Interleave if interleaved else Tile,
+    }
     fold = Fold([j // 2 if clone == "interleave" else j % 4 for j in range(8)], 4)
     merged = Space("hidden", 8, 4, 1, clone, scaled=True, norm="rms")
     import torch

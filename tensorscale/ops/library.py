@@ -202,8 +202,12 @@ class Interleave(Op):
 
     def as_gather(self, shape) -> "Gather":
         """This interleave as a Gather: new unit j copies unit j // times."""
-        units = shape[self.axis] // self.unit
-        return Gather(self.axis, self.unit, tuple(u for u in range(units) for _ in range(self.times)))
+        return self.as_gather_of(shape[self.axis] // self.unit)
+
+    def as_gather_of(self, units: int, divide: bool = False, snr_db: float | None = None) -> "Gather":
+        """The Gather of this interleave on `units` units; with `divide`, its reader's (each copy ÷times)."""
+        sources = tuple(u for u in range(units) for _ in range(self.times))
+        return Gather(self.axis, self.unit, sources, divide=divide, snr_db=snr_db)
 
     def inverse(self, shape):
         return self.as_gather(shape).inverse(shape)

@@ -193,12 +193,12 @@ def _grow_leaf(env, where, layouts):
         role_ops = ROLE_OPS[role]
         tiles = layout.tiles
         if tiles is not None:
-            return [_expand(role_ops.expand_op(space.clone), axis, tiles, space.unit, snr_db)]
+            return [_expand(role_ops.expand_op(space.clone), axis, tiles, space.unit, snr_db, layout.size)]
         padded = layout.padded_tiles
         if padded is not None:
             ops: list[Op] = []
             if padded > 1:
-                ops.append(_expand(role_ops.expand_op("tile"), axis, padded, space.unit, snr_db))
+                ops.append(_expand(role_ops.expand_op("tile"), axis, padded, space.unit, snr_db, layout.size))
         else:
             ops = [layout.map.gather(axis, layout.unit, divide=role_ops.divides, snr_db=snr_db)]
         if role_ops.rescales_norm:
@@ -210,10 +210,12 @@ def _grow_leaf(env, where, layouts):
     return leaf
 
 
-def _expand(op: str, axis: int, tiles: int, unit: int, snr_db) -> Op:
-    """A role's expand op (rulebook.roles) for a whole-multiple growth by `tiles`."""
+def _expand(op: str, axis: int, tiles: int, unit: int, snr_db, units: int) -> Op:
+    """A role's expand op (rulebook.roles) for a whole-multiple growth by `tiles` of `units` units."""
     if op == "tile_divide":
         return TileDivide(axis, tiles, snr_db)
+    if op == "interleave_divide":  # a reader of interleaved copies: each unit's copies side by side, each ÷tiles
+        return Interleave(axis, tiles, unit).as_gather_of(units, divide=True, snr_db=snr_db)
     if op == "interleave":
         return Interleave(axis, tiles, unit)
     return Tile(axis, tiles)

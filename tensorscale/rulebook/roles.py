@@ -46,8 +46,8 @@ class RoleOps:
 
     def expand_op(self, clone: str) -> str:
         """The name of `up`'s op for a whole-multiple growth of a space cloned as `clone`."""
-        if self.divides:
-            return "tile_divide"
+        if self.divides:  # readers follow the writers' copies: blocks for tiles, adjacent copies for interleave
+            return "interleave_divide" if clone == "interleave" else "tile_divide"
         return "interleave" if clone == "interleave" else "tile"
 
 
