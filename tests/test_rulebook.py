@@ -408,3 +408,34 @@ def test_targets_and_tie_key_are_declared_by_the_rules():
         schema.load_rules_text(text.replace("hidden_size: residual", "width: residual"), "t.yaml")
     with pytest.raises(RulesError, match=r"t.yaml: targets.hidden_size must name a space of the rules file"):
         schema.load_rules_text(text.replace("hidden_size: residual", "hidden_size: hidden"), "t.yaml")
+
+
+# ---- components ---------------------------------------------------------------------------------------
+
+
+def test_every_shipped_tensor_rule_declares_its_component():
+    """Components are data: what `desc` and `plan` report a tensor as is its rule's `component:`, and the
+    name-based guess (reading/describe.py) is only the fallback for models no shipped file describes."""
+    for name, rule_set in shipped_rules().items():
+        for rule in rule_set.tensors:
+            if rule.drop:
+                continue
+            assert rule.component is not None, (name, rule.label)
+
+
+def test_desc_counts_parameters_by_the_rules_components(tmp_path, monkeypatch):
+    """A declared component wins over the guess: OPT's project_in/out are the embedding's projections, which
+    the guess from their names would call "other"."""
+    from fixtures import build_checkpoint
+
+    from tensorscale.reading import describe
+    from tensorscale.reading.source import open_source
+
+    source = open_source(build_checkpoint(tmp_path / "opt", "opt", word_embed_proj_dim=16))
+    projections = [name for name in source.tensors if "project_" in name]
+    assert projections and all(describe.guess_component(name) == "other" for name in projections)
+    declared = describe.declared_components(source)
+    assert all(declared[name] == "embeddings" for name in projections)
+    report = describe.describe(source)
+    assert "other" not in report["parameters_by_component"]
+    assert sum(report["parameters_by_component"].values()) == report["total_parameters"]

@@ -37,7 +37,8 @@ COMPONENT_ORDER = ("embeddings", "attention", "mlp", "norms", "head", "other")
 
 
 def guess_component(name: str) -> str:
-    """A tensor's component, from the naming conventions the supported families share."""
+    """A tensor's component, from the naming conventions the supported families share: the fallback where no
+    rule declares it (planning and `desc` ask the rules first)."""
     lowered = name.lower()
     if "lm_head" in lowered or "embed_out" in lowered:
         return "head"
@@ -52,11 +53,33 @@ def guess_component(name: str) -> str:
     return "other"
 
 
+def declared_components(source: ModelSource) -> dict:
+    """tensor name -> the component its shipped rule declares (`component:`), for the tensors whose first
+    matching rule declares one; empty when no shipped rules file describes the model. Rules are data: a
+    family whose names the guess misreads says what its tensors are in its rules file."""
+    from ..errors import TensorscaleError
+    from ..rulebook.registry import detect_rules
+
+    try:
+        rule_set = detect_rules(source.config)
+    except TensorscaleError:
+        return {}
+    if rule_set is None:
+        return {}
+    declared = {}
+    for name in source.tensors:
+        rule = next((rule for rule in rule_set.tensors if rule.regex.fullmatch(name)), None)
+        if rule is not None and rule.component is not None:
+            declared[name] = str(rule.component)
+    return declared
+
+
 def describe(source: ModelSource) -> dict:
     by_component: dict[str, int] = defaultdict(int)
     dtypes: Counter = Counter()
+    declared = declared_components(source)
     for name, info in source.tensors.items():
-        by_component[guess_component(name)] += info.numel
+        by_component[declared.get(name) or guess_component(name)] += info.numel
         # as stored: a GGUF's quantized tensors count under their block type (Q4_1...), not the float32 they read as
         dtypes[getattr(info.encoding, "type_name", None) or info.dtype] += info.nbytes
     config = source.config
