@@ -1165,18 +1165,39 @@ def plot_scale(summary: dict, results: str) -> list[str]:
     return paths
 
 
-def plot_progressive(prog: dict, results: str) -> str:
+def _one_plot():
+    """A 7.5 x 4.8 figure with one axis, drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    return fig, ax
+
+
+def _save_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """Labels, grid and legend as every plot of the study has them, then the PNG; returns its path."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_progressive(prog: dict, results: str) -> str:
     labels = {
         "progressive": "progressive 2.4M -> x2 -> x2 (29M)",
         "oneshot": "one-shot x4 (29M)",
         "tabula": "tabula rasa x4 (29M)",
     }
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _one_plot()
     for k, c in prog["curves"].items():
         ax.plot(
             c["flops_total"],
@@ -1190,27 +1211,20 @@ def plot_progressive(prog: dict, results: str) -> str:
         ax.axvline(prog["equal_compute_flops"], color="k", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("total training FLOPs (pretraining of the 2.4M model included)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Progressive vs one-shot growth to x4")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(results, "growth_progressive.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_plot(
+        fig,
+        ax,
+        "total training FLOPs (pretraining of the 2.4M model included)",
+        "held-out loss (nats/token)",
+        "Progressive vs one-shot growth to x4",
+        os.path.join(results, "growth_progressive.png"),
+    )
 
 
 def plot_down_init(summary: dict, results: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = {"down-init": "init: `down` of the trained 8.06M (refit)", "scratch": "init: random (tabula rasa)"}
     colors = {"down-init": "tab:blue", "scratch": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _one_plot()
     for k, c in summary["curves"].items():
         ax.plot(
             c["tokens"],
@@ -1223,39 +1237,30 @@ def plot_down_init(summary: dict, results: str) -> str:
     if summary.get("scratch_catches_up_tokens"):
         ax.axvline(summary["scratch_catches_up_tokens"], color="k", ls=":", lw=1, label="scratch catches up")
     ax.set_yscale("log")
-    ax.set_xlabel("tokens trained at 2.41M")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Down as initialisation: the same 2.41M model, two starts")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(results, "growth_down_init.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_plot(
+        fig,
+        ax,
+        "tokens trained at 2.41M",
+        "held-out loss (nats/token)",
+        "Down as initialisation: the same 2.41M model, two starts",
+        os.path.join(results, "growth_down_init.png"),
+    )
 
 
 def plot_healing(summary: dict, results: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _one_plot()
     for name, ratios in summary["ppl_ratio"].items():
         ax.plot(summary["tokens"], ratios, marker="o", ms=2.5, label=f"held out: {name}")
     ax.axhline(summary["target_ratio"], color="k", ls=":", lw=1, label=f"within {summary['target_ratio'] - 1:.0%}")
     ax.set_yscale("log")
-    ax.set_xlabel("tokens of continued training (Python docs outside the held-out library reference)")
-    ax.set_ylabel("perplexity / original's")
-    ax.set_title("Healing SmolLM2-135M after a 25% `down`" + ("" if summary["done"] else " (partial)"))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(results, "growth_healing.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_plot(
+        fig,
+        ax,
+        "tokens of continued training (Python docs outside the held-out library reference)",
+        "perplexity / original's",
+        "Healing SmolLM2-135M after a 25% `down`" + ("" if summary["done"] else " (partial)"),
+        os.path.join(results, "growth_healing.png"),
+    )
 
 
 def table(summary: dict) -> str:
