@@ -17,7 +17,7 @@ from ..ops.rowmap import RowMap
 from ..reading.describe import guess_component
 from ..reading.safetensors_header import DTYPE_SIZES, FLOAT_DTYPES, TensorInfo
 from ..reading.source import ModelSource
-from ..rulebook.compile import Space, compile_transform, resolve_spaces
+from ..rulebook.compile import Grow, Reduce, Space, compile_transform, resolve_spaces
 from ..rulebook.evaluate import (
     UNIT_RATIOS,
     evaluate_let,
@@ -436,6 +436,8 @@ def build_plan(
         new_config[rule_set.tie] = True
     check_new_config(rule_set, new_config, spaces, options)
     layouts = plan_layouts(spaces, options.strategy) if isinstance(options, UpOptions) else None
+    # one walk over the axis roles for both directions; a refit writes from its spill, so it only copies
+    direction = Reduce(folds) if folds is not None else Grow(layouts or plan_layouts(spaces, "clone"))
 
     tensors: list[TensorPlan] = []
     dropped: list[str] = []
@@ -444,7 +446,7 @@ def build_plan(
 
     def add(name, info, rule_label, transform, component, rule_env, extra=()):
         where = f"{rule_label}, tensor {name}"
-        ops = compile_transform(transform, info.shape, spaces, rule_env, where, folds, layouts)
+        ops = compile_transform(transform, info.shape, spaces, rule_env, where, direction)
         ops = [*ops, *extra]  # an identity layer's fills (planning.depth)
         shape = info.shape
         for op in ops:

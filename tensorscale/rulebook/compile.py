@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from ..errors import TensorscaleError
 from ..ops.library import OP_TYPES, Fused, Interleave, Op, Pad, Scale, Tile, TileDivide
 from .expr import ExpressionError
-from .layout import plan_layouts
 from .roles import ROLE_OPS
 from .schema import OpSpec, RuleSet, Transform, split_role
 
@@ -102,18 +101,33 @@ def resolve_spaces(rule_set: RuleSet, env) -> dict[str, Space]:
     return spaces
 
 
+@dataclass(frozen=True)
+class Grow:
+    """`up`: every role becomes its expand op, the copies laid out by `layouts` (rulebook.layout)."""
+
+    layouts: dict
+    explicit_ops = True  # a rule's explicit op chain is an `up` chain
+
+    def leaf(self, env, where):
+        return _grow_leaf(env, where, self.layouts)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """`down`: every role becomes its reduce op, a merge with the clusterings of `folds` (folding.fold)."""
+
+    folds: object
+    explicit_ops = False
+
+    def leaf(self, env, where):
+        return _merge_leaf(env, where, self.folds)
+
+
 def compile_transform(
-    transform: Transform,
-    shape: tuple[int, ...],
-    spaces: dict[str, Space],
-    env,
-    where: str,
-    folds=None,
-    layouts=None,
+    transform: Transform, shape: tuple[int, ...], spaces: dict[str, Space], env, where: str, direction: Grow | Reduce
 ) -> list[Op]:
-    """The ops for one tensor. With `folds` (cluster assignments from the `down` analysis) roles become
-    merges; without, they become `up`'s copies, laid out by `layouts` (see rulebook.layout; tiling when
-    not given)."""
+    """The ops for one tensor: the same walk over its axis roles for both directions, each role turned into
+    the direction's op for it (rulebook.roles: ROLE_OPS)."""
     ops: list[Op] = []
     if transform.scale is not None or transform.scale_offset is not None:
         factor = _number(transform.scale, 1, env, f"{where}: scale")
@@ -128,14 +142,11 @@ def compile_transform(
                 f"{where}: the rule gives {len(transform.axes)} axis roles but the tensor has shape {list(shape)}; "
                 "the checkpoint does not match its config or the rules"
             )
-        if folds is None:
-            leaf = _grow_leaf(env, where, layouts if layouts is not None else plan_layouts(spaces, "clone"))
-        else:
-            leaf = _merge_leaf(env, where, folds)
+        leaf = direction.leaf(env, where)
         for axis, label in enumerate(transform.axes):
             ops.extend(_axis_ops(axis, label, shape[axis], spaces, env, where, leaf))
     if transform.ops is not None:
-        if folds is not None:
+        if not direction.explicit_ops:
             raise TensorscaleError(f"{where}: down derives its ops from axis roles; this rule has an explicit op chain")
         ops.extend(build_chain(transform.ops, env, where))
     return ops
