@@ -218,3 +218,15 @@ def test_down_of_up_finds_the_unit_map_up_wrote(tmp_path, grow):
             assert fold.exact and fold.map == layout.map, space
             found += 1
     assert found >= 1
+
+
+def test_noise_breaks_the_copies_and_keeps_their_sum():
+    """`noise` (a rules file's op): +e on block 2j, -e on 2j+1, seeded by the context, so the blocks' sum,
+    which a consumer of tiled copies computes, is unchanged."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).repeat(1, 2)  # two equal blocks of 8
+    op = Noise(1, 2, 20.0)
+    y = op.apply(x, context(), 0)
+    assert op.draws_noise() and op.out_shape(tuple(x.shape)) == tuple(x.shape)
+    assert not torch.equal(y[:, :8], y[:, 8:])
+    torch.testing.assert_close(y[:, :8] + y[:, 8:], x[:, :8] + x[:, 8:])
+    assert torch.equal(y, op.apply(x, context(), 0))  # the same seed and key: the same noise
