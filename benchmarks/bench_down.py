@@ -22,8 +22,18 @@ calibrated on: ppl ratio, KL(original || small), top-1 agreement. Calibration: t
 * shortgpt         ShortGPT (Men et al. 2024): block influence 1 - cos(layer input, layer output), averaged over
                    the calibration tokens; the least influential layers are removed until the parameter count is
                    at most the level's; layers renumbered and the rules' depth keys updated (num_hidden_layers);
-* flap             FLAP-style compensation needs a bias on the pruned readers' modules; where the architecture
-                   has none (Llama: down_proj and o_proj are bias-free) the row says so and is skipped.
+* slicegpt         SliceGPT-style (Ashkboos et al. 2024) with one global rotation, stock architecture
+                   (benchmarks/slicegpt.py): norm gains folded into their readers, every residual axis rotated by
+                   the principal directions of the normalised residual stream (calibration tokens, all norm
+                   inputs), the first `hidden` kept, norm gains sqrt(D/d); a tied head keeps its tie, the final
+                   norm a least-squares gain, and Q mixes only dimensions of near-equal final-norm gain (2%).
+                   The level's other cuts (FFN, heads) by the activation scores.
+                   Checked once per run: at the full hidden size the rotated model gives the original logits;
+* flap             FLAP (An et al. 2024, benchmarks/flap.py): fluctuation scores Var(x_j)·‖W_:,j‖², and the
+                   removed units' mean output folded into the readers' biases; Llama has no bias tensor there, so
+                   its config switches (mlp_bias, attention_bias) are turned on, the other added biases are zero,
+                   and the added parameters are counted (and in the params cut). Skipped where no switch exists;
+* flap-uncompensated  (not in the default list) the same selection without the bias compensation.
 Every output is loaded by stock transformers with output_loading_info: any missing, unexpected or misshaped
 tensor stops the run. Results are written after every row.
 
@@ -979,7 +989,10 @@ def slicegpt_rotation(layout, model, ids, source, weights, windows, work) -> dic
     the original logits (untied head: exact; tied head kept: the fitted final-norm gain's error)."""
     t0 = time.perf_counter()
     calib = slicegpt.calibrate(layout, model, ids)
-    q, values = slicegpt.principal_rotation(calib.second_moment)
+    groups = None  # a tied head: Q mixes only dimensions of near-equal final-norm gain (slicegpt.py says why)
+    if calib.head_norm:
+        groups = slicegpt.gain_groups(weights[calib.head_norm].double(), slicegpt.TIED_GAIN_TOLERANCE)
+    q, values = slicegpt.principal_rotation(calib.second_moment, groups)
     seconds = time.perf_counter() - t0
     size = q.shape[0]
     probe = torch.cat([w[:1] for w in windows.values()])
@@ -1009,6 +1022,8 @@ def slicegpt_rotation(layout, model, ids, source, weights, windows, work) -> dic
             "calibration_seconds": round(seconds, 1),
             "calibration_tokens": calib.tokens,
             "tied_head_norm": calib.head_norm,
+            "gain_groups": None if groups is None else len(groups),
+            "gain_tolerance": None if groups is None else slicegpt.TIED_GAIN_TOLERANCE,
             "full_size_relative_logit_error": check,
         },
     }

@@ -24,7 +24,14 @@ and the final norm keeps a per-dimension gain γ in the rotated basis, fitted by
 over the calibration tokens: minimise Σ_t ‖((z_t Q_d) ⊙ γ) (E Q_d)ᵀ − (z_t ⊙ g) Eᵀ‖², z_t the final norm's
 gain-free output. That is a d × d linear system: (M ⊙ Σ_t a_tᵀ a_t) γ = Σ_t a_t ⊙ (u_t G Q_d), with
 a_t = z_t Q_d, u_t = z_t ⊙ g, G = EᵀE, M = Q_dᵀ G Q_d. It is exact when g is uniform, and not in general
-(Q diag(γ) Qᵀ cannot equal diag(g) unless Q maps g's level sets onto themselves).
+(Q diag(γ) Qᵀ cannot equal diag(g) unless Q maps g's level sets onto themselves). On SmolLM2-135M (final-norm
+gains 1.5-3.3, one at -2.1) a Q from the plain PCA leaves the full-size rotated model at KL 2.34 nats from the
+original on calibration text: useless. So with a tied head Q only mixes dimensions whose final-norm gains agree
+within a factor 1 + TIED_GAIN_TOLERANCE (gain_groups; PCA inside each group, all groups' directions ordered by
+eigenvalue together): there Q nearly commutes with diag(g). Measured on 512 calibration tokens, full size,
+tolerance: KL, energy kept in 522 / 432 of 576 directions (plain PCA: 0.992 / 0.976):
+0.10 (12 groups): 1.7e-3, 0.990 / 0.968; 0.05 (19): 3.8e-4, 0.988 / 0.964; 0.02 (28): 6.5e-5, 0.987 / 0.960;
+0.01 (44): 2.0e-5, 0.986 / 0.958. 0.02 costs almost no compression and leaves the rotation nearly exact.
 
 Q: the eigenvectors of Σ over every norm's input (the residual stream before each layer's norms and before the
 final norm) of the per-token RMS-normalised stream's second moment, x̂ᵀx̂ with x̂ = x / rms(x), largest
@@ -47,6 +54,7 @@ import torch
 
 CALIB_SEQUENCE = 256
 PROBE_TOKENS = 32  # tokens of the one forward pass that finds which norm feeds which reader
+TIED_GAIN_TOLERANCE = 0.02  # a tied head's rotation mixes dimensions whose final-norm gains agree this well
 
 
 def residual_space(layout) -> str | None:
@@ -168,11 +176,46 @@ def calibrate(layout, model, ids: torch.Tensor) -> Calibration:
     )
 
 
-def principal_rotation(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, eigenvalues): columns of Q are the principal directions, largest eigenvalue first (float64)."""
-    values, vectors = torch.linalg.eigh(moment.double())
-    order = torch.argsort(values, descending=True)
-    return vectors[:, order], values[order]
+def principal_rotation(
+    moment: torch.Tensor, groups: list[list[int]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, eigenvalues): columns of Q are the principal directions, largest eigenvalue first (float64).
+    With `groups` (a partition of the dimensions), Q only mixes dimensions within a group: each group's block
+    of the second moment is diagonalised on its own, and all the blocks' directions are ordered together."""
+    moment = moment.double()
+    if groups is None:
+        groups = [list(range(moment.shape[0]))]
+    q = torch.zeros_like(moment)
+    values, columns = [], []
+    for group in groups:
+        index = torch.tensor(group)
+        vals, vecs = torch.linalg.eigh(moment[index][:, index])
+        for j in range(len(group)):
+            column = torch.zeros(moment.shape[0], dtype=moment.dtype)
+            column[index] = vecs[:, j]
+            values.append(vals[j])
+            columns.append(column)
+    order = torch.argsort(torch.stack(values), descending=True)
+    q = torch.stack(columns, dim=1)[:, order]
+    return q, torch.stack(values)[order]
+
+
+def gain_groups(gain: torch.Tensor, tolerance: float) -> list[list[int]]:
+    """Dimensions whose gains agree within a factor 1 + tolerance (same sign), greedily from the smallest:
+    a rotation inside such a group almost commutes with diag(gain) (see rotate's tied head)."""
+
+    def together(first: float, other: float) -> bool:
+        low, high = sorted((abs(first), abs(other)))
+        return (first > 0) == (other > 0) and high <= (1 + tolerance) * low
+
+    groups, current = [], []
+    for i in torch.argsort(gain).tolist():
+        if current and not together(float(gain[current[0]]), float(gain[i])):
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    return groups
 
 
 def fit_tied_gain(embedding: torch.Tensor, gain: torch.Tensor, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -153,3 +153,33 @@ def test_flap_compensation_loads_in_stock_transformers_and_beats_no_compensation
             assert small["model.layers.0.mlp.down_proj.bias"].abs().max() > 0
             assert small["model.layers.0.mlp.up_proj.bias"].abs().max() == 0
     assert kl[True] < kl[False]
+
+
+def test_slicegpt_tied_head_is_exact_when_q_mixes_only_equal_gains(bench, tmp_path):
+    """Keeping the tie, the rotation groups dimensions by final-norm gain: with gains in a few exact levels
+    (one negative), the grouped Q commutes with diag(g) and the fitted gain gives the original logits."""
+    import torch
+    from fixtures import build_checkpoint, relative_logit_error
+
+    source = build_checkpoint(tmp_path / "source", "llama", tie_word_embeddings=True)
+    weights = bench.tensors(source)
+    values = torch.tensor([1.0, 1.01, 1.03, -1.0, -1.015, 2.0], dtype=torch.float64)
+    found = bench.slicegpt.gain_groups(values, 0.02)
+    assert sorted(sorted(float(values[i]) for i in g) for g in found) == [[-1.015, -1.0], [1.0, 1.01], [1.03], [2.0]]
+    permutation = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    gain = torch.tensor([0.7, 1.3, 1.3, -0.5]).repeat_interleave(8)[permutation]
+    weights["model.norm.weight"] = gain
+    source = bench.save_like(source, str(tmp_path / "levels"), weights, {})
+    layout = _full_layout(bench, source)
+    groups = bench.slicegpt.gain_groups(gain.double(), 0.02)
+    assert sorted(len(g) for g in groups) == [8, 8, 16]
+    calib = bench.slicegpt.calibrate(layout, bench.load_checked(source), _ids(3, (512,)))
+    q, _ = bench.slicegpt.principal_rotation(calib.second_moment, groups)
+    assert torch.allclose(q.T @ q, torch.eye(32, dtype=q.dtype), atol=1e-10)
+    rotated, _, _ = bench.slicegpt.rotate(layout, weights, calib, q, 32)
+    out = bench.save_like(source, str(tmp_path / "rotated"), rotated, {})
+    assert relative_logit_error(source, out) < 1e-5
+    plain, _ = bench.slicegpt.principal_rotation(calib.second_moment)
+    rotated, _, _ = bench.slicegpt.rotate(layout, weights, calib, plain, 32)
+    out = bench.save_like(source, str(tmp_path / "plain"), rotated, {})
+    assert relative_logit_error(source, out) > 1e-2
