@@ -874,6 +874,8 @@ def real_quality(args, on_row=None) -> dict:
         budget = target_parameters(layout, shapes)
         cut = 1 - budget / base_params
         label = level_label(cut)
+        if any(other["label"] == label for other in result["levels"]):  # two shapes at about one reduction
+            label = f"{label} ({hidden}, {inter}, {heads}/{kv})"
         level = {"label": label, **targets, "parameters": budget, "reduction": cut}
         result["levels"].append(level)
         print(
