@@ -7,7 +7,9 @@
 Keys: the four target sizes (hidden_size, intermediate_size, num_attention_heads, num_key_value_heads),
 target (cross: reproduce the original layer from the original stream; self: plain OBS compensation on
 the small stream's own inputs), prior (1: the ridge pulls towards the original weights; 0: towards zero),
-ridge, tokens (calibration tokens of the Python docs outside library/), eval (held-out tokens per domain).
+ridge, tokens (calibration tokens of the Python docs outside library/), eval (held-out tokens per domain),
+remove_layers (layers of least block influence removed, as `down --remove-layers`), calibration (pydoc:
+the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py).
 It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
 KL and top-1 on the two domains of real_texts.py. The model and texts: see real_model.py, real_texts.py.
 """
@@ -30,13 +32,14 @@ SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_val
 def main(argv: list[str]) -> int:
     import real_eval
     from real_model import real_model_folder
-    from real_texts import calibration_text, eval_texts
+    from real_texts import calibration_text, eval_texts, mixed_calibration_text
     from transformers import AutoTokenizer
 
     from tensorscale.convert import _pin_head_dim, working_targets
     from tensorscale.folding.analysis import match_all
     from tensorscale.folding.calibration import calibration_ids
     from tensorscale.folding.layerwise import LayerwiseDown
+    from tensorscale.planning import depth
     from tensorscale.planning.plan import DownOptions, evaluate_env, rewrite_config
     from tensorscale.reading.source import open_source
     from tensorscale.rulebook.compile import resolve_spaces
@@ -55,7 +58,8 @@ def main(argv: list[str]) -> int:
     working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
     for config in (new_config, working_config):
         _pin_head_dim(config, env)
-    ids = calibration_ids(folder, folder, calibration_text(), int(args.get("tokens", 8192)))
+    text = mixed_calibration_text() if args.get("calibration") == "mixed" else calibration_text()
+    ids = calibration_ids(folder, folder, text, int(args.get("tokens", 8192)))
     started = time.time()
     engine = LayerwiseDown(
         source,
@@ -68,10 +72,14 @@ def main(argv: list[str]) -> int:
         ridge=float(args.get("ridge", 1e-2)),
         target=args.get("target", "cross"),
         prior=args.get("prior", "1") == "1",
+        remove_layers=int(args.get("remove_layers", 0)),
     )
     with tempfile.TemporaryDirectory(dir=os.path.join(HERE, "work")) as out:
         spill = SpillFolder(out)
-        report = engine.run(spill.add)
+        report = engine.run(lambda name, tensor, source_name: spill.add(name, tensor))
+        if report["removed_layers"]:
+            layers = depth.removal_layers(rules, source.config, report["removed_layers"])
+            depth.rewrite_config(rules, source.config, new_config, layers)
         spill.finish(new_config)
         for name in os.listdir(folder):
             if name.startswith("tokenizer") or name == "generation_config.json":
@@ -86,7 +94,8 @@ def main(argv: list[str]) -> int:
         after = sum(p.numel() for p in small.parameters())
         measured = reference.compare(small)
     print(
-        f"{argv}: params cut {1 - after / before:.3f}, refit {seconds:.0f} s, calibration estimate "
+        f"{argv}: params cut {1 - after / before:.3f}, removed layers {report['removed_layers']}, "
+        f"refit {seconds:.0f} s, calibration estimate "
         f"KL {report['calibration_kl']:.3f} ppl x{report['calibration_ppl_ratio']:.3f}"
     )
     for domain, row in measured.items():

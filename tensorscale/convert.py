@@ -6,6 +6,7 @@ import logging
 from dataclasses import replace
 
 from .errors import TensorscaleError
+from .planning import depth
 from .planning.plan import DownOptions, DownSection, Plan, UpOptions, build_plan
 from .progress import progress_for
 from .reading.source import open_source
@@ -74,7 +75,8 @@ def plan_down_by_method(
         raise TensorscaleError(f"unknown down method {method!r}; use auto, fold or refit")
     if text is not None and method == "fold":
         raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
-    if method in ("auto", "fold"):
+    measure_depth = options.remove_layers and options.remove_at is None  # only refit measures which layers
+    if method == "fold" or (method == "auto" and not measure_depth):
         plan = plan_down(source_label, options, rules_path, progress=show_progress)
         if method == "fold" or plan.down.exact:
             return plan, None
@@ -100,7 +102,12 @@ def _refit_with_calibration(source_label, options, rules_path, text, tokens, spi
         if bar:
             bar.close()
     layers = int(model.config.get("num_hidden_layers") or 0)
-    passes = 2 if options.targets.get("hidden_size") or options.embed_dim_divisor else 1
+    first_pass = (
+        options.targets.get("hidden_size")
+        or options.embed_dim_divisor
+        or (options.remove_layers and not options.remove_at)
+    )
+    passes = 2 if first_pass else 1
     bar = progress_for(passes * layers, "down: refitting layers", enabled=show_progress, unit="layers")
     try:
         return plan_refit_down(
@@ -126,6 +133,12 @@ def _check_refit_possible(source_label: str, options: DownOptions, rules_path: s
     env = evaluate_env(rules, source.config, options)
     classify(match_all(source, rules, env), rules.depth.group if rules.depth is not None else "layer")
     working_targets(rules, source.config, options)  # head counts refit can make
+    if options.remove_layers:  # the depth section, the layer count and any --at, before minutes of work
+        count = source.config.get(rules.depth.count) if rules.depth is not None else None
+        at = options.remove_at
+        if at is None and isinstance(count, int) and not isinstance(count, bool):
+            at = tuple(range(min(options.remove_layers, count)))
+        depth.removal_layers(rules, source.config, at if at is not None else ())
 
 
 def refit_workspace(output: str | None) -> SpillWorkspace:
@@ -160,10 +173,24 @@ def plan_refit_down(
         _pin_head_dim(config, env)
     group = rules.depth.group if rules.depth is not None else "layer"
     engine = LayerwiseDown(
-        source, spaces, new_config, working_config, match_all(source, rules, env), group, ids, progress=progress
+        source,
+        spaces,
+        new_config,
+        working_config,
+        match_all(source, rules, env),
+        group,
+        ids,
+        progress=progress,
+        remove_layers=options.remove_layers,
+        remove_at=options.remove_at,
     )
     spill = SpillFolder(spill_folder)
-    report = engine.run(lambda name, tensor: spill.add(name, tensor, torch_dtype(source.tensors[name].dtype)))
+    report = engine.run(
+        lambda name, tensor, source_name: spill.add(name, tensor, torch_dtype(source.tensors[source_name].dtype))
+    )
+    if report["removed_layers"]:
+        layers = depth.removal_layers(rules, source.config, report["removed_layers"])
+        depth.rewrite_config(rules, source.config, new_config, layers)
     spill.finish(new_config)
     # The refitted tensors are written as they are: an up plan that changes nothing, over the spill folder.
     # The plan says down, and its source is the real one: provenance, side files and the input checks are

@@ -20,6 +20,7 @@ from .options import (
     RULES,
     VERIFY_FILES,
     model_input,
+    parse_layer_list,
     seed_option,
     target_size_options,
     with_options,
@@ -59,17 +60,36 @@ def down_target_options(func):
             metavar="N",
             help="A budget instead of sizes: this many parameters at most (e.g. 100M, 1.2B).",
         ),
+        click.option(
+            "--remove-layers",
+            "remove_layers",
+            type=int,
+            default=0,
+            metavar="K",
+            help="Remove K layers (depth; counted in a budget). refit removes those of least block influence on "
+            "the calibration text (ShortGPT) and re-solves the layers after them; with --at, those layers.",
+        ),
+        click.option(
+            "--at",
+            "remove_at",
+            default=None,
+            metavar="LAYERS",
+            help="The source layers --remove-layers removes (e.g. 12,14); needed by --method fold.",
+        ),
     ]
     return with_options(func, options)
 
 
-def budget_targets(source, rules_path, targets: dict, reduction, params, edd, upd, announce: bool = True) -> dict:
-    """`targets`, or with --reduction/--params the sizes the budget allocates (said on stderr)."""
+def budget_targets(
+    source, rules_path, targets: dict, reduction, params, edd, upd, announce: bool = True, remove_layers: int = 0
+) -> dict:
+    """`targets`, or with --reduction/--params the sizes the budget allocates (said on stderr); layers removed
+    count towards the budget."""
     if reduction is None and params is None:
         return targets
     from ..folding.allocation import allocate_budget
 
-    targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd)
+    targets = allocate_budget(source, rules_path, targets, reduction, params, edd, upd, remove_layers=remove_layers)
     if announce:
         click.echo(
             "tensorscale: budget allocated as "
@@ -79,23 +99,30 @@ def budget_targets(source, rules_path, targets: dict, reduction, params, edd, up
     return targets
 
 
-def down_options(edd, upd, targets: dict, seed, dtype, max_shard_size):
+def down_options(edd, upd, targets: dict, seed, dtype, max_shard_size, remove_layers=0, remove_at=None):
     from ..planning.plan import DownOptions, parse_size
 
     chosen = {key: value for key, value in targets.items() if value is not None}
-    if not chosen and edd is None and upd is None:
+    at = parse_layer_list(remove_at)
+    if at is not None and not remove_layers:
+        raise TensorscaleError("--at says which layers --remove-layers removes; give --remove-layers K too")
+    if not chosen and edd is None and upd is None and not remove_layers:
         raise TensorscaleError(
-            "say how small: --embed-dim-divisor/--up-proj-divisor, or --hidden-size/--intermediate-size/"
-            "--num-attention-heads/--num-key-value-heads"
+            "say how small: --embed-dim-divisor/--up-proj-divisor, --hidden-size/--intermediate-size/"
+            "--num-attention-heads/--num-key-value-heads, a budget (--reduction/--params) or --remove-layers"
         )
-    return DownOptions(
+    options = DownOptions(
         seed=seed,
         dtype=dtype,
         max_shard_size=parse_size(max_shard_size),
         embed_dim_divisor=edd,
         up_proj_divisor=upd,
         targets=chosen,
+        remove_layers=remove_layers,
+        remove_at=at,
     )
+    options.validate()  # before any download, sampling or analysis
+    return options
 
 
 def down_planning_options(func):
@@ -165,6 +192,8 @@ def down(
     targets,
     reduction,
     params,
+    remove_layers,
+    remove_at,
     seed,
     dtype,
     rules_path,
@@ -198,8 +227,10 @@ def down(
     from .output_format import write_output
 
     check_output_early(output, source, force)
-    targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd, announce=not as_json)
-    options = down_options(edd, upd, targets, seed, dtype, max_shard_size)
+    targets = budget_targets(
+        source, rules_path, targets, reduction, params, edd, upd, announce=not as_json, remove_layers=remove_layers
+    )
+    options = down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers, remove_at)
     text = None
     if calibration is not None:  # plan_down_by_method refuses it with --method fold, before any work
         from ..folding.calibration import read_calibration_text
@@ -229,6 +260,7 @@ def down(
     summary.update(fold_summary(plan))
     summary["method"] = "refit" if report is not None else "fold"
     summary["targets"] = dict(options.targets)
+    summary["removed_layers"] = list(report["removed_layers"]) if report is not None else list(options.remove_at or ())
     if report is not None:
         summary["calibration"] = {
             "source": "file" if text is not None else "self-generated",

@@ -34,6 +34,7 @@ from .options import (
     VERIFY_FILES,
     add_to_every_command,
     model_input,
+    parse_layer_list,
     seed_option,
     target_size_options,
     verbose_option,
@@ -213,14 +214,7 @@ def up_options(
     for flag, value in (("--embed-dim-multiplier", edm), ("--up-proj-multiplier", upm)):
         if value < 1:
             raise TensorscaleError(f"{flag} must be a whole number >= 1, got {value}")
-    positions = None
-    if insert_at is not None:
-        try:
-            positions = tuple(int(part) for part in str(insert_at).split(",") if part.strip())
-        except ValueError:
-            raise TensorscaleError(
-                f"--at takes layer indices separated by commas (e.g. 4,8), got {insert_at!r}"
-            ) from None
+    positions = parse_layer_list(insert_at)
     chosen = {key: value for key, value in targets.items() if value is not None}
     return UpOptions(
         edm,
@@ -394,14 +388,30 @@ def plan_up(source, output, as_json, rules_path, **asked):
 @plan.command("down", cls=_PlanCommand)
 @_input_option
 @down_planning_options
-def plan_down(source, output, edd, upd, targets, reduction, params, seed, dtype, rules_path, max_shard_size, as_json):
+def plan_down(
+    source,
+    output,
+    edd,
+    upd,
+    targets,
+    reduction,
+    params,
+    remove_layers,
+    remove_at,
+    seed,
+    dtype,
+    rules_path,
+    max_shard_size,
+    as_json,
+):
     """Dry run of `down` by folding (its clusters depend on the weights, so this reads them once)."""
     from ..convert import plan_down
 
-    targets = budget_targets(source, rules_path, targets, reduction, params, edd, upd)  # as `down` allocates it
-    _show_plan(
-        plan_down(source, down_options(edd, upd, targets, seed, dtype, max_shard_size), rules_path), output, as_json
-    )
+    targets = budget_targets(
+        source, rules_path, targets, reduction, params, edd, upd, remove_layers=remove_layers
+    )  # as `down` allocates it
+    options = down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers, remove_at)
+    _show_plan(plan_down(source, options, rules_path), output, as_json)
 
 
 def _show_plan(the_plan, output, as_json) -> None:

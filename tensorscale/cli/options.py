@@ -197,3 +197,13 @@ def target_size_options(hidden: str, kv_heads: str):
         )
 
     return decorate
+
+
+def parse_layer_list(text) -> tuple[int, ...] | None:
+    """--at's layer indices, "4,8" -> (4, 8); None when not given."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise TensorscaleError(f"--at takes layer indices separated by commas (e.g. 4,8), got {text!r}") from None

@@ -161,10 +161,13 @@ def down_summary(summary: dict) -> str:
         else "units kept and readers re-solved layer by layer (refit)"
     )
     retied = f"; {summary['retied']} equals the embedding again, so the output is tied" if summary.get("retied") else ""
+    removed = summary.get("removed_layers") or []
+    depth = f"; layer{'s' if len(removed) > 1 else ''} {', '.join(map(str, removed))} removed" if removed else ""
     return (
         f"wrote {summary['output']}: {human_count(summary['source_parameters'])} -> "
         f"{human_count(summary['total_parameters'])} parameters, {human_bytes(summary['total_bytes'])} in "
-        f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}); {exact}{retied}"
+        f"{len(summary['shards'])} shard(s), {summary['seconds']:.1f} s (rules {summary['rules']}); "
+        f"{exact}{retied}{depth}"
     )
 
 

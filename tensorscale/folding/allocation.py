@@ -48,7 +48,7 @@ def parse_budget(reduction, params, total: int) -> int:
 class Counter:
     """Parameters of the model at given target sizes, from the rules' axis roles and the headers."""
 
-    def __init__(self, source_label: str, rules_path: str | None):
+    def __init__(self, source_label: str, rules_path: str | None, remove_layers: int = 0):
         from ..planning.plan import DownOptions, current_units
         from ..reading.source import open_source
         from ..rulebook.registry import resolve_rules
@@ -56,8 +56,19 @@ class Counter:
         self.source = open_source(source_label, headers_only=True)
         self.rules = resolve_rules(self.source.config, rules_path)
         self.current = current_units(self.rules, self.source.config, DownOptions())
+        depth = self.rules.depth
+        count = self.source.config.get(depth.count) if depth is not None else None
+        if remove_layers and not (isinstance(count, int) and not isinstance(count, bool) and count > remove_layers):
+            raise TensorscaleError(
+                f"--remove-layers {remove_layers} needs a model with more layers (its rules' depth section "
+                f"counts {count!r})"
+            )
+        # a removed layer takes its share of every per-layer tensor with it
+        self.layer_share = (count - remove_layers) / count if remove_layers else 1.0
+        self.group = depth.group if depth is not None else None
 
-    def count(self, targets: dict) -> int:
+    def count(self, targets: dict, removal: bool = True) -> int:
+        """Parameters at `targets`, with the removed layers gone (removal=False: all layers)."""
         from ..planning.plan import DownOptions, evaluate_env
         from ..rulebook.compile import resolve_spaces
         from .analysis import match_all
@@ -78,18 +89,23 @@ class Counter:
             for axis, name, _ in match.roles():
                 space = spaces[name]
                 numel = numel // match.info.shape[axis] * (match.info.shape[axis] * space.target // space.size)
+            if removal and self.group is not None and isinstance(match.env.get(self.group), int):
+                numel = numel * self.layer_share
             total += numel
         total += sum(info.numel for name, info in self.source.tensors.items() if name not in matched)
-        return total
+        return int(total)
 
 
-def allocate_budget(source_label: str, rules_path, given: dict, reduction, params, edd=None, upd=None) -> dict:
-    """Target sizes within the budget; the user's own targets stay as given."""
+def allocate_budget(
+    source_label: str, rules_path, given: dict, reduction, params, edd=None, upd=None, remove_layers: int = 0
+) -> dict:
+    """Target sizes within the budget; the user's own targets stay as given, and layers the user removes
+    count towards it (the widths are cut only as far as the rest of the budget needs)."""
     if edd is not None or upd is not None:
         raise TensorscaleError("give either a budget (--reduction/--params) or divisors, not both")
-    counter = Counter(source_label, rules_path)
+    counter = Counter(source_label, rules_path, remove_layers)
     current = counter.current
-    total = counter.count(dict(current))
+    total = counter.count(dict(current), removal=False)
     wanted = parse_budget(reduction, params, total)
     targets = {key: (given.get(key) if given.get(key) is not None else value) for key, value in current.items()}
     fixed = {key for key, value in given.items() if value is not None}

@@ -52,6 +52,14 @@ class TensorRoles:
     axes: list  # per axis: (space, role) or None
     layer: int | None
     slot_name: str
+    layer_span: tuple[int, int] | None = None  # where the layer index is in `name`
+
+    def renumbered(self, index: int) -> str:
+        """The name in the output, as layer `index` (layers after a removed one move down)."""
+        if self.layer_span is None:
+            return self.name
+        start, end = self.layer_span
+        return f"{self.name[:start]}{index}{self.name[end:]}"
 
     @property
     def reader(self):
@@ -88,7 +96,9 @@ def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[Te
             found = match.rule.regex.fullmatch(match.name)
             start, end = found.span(group)
             slot_name = match.name[:start] + "0" + match.name[end:]
-            layers.setdefault(layer, []).append(TensorRoles(match.name, match.info, labels, layer, slot_name))
+            layers.setdefault(layer, []).append(
+                TensorRoles(match.name, match.info, labels, layer, slot_name, (start, end))
+            )
         else:
             others.append(TensorRoles(match.name, match.info, labels, None, match.name))
     return layers, others
@@ -101,7 +111,8 @@ def _expand(units: list[int], unit: int) -> torch.Tensor:
 
 
 class LayerwiseDown:
-    """Cut a model to the spaces' targets, reading `source` and writing tensors through `emit(name, t)`."""
+    """Cut a model to the spaces' targets, reading `source` and writing tensors through
+    `emit(output name, tensor, source name)` (they differ for the layers after a removed one)."""
 
     def __init__(
         self,
@@ -116,13 +127,19 @@ class LayerwiseDown:
         ridge: float = 1e-2,
         target: str | float = "cross",
         prior: bool = True,
+        remove_layers: int = 0,
+        remove_at: tuple[int, ...] | None = None,
     ):
         """`target`: "cross" re-solves each reader to reproduce the original layer's outputs from the original
         stream (it also corrects what earlier layers left behind); "self" reproduces the original weights'
         outputs on the small stream's own inputs (plain OBS compensation). `prior`: the ridge pulls towards
         the same units' original weights instead of towards zero. A number α in [0, 1] blends the two: the
         solution is α·cross + (1-α)·self (least squares is linear in its target, so that is the refit to the
-        blended target). Measured in benchmarks/README.md."""
+        blended target). Measured in benchmarks/README.md.
+
+        `remove_layers`: layers left out (depth); `remove_at` names them, else the ones of least block
+        influence on the calibration text (ShortGPT: 1 - cos(layer input, layer output)) are removed. The
+        small stream skips them, so the layers after them are re-solved on what the shorter model computes."""
         from ..inference.layer_slot import LayerSlot
 
         self.source = source
@@ -161,6 +178,14 @@ class LayerwiseDown:
         )
         self.statistics = {}
         self._moment_cache = None
+        self.remove_layers = remove_layers
+        self.removed = set(remove_at) if remove_at is not None else None
+        if remove_at is not None and not self.removed <= set(self.layers):
+            raise TensorscaleError(f"--at names layer {min(self.removed - set(self.layers))}, which the model lacks")
+        if remove_layers >= len(self.layers):
+            raise TensorscaleError(
+                f"--remove-layers {remove_layers} would remove all {len(self.layers)} layers; keep at least one"
+            )
 
     def read(self, roles: TensorRoles) -> torch.Tensor:
         tensor = self.reader.read(roles.info).float()
@@ -175,24 +200,41 @@ class LayerwiseDown:
     def _globals(self) -> dict:
         return {t.slot_name: self.read(t) for t in self.others}
 
-    def _score_hidden(self, h: torch.Tensor, kwargs: dict) -> None:
-        """First pass over the original model: per residual dimension, reader usage and mean square."""
+    def _first_pass(self, h: torch.Tensor, kwargs: dict) -> None:
+        """A pass over the original model before any refit, for what must be chosen for the whole model: the
+        residual dimensions to keep (when the hidden size is cut) and the layers to remove (when the user
+        did not name them)."""
+        score_hidden = self.hidden is not None and self.hidden.target < self.hidden.size
+        influence = {}
         space = self.hidden
-        score = torch.zeros(space.size, dtype=torch.float64)
-        energy = torch.zeros(space.size, dtype=torch.float64)
+        if score_hidden:
+            score = torch.zeros(space.size, dtype=torch.float64)
+            energy = torch.zeros(space.size, dtype=torch.float64)
         for layer in sorted(self.layers):
             tensors = {t.slot_name: self.read(t) for t in self.layers[layer]}
             self.original.load(tensors)
-            energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
-            h, inputs = self._run_catching(
-                self.original, h, kwargs, [t for t in self.layers[layer] if t.reader and t.reader[1] == space.name]
-            )
+            readers = [t for t in self.layers[layer] if score_hidden and t.reader and t.reader[1] == space.name]
+            if score_hidden:
+                energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
+            h_next, inputs = self._run_catching(self.original, h, kwargs, readers)
+            cosine = torch.nn.functional.cosine_similarity(h.double(), h_next.double(), dim=-1)
+            influence[layer] = float(1 - cosine.mean())
+            h = h_next
             for name, x in inputs.items():
                 weight = tensors[name]
                 usage = weight.double().pow(2).sum(0) * x.double().pow(2).reshape(-1, x.shape[-1]).mean(0)
                 score += usage / usage.sum().clamp_min(1e-30)
             if self.progress:
                 self.progress("score", layer)
+        self.statistics["block_influence"] = influence
+        if self.removed is None:
+            self.removed = set(sorted(influence, key=lambda i: (influence[i], i))[: self.remove_layers])
+        if score_hidden:
+            self._keep_hidden(score, energy)
+
+    def _keep_hidden(self, score: torch.Tensor, energy: torch.Tensor) -> None:
+        """The residual dimensions kept: massive ones always, then by reader usage."""
+        space = self.hidden
         self.statistics["hidden_energy"] = energy
         massive = energy > MASSIVE * energy.median()
         keep = space.target
@@ -265,6 +307,11 @@ class LayerwiseDown:
         self.cut.working[(heads.name, layer)] = [g * group + j for g in kept for j in range(group)]
 
     # ---- the layer pass ------------------------------------------------------------------------------
+    def _skip_layer(self, layer: int, h_orig, h_small, kw_orig):
+        """A removed layer: the original stream runs it, the small one goes on without it."""
+        self.original.load({t.slot_name: self.read(t) for t in self.layers[layer]})
+        return self.original.run(h_orig, kw_orig), h_small
+
     def _layer(self, layer: int, h_orig, h_small, kw_orig, kw_small, emit):
         roles = self.layers[layer]
         tensors = {t.slot_name: self.read(t) for t in roles}
@@ -432,8 +479,20 @@ class LayerwiseDown:
         globals_ = self._globals()
         self.original.load(globals_)
         h_orig, kw_orig = self.original.first_inputs(self.ids)
-        if self.hidden is not None and self.hidden.target < self.hidden.size:
-            self._score_hidden(h_orig, kw_orig)
+        if (self.hidden is not None and self.hidden.target < self.hidden.size) or (
+            self.remove_layers and self.removed is None
+        ):
+            self._first_pass(h_orig, kw_orig)
+        removed = self.removed or set()
+        self.statistics["removed_layers"] = sorted(removed)
+        kept_layers = [layer for layer in sorted(self.layers) if layer not in removed]
+        output_index = {layer: index for index, layer in enumerate(kept_layers)}
+        by_name = {t.name: t for roles in self.layers.values() for t in roles}
+
+        def emit_renumbered(name, tensor):
+            roles = by_name.get(name)
+            emit(roles.renumbered(output_index[roles.layer]) if roles is not None else name, tensor, name)
+
         small_globals = {}
         for t in self.others:
             small_globals[t.slot_name] = self._select(globals_[t.slot_name], t, "final")
@@ -444,16 +503,21 @@ class LayerwiseDown:
             check = [*self.original.first_inputs(self.check_ids), *self.small.first_inputs(self.check_ids)]
         for layer in sorted(self.layers):
             interrupts.check()  # a Ctrl-C that landed inside a hook is raised here, between layers
-            h_orig, h_small = self._layer(layer, h_orig, h_small, kw_orig, kw_small, emit)
-            if check is not None:  # the slots now hold this layer, original and refitted
-                check[0] = self.original.run(check[0], check[1])
-                check[2] = self.small.run(check[2], check[3])
+            if layer in removed:
+                h_orig, h_small = self._skip_layer(layer, h_orig, h_small, kw_orig)
+                if check is not None:
+                    check[0] = self.original.run(check[0], check[1])
+            else:
+                h_orig, h_small = self._layer(layer, h_orig, h_small, kw_orig, kw_small, emit_renumbered)
+                if check is not None:  # the slots now hold this layer, original and refitted
+                    check[0] = self.original.run(check[0], check[1])
+                    check[2] = self.small.run(check[2], check[3])
             if self.progress:
                 self.progress("refit", layer)
         if self.hidden is not None and self.hidden.target < self.hidden.size:
             self._refit_head(globals_, small_globals, h_orig, h_small)
         for t in self.others:
-            emit(t.name, small_globals[t.slot_name])
+            emit(t.name, small_globals[t.slot_name], t.name)
         self.reader.close()
         if check is not None:
             self.statistics.update(self._damage(self.check_ids, check[0], check[2]), calibration_held_out=True)

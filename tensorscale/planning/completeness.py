@@ -55,12 +55,19 @@ def _check_layers(rule_set, source, env: dict) -> None:
     if beyond:
         raise TensorscaleError(
             f"config.json says {key} {count}, but the checkpoint holds tensors of layer {beyond[0]}"
-            f"{' and more' if len(beyond) > 1 else ''} ({len(set(layers) | set(range(count)))} layers in all); "
+            f"{' and more' if len(beyond) > 1 else ''} ({count + len(beyond)} layers in all); "
             f"fix {key} in config.json or use the matching weights"
         )
-    missing = [index for index in range(count) if index not in layers]
-    if missing:
-        shown = ", ".join(str(i) for i in missing[:_SHOWN]) + (" ..." if len(missing) > _SHOWN else "")
+    # counted and listed without range(count): a config that claims 2**40 layers must not allocate them
+    missing_count = count - len(layers)
+    if missing_count:
+        missing = []
+        index = 0
+        while len(missing) <= _SHOWN and index < count:
+            if index not in layers:
+                missing.append(index)
+            index += 1
+        shown = ", ".join(str(i) for i in missing[:_SHOWN]) + (" ..." if missing_count > _SHOWN else "")
         raise TensorscaleError(
             f"the checkpoint has no tensors for layer {shown} of the {count} that config.json ({key}) counts; "
             "the download is incomplete (or fix the config)"

@@ -1,4 +1,4 @@
-"""Depth growth for `up`: which layers the output has, where each one's tensors come from, and its config.
+"""Depth for `up` and `down`: which layers the output has, where each one's tensors come from, and its config.
 
 Two ways to add layers, both described by the rules file's ``depth`` section (no architecture is special-
 cased here):
@@ -10,6 +10,9 @@ cased here):
   (OLMo-2: w = 0; Gemma 2/3, whose norms compute x̂·(1+w): w = -1). The layer then adds nothing to the
   residual stream and the model computes the same function. Positions are source layer indices: the new
   layer goes before that layer (L, the layer count, appends after the last one).
+- ``down --remove-layers K`` leaves source layers out (ShortGPT); the rest are renumbered. Not function-
+  preserving; `down --method refit` chooses the layers by block influence and re-solves the next layers'
+  readers on what the shorter model computes.
 - ``--duplicate-layers START:END`` copies source layers START..END-1 and inserts the copy after END-1
   (SOLAR's depth up-scaling). Not function-preserving: the logits change, and the tool says so.
 
@@ -49,8 +52,14 @@ class Layers:
     count_key: str
 
     @property
+    def removed(self) -> list[int]:
+        """Source layers the output does not hold (down --remove-layers)."""
+        kept = {layer.source for layer in self.layers}
+        return [index for index in range(self.source_count) if index not in kept]
+
+    @property
     def function_preserving(self) -> bool:
-        return all(layer.kind != DUPLICATE for layer in self.layers)
+        return all(layer.kind != DUPLICATE for layer in self.layers) and not self.removed
 
     def inserted(self) -> list[tuple[int, Layer]]:
         return [(index, layer) for index, layer in enumerate(self.layers) if layer.kind != SOURCE]
@@ -75,6 +84,9 @@ class Layers:
                     f"layers {duplicate[0]}-{duplicate[-1]} repeat source layers {sources[0]}-{sources[-1]} "
                     "(SOLAR-style duplicate)"
                 )
+        removed = self.removed
+        if removed:
+            parts.append(f"source layer{'s' if len(removed) > 1 else ''} {', '.join(map(str, removed))} removed")
         text = "; ".join(parts)
         if not self.function_preserving:
             text += ": NOT function-preserving, the logits change (measure it with --verify)"
@@ -82,6 +94,7 @@ class Layers:
             "source_layers": self.source_count,
             "layers": len(self.layers),
             "inserted": [{"index": i, "source_layer": layer.source, "kind": layer.kind} for i, layer in inserted],
+            "removed": removed,
             "function_preserving": self.function_preserving,
             "text": text,
         }
@@ -170,6 +183,34 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
         if block and source == block[1] - 1:
             layers.extend(Layer(copied, DUPLICATE) for copied in range(*block))
     return Layers(count, layers, spec.count)
+
+
+def removal_layers(rule_set, config: dict, removed) -> Layers:
+    """The output layers of `down --remove-layers` without the source layers `removed`; the others keep
+    their order and are renumbered. Every mistake is one line."""
+    spec = rule_set.depth
+    if spec is None:
+        raise TensorscaleError(
+            f"rules {rule_set.name} have no depth section, so --remove-layers is not possible; "
+            "add one (see README, depth growth)"
+        )
+    count = config.get(spec.count)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise TensorscaleError(
+            f"config.json's {spec.count} must be a whole number >= 1 for --remove-layers, got {count!r}"
+        )
+    removed = list(removed)
+    for index in removed:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise TensorscaleError(
+                f"--at layer {index!r} is out of range: the model has {count} layers, numbered 0 to {count - 1}"
+            )
+    if len(set(removed)) >= count:
+        raise TensorscaleError(
+            f"--remove-layers {len(set(removed))} would remove all {count} layers; keep at least one"
+        )
+    gone = set(removed)
+    return Layers(count, [Layer(index, SOURCE) for index in range(count) if index not in gone], spec.count)
 
 
 def rewrite_config(rule_set, source_config: dict, new_config: dict, layers: Layers | None) -> None:

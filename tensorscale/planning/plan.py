@@ -138,6 +138,8 @@ class DownOptions(ResizeOptions):
     mode: ClassVar[str] = "down"
     embed_dim_divisor: int | None = None
     up_proj_divisor: int | None = None
+    remove_layers: int = field(default=0, kw_only=True)  # layers to remove (ShortGPT-style depth cut)
+    remove_at: tuple[int, ...] | None = field(default=None, kw_only=True)  # which; None: chosen by measurement
 
     def validate(self) -> None:
         given = [
@@ -152,6 +154,15 @@ class DownOptions(ResizeOptions):
         super().validate()
         if self.targets and given:
             raise TensorscaleError("give either divisors or target sizes, not both")
+        if isinstance(self.remove_layers, bool) or not isinstance(self.remove_layers, int) or self.remove_layers < 0:
+            raise TensorscaleError(f"--remove-layers must be a whole number >= 0, got {self.remove_layers!r}")
+        if self.remove_at is not None:
+            if len(self.remove_at) != self.remove_layers:
+                raise TensorscaleError(
+                    f"--at names {len(self.remove_at)} layer(s) but --remove-layers asks for {self.remove_layers}"
+                )
+            if len(set(self.remove_at)) != len(self.remove_at):
+                raise TensorscaleError(f"--at names a layer twice: {','.join(map(str, self.remove_at))}")
 
 
 class UnitFolds(Protocol):
@@ -429,6 +440,13 @@ def build_plan(
     layers = None
     if isinstance(options, UpOptions):
         layers = depth.plan_layers(rule_set, source.config, env, options)  # None unless depth grows
+    elif options.remove_layers:
+        if options.remove_at is None:
+            raise TensorscaleError(
+                "a fold reads no text, so it cannot measure which layers matter: name them with --at "
+                "(e.g. --at 12,14), or remove them with --method refit, which measures block influence"
+            )
+        layers = depth.removal_layers(rule_set, source.config, options.remove_at)
     depth.rewrite_config(rule_set, source.config, new_config, layers)
     folds = down.folds if down is not None else None
     retie = down.retied if down is not None else None

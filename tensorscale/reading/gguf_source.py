@@ -120,7 +120,10 @@ def build_config(header: GgufHeader) -> dict:
             f"{embedding.dims[1]} rows; the header disagrees with the tensors"
         )
     blocks = {int(parts[1]) for parts in (t.split(".") for t in tensors) if parts[0] == "blk" and parts[1].isdigit()}
-    if blocks != set(range(config["num_hidden_layers"])):
+    # blocks are distinct integers, so they are 0..n-1 exactly when there are n of them from 0 to n-1 (no
+    # set(range(n)): a corrupt block_count of 2**40 would allocate it)
+    count = config["num_hidden_layers"]
+    if len(blocks) != count or (blocks and (min(blocks) != 0 or max(blocks) != count - 1)):
         held = f"blocks {min(blocks)}-{max(blocks)}" if blocks else "no blocks"
         raise TensorscaleError(
             f"{name}: metadata {arch}.block_count is {config['num_hidden_layers']} but the file holds "
