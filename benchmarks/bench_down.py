@@ -1135,20 +1135,27 @@ def real_plot(result: dict, path: str) -> bool:
     if plt is None:
         return False
     methods = [m for m in REAL_METHODS + EXTRA_METHODS if any(r["method"] == m and "eval" in r for r in result["rows"])]
+    original = result.get("original_shape", {})
+
+    def hidden_only(r) -> bool:  # a level that cuts only the hidden size: its own line (SliceGPT's kind of level)
+        return all(r[k] == original.get(k, r[k]) for k in TARGET_KEYS if k != "hidden_size")
+
     fig, axes = plt.subplots(1, len(DOMAINS), figsize=(6.5 * len(DOMAINS), 4.5))
     for ax, domain in zip(axes, DOMAINS):
         for i, method in enumerate(methods):
-            rows = sorted(
-                (r for r in result["rows"] if r["method"] == method and "eval" in r), key=lambda r: r["reduction"]
-            )
-            ax.plot(
-                [100 * r["reduction"] for r in rows],
-                [r["eval"][domain]["ppl_ratio"] for r in rows],
-                marker="o" if method.startswith("refit") else "x",
-                linestyle="-" if method.startswith("refit") else "--",
-                color=f"C{i}",
-                label=method,
-            )
+            done = [r for r in result["rows"] if r["method"] == method and "eval" in r]
+            for only in (False, True):
+                rows = sorted((r for r in done if hidden_only(r) == only), key=lambda r: r["reduction"])
+                if not rows:
+                    continue
+                ax.plot(
+                    [100 * r["reduction"] for r in rows],
+                    [r["eval"][domain]["ppl_ratio"] for r in rows],
+                    marker="s" if only else "o" if method.startswith("refit") else "x",
+                    linestyle=":" if only else "-" if method.startswith("refit") else "--",
+                    color=f"C{i % 10}",
+                    label=f"{method}, hidden only" if only else method,
+                )
         ax.set_yscale("log")
         ax.set(
             xlabel="parameter reduction (%)",
