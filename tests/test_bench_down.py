@@ -183,3 +183,13 @@ def test_slicegpt_tied_head_is_exact_when_q_mixes_only_equal_gains(bench, tmp_pa
     rotated, _, _ = bench.slicegpt.rotate(layout, weights, calib, plain, 32)
     out = bench.save_like(source, str(tmp_path / "plain"), rotated, {})
     assert relative_logit_error(source, out) > 1e-2
+
+
+def test_flap_skips_with_a_reason_where_no_config_switch_adds_the_bias(bench, tmp_path):
+    from fixtures import build_checkpoint
+
+    source = build_checkpoint(tmp_path / "source", "mistral")  # no mlp_bias in Mistral's config
+    config = bench.read_config(source)
+    layout = bench.Layout(source, {**{k: config[k] for k in bench.TARGET_KEYS}, "intermediate_size": 32})
+    reason = bench.flap.skip_reason(layout, bench.tensors(source), config)
+    assert "down_proj.bias" in reason and "no config switch" in reason
