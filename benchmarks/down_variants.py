@@ -9,7 +9,8 @@ target (cross: reproduce the original layer from the original stream; self: plai
 the small stream's own inputs), prior (1: the ridge pulls towards the original weights; 0: towards zero),
 ridge, tokens (calibration tokens of the Python docs outside library/), eval (held-out tokens per domain),
 remove_layers (layers of least block influence removed, as `down --remove-layers`), calibration (pydoc:
-the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py).
+the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py; pydoc+self:
+half the Python docs, half text the model samples itself).
 It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
 KL and top-1 on the two domains of real_texts.py. The model and texts: see real_model.py, real_texts.py.
 """
@@ -58,8 +59,16 @@ def main(argv: list[str]) -> int:
     working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
     for config in (new_config, working_config):
         _pin_head_dim(config, env)
-    text = mixed_calibration_text() if args.get("calibration") == "mixed" else calibration_text()
-    ids = calibration_ids(folder, folder, text, int(args.get("tokens", 8192)))
+    kind = args.get("calibration", "pydoc")
+    tokens = int(args.get("tokens", 8192))
+    text = mixed_calibration_text() if kind == "mixed" else calibration_text()
+    if kind == "pydoc+self":  # half the Python docs, half text the model samples itself
+        from tensorscale.folding.calibration import self_generated_ids
+
+        own = self_generated_ids(folder, folder, source.config, tokens // 2)
+        ids = torch.cat([calibration_ids(folder, folder, text, tokens - own.numel()), own])
+    else:
+        ids = calibration_ids(folder, folder, text, tokens)
     started = time.time()
     engine = LayerwiseDown(
         source,

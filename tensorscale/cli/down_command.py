@@ -165,10 +165,11 @@ def fold_summary(plan) -> dict:
 @click.option(
     "--calibration",
     type=click.Path(dir_okay=False),
-    default=None,
+    multiple=True,
     metavar="FILE",
-    help="refit: text to calibrate on (held-out text measures best with text like it); without it the "
-    "model calibrates on text it samples itself (data-free).",
+    help="refit: text to calibrate on; repeat it for several kinds of text, each then gives an equal share "
+    "of the tokens (the broader the text, the better the model keeps working on other text); without it "
+    "the model calibrates on text it samples itself (data-free).",
 )
 @click.option(
     "--calibration-tokens",
@@ -232,10 +233,11 @@ def down(
     )
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers, remove_at)
     text = None
-    if calibration is not None:  # plan_down_by_method refuses it with --method fold, before any work
+    if calibration:  # plan_down_by_method refuses it with --method fold, before any work
         from ..folding.calibration import read_calibration_text
 
-        text = read_calibration_text(calibration)
+        text = [read_calibration_text(path) for path in calibration]
+        text = text[0] if len(text) == 1 else text
     show = not quiet and not as_json
     from ..convert import plan_down_by_method, refit_workspace
 

@@ -37,20 +37,36 @@ def read_calibration_text(path: str) -> str:
     return text
 
 
-def calibration_ids(folder: str, label: str, text: str, tokens: int, sequence: int = SEQUENCE) -> "torch.Tensor":
-    """The first `tokens` tokens of `text`, in whole windows of `sequence` tokens: [windows, sequence]."""
+def calibration_ids(folder: str, label: str, text, tokens: int, sequence: int = SEQUENCE) -> "torch.Tensor":
+    """`tokens` tokens of calibration text in whole windows of `sequence` tokens: [windows, sequence].
+
+    `text` is one text (its first tokens) or a list of texts, one per --calibration file: each then gives an
+    equal share of the windows (a short one gives what it has, the others the rest), and their windows are
+    interleaved, so that every domain is in the refit and in the windows held back for the damage estimate.
+    Only the first `tokens` tokens are read, so one file made by concatenating two would calibrate on the
+    first alone."""
     from ..inference.loading import load_tokenizer
 
     if tokens < sequence:
         raise TensorscaleError(f"--calibration-tokens must be at least {sequence} (one window)")
+    texts = [text] if isinstance(text, str) else list(text)
     tokenizer = load_tokenizer(folder, label, "down --calibration")
-    ids = tokenizer(text[: tokens * 16], add_special_tokens=False)["input_ids"][:tokens]
-    windows = len(ids) // sequence
-    if windows < 1:
+    wanted = tokens // sequence
+    per_text: list[list[list[int]]] = []
+    total = 0
+    for index, one in enumerate(texts):
+        share = -(-(wanted - total) // (len(texts) - index))
+        ids = tokenizer(one[: share * sequence * 16], add_special_tokens=False)["input_ids"]
+        windows = [ids[w * sequence : (w + 1) * sequence] for w in range(min(share, len(ids) // sequence))]
+        per_text.append(windows)
+        total += len(windows)
+    if total < 1:
+        counted = sum(len(tokenizer(one[: sequence * 16], add_special_tokens=False)["input_ids"]) for one in texts)
         raise TensorscaleError(
-            f"the calibration text gives {len(ids)} tokens, fewer than one window of {sequence}; give a longer text"
+            f"the calibration text gives {counted} tokens, fewer than one window of {sequence}; give a longer text"
         )
-    return torch.tensor(ids[: windows * sequence]).reshape(windows, sequence)
+    rows = [windows[i] for i in range(max(map(len, per_text))) for windows in per_text if i < len(windows)]
+    return torch.tensor(rows).reshape(len(rows), sequence)
 
 
 @torch.no_grad()
