@@ -132,7 +132,22 @@ def _check_refit_possible(source_label: str, options: DownOptions, rules_path: s
     rules = resolve_rules(source.config, rules_path)
     env = evaluate_env(rules, source.config, options)
     classify(match_all(source, rules, env), rules.depth.group if rules.depth is not None else "layer")
-    working_targets(rules, source.config, options)  # head counts refit can make
+    working = DownOptions(targets=working_targets(rules, source.config, options))  # head counts refit can make
+    from .inference.layer_slot import LayerSlot
+    from .planning.plan import rewrite_config
+
+    for sizes in (options, working):  # the output and the small stream must both be models transformers builds
+        config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, sizes), sizes)
+        _pin_head_dim(config, env)
+        try:
+            LayerSlot.build_config(config, "down (refit)")
+        except TensorscaleError as exc:
+            raise TensorscaleError(
+                f"{exc} (refit runs the kept kv groups' {config.get('num_attention_heads')} query heads while "
+                "it re-solves a layer; choose sizes every head count divides)"
+                if sizes is working
+                else str(exc)
+            ) from None
     if options.remove_layers:  # the depth section, the layer count and any --at, before minutes of work
         count = source.config.get(rules.depth.count) if rules.depth is not None else None
         at = options.remove_at

@@ -286,8 +286,8 @@ def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
     assert set(targets) == {"intermediate_size"}  # the FFN alone pays for a small cut
     assert counter.count({**counter.current, **targets}) <= 0.9 * total
     deep = allocate_budget(source, None, {}, "45%", None)
-    assert deep["intermediate_size"] < targets["intermediate_size"] and set(deep) - {"intermediate_size"}  # then others
-    assert counter.count({**counter.current, **deep}) <= 0.55 * total
+    assert set(deep) - {"intermediate_size"}  # then the other axes
+    assert 0.50 * total <= counter.count({**counter.current, **deep}) <= 0.55 * total  # close to the budget
     kept = allocate_budget(source, None, {"intermediate_size": 512}, "10%", None)
     assert "intermediate_size" not in kept  # a size the user gave is kept; others pay
 

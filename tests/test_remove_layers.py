@@ -133,3 +133,43 @@ def test_a_budget_counts_the_removed_layers(silent_middle):
     assert alone  # the width alone must be cut
     assert with_depth == {}  # a third of the layers is more than 20% of this model: no width cut is needed
     assert Counter(silent_middle, None, remove_layers=1).count(dict(counter.current)) < 0.8 * total
+
+
+# ---- sizes transformers refuses: refit runs all query heads of the kept kv groups while it re-solves ----
+
+
+@pytest.fixture(scope="module")
+def nine_heads(tmp_path_factory):
+    from test_inference import save_tokenizer
+
+    folder = build_checkpoint(
+        tmp_path_factory.mktemp("nine") / "m",
+        "llama",
+        hidden_size=144,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        vocab_size=32,
+    )
+    save_tokenizer(folder)
+    return folder
+
+
+def test_a_hidden_size_the_working_heads_do_not_divide_is_one_line_before_any_work(nine_heads, tmp_path):
+    # 120 is a multiple of the 6 heads asked for, not of the 9 that refit runs while it re-solves a layer
+    out = tmp_path / "out"
+    result = _down(["-i", nine_heads, "-o", out, "--hidden-size", 120, "--num-attention-heads", 6, "-q"])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "not a multiple of the number of attention heads (9)" in lines[0], result.stderr
+    assert "choose sizes every head count divides" in lines[0]
+    assert not out.exists()
+
+
+def test_a_budget_picks_hidden_sizes_every_head_count_divides(nine_heads):
+    from tensorscale.folding.allocation import allocate_budget
+
+    targets = allocate_budget(nine_heads, None, {}, "45%", None)
+    assert targets["num_attention_heads"] == 6 and "hidden_size" in targets  # every axis is cut at 45%
+    assert targets["hidden_size"] % 6 == 0 and targets["hidden_size"] % 9 == 0, targets

@@ -12,6 +12,7 @@ HIDDEN_FLOOR; then the FFN further. Sizes the user gave are kept; only the other
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..errors import TensorscaleError
@@ -119,9 +120,11 @@ def allocate_budget(
         return fits()
 
     def shrink_hidden(floor):
-        """Hidden sizes that every head count divides (transformers checks hidden % heads), in steps of
-        4·heads so that the width stays a multiple of 4."""
-        step = 4 * targets["num_attention_heads"]
+        """Hidden sizes that every head count divides (transformers checks hidden % heads): the output's
+        and the one refit runs while it re-solves a layer (every query head of the kept kv groups), in steps
+        of 4·lcm(those) so that the width stays a multiple of 4."""
+        working_heads = targets["num_key_value_heads"] * group
+        step = 4 * math.lcm(targets["num_attention_heads"], working_heads)
         while not fits() and "hidden_size" not in fixed and targets["hidden_size"] - step >= floor:
             targets["hidden_size"] = (targets["hidden_size"] - 1) // step * step
         return fits()
@@ -146,5 +149,11 @@ def allocate_budget(
             break
     if not fits():
         raise TensorscaleError(f"cannot reach {wanted:,} parameters within what the architecture allows; ask for less")
-    del group
+    # a coarse step (the hidden size moves in multiples of the head counts) can overshoot the budget: give
+    # the FFN back what still fits
+    while "intermediate_size" not in fixed and targets["intermediate_size"] + ffn_step <= current["intermediate_size"]:
+        targets["intermediate_size"] += ffn_step
+        if not fits():
+            targets["intermediate_size"] -= ffn_step
+            break
     return {key: value for key, value in targets.items() if value != current[key]}

@@ -27,19 +27,35 @@ class LayerSlot:
     """A one-layer stock model for `config`; `layer_prefix` is how tensor names of layer 0 begin
     (e.g. 'model.layers.0.'), found by the caller from the rules."""
 
-    def __init__(self, config: dict, layer_prefix: str, command: str = "down --calibration"):
+    @staticmethod
+    def build_config(config: dict, command: str = "down --calibration"):
+        """transformers' config for a one-layer model of `config`, or one line saying why it refuses it
+        (e.g. Llama's check that the head count divides the hidden size). Cheap: callers check the sizes
+        with it before any calibration work."""
         transformers = require_transformers(command)
         settings = dict(config)
         settings["num_hidden_layers"] = 1
         settings.pop("layer_types", None)  # per-layer attention kinds are re-derived for one layer
         settings["use_cache"] = False
+        refusals = (KeyError, ValueError, TypeError)
         try:
-            hf_config = transformers.AutoConfig.for_model(
+            from huggingface_hub.errors import StrictDataclassError  # transformers 5's validated configs
+
+            refusals = (*refusals, StrictDataclassError)
+        except ImportError:
+            pass
+        try:
+            return transformers.AutoConfig.for_model(
                 settings.pop("model_type"),
                 **{k: v for k, v in settings.items() if k not in ("architectures", "transformers_version")},
             )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise TensorscaleError(f"transformers cannot build this architecture for calibration: {exc}") from None
+        except refusals as exc:
+            reason = " ".join(str(exc).split())
+            raise TensorscaleError(f"transformers cannot build this architecture at these sizes: {reason}") from None
+
+    def __init__(self, config: dict, layer_prefix: str, command: str = "down --calibration"):
+        transformers = require_transformers(command)
+        hf_config = self.build_config(config, command)
         hf_config._attn_implementation = "sdpa"
         if isinstance(config.get("layer_types"), list) and config["layer_types"]:
             hf_config.layer_types = config["layer_types"][:1]
