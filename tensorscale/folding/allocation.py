@@ -3,11 +3,14 @@
 Parameters are counted from the rules alone (headers only): every tensor's size is the product of its
 axes, and an axis in a space shrinks with that space's target. Cuts are allocated in the order that
 measured cheapest per parameter on a real pretrained model (SmolLM2-135M, `down --method refit`,
-benchmarks/down_variants.py, 4,096 calibration tokens): the FFN first (FFN 1536 -> 1280, -9.9% parameters:
-held-out ppl x1.25 / x1.74, against x1.62 / x2.63 for a -10.9% cut spread over hidden 540 and FFN 1408),
-down to FFN_FLOOR of its
-width; then query heads inside their kv groups, down to HEADS_FLOOR; then the residual stream, down to
-HIDDEN_FLOOR; then the FFN further. Sizes the user gave are kept; only the others are chosen.
+benchmarks/down_variants.py, held-out ppl ratio on the Python library reference / the license texts): the FFN
+first, down to FFN_FLOOR of its width (FFN only at -24.7%: x1.64 / x3.69, against x3.12 / x7.26 for FFN 1024 with
+heads 9 -> 6 and x2.32 / x5.22 for FFN 1024 with 3 layers removed; at -40%: FFN 512 x2.89 / x8.07, against
+x6.60 / x16.4 for hidden 504, FFN 832, heads 6 and x4.37 / x10.0 for FFN 640 with 4 layers removed); then query
+heads inside their kv groups, down to HEADS_FLOOR; then the residual stream, down to HIDDEN_FLOOR; then the FFN
+further; last, the FFN gets back what a coarse step overshot. Layers are removed only when the user asks
+(--remove-layers; they then count towards the budget): on that model depth cost more than width at -25% and -40%.
+Sizes the user gave are kept; only the others are chosen.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import re
 
 from ..errors import TensorscaleError
 
-FFN_FLOOR = 0.40  # the FFN keeps at least this share of its width before other axes are cut
+FFN_FLOOR = 0.25  # the FFN keeps at least this share of its width before other axes are cut (measured
+# cheaper than any other axis down to 1/3; 1/4 is below what was measured)
 HEADS_FLOOR = 2 / 3  # query heads kept per kv group, at least, before other axes are cut
 HIDDEN_FLOOR = 0.5
 FFN_STEP = 64  # widths are multiples of this (and hidden of the head count), as hardware likes them
