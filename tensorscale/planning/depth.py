@@ -118,14 +118,9 @@ def _wants_depth(options) -> bool:
     return bool(options.add_layers) or options.duplicate_layers is not None
 
 
-def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
-    """The output layer layout, or None when no depth option was given. Every mistake is one line."""
-    if not _wants_depth(options):
-        if options.insert_at is not None:
-            raise TensorscaleError("--at says where --add-layers inserts; give --add-layers K too")
-        return None
+def _layer_count(rule_set, config: dict, flag: str) -> int:
+    """The source's layer count, through the rules' depth section, for a depth option `flag`."""
     spec = rule_set.depth
-    flag = "--add-layers" if options.add_layers else "--duplicate-layers"
     if spec is None:
         raise TensorscaleError(
             f"rules {rule_set.name} have no depth section, so {flag} is not possible; "
@@ -134,6 +129,18 @@ def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
     count = config.get(spec.count)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise TensorscaleError(f"config.json's {spec.count} must be a whole number >= 1 for {flag}, got {count!r}")
+    return count
+
+
+def plan_layers(rule_set, config: dict, env: dict, options) -> Layers | None:
+    """The output layer layout, or None when no depth option was given. Every mistake is one line."""
+    if not _wants_depth(options):
+        if options.insert_at is not None:
+            raise TensorscaleError("--at says where --add-layers inserts; give --add-layers K too")
+        return None
+    spec = rule_set.depth
+    flag = "--add-layers" if options.add_layers else "--duplicate-layers"
+    count = _layer_count(rule_set, config, flag)
 
     before: dict[int, list[int]] = {}  # source position -> the source layers the identity layers there copy
     if options.add_layers:
@@ -189,16 +196,7 @@ def removal_layers(rule_set, config: dict, removed) -> Layers:
     """The output layers of `down --remove-layers` without the source layers `removed`; the others keep
     their order and are renumbered. Every mistake is one line."""
     spec = rule_set.depth
-    if spec is None:
-        raise TensorscaleError(
-            f"rules {rule_set.name} have no depth section, so --remove-layers is not possible; "
-            "add one (see README, depth growth)"
-        )
-    count = config.get(spec.count)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise TensorscaleError(
-            f"config.json's {spec.count} must be a whole number >= 1 for --remove-layers, got {count!r}"
-        )
+    count = _layer_count(rule_set, config, "--remove-layers")
     removed = list(removed)
     for index in removed:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
