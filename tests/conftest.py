@@ -13,21 +13,6 @@ if "TENSORSCALE_CACHE" not in os.environ:
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def _limit_address_space(limit=16 << 30):
-    """A runaway allocation (a size read from a corrupt header) fails its own test with a MemoryError instead
-    of growing the whole run until the kernel's OOM killer ends it with no report (24 GB machines; no test
-    needs more than a few GB). TENSORSCALE_TEST_ADDRESS_SPACE=0 lifts it."""
-    import resource
-
-    limit = int(os.environ.get("TENSORSCALE_TEST_ADDRESS_SPACE", limit))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if limit and (soft == resource.RLIM_INFINITY or soft > limit):
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-_limit_address_space()
-
-
 def pytest_addoption(parser):
     parser.addoption("--fuzz", action="store_true", help="run the fuzz tests with 10,000 cases each")
 
