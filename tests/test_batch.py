@@ -523,7 +523,16 @@ from tensorscale.batch.runner import run_batch
 
 jobs = load_jobs({path!r})
 executor = LocalExecutor(2, task=_slow_task)
-threading.Timer(3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+def interrupt_once_busy():
+    # Ctrl-C once a worker is writing a shard (not at a fixed 3 s: spawned workers of a fresh checkout, with no
+    # bytecode yet, took longer than that to import, and the interrupt then landed during their start-up)
+    import time
+    for _ in range(400):
+        if any(files for _, _, files in os.walk({out!r})):
+            break
+        time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=interrupt_once_busy, daemon=True).start()
 try:
     run_batch(jobs, executor, Overview(jobs, enabled=False))
 except KeyboardInterrupt:
