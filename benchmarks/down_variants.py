@@ -10,7 +10,8 @@ the small stream's own inputs), prior (1: the ridge pulls towards the original w
 ridge, tokens (calibration tokens of the Python docs outside library/), eval (held-out tokens per domain),
 remove_layers (layers of least block influence removed, as `down --remove-layers`), calibration (pydoc:
 the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py; pydoc+self:
-half the Python docs, half text the model samples itself).
+half the Python docs, half text the model samples itself), hidden_cut (rotate: the residual stream projected
+onto its principal directions, the default; select: the dimensions readers use most), gnu (1: a third held-out domain, GNU manuals).
 It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
 KL and top-1 on the two domains of real_texts.py. The model and texts: see real_model.py, real_texts.py.
 """
@@ -82,6 +83,7 @@ def main(argv: list[str]) -> int:
         target=args.get("target", "cross"),
         prior=args.get("prior", "1") == "1",
         remove_layers=int(args.get("remove_layers", 0)),
+        hidden_cut=args.get("hidden_cut", "rotate"),
     )
     with tempfile.TemporaryDirectory(dir=os.path.join(HERE, "work")) as out:
         spill = SpillFolder(out)
@@ -97,7 +99,9 @@ def main(argv: list[str]) -> int:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         reference_model = real_eval.load(folder)
         before = sum(p.numel() for p in reference_model.parameters())
-        windows = real_eval.domain_windows(tokenizer, eval_texts(), int(args.get("eval", 4096)))
+        windows = real_eval.domain_windows(
+            tokenizer, eval_texts(gnu=args.get("gnu", "0") == "1"), int(args.get("eval", 4096))
+        )
         reference = real_eval.Reference(reference_model, windows)
         small = real_eval.load(out)
         after = sum(p.numel() for p in small.parameters())
@@ -105,7 +109,8 @@ def main(argv: list[str]) -> int:
     print(
         f"{argv}: params cut {1 - after / before:.3f}, removed layers {report['removed_layers']}, "
         f"refit {seconds:.0f} s, calibration estimate "
-        f"KL {report['calibration_kl']:.3f} ppl x{report['calibration_ppl_ratio']:.3f}"
+        f"KL {report['calibration_kl']:.3f} ppl x{report['calibration_ppl_ratio']:.3f}, "
+        f"hidden cut {report.get('hidden_cut', '-')} (energy kept {report.get('hidden_energy_kept', 1.0):.4f})"
     )
     for domain, row in measured.items():
         print(f"  {domain:14s} ppl ratio x{row['ppl_ratio']:.3f}  KL {row['kl']:.3f}  top-1 {row['top1']:.3f}")

@@ -99,8 +99,13 @@ def mixed_calibration_text(block: int = 8000) -> str:
     return "\n\n".join(mixed + longer[min(len(python), len(gnu)) :])
 
 
-def eval_texts() -> dict[str, str]:
+def eval_texts(gnu: bool = False) -> dict[str, str]:
+    """The held-out domains: the Python library docs and the license texts; `gnu` adds a third, the GNU
+    manuals of GNU_HELD_OUT (never in any calibration text)."""
     root = python_doc_sources()
     library = sorted(glob.glob(os.path.join(root, "library", "*.rst.txt")))
     licenses = sorted(os.path.join(LICENSES, name) for name in os.listdir(LICENSES))
-    return {"pydoc-library": _read(library), "licenses": _read(licenses)}
+    texts = {"pydoc-library": _read(library), "licenses": _read(licenses)}
+    if gnu:
+        texts["gnu-manuals"] = gnu_manuals(GNU_HELD_OUT)
+    return texts

@@ -52,9 +52,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the grouped PCA is the engine's (down --method refit rotates the stream the same way)
+from tensorscale.folding.rotation import TIED_GAIN_TOLERANCE, gain_groups, principal_rotation  # noqa: F401
+
 CALIB_SEQUENCE = 256
 PROBE_TOKENS = 32  # tokens of the one forward pass that finds which norm feeds which reader
-TIED_GAIN_TOLERANCE = 0.02  # a tied head's rotation mixes dimensions whose final-norm gains agree this well
 
 
 def residual_space(layout) -> str | None:
@@ -174,48 +176,6 @@ def calibrate(layout, model, ids: torch.Tensor) -> Calibration:
         head_inputs=torch.cat(head_rows) if head_rows else None,
         tokens=int(ids.numel()),
     )
-
-
-def principal_rotation(
-    moment: torch.Tensor, groups: list[list[int]] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, eigenvalues): columns of Q are the principal directions, largest eigenvalue first (float64).
-    With `groups` (a partition of the dimensions), Q only mixes dimensions within a group: each group's block
-    of the second moment is diagonalised on its own, and all the blocks' directions are ordered together."""
-    moment = moment.double()
-    if groups is None:
-        groups = [list(range(moment.shape[0]))]
-    q = torch.zeros_like(moment)
-    values, columns = [], []
-    for group in groups:
-        index = torch.tensor(group)
-        vals, vecs = torch.linalg.eigh(moment[index][:, index])
-        for j in range(len(group)):
-            column = torch.zeros(moment.shape[0], dtype=moment.dtype)
-            column[index] = vecs[:, j]
-            values.append(vals[j])
-            columns.append(column)
-    order = torch.argsort(torch.stack(values), descending=True)
-    q = torch.stack(columns, dim=1)[:, order]
-    return q, torch.stack(values)[order]
-
-
-def gain_groups(gain: torch.Tensor, tolerance: float) -> list[list[int]]:
-    """Dimensions whose gains agree within a factor 1 + tolerance (same sign), greedily from the smallest:
-    a rotation inside such a group almost commutes with diag(gain) (see rotate's tied head)."""
-
-    def together(first: float, other: float) -> bool:
-        low, high = sorted((abs(first), abs(other)))
-        return (first > 0) == (other > 0) and high <= (1 + tolerance) * low
-
-    groups, current = [], []
-    for i in torch.argsort(gain).tolist():
-        if current and not together(float(gain[current[0]]), float(gain[i])):
-            groups.append(current)
-            current = []
-        current.append(i)
-    groups.append(current)
-    return groups
 
 
 def fit_tied_gain(embedding: torch.Tensor, gain: torch.Tensor, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

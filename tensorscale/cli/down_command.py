@@ -270,6 +270,10 @@ def down(
             "ppl_ratio": report["calibration_ppl_ratio"],
             "held_out": report["calibration_held_out"],
             "massive_dimensions": report.get("massive", []),
+            # how the residual stream was narrowed (None: it was not), and the share of its normalised
+            # energy the kept directions hold
+            "hidden_cut": report.get("hidden_cut"),
+            "hidden_energy_kept": report.get("hidden_energy_kept"),
         }
     if as_json:
         click.echo(json.dumps(summary, indent=2))

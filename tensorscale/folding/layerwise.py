@@ -17,9 +17,14 @@ Everything comes from the rules' axis roles; nothing here knows an architecture:
 * kv heads are chosen before the layer runs (they shape attention itself): the groups whose query heads
   write the most energy through the output projection are kept, and query heads are then dropped evenly
   within the kept groups, so GQA stays valid;
-* the residual stream (a global space) is cut once for the whole model: dimensions are scored by how much
-  every reader uses them (Wanda-sp: Σ ‖W[:, i]‖² E[x_i²]) over a first pass, and massive-activation
-  dimensions (mean square far above the median, Sun et al. 2024) are always kept;
+* the residual stream (a global space) is cut once for the whole model. Where its norm is an RMSNorm it is
+  rotated onto its principal directions (folding.rotation, SliceGPT with one rotation, so the architecture
+  stays stock): the normalised stream's second moment over a first pass, massive-activation dimensions
+  (mean square far above the median, Sun et al. 2024) kept as they are, and with a tied head only
+  dimensions of equal final-norm gain mixed. Measured on SmolLM2-135M at hidden 522 (benchmarks/README.md,
+  down_variants): held-out ppl x1.45 / x2.49 / x1.71 on three domains, against x1.66 / x2.75 / x1.92 for
+  keeping the dimensions readers use most (Wanda-sp: Σ ‖W[:, i]‖² E[x_i²]), which a LayerNorm stream
+  still gets;
 * everything else with an axis in a cut space keeps the kept units (norm gains, biases, embeddings).
 
 Memory: one layer's weights (twice: original and small) and the calibration activations of one layer.
@@ -37,8 +42,10 @@ from ..errors import TensorscaleError
 from ..reading.tensor_reader import ShardReader
 from ..rulebook.schema import split_role
 from .refit import drop_units, drop_units_fast, refit
+from .rotation import project_axis, project_gain, residual_projection
 
 MASSIVE = 20.0  # a residual dimension whose mean square is this many times the median is "massive"
+EMBEDDING_SHARE = 0.01  # of the rotation's second moment that comes from the whole embedding, beside the text's
 
 
 class _HeadReached(Exception):
@@ -129,6 +136,7 @@ class LayerwiseDown:
         prior: bool = True,
         remove_layers: int = 0,
         remove_at: tuple[int, ...] | None = None,
+        hidden_cut: str = "rotate",
     ):
         """`target`: "cross" re-solves each reader to reproduce the original layer's outputs from the original
         stream (it also corrects what earlier layers left behind); "self" reproduces the original weights'
@@ -139,7 +147,12 @@ class LayerwiseDown:
 
         `remove_layers`: layers left out (depth); `remove_at` names them, else the ones of least block
         influence on the calibration text (ShortGPT: 1 - cos(layer input, layer output)) are removed. The
-        small stream skips them, so the layers after them are re-solved on what the shorter model computes."""
+        small stream skips them, so the layers after them are re-solved on what the shorter model computes.
+
+        `hidden_cut`: how the residual stream is narrowed. "rotate" projects it onto its principal directions
+        (folding.rotation; one rotation for the whole model, massive dimensions kept as they are) where its
+        norm is an RMSNorm, whose gains have a rotated diagonal; "select" keeps the dimensions that readers
+        use most. A LayerNorm stream (its centring does not commute with a rotation) is always selected."""
         from ..inference.layer_slot import LayerSlot
 
         self.source = source
@@ -178,6 +191,16 @@ class LayerwiseDown:
         )
         self.statistics = {}
         self._moment_cache = None
+        if hidden_cut not in ("rotate", "select"):
+            raise TensorscaleError(f"internal: hidden_cut {hidden_cut!r} is neither rotate nor select")
+        self.rotate = (
+            hidden_cut == "rotate"
+            and self.hidden is not None
+            and self.hidden.norm in ("rms", "rms_one_plus")
+            and self.hidden.unit == 1
+        )
+        self.projection = None  # D × d, when the residual stream is rotated (set by the first pass)
+        self._feeds = {}  # reader slot name -> the effective gain of the norm feeding it (a rotated stream)
         self.remove_layers = remove_layers
         self.removed = set(remove_at) if remove_at is not None else None
         if remove_at is not None and not self.removed <= set(self.layers):
@@ -210,12 +233,19 @@ class LayerwiseDown:
         if score_hidden:
             score = torch.zeros(space.size, dtype=torch.float64)
             energy = torch.zeros(space.size, dtype=torch.float64)
+            moment = torch.zeros(space.size, space.size, dtype=torch.float64)
         for layer in sorted(self.layers):
             tensors = {t.slot_name: self.read(t) for t in self.layers[layer]}
             self.original.load(tensors)
-            readers = [t for t in self.layers[layer] if score_hidden and t.reader and t.reader[1] == space.name]
+            readers = [
+                t
+                for t in self.layers[layer]
+                if score_hidden and not self.rotate and t.reader and t.reader[1] == space.name
+            ]
             if score_hidden:
                 energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
+                if self.rotate:
+                    moment += self._normalised_moment(h)
             h_next, inputs = self._run_catching(self.original, h, kwargs, readers)
             cosine = torch.nn.functional.cosine_similarity(h.double(), h_next.double(), dim=-1)
             influence[layer] = float(1 - cosine.mean())
@@ -229,8 +259,55 @@ class LayerwiseDown:
         self.statistics["block_influence"] = influence
         if self.removed is None:
             self.removed = set(sorted(influence, key=lambda i: (influence[i], i))[: self.remove_layers])
-        if score_hidden:
+        if score_hidden and self.rotate:
+            moment += self._normalised_moment(h)
+            self._rotate_hidden(moment / float(moment.diagonal().sum()) + self._embedding_moment(), energy)
+        elif score_hidden:
             self._keep_hidden(score, energy)
+
+    @staticmethod
+    def _normalised_moment(h: torch.Tensor) -> torch.Tensor:
+        """Σ x̂ᵀx̂ over the tokens of `h`, x̂ = x / rms(x): what the readers see is the normalised stream, and
+        unnormalised, a few tokens with massive activations would decide the whole PCA."""
+        x = h.double().reshape(-1, h.shape[-1])
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+        return x.T @ x
+
+    def _embedding_moment(self) -> torch.Tensor:
+        """EMBEDDING_SHARE of a second moment over every row of every stored writer of the stream outside
+        the layers (the token embedding): the calibration text meets a few thousand tokens, the embedding
+        holds them all, so no token's input direction is left with no weight at all (a direction the
+        calibration never excited would otherwise tie with directions that carry nothing)."""
+        size = self.hidden.size
+        moment = torch.zeros(size, size, dtype=torch.float64)
+        writers = [t for t in self.others if len(t.info.shape) == 2 and t.axes[1] == (self.hidden.name, "out")]
+        for t in writers[:1]:
+            x = self.read(t).double()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30))
+            moment += x.T @ x / float(x.pow(2).sum().clamp_min(1e-30))
+        return moment * EMBEDDING_SHARE
+
+    def _tied_gain(self):
+        """The final norm's gain when the output head is the embedding (no stored reader of the stream
+        outside the layers): that head cannot be re-solved, so the rotation must nearly commute with it."""
+        if any(t.reader and t.reader[1] == self.hidden.name for t in self.others):
+            return None
+        norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
+        if norm is None:
+            return None
+        gain = self.read(norm).double()
+        return gain + 1.0 if self.hidden.norm == "rms_one_plus" else gain
+
+    def _rotate_hidden(self, moment: torch.Tensor, energy: torch.Tensor) -> None:
+        """The projection of the residual stream onto its principal directions (massive dimensions first,
+        each as it is)."""
+        massive = energy > MASSIVE * energy.median()
+        always = [int(i) for i in massive.nonzero().flatten()]
+        self.projection, kept = residual_projection(moment, self.hidden.target, always, self._tied_gain())
+        self.statistics["hidden_energy"] = energy
+        self.statistics["massive"] = always
+        self.statistics["hidden_cut"] = "rotate"
+        self.statistics["hidden_energy_kept"] = kept
 
     def _keep_hidden(self, score: torch.Tensor, energy: torch.Tensor) -> None:
         """The residual dimensions kept: massive ones always, then by reader usage."""
@@ -242,16 +319,24 @@ class LayerwiseDown:
         self.cut.working[(space.name, None)] = sorted(order[:keep])
         self.cut.final[(space.name, None)] = self.cut.working[(space.name, None)]
         self.statistics["massive"] = [int(i) for i in massive.nonzero().flatten()]
+        self.statistics["hidden_cut"] = "select"
 
     @staticmethod
-    def _run_catching(slot, h, kwargs, readers: list[TensorRoles]):
-        """Run the slot's layer on `h`, catching the input of every reader in `readers` (by slot name)."""
+    def _run_catching(slot, h, kwargs, readers: list[TensorRoles], outputs_of: list[TensorRoles] = ()):
+        """Run the slot's layer on `h`, catching the input of every reader in `readers` (by slot name), and
+        the output of the modules of `outputs_of` (under "out:" + slot name)."""
         caught = {}
         handles = [
             slot.module(t.slot_name).register_forward_pre_hook(
                 lambda mod, args, key=t.slot_name: caught.__setitem__(key, args[0].detach())
             )
             for t in readers
+        ]
+        handles += [
+            slot.module(t.slot_name).register_forward_hook(
+                lambda mod, args, out, key="out:" + t.slot_name: caught.__setitem__(key, out.detach())
+            )
+            for t in outputs_of
         ]
         try:
             return slot.run(h, kwargs), caught
@@ -269,6 +354,12 @@ class LayerwiseDown:
     def _select(self, tensor: torch.Tensor, roles: TensorRoles, which: str, skip_axis=None) -> torch.Tensor:
         for axis, label in enumerate(roles.axes):
             if label is None or axis == skip_axis:
+                continue
+            if self.projection is not None and label[0] == self.hidden.name:
+                if label[1] == "norm":
+                    tensor = project_gain(tensor, self.projection, self.hidden.norm == "rms_one_plus")
+                else:
+                    tensor = project_axis(tensor, axis, self.projection)
                 continue
             units = self._units(label[0], roles.layer, which)
             if units is None:
@@ -317,7 +408,9 @@ class LayerwiseDown:
         tensors = {t.slot_name: self.read(t) for t in roles}
         by_slot = {t.slot_name: t for t in roles}
         self.original.load(tensors)
-        h_orig_next, caught = self._run_catching(self.original, h_orig, kw_orig, [t for t in roles if t.reader])
+        norms = [t for t in roles if self.projection is not None and t.axes == [(self.hidden.name, "norm")]]
+        h_orig_next, caught = self._run_catching(self.original, h_orig, kw_orig, [t for t in roles if t.reader], norms)
+        self._feeds = self._norm_feeds(roles, tensors, norms, caught)
 
         o_reader = next((t for t in roles if t.reader and self.spaces[t.reader[1]].within), None)
         self._choose_kv(layer, tensors, caught.get(o_reader.slot_name) if o_reader else None)
@@ -360,6 +453,35 @@ class LayerwiseDown:
             emit(t.name, self._select(tensors[t.slot_name], t, "final"))
         return h_orig_next, h_small_next
 
+    def _norm_feeds(self, roles, tensors, norms, caught) -> dict:
+        """Reader slot name -> the effective gain of the norm whose output it reads (found by value: a
+        reader fed by a norm receives that norm's output tensor), for a rotated residual stream."""
+        feeds = {}
+        for t in roles:
+            if not t.reader or t.reader[1] != self.hidden.name:
+                continue
+            for norm in norms:
+                out = caught.get("out:" + norm.slot_name)
+                x = caught[t.slot_name]
+                if out is not None and out.shape == x.shape and torch.equal(out, x):
+                    gain = tensors[norm.slot_name].double()
+                    feeds[t.slot_name] = gain + 1.0 if self.hidden.norm == "rms_one_plus" else gain
+                    break
+        return feeds
+
+    def _reader_prior(self, tensor: torch.Tensor, t: TensorRoles) -> torch.Tensor:
+        """The reader the ridge pulls towards, over the working units. For a reader of a rotated stream fed
+        by a norm, its gain g is folded in and the rotated norm's diagonal γ taken out, W diag(g) P diag(1/γ):
+        exact wherever the stream lies in the kept directions."""
+        gain = self._feeds.get(t.slot_name) if self.projection is not None else None
+        if gain is None:
+            return self._select(tensor, t, "working").double()
+        gamma = (self.projection * (gain[:, None] * self.projection)).sum(0)
+        safe = gamma.abs() > 1e-6 * float(gamma.abs().max().clamp_min(1e-30))
+        folded = self._select(tensor.double() * gain, t, "working").double()
+        folded[:, safe] /= gamma[safe]
+        return folded
+
     def _final_rows(self, tensor: torch.Tensor, roles: TensorRoles) -> torch.Tensor:
         """Rows of a re-solved weight (laid out over the working units) that are written."""
         label = roles.axes[0]
@@ -388,10 +510,21 @@ class LayerwiseDown:
         self._moment_cache = (key, result)
         return result
 
-    def _rescaled_prior(self, prior, t: TensorRoles, in_space, layer, gram, cross, with_bias):
+    def _rescaled_prior(self, prior, t: TensorRoles, in_space, layer, gram, cross, with_bias, reference):
         """The same units' original weights, scaled by the least-squares ratio of the old input to the new
         one on those units (an RMSNorm over fewer dimensions scales every kept input by sqrt(D/d)), so
-        that the ridge pulls towards the reader that would be exact if only the scale had changed."""
+        that the ridge pulls towards the reader that would be exact if only the scale had changed. On a
+        rotated stream the inputs are not the same units, and the ratio is taken on the outputs instead:
+        the s minimising Σ‖W x − s·P' x̃‖², from the moments (Σ (Wx)·(P'x̃) = Σ (W C ⊙ P'), Σ ‖P'x̃‖² =
+        Σ (P' H ⊙ P'))."""
+        if self.projection is not None and in_space is self.hidden:
+            prior = prior.double().clone()
+            end = -1 if with_bias else None  # a bias column is the original bias already: left as it is
+            part, ref = prior[:, :end], reference.double()[:, :end]
+            energy = float(((part @ gram[:end, :end]) * part).sum())
+            if energy > 0:
+                prior[:, :end] = part * (float(((ref @ cross[:end, :end]) * part).sum()) / energy)
+            return prior
         units = self._units(in_space.name, layer if in_space.per else None, "working")
         if units is None:
             return prior
@@ -419,7 +552,7 @@ class LayerwiseDown:
             if bias is not None:
                 bias = self._select(bias, by_slot[bias_name], "working").double()
                 weight = torch.cat([weight, bias[:, None]], 1)
-            prior = self._select(tensors[t.slot_name], t, "working").double()
+            prior = self._reader_prior(tensors[t.slot_name], t)
             if bias is not None:
                 prior = torch.cat([prior, bias[:, None]], 1)
             solved = None
@@ -437,7 +570,7 @@ class LayerwiseDown:
                     pull = (
                         prior
                         if reference is prior
-                        else self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None)
+                        else self._rescaled_prior(prior, t, in_space, layer, gram, cross, bias is not None, reference)
                     )
                 part = refit(reference, cross, gram, self.ridge, pull)
                 solved = part * share if solved is None else solved + part * share
@@ -552,18 +685,29 @@ class LayerwiseDown:
         embedding, so the final norm's gain takes a per-dimension least-squares rescale instead."""
         x_orig = self._head_inputs(self.original, h_orig).double()
         x_small = self._head_inputs(self.small, h_small).double()
-        kept = _expand(self.cut.final[(self.hidden.name, None)], self.hidden.unit)
+        if self.projection is not None:
+            kept_part = x_orig @ self.projection  # the original head input, in the kept directions
+        else:
+            kept_part = x_orig[:, _expand(self.cut.final[(self.hidden.name, None)], self.hidden.unit)]
         head = next((t for t in self.others if t.reader and t.reader[1] == self.hidden.name), None)
+        final_norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
         if head is not None:
             weight = globals_[head.slot_name].double()
             gram, cross = x_small.T @ x_small, x_orig.T @ x_small
-            prior = weight[:, kept] * float(cross[kept, torch.arange(len(kept))].sum() / gram.diagonal().sum())
+            if self.projection is not None and final_norm is not None:
+                gain = globals_[final_norm.slot_name].double()
+                self._feeds[head.slot_name] = gain + 1.0 if self.hidden.norm == "rms_one_plus" else gain
+            prior = self._reader_prior(globals_[head.slot_name], head)
+            if self.projection is not None:  # the least-squares scale on the outputs (_rescaled_prior)
+                prior = prior * float(((weight @ cross) * prior).sum() / ((prior @ gram) * prior).sum())
+            else:
+                prior = prior * float((kept_part * x_small).sum() / gram.diagonal().sum())
             small_globals[head.slot_name] = refit(weight, cross, gram, self.ridge, prior).float()
         else:
-            norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
+            norm = final_norm
             if norm is None:
                 return
-            target = x_orig[:, kept]
+            target = kept_part
             scale = (target * x_small).sum(0) / x_small.pow(2).sum(0).clamp_min(1e-30)
             gain = small_globals[norm.slot_name].double()
             if self.hidden.norm == "rms_one_plus":
