@@ -166,3 +166,21 @@ def test_keeping_dimensions_cannot_cut_a_rotated_stream(tmp_path):
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["calibration"]["hidden_cut"] == "select"
     assert summary["calibration"]["kl"] > 1e-4
+
+
+def test_a_stream_with_post_norms_keeps_dimensions(tmp_path):
+    """OLMo-2 normalises each sublayer's output before it joins the stream: a per-dimension gain written
+    straight into the stream cannot be rotated, so the cut keeps dimensions there, and says why."""
+    from test_inference import save_tokenizer
+    from test_refit import _calibration_file
+
+    source = build_checkpoint(tmp_path / "src", "olmo2")
+    save_tokenizer(source)
+    args = [sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o", str(tmp_path / "out")]
+    args += ["--method", "refit", "--hidden-size", "28", "--calibration", str(_calibration_file(tmp_path))]
+    result = subprocess.run([*args, "--calibration-tokens", "512", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calibration = json.loads(result.stdout)["calibration"]
+    assert calibration["hidden_cut"] == "select"
+    assert "post_attention_layernorm" in calibration["hidden_cut_reason"]
+    assert relative_logit_error(source, tmp_path / "out") < 1.0  # it loads, with every key

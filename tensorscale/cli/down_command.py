@@ -274,6 +274,7 @@ def down(
             # energy the kept directions hold
             "hidden_cut": report.get("hidden_cut"),
             "hidden_energy_kept": report.get("hidden_energy_kept"),
+            "hidden_cut_reason": report.get("hidden_cut_reason"),  # why a stream was not rotated
         }
     if as_json:
         click.echo(json.dumps(summary, indent=2))

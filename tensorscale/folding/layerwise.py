@@ -246,6 +246,11 @@ class LayerwiseDown:
                 energy += h.double().pow(2).reshape(-1, h.shape[-1]).mean(0)
                 if self.rotate:
                     moment += self._normalised_moment(h)
+            if score_hidden and self.rotate and layer == min(self.layers):
+                self.rotate = self._only_pre_norms(h, kwargs)
+                readers = (
+                    [] if self.rotate else [t for t in self.layers[layer] if t.reader and t.reader[1] == space.name]
+                )
             h_next, inputs = self._run_catching(self.original, h, kwargs, readers)
             cosine = torch.nn.functional.cosine_similarity(h.double(), h_next.double(), dim=-1)
             influence[layer] = float(1 - cosine.mean())
@@ -264,6 +269,29 @@ class LayerwiseDown:
             self._rotate_hidden(moment / float(moment.diagonal().sum()) + self._embedding_moment(), energy)
         elif score_hidden:
             self._keep_hidden(score, energy)
+
+    def _only_pre_norms(self, h: torch.Tensor, kwargs: dict) -> bool:
+        """Whether every norm on the stream in the first layer feeds a reader (a pre-norm block), as a
+        rotation needs: a reader re-solved around the rotated gain absorbs it, but a norm on a writer's output
+        (OLMo-2's and Gemma-2's post-norms) writes its gain straight into the stream, where a rotation cannot
+        carry a per-dimension gain. Otherwise the stream keeps dimensions instead."""
+        roles = self.layers[min(self.layers)]
+        norms = [t for t in roles if t.axes == [(self.hidden.name, "norm")]]
+        readers = [t for t in roles if t.reader and t.reader[1] == self.hidden.name]
+        _, caught = self._run_catching(self.original, h, kwargs, readers, norms)
+        unfed = [
+            n.name
+            for n in norms
+            if not any(
+                caught.get("out:" + n.slot_name) is not None
+                and caught["out:" + n.slot_name].shape == caught[r.slot_name].shape
+                and torch.equal(caught["out:" + n.slot_name], caught[r.slot_name])
+                for r in readers
+            )
+        ]
+        if unfed:
+            self.statistics["hidden_cut_reason"] = f"{unfed[0]} normalises a writer's output, not a reader's input"
+        return not unfed
 
     @staticmethod
     def _normalised_moment(h: torch.Tensor) -> torch.Tensor:
