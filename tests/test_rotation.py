@@ -4,8 +4,6 @@ whole models that a stream living in a rotated subspace is cut exactly, which ke
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -99,33 +97,12 @@ def _rotated_low_rank(folder, dead=4, seed=1):
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_stream_in_a_rotated_subspace_is_cut_exactly(tmp_path, tied):
     from test_inference import save_tokenizer
-    from test_refit import _calibration_file
+    from test_refit import _calibration_file, _down
 
     source = _rotated_low_rank(build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=tied))
     save_tokenizer(source)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tensorscale.cli.main",
-            "down",
-            "-i",
-            source,
-            "-o",
-            str(tmp_path / "out"),
-            "--method",
-            "refit",
-            "--hidden-size",
-            "28",
-            "--calibration",
-            str(_calibration_file(tmp_path)),
-            "--calibration-tokens",
-            "1024",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    args = ["-i", source, "-o", tmp_path / "out", "--method", "refit", "--hidden-size", 28, "--json"]
+    result = _down([*args, "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 1024])
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["calibration"]["hidden_cut"] == "rotate"
@@ -172,13 +149,12 @@ def test_a_stream_with_post_norms_keeps_dimensions(tmp_path):
     """OLMo-2 normalises each sublayer's output before it joins the stream: a per-dimension gain written
     straight into the stream cannot be rotated, so the cut keeps dimensions there, and says why."""
     from test_inference import save_tokenizer
-    from test_refit import _calibration_file
+    from test_refit import _calibration_file, _down
 
     source = build_checkpoint(tmp_path / "src", "olmo2")
     save_tokenizer(source)
-    args = [sys.executable, "-m", "tensorscale.cli.main", "down", "-i", source, "-o", str(tmp_path / "out")]
-    args += ["--method", "refit", "--hidden-size", "28", "--calibration", str(_calibration_file(tmp_path))]
-    result = subprocess.run([*args, "--calibration-tokens", "512", "--json"], capture_output=True, text=True)
+    args = ["-i", source, "-o", tmp_path / "out", "--method", "refit", "--hidden-size", 28, "--json"]
+    result = _down([*args, "--calibration", _calibration_file(tmp_path), "--calibration-tokens", 512])
     assert result.returncode == 0, result.stderr
     calibration = json.loads(result.stdout)["calibration"]
     assert calibration["hidden_cut"] == "select"
