@@ -11,9 +11,10 @@ ridge, tokens (calibration tokens of the Python docs outside library/), eval (he
 remove_layers (layers of least block influence removed, as `down --remove-layers`), calibration (pydoc:
 the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py; pydoc+self:
 half the Python docs, half text the model samples itself), hidden_cut (rotate: the residual stream projected
-onto its principal directions, the default; select: the dimensions readers use most), gnu (1: a third held-out domain, GNU manuals).
+onto its principal directions, the default; select: the dimensions readers use most), rotated_ridge (the
+ridge of readers of a rotated stream, at least `ridge`), gnu (1: a third held-out domain, GNU manuals).
 It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
-KL and top-1 on the two domains of real_texts.py. The model and texts: see real_model.py, real_texts.py.
+KL and top-1 on the domains of real_texts.py. The model and texts: see real_model.py, real_texts.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> int:
     from transformers import AutoTokenizer
 
     from tensorscale.convert import _pin_head_dim, working_targets
+    from tensorscale.folding import layerwise
     from tensorscale.folding.analysis import match_all
     from tensorscale.folding.calibration import calibration_ids
     from tensorscale.folding.layerwise import LayerwiseDown
@@ -84,6 +86,7 @@ def main(argv: list[str]) -> int:
         prior=args.get("prior", "1") == "1",
         remove_layers=int(args.get("remove_layers", 0)),
         hidden_cut=args.get("hidden_cut", "rotate"),
+        rotated_ridge=float(args.get("rotated_ridge", layerwise.ROTATED_RIDGE)),
     )
     with tempfile.TemporaryDirectory(dir=os.path.join(HERE, "work")) as out:
         spill = SpillFolder(out)
