@@ -22,7 +22,7 @@ Everything comes from the rules' axis roles; nothing here knows an architecture:
   stays stock): the normalised stream's second moment over a first pass, massive-activation dimensions
   (mean square far above the median, Sun et al. 2024) kept as they are, and with a tied head only
   dimensions of equal final-norm gain mixed. Measured on SmolLM2-135M at hidden 522 (benchmarks/README.md,
-  down_variants): held-out ppl x1.45 / x2.49 / x1.71 on three domains, against x1.66 / x2.75 / x1.92 for
+  down_variants): held-out ppl x1.37 / x2.01 / x1.53 on three domains, against x1.66 / x2.75 / x1.92 for
   keeping the dimensions readers use most (Wanda-sp: Σ ‖W[:, i]‖² E[x_i²]), which a LayerNorm stream
   still gets;
 * everything else with an axis in a cut space keeps the kept units (norm gains, biases, embeddings).
