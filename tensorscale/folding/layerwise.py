@@ -287,16 +287,8 @@ class LayerwiseDown:
         norms = [t for t in roles if t.axes == [(self.hidden.name, "norm")]]
         readers = [t for t in roles if t.reader and t.reader[1] == self.hidden.name]
         _, caught = self._run_catching(self.original, h, kwargs, readers, norms)
-        unfed = [
-            n.name
-            for n in norms
-            if not any(
-                caught.get("out:" + n.slot_name) is not None
-                and caught["out:" + n.slot_name].shape == caught[r.slot_name].shape
-                and torch.equal(caught["out:" + n.slot_name], caught[r.slot_name])
-                for r in readers
-            )
-        ]
+        fed = {n.slot_name for n in self._feeding_norms(roles, norms, caught).values()}
+        unfed = [n.name for n in norms if n.slot_name not in fed]
         if unfed:
             self.statistics["hidden_cut_reason"] = f"{unfed[0]} normalises a writer's output, not a reader's input"
         return not unfed
@@ -310,10 +302,10 @@ class LayerwiseDown:
         return x.T @ x
 
     def _embedding_moment(self) -> torch.Tensor:
-        """EMBEDDING_SHARE of a second moment over every row of every stored writer of the stream outside
-        the layers (the token embedding): the calibration text meets a few thousand tokens, the embedding
-        holds them all, so no token's input direction is left with no weight at all (a direction the
-        calibration never excited would otherwise tie with directions that carry nothing)."""
+        """EMBEDDING_SHARE of a second moment over the rows (normalised) of the first stored writer of the
+        stream outside the layers, the token embedding: the calibration text meets a few thousand tokens, the
+        embedding holds them all, so no token's input direction is left with no weight at all (a direction
+        the calibration never excited would otherwise tie with directions that carry nothing)."""
         size = self.hidden.size
         moment = torch.zeros(size, size, dtype=torch.float64)
         writers = [t for t in self.others if len(t.info.shape) == 2 and t.axes[1] == (self.hidden.name, "out")]
@@ -489,21 +481,28 @@ class LayerwiseDown:
             emit(t.name, self._select(tensors[t.slot_name], t, "final"))
         return h_orig_next, h_small_next
 
-    def _norm_feeds(self, roles, tensors, norms, caught) -> dict:
-        """Reader slot name -> the effective gain of the norm whose output it reads (found by value: a
-        reader fed by a norm receives that norm's output tensor), for a rotated residual stream."""
-        feeds = {}
+    def _feeding_norms(self, roles, norms, caught) -> dict:
+        """Reader slot name -> the norm (of `norms`) whose output it reads, for the stream's readers in
+        `roles`: found by value, since a reader fed by a norm receives that norm's output tensor."""
+        found = {}
         for t in roles:
             if not t.reader or t.reader[1] != self.hidden.name:
                 continue
+            x = caught[t.slot_name]
             for norm in norms:
                 out = caught.get("out:" + norm.slot_name)
-                x = caught[t.slot_name]
                 if out is not None and out.shape == x.shape and torch.equal(out, x):
-                    gain = tensors[norm.slot_name].double()
-                    feeds[t.slot_name] = gain + 1.0 if self.hidden.norm == "rms_one_plus" else gain
+                    found[t.slot_name] = norm
                     break
-        return feeds
+        return found
+
+    def _norm_feeds(self, roles, tensors, norms, caught) -> dict:
+        """Reader slot name -> the effective gain of the norm whose output it reads, for a rotated stream."""
+        one = 1.0 if self.hidden.norm == "rms_one_plus" else 0.0
+        return {
+            reader: tensors[norm.slot_name].double() + one
+            for reader, norm in self._feeding_norms(roles, norms, caught).items()
+        }
 
     def _reader_prior(self, tensor: torch.Tensor, t: TensorRoles) -> torch.Tensor:
         """The reader the ridge pulls towards, over the working units. For a reader of a rotated stream fed
