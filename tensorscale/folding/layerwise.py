@@ -117,6 +117,13 @@ def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[Te
     return layers, others
 
 
+def _output_scaled(prior: torch.Tensor, reference: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor):
+    """s·prior with the s minimising Σ‖W x − s·P' x̃‖² (W the reference on the original inputs x, P' the prior
+    on the new ones x̃), from the moments: Σ (Wx)·(P'x̃) = Σ (W C ⊙ P'), Σ ‖P'x̃‖² = Σ (P' H ⊙ P')."""
+    energy = float(((prior @ gram) * prior).sum())
+    return prior * (float(((reference @ cross) * prior).sum()) / energy) if energy > 0 else prior
+
+
 def _expand(units: list[int], unit: int) -> torch.Tensor:
     if unit == 1:
         return torch.tensor(units, dtype=torch.long)
@@ -323,8 +330,11 @@ class LayerwiseDown:
         norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
         if norm is None:
             return None
-        gain = self.read(norm).double()
-        return gain + 1.0 if self.hidden.norm == "rms_one_plus" else gain
+        return self._effective_gain(self.read(norm))
+
+    def _effective_gain(self, stored: torch.Tensor) -> torch.Tensor:
+        """The gain a norm on the stream multiplies by: its stored weight, plus 1 where stored as w in (1 + w)."""
+        return stored.double() + (1.0 if self.hidden.norm == "rms_one_plus" else 0.0)
 
     def _rotate_hidden(self, moment: torch.Tensor, energy: torch.Tensor) -> None:
         """The projection of the residual stream onto its principal directions (massive dimensions first,
@@ -498,9 +508,8 @@ class LayerwiseDown:
 
     def _norm_feeds(self, roles, tensors, norms, caught) -> dict:
         """Reader slot name -> the effective gain of the norm whose output it reads, for a rotated stream."""
-        one = 1.0 if self.hidden.norm == "rms_one_plus" else 0.0
         return {
-            reader: tensors[norm.slot_name].double() + one
+            reader: self._effective_gain(tensors[norm.slot_name])
             for reader, norm in self._feeding_norms(roles, norms, caught).items()
         }
 
@@ -555,10 +564,9 @@ class LayerwiseDown:
         if self.projection is not None and in_space is self.hidden:
             prior = prior.double().clone()
             end = -1 if with_bias else None  # a bias column is the original bias already: left as it is
-            part, ref = prior[:, :end], reference.double()[:, :end]
-            energy = float(((part @ gram[:end, :end]) * part).sum())
-            if energy > 0:
-                prior[:, :end] = part * (float(((ref @ cross[:end, :end]) * part).sum()) / energy)
+            prior[:, :end] = _output_scaled(
+                prior[:, :end], reference.double()[:, :end], gram[:end, :end], cross[:end, :end]
+            )
             return prior
         units = self._units(in_space.name, layer if in_space.per else None, "working")
         if units is None:
@@ -732,11 +740,10 @@ class LayerwiseDown:
             weight = globals_[head.slot_name].double()
             gram, cross = x_small.T @ x_small, x_orig.T @ x_small
             if self.projection is not None and final_norm is not None:
-                gain = globals_[final_norm.slot_name].double()
-                self._feeds[head.slot_name] = gain + 1.0 if self.hidden.norm == "rms_one_plus" else gain
+                self._feeds[head.slot_name] = self._effective_gain(globals_[final_norm.slot_name])
             prior = self._reader_prior(globals_[head.slot_name], head)
             if self.projection is not None:  # the least-squares scale on the outputs (_rescaled_prior)
-                prior = prior * float(((weight @ cross) * prior).sum() / ((prior @ gram) * prior).sum())
+                prior = _output_scaled(prior, weight, gram, cross)
             else:
                 prior = prior * float((kept_part * x_small).sum() / gram.diagonal().sum())
             ridge = self.rotated_ridge if self.projection is not None else self.ridge
