@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .errors import TensorscaleError
+from .errors import CannotFold, TensorscaleError
 from .planning import depth
 from .planning.plan import DownOptions, DownSection, Plan, UpOptions, build_plan
 from .progress import progress_for
@@ -76,28 +76,40 @@ def plan_down_by_method(
     if text is not None and method == "fold":
         raise TensorscaleError("--calibration is for --method refit (fold merges copies from the weights alone)")
     measure_depth = options.remove_layers and options.remove_at is None  # only refit measures which layers
-    if method == "fold" or (method == "auto" and not measure_depth):
-        plan = plan_down(source_label, options, rules_path, progress=show_progress)
-        if method == "fold" or plan.down.exact:
+    if method == "fold":
+        return plan_down(source_label, options, rules_path, progress=show_progress), None
+    if method == "auto" and not measure_depth:
+        try:
+            plan = plan_down(source_label, options, rules_path, progress=show_progress)
+        except CannotFold:  # sizes folding cannot make (a LayerNorm stream folds only by whole divisors):
+            plan = None  # there are no copies to merge, so refit, which says if it cannot either
+        if plan is not None and plan.down.exact:
             return plan, None
         del plan
     return _refit_with_calibration(source_label, options, rules_path, text, tokens, spill_folder, show_progress)
 
 
 def _refit_with_calibration(source_label, options, rules_path, text, tokens, spill_folder, show_progress):
-    from .folding.calibration import calibration_ids, self_generated_ids
+    from .folding.calibration import calibration_ids, self_generated_ids, window_length
     from .gguf_import import runnable_source
     from .inference.loading import require_transformers
 
     require_transformers("down (refit)")
     _check_refit_possible(source_label, options, rules_path)  # before minutes of sampling, not after
     model = runnable_source(source_label)
+    window = window_length(model.config)
     if text is not None:
-        ids = calibration_ids(model.folder, model.label, text, tokens)
+        ids = calibration_ids(model.folder, model.label, text, tokens, sequence=window)
     else:
         bar = progress_for(tokens, "down: sampling calibration text", enabled=show_progress, unit="tokens")
         ids = self_generated_ids(
-            model.folder, model.label, model.config, tokens, seed=options.seed, progress=bar.update if bar else None
+            model.folder,
+            model.label,
+            model.config,
+            tokens,
+            seed=options.seed,
+            sequence=window,
+            progress=bar.update if bar else None,
         )
         if bar:
             bar.close()
@@ -126,7 +138,8 @@ def _refit_with_calibration(source_label, options, rules_path, text, tokens, spi
 def _check_refit_possible(source_label: str, options: DownOptions, rules_path: str | None) -> None:
     from .folding.analysis import match_all
     from .folding.layerwise import classify
-    from .planning.plan import evaluate_env
+    from .planning.plan import check_new_config, evaluate_env
+    from .rulebook.compile import resolve_spaces
 
     source = open_source(source_label, headers_only=True)
     rules = resolve_rules(source.config, rules_path)
@@ -137,9 +150,11 @@ def _check_refit_possible(source_label: str, options: DownOptions, rules_path: s
     from .planning.plan import rewrite_config
 
     for sizes in (options, working):  # the output and the small stream must both be models transformers builds
-        config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, sizes), sizes)
+        sized_env = evaluate_env(rules, source.config, sizes)
+        config = rewrite_config(rules, source.config, sized_env, sizes)
         _pin_head_dim(config, env)
         try:
+            check_new_config(rules, config, resolve_spaces(rules, sized_env), sizes)  # the rules' own checks
             LayerSlot.build_config(config, "down (refit)")
         except TensorscaleError as exc:
             raise TensorscaleError(

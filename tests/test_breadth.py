@@ -1,7 +1,7 @@
 """The later architectures' special cases that the per-architecture suites (test_up_exactness, test_down) do
 not reach: Gemma stored in bf16 (÷sqrt(n) is exact only for n a power of 4), OPT post-LN and with
-word_embed_proj_dim ≠ hidden_size, GPT-2's `n_inner: null`, Phi-3's fused projections under `down`, Gemma 2
-with softcaps that bind, and `down --method refit` refusing GPT-2's fused c_attn in one line."""
+word_embed_proj_dim ≠ hidden_size, GPT-2's `n_inner: null`, Phi-3's fused projections under `down`, and Gemma 2
+with softcaps that bind (refit on these layouts: test_refit_architectures)."""
 
 from __future__ import annotations
 
@@ -173,42 +173,6 @@ def test_gemma2_softcapping(tmp_path):
     down(out, tmp_path / "down", 2, 2)
     assert same_config(source, tmp_path / "down")
     assert relative_logit_error(source, tmp_path / "down") <= TOLERANCE
-
-
-# ---- refit through fused layers ----------------------------------------------------------------------
-
-
-def test_gpt2_refit_refuses_fused_tensors_in_one_line(tmp_path):
-    """GPT-2's c_attn holds q, k and v in one Conv1D: refit cannot cut it yet, and says so before writing."""
-    import subprocess
-    import sys
-
-    from test_inference import save_tokenizer
-
-    source = build_checkpoint(tmp_path / "src", "gpt2", tie_word_embeddings=False)
-    save_tokenizer(source)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tensorscale.cli.main",
-            "down",
-            "-i",
-            source,
-            "-o",
-            str(tmp_path / "out"),
-            "--method",
-            "refit",
-            "-edd",
-            "2",
-            "--calibration-tokens",
-            "256",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2 and "fused" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()
 
 
 # ---- StableLM's per-head q/k norms (one tensor per head index) ------------------------------------

@@ -3,18 +3,25 @@
 Parameters are counted from the rules alone (headers only): every tensor's size is the product of its
 axes, and an axis in a space shrinks with that space's target. Cuts are allocated in the order that
 measured cheapest per parameter on a real pretrained model (SmolLM2-135M, `down --method refit`,
-benchmarks/down_variants.py, held-out ppl ratio on the Python library reference / the license texts): the FFN
-first, down to FFN_FLOOR of its width (FFN only at -24.7%: x1.64 / x3.69, against x3.12 / x7.26 for FFN 1024 with
-heads 9 -> 6 and x2.32 / x5.22 for FFN 1024 with 3 layers removed; at -40%: FFN 512 x2.89 / x8.07, against
-x6.60 / x16.4 for hidden 504, FFN 832, heads 6 and x4.37 / x10.0 for FFN 640 with 4 layers removed); then query
-heads inside their kv groups, down to HEADS_FLOOR; then the residual stream, down to HIDDEN_FLOOR; then the FFN
-further; last, the FFN gets back what a coarse step overshot. Layers are removed only when the user asks
-(--remove-layers; they then count towards the budget): on that model depth cost more than width at -25% and -40%.
-Sizes the user gave are kept; only the others are chosen.
+benchmarks/down_variants.py, held-out ppl ratio on the Python library reference / the license texts / GNU
+manuals; benchmarks/README.md).
 
-Due for re-measurement: those numbers predate refit's rotation of the residual stream (folding.rotation). With it,
-hidden 522 + FFN 640 (-40.7%: x2.71 / x7.25) beat the FFN alone at 448 (-41.9%: x3.27 / x9.88), while at -25% the
-FFN alone still won; the order should turn to the hidden size between those points once -50% is measured too.
+A residual stream that refit rotates (an RMSNorm stream: folding.rotation) is cheap to narrow a little,
+and narrowing it also narrows the embedding. So: the FFN to FFN_FIRST of its width; the hidden size to
+HIDDEN_FIRST; the FFN to FFN_ROTATED_FLOOR; the hidden size to HIDDEN_FLOOR; then query heads inside their kv
+groups, down to HEADS_FLOOR; then the FFN further. Measured: at -25% hidden 540 + FFN 1024 x1.67 / x3.48 /
+x2.02 against the FFN alone at 896 x1.64 / x3.69 / x2.08; at -50% hidden 468 + FFN 512 x4.37 / x12.0 / x6.56
+against x5.55 / x16.2 / x7.88 with heads 9 -> 6 (hidden 504, FFN 512) and x4.84 / x12.3 / x6.73 for hidden 432
++ FFN 640.
+
+A stream refit only selects dimensions of (LayerNorm) costs more to narrow: the FFN first, down to FFN_FLOOR
+(FFN only at -24.7%: x1.64 / x3.69, against x3.12 / x7.26 for FFN 1024 with heads 9 -> 6 and x2.32 / x5.22 for
+FFN 1024 with 3 layers removed; these measured keeping dimensions); then the heads, then the hidden size.
+
+Last, the FFN gets back what a coarse step overshot. Layers are removed only when the user asks
+(--remove-layers; they then count towards the budget): on that model depth cost more than width at -25% and
+-40%. Sizes the user gave are kept; only the others are chosen. Where the hidden size is heads × head_dim
+(GPT-2, GPT-NeoX, OPT), whole heads are cut with it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from ..errors import TensorscaleError
 
 FFN_FLOOR = 0.25  # the FFN keeps at least this share of its width before other axes are cut (measured
 # cheaper than any other axis down to 1/3; 1/4 is below what was measured)
+FFN_FIRST = 2 / 3  # a rotated stream: the FFN's first cut, before the hidden size's first
+HIDDEN_FIRST = 0.9  # a rotated stream: the hidden size's first cut
+FFN_ROTATED_FLOOR = 1 / 3  # a rotated stream: the FFN's share before the hidden size is cut further
 HEADS_FLOOR = 2 / 3  # query heads kept per kv group, at least, before other axes are cut
 HIDDEN_FLOOR = 0.5
 FFN_STEP = 64  # widths are multiples of this (and hidden of the head count), as hardware likes them
@@ -58,8 +68,9 @@ class Counter:
     """Parameters of the model at given target sizes, from the rules' axis roles and the headers."""
 
     def __init__(self, source_label: str, rules_path: str | None, remove_layers: int = 0):
-        from ..planning.plan import DownOptions, current_units
+        from ..planning.plan import DownOptions, current_units, evaluate_env
         from ..reading.source import open_source
+        from ..rulebook.compile import resolve_spaces
         from ..rulebook.registry import resolve_rules
 
         self.source = open_source(source_label, headers_only=True)
@@ -75,6 +86,7 @@ class Counter:
         # a removed layer takes its share of every per-layer tensor with it
         self.layer_share = (count - remove_layers) / count if remove_layers else 1.0
         self.group = depth.group if depth is not None else None
+        self.spaces = resolve_spaces(self.rules, evaluate_env(self.rules, self.source.config, DownOptions()))
 
     def count(self, targets: dict, removal: bool = True) -> int:
         """Parameters at `targets`, with the removed layers gone (removal=False: all layers)."""
@@ -104,6 +116,30 @@ class Counter:
         total += sum(info.numel for name, info in self.source.tensors.items() if name not in matched)
         return int(total)
 
+    def rotatable(self) -> bool:
+        """Whether refit rotates this residual stream rather than selecting its dimensions (an RMSNorm stream
+        of single-dimension units; folding.layerwise). A stream with post-norms (OLMo-2, Gemma-2) is found
+        to need selection only in refit's first pass, from activations: it is counted as rotatable here."""
+        space = next((s for s in self.spaces.values() if s.name == self.rules.targets.get("hidden_size")), None)
+        return space is not None and space.norm in ("rms", "rms_one_plus") and space.unit == 1
+
+    def possible(self, targets: dict) -> bool:
+        """Whether the architecture can have these sizes, by its rules' checks on the new config (GPT-2's
+        hidden size is always heads × head_dim)."""
+        from ..convert import _pin_head_dim
+        from ..planning.plan import DownOptions, check_new_config, evaluate_env, rewrite_config
+        from ..rulebook.compile import resolve_spaces
+
+        options = DownOptions(targets={k: v for k, v in targets.items() if v != self.current[k]})
+        try:
+            env = evaluate_env(self.rules, self.source.config, options)
+            config = rewrite_config(self.rules, self.source.config, env, options)
+            _pin_head_dim(config, env)  # as down writes it: heads keep their width where a head_dim exists
+            check_new_config(self.rules, config, resolve_spaces(self.rules, env), options)
+        except TensorscaleError:
+            return False
+        return True
+
 
 def allocate_budget(
     source_label: str, rules_path, given: dict, reduction, params, edd=None, upd=None, remove_layers: int = 0
@@ -130,28 +166,56 @@ def allocate_budget(
     def shrink_hidden(floor):
         """Hidden sizes that every head count divides (transformers checks hidden % heads): the output's
         and the one refit runs while it re-solves a layer (every query head of the kept kv groups), in steps
-        of 4·lcm(those) so that the width stays a multiple of 4."""
-        working_heads = targets["num_key_value_heads"] * group
-        step = 4 * math.lcm(targets["num_attention_heads"], working_heads)
-        while not fits() and "hidden_size" not in fixed and targets["hidden_size"] - step >= floor:
-            targets["hidden_size"] = (targets["hidden_size"] - 1) // step * step
+        of 4·lcm(those) so that the width stays a multiple of 4. Where the architecture ties the hidden size
+        to heads × head_dim (GPT-2, GPT-NeoX, OPT), the heads are cut with it, in whole heads."""
+        if "hidden_size" in fixed:
+            return fits()
+        if not coupled:
+            working_heads = targets["num_key_value_heads"] * group
+            step = 4 * math.lcm(targets["num_attention_heads"], working_heads)
+            while not fits() and targets["hidden_size"] - step >= floor:
+                targets["hidden_size"] = (targets["hidden_size"] - 1) // step * step
+            return fits()
+        head_width = current["hidden_size"] // heads
+        while not fits() and targets["num_attention_heads"] - kv_step >= 1:
+            trial = dict(targets, num_attention_heads=targets["num_attention_heads"] - kv_step)
+            trial["hidden_size"] = trial["num_attention_heads"] * head_width
+            trial["num_key_value_heads"] = trial["num_attention_heads"] // group
+            if trial["hidden_size"] < floor or not counter.possible(trial):
+                break
+            targets.update(trial)
         return fits()
 
     heads, kv = current["num_attention_heads"], current["num_key_value_heads"]
     group = heads // kv if kv else 1
+    kv_step = group  # whole kv groups
+    # the hidden size cannot move on its own where it is heads × head_dim: a step of one head count says so
+    coupled = not counter.possible(dict(current, hidden_size=current["hidden_size"] - 4 * math.lcm(heads, group)))
     ffn_step = FFN_STEP if current["intermediate_size"] % FFN_STEP == 0 else 1
-    stages = [
-        lambda: shrink("intermediate_size", int(current["intermediate_size"] * FFN_FLOOR), ffn_step),
-        lambda: shrink(
+    ffn, hidden = current["intermediate_size"], current["hidden_size"]
+
+    def heads_stage():
+        return shrink(
             "num_attention_heads",
             max(targets["num_key_value_heads"], int(heads * HEADS_FLOOR + 0.999)),
             targets["num_key_value_heads"],
-        ),
-    ]
-    stages += [
-        lambda: shrink_hidden(int(current["hidden_size"] * HIDDEN_FLOOR)),
-        lambda: shrink("intermediate_size", ffn_step, ffn_step),
-    ]
+        )
+
+    if counter.rotatable():
+        stages = [
+            lambda: shrink("intermediate_size", int(ffn * FFN_FIRST), ffn_step),
+            lambda: shrink_hidden(int(hidden * HIDDEN_FIRST)),
+            lambda: shrink("intermediate_size", int(ffn * FFN_ROTATED_FLOOR), ffn_step),
+            lambda: shrink_hidden(int(hidden * HIDDEN_FLOOR)),
+            heads_stage,
+        ]
+    else:
+        stages = [
+            lambda: shrink("intermediate_size", int(ffn * FFN_FLOOR), ffn_step),
+            heads_stage,
+            lambda: shrink_hidden(int(hidden * HIDDEN_FLOOR)),
+        ]
+    stages.append(lambda: shrink("intermediate_size", ffn_step, ffn_step))
     for stage in stages:
         if stage():
             break
@@ -164,4 +228,8 @@ def allocate_budget(
         if not fits():
             targets["intermediate_size"] -= ffn_step
             break
+    from ..planning.plan import DownOptions, has_kv_space
+
+    if not has_kv_space(counter.rules, counter.source.config, DownOptions()):  # multi-head: no kv heads to name
+        targets.pop("num_key_value_heads")
     return {key: value for key, value in targets.items() if value != current[key]}

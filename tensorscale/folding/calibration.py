@@ -26,6 +26,15 @@ SAMPLING_BATCH = 32
 MAX_CALIBRATION_BYTES = 256 * 2**20  # far more text than any --calibration-tokens needs
 
 
+def window_length(config: dict) -> int:
+    """SEQUENCE tokens, or as many as the model has positions for (transformers' max_position_embeddings,
+    whatever the checkpoint's config calls it: GPT-2's n_positions)."""
+    from ..inference.layer_slot import LayerSlot
+
+    limit = getattr(LayerSlot.build_config(config, "down (refit)"), "max_position_embeddings", None)
+    return min(SEQUENCE, limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else SEQUENCE
+
+
 def read_calibration_text(path: str) -> str:
     from ..strict_yaml import read_text_file
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import TensorscaleError
+from ..errors import CannotFold, TensorscaleError
 
 # How close two units' sketches must be (relative to the typical sketch norm) to count as copies. Copies
 # differ only by rounding: ~1e-7 in float32, but a noisy bf16 `up` rounds each block to 8 bits.
@@ -232,7 +232,7 @@ def cluster_units(
     if not 1 <= k <= n:
         raise TensorscaleError(f"{what}: cannot fold {n} units into {k}")
     if equal and n % k:
-        raise TensorscaleError(f"{what}: {n} units cannot fold into {k} equal clusters; choose a divisor of {n}")
+        raise CannotFold(f"{what}: {n} units cannot fold into {k} equal clusters; choose a divisor of {n}")
     if k == n:
         return list(range(n)), True
     groups = duplicate_groups(features, DUPLICATE_TOLERANCE.get(dtype, 1e-4))

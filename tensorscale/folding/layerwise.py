@@ -8,15 +8,20 @@ layer's readers are fitted on the inputs the smaller model really produces, with
 outputs as targets: error that earlier layers left behind is corrected where a reader can correct it.
 
 Everything comes from the rules' axis roles; nothing here knows an architecture:
-* a reader is a 2-D weight with a `space.in` axis (nn.Linear: axis 1). Its module's input is caught by a
-  forward pre-hook, in both streams; in the small stream the hook re-solves the weight before it is used,
-  so within a layer each reader sees the outputs of the readers re-solved before it;
+* a reader is a 2-D weight with a `space.in` axis (nn.Linear: axis 1; one stored [in, out], GPT-2's Conv1D,
+  is worked on as its transpose and written back as stored). Its module's input is caught by a forward
+  pre-hook, in both streams; in the small stream the hook re-solves the weight before it is used, so within
+  a layer each reader sees the outputs of the readers re-solved before it;
+* a fused axis (Phi-3's qkv_proj rows [q; k; v], gate_up_proj [gate; up]) is cut part by part, each part
+  by its own space;
 * per-layer spaces (FFN neurons, heads) are cut at their consumer (down_proj, o_proj reads `ffn.in`,
   `heads.in`): all units run, then the consumer drops the units whose removal costs least after the others
   are re-solved (structured OBS), and the producers' rows of dropped units are removed afterwards;
 * kv heads are chosen before the layer runs (they shape attention itself): the groups whose query heads
   write the most energy through the output projection are kept, and query heads are then dropped evenly
-  within the kept groups, so GQA stays valid;
+  within the kept groups, so GQA stays valid. Without kv heads (multi-head attention) each head is its own
+  group, so the heads themselves are chosen that way: where the hidden size is heads × head_dim (GPT-2,
+  GPT-NeoX, OPT) the small stream cannot run more heads than it keeps;
 * the residual stream (a global space) is cut once for the whole model. Where its norm is an RMSNorm it is
   rotated onto its principal directions (folding.rotation, SliceGPT with one rotation, so the architecture
   stays stock): the normalised stream's second moment over a first pass, massive-activation dimensions
@@ -66,6 +71,8 @@ class TensorRoles:
     layer: int | None
     slot_name: str
     layer_span: tuple[int, int] | None = None  # where the layer index is in `name`
+    # stored [in, out] (GPT-2's Conv1D): the engine works on the transpose, so every reader is [out, in]
+    transposed: bool = False
 
     def renumbered(self, index: int) -> str:
         """The name in the output, as layer `index` (layers after a removed one move down)."""
@@ -80,7 +87,7 @@ class TensorRoles:
         if len(self.info.shape) != 2 or not self.name.endswith("weight"):
             return None
         for axis, label in enumerate(self.axes):
-            if label is not None and label[1] == "in":
+            if isinstance(label, tuple) and label[1] == "in":
                 return axis, label[0]
         return None
 
@@ -93,27 +100,35 @@ class Cut:
     final: dict = field(default_factory=dict)
 
 
+def _axis_label(label):
+    """An axis of the rules as refit reads it: None (no space), (space, role), or for a fused axis
+    (Phi-3's [q; k; v] rows) the list of its parts' (space, role), laid end to end."""
+    if isinstance(label, list):
+        return [split_role(part) for part in label]
+    return split_role(label) if isinstance(label, str) and label != "-" else None
+
+
 def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[TensorRoles]]:
+    """The layers' tensors by layer index, and the rest. A weight stored [in, out] (a `space.in` role on
+    its first axis only) is marked transposed, with its axes listed as the engine sees it, [out, in]."""
     layers: dict[int, list[TensorRoles]] = {}
     others: list[TensorRoles] = []
     for match in matches:
-        axes = match.rule.transform.axes or []
-        if any(isinstance(label, list) for label in axes):
-            raise TensorscaleError(
-                f"{match.name}: down --calibration does not cut fused tensors yet "
-                "(q/k/v or gate/up in one tensor); use plain down"
-            )
-        labels = [split_role(label) if isinstance(label, str) and label != "-" else None for label in axes]
+        labels = [_axis_label(label) for label in match.rule.transform.axes or []]
+        is_in = [isinstance(label, tuple) and label[1] == "in" for label in labels]
+        transposed = len(labels) == 2 and is_in == [True, False] and match.name.endswith("weight")
+        if transposed:
+            labels = labels[::-1]
         layer = match.env.get(group)
         if isinstance(layer, int):
             found = match.rule.regex.fullmatch(match.name)
             start, end = found.span(group)
             slot_name = match.name[:start] + "0" + match.name[end:]
             layers.setdefault(layer, []).append(
-                TensorRoles(match.name, match.info, labels, layer, slot_name, (start, end))
+                TensorRoles(match.name, match.info, labels, layer, slot_name, (start, end), transposed)
             )
         else:
-            others.append(TensorRoles(match.name, match.info, labels, None, match.name))
+            others.append(TensorRoles(match.name, match.info, labels, None, match.name, transposed=transposed))
     return layers, others
 
 
@@ -191,6 +206,7 @@ class LayerwiseDown:
         if prefix is None:
             raise TensorscaleError(f"cannot tell the layer prefix of {first.name}")
         self.reader = ShardReader()
+        self._transposed = {t.slot_name for t in self.others + sum(self.layers.values(), []) if t.transposed}
         self.original = LayerSlot(source.config, prefix)
         self.small = LayerSlot(working_config, prefix)
         self.new_config = new_config
@@ -226,13 +242,20 @@ class LayerwiseDown:
             )
 
     def read(self, roles: TensorRoles) -> torch.Tensor:
+        """A tensor as the engine works on it: float32, a transposed reader turned to [out, in]."""
         tensor = self.reader.read(roles.info).float()
+        if roles.transposed:
+            tensor = tensor.T.contiguous()
         if not bool(torch.isfinite(tensor).all()):
             raise TensorscaleError(
                 f"tensor {roles.name} holds NaN or Inf: refit cannot re-solve around it; repair "
                 "the checkpoint, or fold it: --method fold --allow-nonfinite"
             )
         return tensor
+
+    def _load(self, slot, tensors: dict) -> None:
+        """Weights into a slot by slot name, a transposed reader back in its stored [in, out] layout."""
+        slot.load({name: t.T if name in self._transposed else t for name, t in tensors.items()})
 
     # ---- selection of global units -------------------------------------------------------------
     def _globals(self) -> dict:
@@ -251,7 +274,7 @@ class LayerwiseDown:
             moment = torch.zeros(space.size, space.size, dtype=torch.float64)
         for layer in sorted(self.layers):
             tensors = {t.slot_name: self.read(t) for t in self.layers[layer]}
-            self.original.load(tensors)
+            self._load(self.original, tensors)
             readers = [
                 t
                 for t in self.layers[layer]
@@ -327,10 +350,15 @@ class LayerwiseDown:
         outside the layers): that head cannot be re-solved, so the rotation must nearly commute with it."""
         if any(t.reader and t.reader[1] == self.hidden.name for t in self.others):
             return None
-        norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
+        norm = self._final_norm()
         if norm is None:
             return None
         return self._effective_gain(self.read(norm))
+
+    def _final_norm(self):
+        """The final norm's gain (its weight: a LayerNorm's bias has the same role, and sorts first)."""
+        norms = [t for t in self.others if t.axes == [(self.hidden.name, "norm")]]
+        return next((t for t in norms if t.name.endswith("weight")), norms[0] if norms else None)
 
     def _effective_gain(self, stored: torch.Tensor) -> torch.Tensor:
         """The gain a norm on the stream multiplies by: its stored weight, plus 1 where stored as w in (1 + w)."""
@@ -393,64 +421,80 @@ class LayerwiseDown:
         for axis, label in enumerate(roles.axes):
             if label is None or axis == skip_axis:
                 continue
-            if self.projection is not None and label[0] == self.hidden.name:
-                if label[1] == "norm":
-                    tensor = project_gain(tensor, self.projection, self.hidden.norm == "rms_one_plus")
-                else:
-                    tensor = project_axis(tensor, axis, self.projection)
-                continue
-            units = self._units(label[0], roles.layer, which)
-            if units is None:
-                continue
-            tensor = tensor.index_select(axis, _expand(units, self.spaces[label[0]].unit))
+            if isinstance(label, list):  # a fused axis: each part is cut on its own, then they are rejoined
+                parts = tensor.split([self.spaces[name].size for name, _ in label], axis)
+                cut = [self._select_axis(p, axis, part, roles.layer, which) for p, part in zip(parts, label)]
+                tensor = torch.cat(cut, axis)
+            else:
+                tensor = self._select_axis(tensor, axis, label, roles.layer, which)
         return tensor
 
+    def _select_axis(self, tensor: torch.Tensor, axis: int, label: tuple, layer, which: str) -> torch.Tensor:
+        """`tensor` with axis `axis` (of space and role `label`) cut to the units kept, or projected onto the
+        kept directions of a rotated stream."""
+        if self.projection is not None and label[0] == self.hidden.name:
+            if label[1] == "norm":
+                return project_gain(tensor, self.projection, self.hidden.norm == "rms_one_plus")
+            return project_axis(tensor, axis, self.projection)
+        units = self._units(label[0], layer, which)
+        if units is None:
+            return tensor
+        return tensor.index_select(axis, _expand(units, self.spaces[label[0]].unit))
+
+    def _head_space(self):
+        """The query heads' space: per layer, units wider than one dimension, read by a reader (o_proj)."""
+        read = {t.reader[1] for roles in self.layers.values() for t in roles if t.reader}
+        return next((s for s in self.spaces.values() if s.per and s.unit > 1 and s.name in read), None)
+
     def _choose_kv(self, layer: int, tensors: dict, o_input: torch.Tensor | None) -> None:
-        """Keep the kv groups whose query heads write the most energy through the output projection."""
-        kv = next(
-            (
-                s
-                for s in self.spaces.values()
-                if s.per and any(s.name == self.spaces[h].within for h in self.spaces if self.spaces[h].within)
-            ),
-            None,
-        )
-        heads = next((s for s in self.spaces.values() if s.within), None)
+        """Keep the kv groups whose query heads write the most energy through the output projection. Without
+        a kv space (multi-head attention) every head is its own group, so the heads themselves are chosen
+        here: the small stream must run at the final head count where the hidden size is heads × head_dim
+        (GPT-2, GPT-NeoX, OPT)."""
+        heads = self._head_space()
         if heads is None:
             return
-        group = heads.units // kv.units
-        if kv.target < kv.size:
-            reader = next((t for t in self.layers[layer] if t.reader and t.reader[1] == heads.name), None)
+        kv = self.spaces[heads.within] if heads.within else None
+        groups = kv.units if kv is not None else heads.units
+        kept_groups = kv.target_units if kv is not None else heads.target_units
+        group = heads.units // groups
+        if kept_groups < groups:
+            reader = next(t for t in self.layers[layer] if t.reader and t.reader[1] == heads.name)
             weight = tensors[reader.slot_name]
             x = o_input.reshape(-1, o_input.shape[-1]).double()
             energy = []
-            for g in range(kv.units):
+            for g in range(groups):
                 block = slice(g * group * heads.unit, (g + 1) * group * heads.unit)
                 y = x[:, block] @ weight[:, block].double().T
                 energy.append(float(y.pow(2).sum()))
-            kept = sorted(sorted(range(kv.units), key=lambda g: -energy[g])[: kv.target_units])
+            kept = sorted(sorted(range(groups), key=lambda g: -energy[g])[:kept_groups])
         else:
-            kept = list(range(kv.units))
-        self.cut.working[(kv.name, layer)] = kept
-        self.cut.final[(kv.name, layer)] = kept
-        self.cut.working[(heads.name, layer)] = [g * group + j for g in kept for j in range(group)]
+            kept = list(range(groups))
+        if kv is not None:
+            self.cut.working[(kv.name, layer)] = kept
+            self.cut.final[(kv.name, layer)] = kept
+        key = (heads.clusters_of or heads.name, layer)
+        self.cut.working[key] = [g * group + j for g in kept for j in range(group)]
+        if kv is None:
+            self.cut.final[key] = self.cut.working[key]
 
     # ---- the layer pass ------------------------------------------------------------------------------
     def _skip_layer(self, layer: int, h_orig, h_small, kw_orig):
         """A removed layer: the original stream runs it, the small one goes on without it."""
-        self.original.load({t.slot_name: self.read(t) for t in self.layers[layer]})
+        self._load(self.original, {t.slot_name: self.read(t) for t in self.layers[layer]})
         return self.original.run(h_orig, kw_orig), h_small
 
     def _layer(self, layer: int, h_orig, h_small, kw_orig, kw_small, emit):
         roles = self.layers[layer]
         tensors = {t.slot_name: self.read(t) for t in roles}
         by_slot = {t.slot_name: t for t in roles}
-        self.original.load(tensors)
+        self._load(self.original, tensors)
         norms = [t for t in roles if self.projection is not None and t.axes == [(self.hidden.name, "norm")]]
         h_orig_next, caught = self._run_catching(self.original, h_orig, kw_orig, [t for t in roles if t.reader], norms)
         self._feeds = self._norm_feeds(roles, tensors, norms, caught)
 
-        o_reader = next((t for t in roles if t.reader and self.spaces[t.reader[1]].within), None)
+        heads = self._head_space()
+        o_reader = next((t for t in roles if heads is not None and t.reader and t.reader[1] == heads.name), None)
         self._choose_kv(layer, tensors, caught.get(o_reader.slot_name) if o_reader else None)
         for s in self.spaces.values():
             if s.per and (s.name, layer) not in self.cut.working and s.clusters_of is None:
@@ -459,7 +503,7 @@ class LayerwiseDown:
         working = {}
         for t in roles:
             working[t.slot_name] = self._select(tensors[t.slot_name], t, "working")
-        self.small.load(working)
+        self._load(self.small, working)
         refitted = {}
         handles = []
         for t in roles:
@@ -527,16 +571,34 @@ class LayerwiseDown:
         return folded
 
     def _final_rows(self, tensor: torch.Tensor, roles: TensorRoles) -> torch.Tensor:
-        """Rows of a re-solved weight (laid out over the working units) that are written."""
+        """Rows of a re-solved weight (laid out over the working units) that are written; a fused axis part
+        by part."""
         label = roles.axes[0]
-        if label is None or label[1] == "in":
+        if label is None:
             return tensor
-        working = self._units(label[0], roles.layer, "working")
-        final = self._units(label[0], roles.layer, "final")
+        if isinstance(label, list):
+            sizes = [self._working_rows(name, roles.layer) for name, _ in label]
+            parts = tensor.split(sizes, 0)
+            return torch.cat([self._final_part(p, name, roles.layer) for p, (name, _) in zip(parts, label)], 0)
+        if label[1] == "in":
+            return tensor
+        return self._final_part(tensor, label[0], roles.layer)
+
+    def _working_rows(self, space_name: str, layer) -> int:
+        """How many rows a part over `space_name` has in the working layout."""
+        space = self.spaces[space_name]
+        if self.projection is not None and space is self.hidden:
+            return self.projection.shape[1]
+        units = self._units(space_name, layer, "working")
+        return space.size if units is None else len(units) * space.unit
+
+    def _final_part(self, tensor: torch.Tensor, space_name: str, layer) -> torch.Tensor:
+        working = self._units(space_name, layer, "working")
+        final = self._units(space_name, layer, "final")
         if working is None or final == working:
             return tensor
         position = {u: i for i, u in enumerate(working)}
-        return tensor.index_select(0, _expand([position[u] for u in final], self.spaces[label[0]].unit))
+        return tensor.index_select(0, _expand([position[u] for u in final], self.spaces[space_name].unit))
 
     def _moments(self, x_small: torch.Tensor, x_orig: torch.Tensor, with_bias: bool):
         """H = Σ x̃x̃ᵀ and C = Σ x x̃ᵀ over the calibration tokens, in float64 (products in float32, which
@@ -640,12 +702,12 @@ class LayerwiseDown:
                     new_bias = solved[:, -1]
                 full = torch.zeros(core.shape[0], len(working_units) * in_space.unit, dtype=core.dtype)
                 full[:, _expand(kept, in_space.unit)] = core
-                module.weight.data = full.float()
+                module.weight.data = (full.T if t.transposed else full).float()
                 refitted[t.slot_name] = (core.float(), None if new_bias is None else new_bias.float())
             else:
                 if bias is not None:
                     solved, new_bias = solved[:, :-1], solved[:, -1]
-                module.weight.data = solved.float()
+                module.weight.data = (solved.T if t.transposed else solved).float()
                 refitted[t.slot_name] = (solved.float(), None if new_bias is None else new_bias.float())
             if new_bias is not None and getattr(module, "bias", None) is not None:
                 module.bias.data = new_bias.float()
@@ -654,8 +716,14 @@ class LayerwiseDown:
 
     # ---- the whole model -------------------------------------------------------------------------------
     def run(self, emit) -> dict:
+        stored_transposed = {t.name for t in self.others + sum(self.layers.values(), []) if t.transposed}
+        emit_canonical = emit
+
+        def emit(name, tensor, source_name):  # a transposed reader is written as it was stored, [in, out]
+            emit_canonical(name, tensor.T.contiguous() if source_name in stored_transposed else tensor, source_name)
+
         globals_ = self._globals()
-        self.original.load(globals_)
+        self._load(self.original, globals_)
         h_orig, kw_orig = self.original.first_inputs(self.ids)
         if (self.hidden is not None and self.hidden.target < self.hidden.size) or (
             self.remove_layers and self.removed is None
@@ -674,7 +742,7 @@ class LayerwiseDown:
         small_globals = {}
         for t in self.others:
             small_globals[t.slot_name] = self._select(globals_[t.slot_name], t, "final")
-        self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
+        self._load(self.small, {k: v for k, v in small_globals.items() if self.small.has(k)})
         h_small, kw_small = self.small.first_inputs(self.ids)
         check = None
         if self.check_ids is not None:
@@ -735,7 +803,7 @@ class LayerwiseDown:
         else:
             kept_part = x_orig[:, _expand(self.cut.final[(self.hidden.name, None)], self.hidden.unit)]
         head = next((t for t in self.others if t.reader and t.reader[1] == self.hidden.name), None)
-        final_norm = next((t for t in self.others if t.axes == [(self.hidden.name, "norm")]), None)
+        final_norm = self._final_norm()
         if head is not None:
             weight = globals_[head.slot_name].double()
             gram, cross = x_small.T @ x_small, x_orig.T @ x_small
@@ -760,7 +828,10 @@ class LayerwiseDown:
             else:
                 gain = gain * scale
             small_globals[norm.slot_name] = gain.float()
-        self.small.load({k: v for k, v in small_globals.items() if k in self.small.keys})
+            bias_name = norm.slot_name[: -len("weight")] + "bias"
+            if norm.slot_name.endswith("weight") and bias_name in small_globals:  # a LayerNorm's output scales too
+                small_globals[bias_name] = (small_globals[bias_name].double() * scale).float()
+        self._load(self.small, {k: v for k, v in small_globals.items() if self.small.has(k)})
 
     @torch.no_grad()
     def _damage(self, windows: torch.Tensor, h_orig: torch.Tensor, h_small: torch.Tensor, batch: int = 1) -> dict:

@@ -56,12 +56,19 @@ class LayerSlot:
     def __init__(self, config: dict, layer_prefix: str, command: str = "down --calibration"):
         transformers = require_transformers(command)
         hf_config = self.build_config(config, command)
-        hf_config._attn_implementation = "sdpa"
         if isinstance(config.get("layer_types"), list) and config["layer_types"]:
             hf_config.layer_types = config["layer_types"][:1]
-        torch.manual_seed(0)
-        with torch.device("cpu"):
-            self.model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        self.model = None
+        for attention in ("sdpa", "eager"):  # sdpa is faster; some architectures (Gemma-2) have only eager
+            hf_config._attn_implementation = attention
+            torch.manual_seed(0)
+            try:
+                with torch.device("cpu"):
+                    self.model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+                break
+            except ValueError as exc:
+                if attention == "eager" or "attention implementation" not in str(exc):
+                    raise
         self.model.train(False)
         self.prefix = layer_prefix
         module_name = layer_prefix.rstrip(".")
@@ -73,14 +80,33 @@ class LayerSlot:
                 "do not match the stock architecture"
             ) from None
         self.keys = set(self.model.state_dict())
+        self._renamings = _weight_renamings(self.model)
+
+    def key(self, tensor_name: str) -> str | None:
+        """The slot's name for a checkpoint tensor: the same, or as transformers renames it on loading (its
+        conversion mapping: GPT-NeoX's embed_out is lm_head), or with the base model's prefix (GPT-2's hub
+        checkpoints store h.0.* for transformer.h.0.*). None if the slot has no such tensor."""
+        if tensor_name in self.keys:
+            return tensor_name
+        renamed = tensor_name
+        for renaming in self._renamings:
+            renamed, _ = renaming.rename_source_key(renamed)
+        prefix = getattr(self.model, "base_model_prefix", "")
+        for candidate in (renamed, f"{prefix}.{renamed}" if prefix else None):
+            if candidate in self.keys:
+                return candidate
+        return None
+
+    def has(self, tensor_name: str) -> bool:
+        return self.key(tensor_name) is not None
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put weights into the slot, by their names in the slot (layer tensors renamed to layer 0).
+        """Put weights into the slot, by their checkpoint names for layer 0 (layer tensors renamed to layer 0).
         Names the slot does not have are refused (the caller's renaming is wrong, not the model)."""
-        unknown = [name for name in tensors if name not in self.keys]
+        unknown = [name for name in tensors if not self.has(name)]
         if unknown:
             raise TensorscaleError(f"calibration: the stock model has no tensor {unknown[0]}")
-        state = {name: t.float() for name, t in tensors.items()}
+        state = {self.key(name): t.float() for name, t in tensors.items()}
         self.model.load_state_dict(state, strict=False, assign=True)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()  # assign=True replaced the embedding; the tied head must follow it
@@ -131,4 +157,20 @@ class LayerSlot:
 
     def module(self, tensor_name: str):
         """The module that owns a tensor of the slot (its name without '.weight'/'.bias')."""
-        return self.model.get_submodule(tensor_name.rsplit(".", 1)[0])
+        return self.model.get_submodule((self.key(tensor_name) or tensor_name).rsplit(".", 1)[0])
+
+
+def _weight_renamings(model) -> list:
+    """The key renamings transformers applies when it loads a checkpoint into `model` (only the plain
+    renamings: a conversion that splits or merges tensors would not be one tensor per name). Empty where this
+    transformers has no conversion mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    try:
+        mapping = get_model_conversion_mapping(model)
+    except Exception:  # an internal API: without it, names are taken as they are
+        return []
+    return [t for t in mapping if type(t) is WeightRenaming]

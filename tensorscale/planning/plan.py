@@ -272,6 +272,8 @@ def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
     wanted = dict(current)
     if options.targets:
         wanted.update(options.targets)
+        if not has_kv_space(rule_set, config, options) and "num_attention_heads" in options.targets:
+            wanted["num_key_value_heads"] = wanted["num_attention_heads"]  # multi-head: every head its own kv
     else:
         n, m = options.embed_dim_divisor or 1, options.up_proj_divisor or 1
         for key, divisor in (("hidden_size", n), ("num_attention_heads", n), ("intermediate_size", m)):
@@ -298,6 +300,12 @@ def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
         "nh": wanted["num_attention_heads"] / current["num_attention_heads"],
         "nkv": wanted["num_key_value_heads"] / current["num_key_value_heads"],
     }
+
+
+def has_kv_space(rule_set: RuleSet, config: dict, options: ResizeOptions) -> bool:
+    """Whether the rules size kv heads apart from query heads (GQA); without one, each head is its own kv."""
+    env = evaluate_let(rule_set, base_env(config, options, UNIT_RATIOS))
+    return rule_set.targets.get("num_key_value_heads") in resolve_spaces(rule_set, env)
 
 
 def current_units(rule_set: RuleSet, config: dict, options: ResizeOptions) -> dict:
