@@ -38,13 +38,13 @@ def main(argv: list[str]) -> int:
     from real_texts import calibration_text, eval_texts, mixed_calibration_text
     from transformers import AutoTokenizer
 
-    from tensorscale.convert import _pin_head_dim, working_targets
+    from tensorscale.convert import working_targets
     from tensorscale.folding import layerwise
     from tensorscale.folding.analysis import match_all
     from tensorscale.folding.calibration import calibration_ids
     from tensorscale.folding.layerwise import LayerwiseDown
     from tensorscale.planning import depth
-    from tensorscale.planning.plan import DownOptions, evaluate_env, rewrite_config
+    from tensorscale.planning.plan import DownOptions, evaluate_env, pin_head_dim, rewrite_config
     from tensorscale.reading.source import open_source
     from tensorscale.rulebook.compile import resolve_spaces
     from tensorscale.rulebook.registry import resolve_rules
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     working = DownOptions(targets=working_targets(rules, source.config, options))
     working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
     for config in (new_config, working_config):
-        _pin_head_dim(config, env)
+        pin_head_dim(config, env)
     kind = args.get("calibration", "pydoc")
     tokens = int(args.get("tokens", 8192))
     text = mixed_calibration_text() if kind == "mixed" else calibration_text()

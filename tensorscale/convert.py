@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from .errors import CannotFold, TensorscaleError
 from .planning import depth
-from .planning.plan import DownOptions, DownSection, Plan, UpOptions, build_plan
+from .planning.plan import DownOptions, DownSection, Plan, UpOptions, build_plan, pin_head_dim
 from .progress import progress_for
 from .reading.source import open_source
 from .rewrite import Result, execute_plan
@@ -152,7 +152,7 @@ def _check_refit_possible(source_label: str, options: DownOptions, rules_path: s
     for sizes in (options, working):  # the output and the small stream must both be models transformers builds
         sized_env = evaluate_env(rules, source.config, sizes)
         config = rewrite_config(rules, source.config, sized_env, sizes)
-        _pin_head_dim(config, env)
+        pin_head_dim(config, env)
         try:
             check_new_config(rules, config, resolve_spaces(rules, sized_env), sizes)  # the rules' own checks
             LayerSlot.build_config(config, "down (refit)")
@@ -200,7 +200,7 @@ def plan_refit_down(
     working = DownOptions(targets=working_targets(rules, source.config, options))
     working_config = rewrite_config(rules, source.config, evaluate_env(rules, source.config, working), working)
     for config in (new_config, working_config):
-        _pin_head_dim(config, env)
+        pin_head_dim(config, env)
     group = rules.depth.group if rules.depth is not None else "layer"
     engine = LayerwiseDown(
         source,
@@ -235,22 +235,6 @@ def plan_refit_down(
         down=DownSection("refit", spill=spilled),
     )
     return plan, report
-
-
-def _pin_head_dim(config: dict, env: dict) -> None:
-    """Heads keep their width when the residual stream is cut to a size the head count does not divide
-    into it: write head_dim, which transformers otherwise derives as hidden_size // num_attention_heads."""
-    head_dim = env.get("head_dim")
-    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-    if (
-        isinstance(head_dim, int)
-        and isinstance(hidden, int)
-        and isinstance(heads, int)
-        and heads
-        and config.get("head_dim") is None
-        and hidden // heads != head_dim
-    ):
-        config["head_dim"] = head_dim
 
 
 def working_targets(rules, config: dict, options: DownOptions) -> dict:

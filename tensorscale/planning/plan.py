@@ -415,6 +415,22 @@ def _row_plan(tensor: TensorPlan) -> None:
     tensor.row_ops = rest
 
 
+def pin_head_dim(config: dict, env: dict) -> None:
+    """Heads keep their width when the residual stream is cut to a size the head count does not divide
+    into it: write head_dim, which transformers otherwise derives as hidden_size // num_attention_heads."""
+    head_dim = env.get("head_dim")
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if (
+        isinstance(head_dim, int)
+        and isinstance(hidden, int)
+        and isinstance(heads, int)
+        and heads
+        and config.get("head_dim") is None
+        and hidden // heads != head_dim
+    ):
+        config["head_dim"] = head_dim
+
+
 def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options: ResizeOptions) -> None:
     """The rewritten config must describe the rewritten tensors: every space's size, read back from the new
     config, equals its planned size (e.g. hidden = heads × head_dim where the architecture derives it)."""
