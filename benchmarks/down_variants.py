@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
         remove_layers=int(args.get("remove_layers", 0)),
         hidden_cut=args.get("hidden_cut", "rotate"),
         rotated_ridge=float(args.get("rotated_ridge", layerwise.ROTATED_RIDGE)),
+        selection_ridge=float(args["selection_ridge"]) if "selection_ridge" in args else None,
     )
     with tempfile.TemporaryDirectory(dir=os.path.join(HERE, "work")) as out:
         spill = SpillFolder(out)

@@ -10,7 +10,8 @@ A residual stream that refit rotates (an RMSNorm stream: folding.rotation) is ch
 and narrowing it also narrows the embedding. So: the FFN to FFN_FIRST of its width; the hidden size to
 HIDDEN_FIRST; the FFN to FFN_ROTATED_FLOOR; the hidden size to HIDDEN_FLOOR; then query heads inside their kv
 groups, down to HEADS_FLOOR; then the FFN further. Measured: at -25% hidden 540 + FFN 1024 x1.67 / x3.48 /
-x2.02 against the FFN alone at 896 x1.64 / x3.69 / x2.08; at -50% hidden 468 + FFN 512 x4.37 / x12.0 / x6.56
+x2.02 against the FFN alone at 896 x1.64 / x3.69 / x2.08; at -40% hidden 540 + FFN 576 x2.60 / x7.31 / x3.80
+against the FFN alone at 448 x3.27 / x9.88 / x5.36; at -50% hidden 468 + FFN 512 x4.37 / x12.0 / x6.56
 against x5.55 / x16.2 / x7.88 with heads 9 -> 6 (hidden 504, FFN 512) and x4.84 / x12.3 / x6.73 for hidden 432
 + FFN 640.
 

@@ -166,6 +166,7 @@ class LayerwiseDown:
         remove_at: tuple[int, ...] | None = None,
         hidden_cut: str = "rotate",
         rotated_ridge: float = ROTATED_RIDGE,
+        selection_ridge: float | None = None,
     ):
         """`target`: "cross" re-solves each reader to reproduce the original layer's outputs from the original
         stream (it also corrects what earlier layers left behind); "self" reproduces the original weights'
@@ -194,6 +195,7 @@ class LayerwiseDown:
         self.progress = progress
         self.ridge = ridge
         self.rotated_ridge = max(ridge, rotated_ridge)
+        self.selection_ridge = ridge if selection_ridge is None else selection_ridge
         self.mix = {"cross": 1.0, "self": 0.0}[target] if target in ("cross", "self") else float(target)
         if not 0.0 <= self.mix <= 1.0:
             raise TensorscaleError(f"internal: refit target {target!r} is neither cross, self nor a share in [0, 1]")
@@ -687,7 +689,9 @@ class LayerwiseDown:
                 core, core_gram = (solved[:, :-1], gram[:-1, :-1]) if bias is not None else (solved, gram)
                 drop = len(working_units) - in_space.target_units
                 if in_space.unit == 1:
-                    kept, core = drop_units_fast(core, core_gram, drop, self.ridge)
+                    kept, core = drop_units_fast(core, core_gram, drop, self.selection_ridge)
+                    if self.selection_ridge != self.ridge:  # chosen under one damping, re-solved under the other
+                        core = self._resolved_on(solved[:, : core_gram.shape[0]], core_gram, kept)
                 else:
                     group = None
                     if in_space.within:
@@ -713,6 +717,14 @@ class LayerwiseDown:
                 module.bias.data = new_bias.float()
 
         return hook
+
+    def _resolved_on(self, weight: torch.Tensor, gram: torch.Tensor, kept: list[int]) -> torch.Tensor:
+        """The least-squares reader of the kept columns only that reproduces `weight` over all of them:
+        W H[:, K] (H_KK + λ)⁻¹, what OBS's removal of the others gives under the ridge λ."""
+        h = gram.double()
+        h = h + self.ridge * float(h.diagonal().mean().clamp_min(1e-12)) * torch.eye(len(h), dtype=torch.float64)
+        index = torch.tensor(kept, dtype=torch.long)
+        return torch.linalg.solve(h[index][:, index], (weight.double() @ h[:, index]).T).T
 
     # ---- the whole model -------------------------------------------------------------------------------
     def run(self, emit) -> dict:
