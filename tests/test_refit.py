@@ -234,6 +234,32 @@ def test_auto_folds_a_hypercloned_model_exactly(tmp_path):
     assert relative_logit_error(source, tmp_path / "down") < 1e-4
 
 
+def test_plan_down_says_when_down_would_refit_instead(tmp_path):
+    """plan down shows the fold's ops; on a model with no copies (anything `up` did not make) `down` refits
+    instead, and the plan says so, where before it showed the fold as if it were what down does."""
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    trained = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "plan", "down", "-i", source, "--intermediate-size", "32"],
+        capture_output=True,
+        text=True,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "would refit this model instead of folding it" in trained.stdout
+    cloned = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "up", "-i", source, "-o", tmp_path / "up", "-upm", "2", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert cloned.returncode == 0, cloned.stderr
+    exact = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "plan", "down", "-i", tmp_path / "up", "-upd", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert exact.returncode == 0, exact.stderr
+    assert "refit" not in exact.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -404,14 +404,30 @@ def plan_down(
     max_shard_size,
     as_json,
 ):
-    """Dry run of `down` by folding (its clusters depend on the weights, so this reads them once)."""
+    """Dry run of `down` by folding (its clusters depend on the weights, so this reads them once). Where the
+    fold would not be exact (no copies to merge: any model not made by `up`), it says that `down` would refit
+    instead, at the same sizes."""
     from ..convert import plan_down
 
     targets = budget_targets(
         source, rules_path, targets, reduction, params, edd, upd, remove_layers=remove_layers
     )  # as `down` allocates it
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers, remove_at)
-    _show_plan(plan_down(source, options, rules_path), output, as_json)
+    from ..errors import CannotFold
+
+    try:
+        the_plan = plan_down(source, options, rules_path)
+    except CannotFold as exc:
+        raise TensorscaleError(
+            f"{exc} (plan shows folds only; `down` --method auto would refit this model at these sizes)"
+        ) from None
+    if the_plan.down is not None and not the_plan.down.exact:
+        the_plan.notes.append(
+            "these units are not copies, so `down` (--method auto) would refit this model instead of folding "
+            "it: the same sizes, the units that matter kept and every reader re-solved on calibration text; "
+            "it prints its estimate of the damage when it is done (the ops above are the fold's)"
+        )
+    _show_plan(the_plan, output, as_json)
 
 
 def _show_plan(the_plan, output, as_json) -> None:
@@ -525,7 +541,7 @@ cli.add_command(verify)
 cli.add_command(batch)
 # The one-line summaries of `tensorscale --help` (click would cut the docstrings' first sentences short).
 for _command, _summary in (
-    ("down", "Narrow a model by folding units into clusters; exactly undoes up."),
+    ("down", "Narrow a model: undo up exactly, or refit a trained one."),
     ("rules", "List, show, check and scaffold (rules new) architecture rules files."),
     ("gen", "Complete a prompt with a model (needs transformers)."),
     ("verify", "Prove two checkpoints compute the same logits (needs transformers)."),
