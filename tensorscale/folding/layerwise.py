@@ -73,6 +73,7 @@ class TensorRoles:
     layer_span: tuple[int, int] | None = None  # where the layer index is in `name`
     # stored [in, out] (GPT-2's Conv1D): the engine works on the transpose, so every reader is [out, in]
     transposed: bool = False
+    scale: tuple[float, float] | None = None  # the rule's (factor, offset) at these sizes, if it has a scale
 
     def renumbered(self, index: int) -> str:
         """The name in the output, as layer `index` (layers after a removed one move down)."""
@@ -108,6 +109,16 @@ def _axis_label(label):
     return split_role(label) if isinstance(label, str) and label != "-" else None
 
 
+def _rule_scale(match) -> tuple[float, float] | None:
+    """(factor, offset) of the tensor rule's `scale` at the down's sizes, or None without one."""
+    transform = match.rule.transform
+    if transform.scale is None and transform.scale_offset is None:
+        return None
+    factor = 1 if transform.scale is None else transform.scale.evaluate(match.env)
+    offset = 0 if transform.scale_offset is None else transform.scale_offset.evaluate(match.env)
+    return float(factor), float(offset)
+
+
 def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[TensorRoles]]:
     """The layers' tensors by layer index, and the rest. A weight stored [in, out] (a `space.in` role on
     its first axis only) is marked transposed, with its axes listed as the engine sees it, [out, in]."""
@@ -120,6 +131,7 @@ def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[Te
         if transposed:
             labels = labels[::-1]
         layer = match.env.get(group)
+        scale = _rule_scale(match)
         if isinstance(layer, int):
             found = match.rule.regex.fullmatch(match.name)
             start, end = found.span(group)
@@ -128,7 +140,9 @@ def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[Te
                 TensorRoles(match.name, match.info, labels, layer, slot_name, (start, end), transposed)
             )
         else:
-            others.append(TensorRoles(match.name, match.info, labels, None, match.name, transposed=transposed))
+            others.append(
+                TensorRoles(match.name, match.info, labels, None, match.name, transposed=transposed, scale=scale)
+            )
     return layers, others
 
 
@@ -753,7 +767,7 @@ class LayerwiseDown:
 
         small_globals = {}
         for t in self.others:
-            small_globals[t.slot_name] = self._select(globals_[t.slot_name], t, "final")
+            small_globals[t.slot_name] = self._stream_scaled(t, self._select(globals_[t.slot_name], t, "final"))
         self._load(self.small, {k: v for k, v in small_globals.items() if self.small.has(k)})
         h_small, kw_small = self.small.first_inputs(self.ids)
         check = None
@@ -782,6 +796,19 @@ class LayerwiseDown:
         else:
             self.statistics.update(self._damage(self.ids, h_orig, h_small), calibration_held_out=False)
         return self.statistics
+
+    def _stream_scaled(self, t: TensorRoles, tensor: torch.Tensor) -> torch.Tensor:
+        """A writer of the residual stream outside the layers (the embedding), with its rule's scale when the
+        hidden size is cut: what the model does to it at run time may depend on the hidden size (Gemma
+        multiplies the embedding by sqrt(hidden_size); its rules scale the rows by 1/sqrt(n), which under down
+        is sqrt(D/d)), so the stream keeps the scale the layers were trained on. Readers and norms are
+        re-solved or rescaled from the calibration text instead, so their rule scales are not applied."""
+        cut = self.hidden is not None and self.hidden.target < self.hidden.size
+        writes = any(label == (self.hidden.name, "out") for label in t.axes) if cut else False
+        if t.scale is None or not writes or t.reader:
+            return tensor
+        factor, offset = t.scale
+        return tensor * factor + offset
 
     @torch.no_grad()
     def _head_inputs(self, slot, h: torch.Tensor, batch: int = 8) -> torch.Tensor:
