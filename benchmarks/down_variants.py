@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
         "layer",
         ids,
         ridge=float(args.get("ridge", 1e-2)),
-        target=args.get("target", "cross"),
+        target=args.get("target", "auto"),
         prior=args.get("prior", "1") == "1",
         remove_layers=int(args.get("remove_layers", 0)),
         hidden_cut=args.get("hidden_cut", "rotate"),

@@ -159,6 +159,7 @@ def test_refit_drops_dead_units_exactly(tmp_path, model_type):
     summary = json.loads(result.stdout)
     assert summary["method"] == "refit" and summary["calibration"]["source"] == "file"
     assert summary["calibration"]["held_out"] is True  # 1 of the 8 windows is kept back for the estimate
+    assert summary["calibration"]["target"] == "cross"  # the stream is cut: readers correct what it carries
     assert summary["calibration"]["kl"] < 1e-6
     config = read_config(tmp_path / "out")
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (28, 44, 2)
@@ -188,10 +189,12 @@ def test_refit_without_a_cut_of_hidden_is_exact_to_rounding(tmp_path):
             _calibration_file(tmp_path),
             "--calibration-tokens",
             512,
-            "-q",
+            "--json",
         ]
     )
     assert result.returncode == 0, result.stderr
+    # the stream keeps its size: every reader reproduces the original weights on its own inputs (self)
+    assert json.loads(result.stdout)["calibration"]["target"] == "self"
     assert read_config(tmp_path / "out")["tie_word_embeddings"] is True
     assert relative_logit_error(source, tmp_path / "out") < 1e-5
 

@@ -275,6 +275,9 @@ def down(
             "hidden_cut": report.get("hidden_cut"),
             "hidden_energy_kept": report.get("hidden_energy_kept"),
             "hidden_cut_reason": report.get("hidden_cut_reason"),  # why a stream was not rotated
+            # what each reader reproduces: the original layer from the original stream (cross) or the
+            # original weights on the small stream's own inputs (self)
+            "target": report.get("target"),
         }
     if as_json:
         click.echo(json.dumps(summary, indent=2))

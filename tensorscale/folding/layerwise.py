@@ -174,7 +174,7 @@ class LayerwiseDown:
         ids: torch.Tensor,
         progress=None,
         ridge: float = 1e-2,
-        target: str | float = "cross",
+        target: str | float = "auto",
         prior: bool = True,
         remove_layers: int = 0,
         remove_at: tuple[int, ...] | None = None,
@@ -187,7 +187,11 @@ class LayerwiseDown:
         outputs on the small stream's own inputs (plain OBS compensation). `prior`: the ridge pulls towards
         the same units' original weights instead of towards zero. A number α in [0, 1] blends the two: the
         solution is α·cross + (1-α)·self (least squares is linear in its target, so that is the refit to the
-        blended target). Measured in benchmarks/README.md.
+        blended target). "auto": self where only per-layer units are cut (the residual stream and the depth
+        kept), cross where the stream or the depth changes. Measured on SmolLM2-135M (benchmarks/README.md,
+        down_variants; held-out ppl on three domains): FFN 1280 self x1.14 / x1.57 / x1.28 against cross x1.16 /
+        x1.71 / x1.31; but with the stream cut self loses (hidden 468 + FFN 512: x9.42 / x23.8 / x10.7 against
+        x4.37 / x12.0 / x6.56), since only cross corrects what the narrower stream carries from earlier layers.
 
         `remove_layers`: layers left out (depth); `remove_at` names them, else the ones of least block
         influence on the calibration text (ShortGPT: 1 - cos(layer input, layer output)) are removed. The
@@ -210,9 +214,6 @@ class LayerwiseDown:
         self.ridge = ridge
         self.rotated_ridge = max(ridge, rotated_ridge)
         self.selection_ridge = ridge if selection_ridge is None else selection_ridge
-        self.mix = {"cross": 1.0, "self": 0.0}[target] if target in ("cross", "self") else float(target)
-        if not 0.0 <= self.mix <= 1.0:
-            raise TensorscaleError(f"internal: refit target {target!r} is neither cross, self nor a share in [0, 1]")
         self.prior = prior
         self.layers, self.others = classify(matches, group)
         if not self.layers:
@@ -246,6 +247,13 @@ class LayerwiseDown:
             and self.hidden.norm in ("rms", "rms_one_plus")
             and self.hidden.unit == 1
         )
+        if target == "auto":
+            stream_changes = (self.hidden is not None and self.hidden.target < self.hidden.size) or remove_layers
+            target = "cross" if stream_changes else "self"
+        self.statistics["target"] = target
+        self.mix = {"cross": 1.0, "self": 0.0}[target] if target in ("cross", "self") else float(target)
+        if not 0.0 <= self.mix <= 1.0:
+            raise TensorscaleError(f"internal: refit target {target!r} is neither cross, self nor a share in [0, 1]")
         self.projection = None  # D × d, when the residual stream is rotated (set by the first pass)
         self._feeds = {}  # reader slot name -> the effective gain of the norm feeding it (a rotated stream)
         self.remove_layers = remove_layers
