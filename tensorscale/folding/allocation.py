@@ -6,14 +6,14 @@ measured cheapest per parameter on a real pretrained model (SmolLM2-135M, `down 
 benchmarks/down_variants.py, held-out ppl ratio on the Python library reference / the license texts / GNU
 manuals; benchmarks/README.md).
 
-A residual stream that refit rotates (an RMSNorm stream: folding.rotation) is cheap to narrow a little,
-and narrowing it also narrows the embedding. So: the FFN to FFN_FIRST of its width; the hidden size to
-HIDDEN_FIRST; the FFN to FFN_ROTATED_FLOOR; the hidden size to HIDDEN_FLOOR; then query heads inside their kv
-groups, down to HEADS_FLOOR; then the FFN further. Measured: at -25% hidden 540 + FFN 1024 x1.67 / x3.48 /
-x2.02 against the FFN alone at 896 x1.64 / x3.69 / x2.08; at -40% hidden 540 + FFN 576 x2.60 / x7.31 / x3.80
-against the FFN alone at 448 x3.27 / x9.88 / x5.36; at -50% hidden 468 + FFN 512 x4.37 / x12.0 / x6.56
-against x5.55 / x16.2 / x7.88 with heads 9 -> 6 (hidden 504, FFN 512) and x4.84 / x12.3 / x6.73 for hidden 432
-+ FFN 640.
+A residual stream that refit rotates (an RMSNorm stream: folding.rotation): the FFN to FFN_ROTATED_FLOOR of its
+width, then the hidden size to HIDDEN_FLOOR, then query heads inside their kv groups, down to HEADS_FLOOR, then
+the FFN further. While only the FFN is cut, refit's readers reproduce the original weights on their own inputs
+(its `self` target), which made the FFN alone the better cut down to -40%: at -27% FFN 832 x1.62 / x3.89 / x2.01
+against hidden 540 + FFN 960 x1.77 / x3.88; at -40% FFN 512 x2.34 / x7.16 / x3.89 against hidden 540 + FFN 576
+x2.60 / x7.31 / x3.80. Beyond that the rotated stream is cheaper than heads or a narrower FFN: at -50% hidden
+468 + FFN 512 x4.37 / x12.0 / x6.56 against x5.55 / x16.2 / x7.88 with heads 9 -> 6 (hidden 504, FFN 512) and
+x4.84 / x12.3 / x6.73 for hidden 432 + FFN 640.
 
 A stream refit only selects dimensions of (LayerNorm) costs more to narrow: the FFN first, down to FFN_FLOOR
 (FFN only at -24.7%: x1.64 / x3.69, against x3.12 / x7.26 for FFN 1024 with heads 9 -> 6 and x2.32 / x5.22 for
@@ -34,9 +34,7 @@ from ..errors import TensorscaleError
 
 FFN_FLOOR = 0.25  # the FFN keeps at least this share of its width before other axes are cut (measured
 # cheaper than any other axis down to 1/3; 1/4 is below what was measured)
-FFN_FIRST = 2 / 3  # a rotated stream: the FFN's first cut, before the hidden size's first
-HIDDEN_FIRST = 0.9  # a rotated stream: the hidden size's first cut
-FFN_ROTATED_FLOOR = 1 / 3  # a rotated stream: the FFN's share before the hidden size is cut further
+FFN_ROTATED_FLOOR = 1 / 3  # a rotated stream: the FFN's share before the hidden size is cut
 HEADS_FLOOR = 2 / 3  # query heads kept per kv group, at least, before other axes are cut
 HIDDEN_FLOOR = 0.5
 FFN_STEP = 64  # widths are multiples of this (and hidden of the head count), as hardware likes them
@@ -203,8 +201,6 @@ def allocate_budget(
 
     if counter.rotatable():
         stages = [
-            lambda: shrink("intermediate_size", int(ffn * FFN_FIRST), ffn_step),
-            lambda: shrink_hidden(int(hidden * HIDDEN_FIRST)),
             lambda: shrink("intermediate_size", int(ffn * FFN_ROTATED_FLOOR), ffn_step),
             lambda: shrink_hidden(int(hidden * HIDDEN_FLOOR)),
             heads_stage,
