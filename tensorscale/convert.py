@@ -138,8 +138,7 @@ def _refit_with_calibration(source_label, options, rules_path, text, tokens, spi
 def _check_refit_possible(source_label: str, options: DownOptions, rules_path: str | None) -> None:
     from .folding.analysis import match_all
     from .folding.layerwise import classify
-    from .planning.plan import check_new_config, evaluate_env
-    from .rulebook.compile import resolve_spaces
+    from .planning.plan import checked_down_config, evaluate_env
 
     source = open_source(source_label, headers_only=True)
     rules = resolve_rules(source.config, rules_path)
@@ -147,18 +146,14 @@ def _check_refit_possible(source_label: str, options: DownOptions, rules_path: s
     classify(match_all(source, rules, env), rules.depth.group if rules.depth is not None else "layer")
     working = DownOptions(targets=working_targets(rules, source.config, options))  # head counts refit can make
     from .inference.layer_slot import LayerSlot
-    from .planning.plan import rewrite_config
 
     for sizes in (options, working):  # the output and the small stream must both be models transformers builds
-        sized_env = evaluate_env(rules, source.config, sizes)
-        config = rewrite_config(rules, source.config, sized_env, sizes)
-        pin_head_dim(config, env)
         try:
-            check_new_config(rules, config, resolve_spaces(rules, sized_env), sizes)  # the rules' own checks
+            config = checked_down_config(rules, source.config, sizes)  # the rules' own checks first
             LayerSlot.build_config(config, "down (refit)")
         except TensorscaleError as exc:
             raise TensorscaleError(
-                f"{exc} (refit runs the kept kv groups' {config.get('num_attention_heads')} query heads while "
+                f"{exc} (refit runs the kept kv groups' {working.targets['num_attention_heads']} query heads while "
                 "it re-solves a layer; choose sizes every head count divides)"
                 if sizes is working
                 else str(exc)

@@ -125,15 +125,11 @@ class Counter:
     def possible(self, targets: dict) -> bool:
         """Whether the architecture can have these sizes, by its rules' checks on the new config (GPT-2's
         hidden size is always heads × head_dim)."""
-        from ..planning.plan import DownOptions, check_new_config, evaluate_env, pin_head_dim, rewrite_config
-        from ..rulebook.compile import resolve_spaces
+        from ..planning.plan import DownOptions, checked_down_config
 
         options = DownOptions(targets={k: v for k, v in targets.items() if v != self.current[k]})
         try:
-            env = evaluate_env(self.rules, self.source.config, options)
-            config = rewrite_config(self.rules, self.source.config, env, options)
-            pin_head_dim(config, env)  # as down writes it: heads keep their width where a head_dim exists
-            check_new_config(self.rules, config, resolve_spaces(self.rules, env), options)
+            checked_down_config(self.rules, self.source.config, options)  # as down writes it
         except TensorscaleError:
             return False
         return True

@@ -237,6 +237,7 @@ class LayerwiseDown:
             ),
             None,
         )
+        self.heads = self._head_space()  # the query heads' space, None without attention heads
         self.statistics = {}
         self._moment_cache = None
         if hidden_cut not in ("rotate", "select"):
@@ -475,7 +476,7 @@ class LayerwiseDown:
         a kv space (multi-head attention) every head is its own group, so the heads themselves are chosen
         here: the small stream must run at the final head count where the hidden size is heads × head_dim
         (GPT-2, GPT-NeoX, OPT)."""
-        heads = self._head_space()
+        heads = self.heads
         if heads is None:
             return
         kv = self.spaces[heads.within] if heads.within else None
@@ -517,7 +518,7 @@ class LayerwiseDown:
         h_orig_next, caught = self._run_catching(self.original, h_orig, kw_orig, [t for t in roles if t.reader], norms)
         self._feeds = self._norm_feeds(roles, tensors, norms, caught)
 
-        heads = self._head_space()
+        heads = self.heads
         o_reader = next((t for t in roles if heads is not None and t.reader and t.reader[1] == heads.name), None)
         self._choose_kv(layer, tensors, caught.get(o_reader.slot_name) if o_reader else None)
         for s in self.spaces.values():

@@ -431,6 +431,16 @@ def pin_head_dim(config: dict, env: dict) -> None:
         config["head_dim"] = head_dim
 
 
+def checked_down_config(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
+    """The config `down` writes at these sizes (head_dim pinned where heads keep their width), once the rules'
+    own checks pass on it; else one line saying why the architecture cannot have them."""
+    env = evaluate_env(rule_set, config, options)
+    new = rewrite_config(rule_set, config, env, options)
+    pin_head_dim(new, env)
+    check_new_config(rule_set, new, resolve_spaces(rule_set, env), options)
+    return new
+
+
 def check_new_config(rule_set: RuleSet, new_config: dict, spaces: dict, options: ResizeOptions) -> None:
     """The rewritten config must describe the rewritten tensors: every space's size, read back from the new
     config, equals its planned size (e.g. hidden = heads × head_dim where the architecture derives it)."""
