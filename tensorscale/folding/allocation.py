@@ -220,8 +220,8 @@ def allocate_budget(
         if not fits():
             targets["intermediate_size"] -= ffn_step
             break
-    from ..planning.plan import DownOptions, has_kv_space
+    from ..planning.plan import has_kv_space
 
-    if not has_kv_space(counter.rules, counter.source.config, DownOptions()):  # multi-head: no kv heads to name
+    if not has_kv_space(counter.rules):  # multi-head: no kv heads to name
         targets.pop("num_key_value_heads")
     return {key: value for key, value in targets.items() if value != current[key]}

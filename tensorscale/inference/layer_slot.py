@@ -103,10 +103,11 @@ class LayerSlot:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put weights into the slot, by their checkpoint names for layer 0 (layer tensors renamed to layer 0).
         Names the slot does not have are refused (the caller's renaming is wrong, not the model)."""
-        unknown = [name for name in tensors if not self.has(name)]
+        keys = {name: self.key(name) for name in tensors}
+        unknown = [name for name, key in keys.items() if key is None]
         if unknown:
             raise TensorscaleError(f"calibration: the stock model has no tensor {unknown[0]}")
-        state = {self.key(name): t.float() for name, t in tensors.items()}
+        state = {keys[name]: t.float() for name, t in tensors.items()}
         self.model.load_state_dict(state, strict=False, assign=True)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()  # assign=True replaced the embedding; the tied head must follow it

@@ -272,7 +272,7 @@ def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
     wanted = dict(current)
     if options.targets:
         wanted.update(options.targets)
-        if not has_kv_space(rule_set, config, options) and "num_attention_heads" in options.targets:
+        if not has_kv_space(rule_set) and "num_attention_heads" in options.targets:
             wanted["num_key_value_heads"] = wanted["num_attention_heads"]  # multi-head: every head its own kv
     else:
         n, m = options.embed_dim_divisor or 1, options.up_proj_divisor or 1
@@ -302,10 +302,10 @@ def down_ratios(rule_set: RuleSet, config: dict, options: DownOptions) -> dict:
     }
 
 
-def has_kv_space(rule_set: RuleSet, config: dict, options: ResizeOptions) -> bool:
-    """Whether the rules size kv heads apart from query heads (GQA); without one, each head is its own kv."""
-    env = evaluate_let(rule_set, base_env(config, options, UNIT_RATIOS))
-    return rule_set.targets.get("num_key_value_heads") in resolve_spaces(rule_set, env)
+def has_kv_space(rule_set: RuleSet) -> bool:
+    """Whether the rules declare a space for kv heads apart from query heads (GQA); without one, each head
+    is its own kv (current_units then counts as many kv heads as heads)."""
+    return rule_set.targets.get("num_key_value_heads") in rule_set.spaces
 
 
 def current_units(rule_set: RuleSet, config: dict, options: ResizeOptions) -> dict:
