@@ -269,6 +269,62 @@ def test_plan_down_says_when_down_would_refit_instead(tmp_path):
     assert "refit" not in exact.stdout
 
 
+def _plan_down(args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "plan", "down", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+
+
+def test_plan_down_predict_gives_the_damage_down_then_reports(tmp_path):
+    """plan down --predict runs the refit down would run, writes nothing (no output, no spill left in the
+    working folder) and predicts exactly the damage down then reports: the same sizes, text, tokens and
+    seed give the same refit. On a HyperCloned model it predicts none (the fold merges copies)."""
+    from test_inference import save_tokenizer
+
+    source = build_checkpoint(tmp_path / "src", "llama", tie_word_embeddings=False)
+    save_tokenizer(source)
+    cal = _calibration_file(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    sizes = ["--intermediate-size", 40, "--calibration", cal, "--calibration-tokens", 512]
+    predicted = _plan_down(["-i", source, *sizes, "--predict", "--json"], cwd=work)
+    assert predicted.returncode == 0, predicted.stderr
+    prediction = json.loads(predicted.stdout)["predicted_damage"]
+    assert prediction["method"] == "refit" and not prediction["exact"] and prediction["held_out"]
+    assert prediction["kl"] > 0 and prediction["ppl_ratio"] > 1
+    assert list(work.iterdir()) == [] and not (tmp_path / "src-down").exists()
+    done = _down(["-i", source, "-o", tmp_path / "out", *sizes, "--json"])
+    assert done.returncode == 0, done.stderr
+    reported = json.loads(done.stdout)["calibration"]
+    assert reported["kl"] == pytest.approx(prediction["kl"], rel=1e-6)
+    assert reported["ppl_ratio"] == pytest.approx(prediction["ppl_ratio"], rel=1e-6)
+    text = _plan_down(["-i", source, *sizes, "--predict"], cwd=work)
+    assert text.returncode == 0, text.stderr
+    assert f"KL {prediction['kl']:.3f} nats/token" in text.stdout and "on windows of the calibration" in text.stdout
+
+    up = subprocess.run(
+        [sys.executable, "-m", "tensorscale.cli.main", "up", "-i", source, "-o", tmp_path / "up", "-upm", "2", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert up.returncode == 0, up.stderr
+    exact = _plan_down(["-i", tmp_path / "up", "-upd", "2", "--predict", "--json"], cwd=work)
+    assert exact.returncode == 0, exact.stderr
+    assert json.loads(exact.stdout)["predicted_damage"] == {
+        "method": "fold",
+        "exact": True,
+        "kl": 0.0,
+        "ppl_ratio": 1.0,
+    }
+
+    alone = _plan_down(["-i", source, "--intermediate-size", 40, "--calibration", cal])
+    assert alone.returncode != 0 and "add --predict" in alone.stderr and "Traceback" not in alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

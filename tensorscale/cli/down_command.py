@@ -150,6 +150,61 @@ def fold_summary(plan) -> dict:
     }
 
 
+def calibration_options(func):
+    """Where refit's calibration text comes from and how much of it, for `down` and `plan down --predict`."""
+    return with_options(
+        func,
+        [
+            click.option(
+                "--calibration",
+                type=click.Path(dir_okay=False),
+                multiple=True,
+                metavar="FILE",
+                help="refit: text to calibrate on; repeat it for several kinds of text, each then gives an equal "
+                "share of the tokens (the broader the text, the better the model keeps working on other text); "
+                "without it the model calibrates on text it samples itself (data-free).",
+            ),
+            click.option(
+                "--calibration-tokens",
+                type=int,
+                default=8192,
+                show_default=True,
+                help="refit: tokens to calibrate on (windows of 256).",
+            ),
+        ],
+    )
+
+
+def read_calibration(paths) -> str | list[str] | None:
+    """The --calibration files' text: one string for one file, a list (an equal share each) for several, None
+    for none (data-free: the model samples its own)."""
+    if not paths:
+        return None
+    from ..folding.calibration import read_calibration_text
+
+    text = [read_calibration_text(path) for path in paths]
+    return text[0] if len(text) == 1 else text
+
+
+def calibration_summary(report: dict, text) -> dict:
+    """What refit's report says about the damage, as `down --json` and `plan down --predict` show it."""
+    return {
+        "source": "file" if text is not None else "self-generated",
+        "kl": report["calibration_kl"],
+        "ppl_ratio": report["calibration_ppl_ratio"],
+        "held_out": report["calibration_held_out"],
+        "massive_dimensions": report.get("massive", []),
+        # how the residual stream was narrowed (None: it was not), and the share of its normalised
+        # energy the kept directions hold
+        "hidden_cut": report.get("hidden_cut"),
+        "hidden_energy_kept": report.get("hidden_energy_kept"),
+        "hidden_cut_reason": report.get("hidden_cut_reason"),  # why a stream was not rotated
+        # what each reader reproduces: the original layer from the original stream (cross) or the
+        # original weights on the small stream's own inputs (self)
+        "target": report.get("target"),
+    }
+
+
 @click.command()
 @model_input()
 @down_planning_options
@@ -162,22 +217,7 @@ def fold_summary(plan) -> dict:
     "units that matter and re-solve their readers layer by layer (any trained model; needs "
     "transformers); auto: fold where every space holds copies, else refit.",
 )
-@click.option(
-    "--calibration",
-    type=click.Path(dir_okay=False),
-    multiple=True,
-    metavar="FILE",
-    help="refit: text to calibrate on; repeat it for several kinds of text, each then gives an equal share "
-    "of the tokens (the broader the text, the better the model keeps working on other text); without it "
-    "the model calibrates on text it samples itself (data-free).",
-)
-@click.option(
-    "--calibration-tokens",
-    type=int,
-    default=8192,
-    show_default=True,
-    help="refit: tokens to calibrate on (windows of 256).",
-)
+@calibration_options
 @FORCE
 @VERIFY_FILES
 @MANIFEST
@@ -232,12 +272,7 @@ def down(
         source, rules_path, targets, reduction, params, edd, upd, announce=not as_json, remove_layers=remove_layers
     )
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers, remove_at)
-    text = None
-    if calibration:  # plan_down_by_method refuses it with --method fold, before any work
-        from ..folding.calibration import read_calibration_text
-
-        text = [read_calibration_text(path) for path in calibration]
-        text = text[0] if len(text) == 1 else text
+    text = read_calibration(calibration)  # plan_down_by_method refuses it with --method fold, before any work
     show = not quiet and not as_json
     from ..convert import plan_down_by_method, refit_workspace
 
@@ -264,21 +299,7 @@ def down(
     summary["targets"] = dict(options.targets)
     summary["removed_layers"] = list(report["removed_layers"]) if report is not None else list(options.remove_at or ())
     if report is not None:
-        summary["calibration"] = {
-            "source": "file" if text is not None else "self-generated",
-            "kl": report["calibration_kl"],
-            "ppl_ratio": report["calibration_ppl_ratio"],
-            "held_out": report["calibration_held_out"],
-            "massive_dimensions": report.get("massive", []),
-            # how the residual stream was narrowed (None: it was not), and the share of its normalised
-            # energy the kept directions hold
-            "hidden_cut": report.get("hidden_cut"),
-            "hidden_energy_kept": report.get("hidden_energy_kept"),
-            "hidden_cut_reason": report.get("hidden_cut_reason"),  # why a stream was not rotated
-            # what each reader reproduces: the original layer from the original stream (cross) or the
-            # original weights on the small stream's own inputs (self)
-            "target": report.get("target"),
-        }
+        summary["calibration"] = calibration_summary(report, text)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -20,7 +20,15 @@ import click  # noqa: E402
 
 from ..errors import TensorscaleError
 from . import render
-from .down_command import budget_targets, down, down_options, down_planning_options
+from .down_command import (
+    budget_targets,
+    calibration_options,
+    calibration_summary,
+    down,
+    down_options,
+    down_planning_options,
+    read_calibration,
+)
 from .options import (
     ALLOW_NONFINITE,
     AS_JSON,
@@ -388,6 +396,14 @@ def plan_up(source, output, as_json, rules_path, **asked):
 @plan.command("down", cls=_PlanCommand)
 @_input_option
 @down_planning_options
+@click.option(
+    "--predict",
+    is_flag=True,
+    help="Also predict the damage: run the refit `down` would run (the same sizes, calibration text and "
+    "tokens) with a temporary folder, and report its estimate on calibration windows the refit does not "
+    "see. Takes as long as the refit itself; the plan shown is then the refit's.",
+)
+@calibration_options
 def plan_down(
     source,
     output,
@@ -403,37 +419,74 @@ def plan_down(
     rules_path,
     max_shard_size,
     as_json,
+    predict,
+    calibration,
+    calibration_tokens,
 ):
     """Dry run of `down` by folding (its clusters depend on the weights, so this reads them once). Where the
     fold would not be exact (no copies to merge: any model not made by `up`), it says that `down` would refit
-    instead, at the same sizes."""
-    from ..convert import plan_down
-
+    instead, at the same sizes; with --predict it runs that refit and reports the damage to expect."""
+    if calibration and not predict:
+        raise TensorscaleError("--calibration is the text --predict refits on: add --predict to use it")
     targets = budget_targets(
         source, rules_path, targets, reduction, params, edd, upd, remove_layers=remove_layers
     )  # as `down` allocates it
     options = down_options(edd, upd, targets, seed, dtype, max_shard_size, remove_layers, remove_at)
+    if predict:
+        the_plan, prediction = _predicted_down(source, options, rules_path, calibration, calibration_tokens, as_json)
+    else:
+        the_plan, prediction = _folding_plan(source, options, rules_path), None
+    _show_plan(the_plan, output, as_json, prediction)
+
+
+def _folding_plan(source, options, rules_path):
+    """The fold's plan, with a note where the fold is not exact and `down` would refit instead."""
+    from ..convert import plan_down
     from ..errors import CannotFold
 
     try:
         the_plan = plan_down(source, options, rules_path)
     except CannotFold as exc:
         raise TensorscaleError(
-            f"{exc} (plan shows folds only; `down` --method auto would refit this model at these sizes)"
+            f"{exc} (plan shows folds only; `down` --method auto would refit this model at these sizes; "
+            "`plan down --predict` runs that refit)"
         ) from None
     if the_plan.down is not None and not the_plan.down.exact:
         the_plan.notes.append(
             "these units are not copies, so `down` (--method auto) would refit this model instead of folding "
             "it: the same sizes, the units that matter kept and every reader re-solved on calibration text; "
-            "it prints its estimate of the damage when it is done (the ops above are the fold's)"
+            "--predict runs that refit and reports the damage to expect (the ops above are the fold's)"
         )
-    _show_plan(the_plan, output, as_json)
+    return the_plan
 
 
-def _show_plan(the_plan, output, as_json) -> None:
+def _predicted_down(source, options, rules_path, calibration, tokens, as_json):
+    """What `down` --method auto would do, done with a temporary folder: its plan and the damage it costs
+    (exactly none where the fold merges copies; else the refit's estimate on held-out calibration windows,
+    the same estimate `down` prints)."""
+    from ..convert import plan_down_by_method, refit_workspace
+
+    text = read_calibration(calibration)
+    with refit_workspace(None) as spill:
+        the_plan, report = plan_down_by_method(
+            source, options, rules_path, "auto", text, tokens, spill, show_progress=not as_json
+        )
+    if report is None:
+        return the_plan, {"method": "fold", "exact": True, "kl": 0.0, "ppl_ratio": 1.0}
+    return the_plan, {
+        "method": "refit",
+        "exact": False,
+        "calibration_tokens": tokens,
+        **calibration_summary(report, text),
+    }
+
+
+def _show_plan(the_plan, output, as_json, prediction=None) -> None:
     from ..rewrite import default_output
 
     data = render.plan_data(the_plan, output or default_output(the_plan.source, the_plan))
+    if prediction is not None:
+        data["predicted_damage"] = prediction
     click.echo(json.dumps(data, indent=2) if as_json else render.plan_text(data))
 
 

@@ -132,6 +132,8 @@ def plan_text(data: dict) -> str:
     )
     lines.append(_table([(s["file"], f"{s['tensors']} tensors", human_bytes(s["bytes"])) for s in data["shards"]]))
     lines.extend(f"note: {note}" for note in data.get("notes") or [])
+    if data.get("predicted_damage"):
+        lines.append(predicted_damage_text(data["predicted_damage"]))
     lines.append("nothing was written (dry run)")
     return "\n".join(lines)
 
@@ -174,13 +176,17 @@ def down_summary(summary: dict) -> str:
 DAMAGE_WARNING_KL = 0.1  # nats per token on the calibration text: beyond this the loss is plain to see
 
 
+def _estimated_on(calibration: dict) -> str:
+    """The text refit's damage estimate was measured on."""
+    where = "the calibration text" if calibration["source"] == "file" else "text the model sampled itself"
+    return f"windows of {where} the refit did not see" if calibration.get("held_out") else where
+
+
 def damage_note(calibration: dict) -> str:
     """What a refitted (not exact) down costs, estimated on the calibration text, and what to do about it."""
-    where = "the calibration text" if calibration["source"] == "file" else "text the model sampled itself"
-    part = "windows of " + where + " the refit did not see" if calibration.get("held_out") else where
     line = (
-        f"tensorscale: estimated damage on {part}: KL {calibration['kl']:.3f} nats/token, perplexity "
-        f"x{calibration['ppl_ratio']:.2f} (text of another kind may show more)"
+        f"tensorscale: estimated damage on {_estimated_on(calibration)}: KL {calibration['kl']:.3f} nats/token, "
+        f"perplexity x{calibration['ppl_ratio']:.2f} (text of another kind may show more)"
     )
     if calibration["kl"] > DAMAGE_WARNING_KL:
         line += (
@@ -188,6 +194,17 @@ def damage_note(calibration: dict) -> str:
             "(continued training) before it matches the original"
         )
     return line
+
+
+def predicted_damage_text(prediction: dict) -> str:
+    """plan --predict's line: none where the fold merges copies, else the refit's estimate, as down says it."""
+    if prediction["exact"]:
+        return "predicted damage: none (the fold merges exact copies: the logits match)"
+    return (
+        f"predicted damage (refit on {prediction['calibration_tokens']:,} tokens; on {_estimated_on(prediction)}): "
+        f"KL {prediction['kl']:.3f} nats/token, perplexity x{prediction['ppl_ratio']:.2f} "
+        "(text of another kind may show more)"
+    )
 
 
 def rules_list_text(rows: list[dict]) -> str:
