@@ -10,7 +10,8 @@ the small stream's own inputs), prior (1: the ridge pulls towards the original w
 ridge, tokens (calibration tokens of the Python docs outside library/), eval (held-out tokens per domain),
 remove_layers (layers of least block influence removed, as `down --remove-layers`), calibration (pydoc:
 the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py; pydoc+self:
-half the Python docs, half text the model samples itself), hidden_cut (rotate: the residual stream projected
+half the Python docs, half text the model samples itself; self: only text the model samples itself, what
+`down` calibrates on without --calibration: data-free), hidden_cut (rotate: the residual stream projected
 onto its principal directions, the default; select: the dimensions readers use most), rotated_ridge (the
 ridge of readers of a rotated stream, at least `ridge`), gnu (1: a third held-out domain, GNU manuals).
 It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
@@ -65,11 +66,11 @@ def main(argv: list[str]) -> int:
     kind = args.get("calibration", "pydoc")
     tokens = int(args.get("tokens", 8192))
     text = mixed_calibration_text() if kind == "mixed" else calibration_text()
-    if kind == "pydoc+self":  # half the Python docs, half text the model samples itself
+    if kind in ("pydoc+self", "self"):  # text the model samples itself: half the tokens, or all (data-free)
         from tensorscale.folding.calibration import self_generated_ids
 
-        own = self_generated_ids(folder, folder, source.config, tokens // 2)
-        ids = torch.cat([calibration_ids(folder, folder, text, tokens - own.numel()), own])
+        own = self_generated_ids(folder, folder, source.config, tokens if kind == "self" else tokens // 2)
+        ids = own if kind == "self" else torch.cat([calibration_ids(folder, folder, text, tokens - own.numel()), own])
     else:
         ids = calibration_ids(folder, folder, text, tokens)
     started = time.time()

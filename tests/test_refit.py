@@ -17,7 +17,7 @@ import torch
 from fixtures import build_checkpoint, read_config, relative_logit_error
 from safetensors.torch import load_file, save_file
 
-from tensorscale.folding.refit import drop_units, drop_units_fast, refit
+from tensorscale.folding.refit import drop_units, drop_units_fast, refit, refit_rows
 
 # ---- kernels ---------------------------------------------------------------------------------------
 
@@ -43,6 +43,29 @@ def test_refit_recovers_a_reader_of_a_scaled_and_mixed_input():
     x_new = x @ mix  # the same information, another basis
     solved = refit(w, x.T @ x_new, x_new.T @ x_new, ridge=1e-14)
     assert torch.allclose(x_new @ solved.T, x @ w.T, atol=1e-6)
+
+
+def test_refit_in_blocks_of_rows_is_the_whole_refit():
+    """An untied head (vocabulary x hidden) is re-solved a block of rows at a time, so that no float64 copy of
+    it is ever whole: the same solution, block sizes that do and do not divide the rows, with a prior or not."""
+    x, w = _problem(4, out=37)
+    mix = torch.randn(24, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_new = x @ mix + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    gram, cross = x_new.T @ x_new, x.T @ x_new
+    prior = w @ mix
+    for with_prior in (True, False):
+        whole = refit(w, cross, gram, ridge=0.05, prior=prior if with_prior else None)
+        for block in (5, 37, 64):
+            rows = refit_rows(
+                len(w),
+                lambda b, e: (w[b:e].float(), prior[b:e] if with_prior else None),
+                cross,
+                gram,
+                ridge=0.05,
+                block=block,
+            )
+            assert rows.dtype == torch.float32 and rows.shape == whole.shape
+            assert torch.allclose(rows.double(), whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dropper", ["blocks", "columns"])

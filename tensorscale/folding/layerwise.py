@@ -46,7 +46,7 @@ from .. import interrupts
 from ..errors import TensorscaleError
 from ..reading.tensor_reader import ShardReader
 from ..rulebook.schema import split_role
-from .refit import drop_units, drop_units_fast, refit
+from .refit import drop_units, drop_units_fast, refit, refit_rows
 from .rotation import project_axis, project_gain, residual_projection
 
 MASSIVE = 20.0  # a residual dimension whose mean square is this many times the median is "massive"
@@ -57,6 +57,7 @@ MASSIVE = 20.0  # a residual dimension whose mean square is this many times the 
 # structured-OBS choice of units keeps `ridge`; benchmarks/README.md).
 ROTATED_RIDGE = 0.1
 EMBEDDING_SHARE = 0.01  # of the rotation's second moment that comes from the whole embedding, beside the text's
+HEAD_BLOCK = 4096  # rows of an untied head re-solved at a time: a float64 copy of 32,000 x 4,096 would be 1 GiB
 
 
 class _HeadReached(Exception):
@@ -149,8 +150,14 @@ def classify(matches, group: str) -> tuple[dict[int, list[TensorRoles]], list[Te
 def _output_scaled(prior: torch.Tensor, reference: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor):
     """s·prior with the s minimising Σ‖W x − s·P' x̃‖² (W the reference on the original inputs x, P' the prior
     on the new ones x̃), from the moments: Σ (Wx)·(P'x̃) = Σ (W C ⊙ P'), Σ ‖P'x̃‖² = Σ (P' H ⊙ P')."""
-    energy = float(((prior @ gram) * prior).sum())
-    return prior * (float(((reference @ cross) * prior).sum()) / energy) if energy > 0 else prior
+    agreement, energy = _output_scale_terms(prior, reference, gram, cross)
+    return prior * (agreement / energy) if energy > 0 else prior
+
+
+def _output_scale_terms(prior, reference, gram, cross) -> tuple[float, float]:
+    """Σ (W C ⊙ P') and Σ (P' H ⊙ P'), the two sums of _output_scaled's s; they add up over blocks of rows."""
+    prior, reference = prior.double(), reference.double()
+    return float(((reference @ cross) * prior).sum()), float(((prior @ gram) * prior).sum())
 
 
 def _expand(units: list[int], unit: int) -> torch.Tensor:
@@ -852,18 +859,30 @@ class LayerwiseDown:
             kept_part = x_orig[:, _expand(self.cut.final[(self.hidden.name, None)], self.hidden.unit)]
         head = next((t for t in self.others if t.reader and t.reader[1] == self.hidden.name), None)
         final_norm = self._final_norm()
-        if head is not None:
-            weight = globals_[head.slot_name].double()
+        if head is not None:  # vocabulary x hidden: solved in blocks of rows, never whole in float64
+            weight = globals_[head.slot_name]
             gram, cross = x_small.T @ x_small, x_orig.T @ x_small
             if self.projection is not None and final_norm is not None:
                 self._feeds[head.slot_name] = self._effective_gain(globals_[final_norm.slot_name])
-            prior = self._reader_prior(globals_[head.slot_name], head)
-            if self.projection is not None:  # the least-squares scale on the outputs (_rescaled_prior)
-                prior = _output_scaled(prior, weight, gram, cross)
+            blocks = [(begin, min(len(weight), begin + HEAD_BLOCK)) for begin in range(0, len(weight), HEAD_BLOCK)]
+            if self.projection is not None:  # the least-squares scale on the outputs (_output_scaled)
+                terms = [
+                    _output_scale_terms(self._reader_prior(weight[b:e], head), weight[b:e], gram, cross)
+                    for b, e in blocks
+                ]
+                agreement, energy = (sum(column) for column in zip(*terms))
+                scale = agreement / energy if energy > 0 else 1.0
             else:
-                prior = prior * float((kept_part * x_small).sum() / gram.diagonal().sum())
+                scale = float((kept_part * x_small).sum() / gram.diagonal().sum())
             ridge = self.rotated_ridge if self.projection is not None else self.ridge
-            small_globals[head.slot_name] = refit(weight, cross, gram, ridge, prior).float()
+            small_globals[head.slot_name] = refit_rows(
+                len(weight),
+                lambda b, e: (weight[b:e], scale * self._reader_prior(weight[b:e], head)),
+                cross,
+                gram,
+                ridge,
+                block=HEAD_BLOCK,
+            )
         else:
             norm = final_norm
             if norm is None:

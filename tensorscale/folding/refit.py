@@ -45,6 +45,32 @@ def refit(
     return solved.T
 
 
+def refit_rows(
+    rows: int,
+    block_of,
+    cross: torch.Tensor,
+    gram: torch.Tensor,
+    ridge: float = RIDGE,
+    block: int = 4096,
+) -> torch.Tensor:
+    """refit() of a reader too large to hold in float64 several times over (a vocabulary-sized head: 32,000 x
+    4,096 is 1 GiB per float64 copy), as float32: every row is its own least-squares problem, so blocks of
+    `block` rows, `block_of(begin, end)` -> (weight rows, prior rows or None), are solved against one
+    factorisation of H + λI and written into the result one after another."""
+    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    factor = torch.linalg.lu_factor(gram.double() + damp * torch.eye(gram.shape[0], dtype=torch.float64))
+    cross = cross.double()
+    out = torch.empty(rows, gram.shape[0], dtype=torch.float32)
+    for begin in range(0, rows, block):
+        end = min(rows, begin + block)
+        weight, prior = block_of(begin, end)
+        rhs = weight.double() @ cross
+        if prior is not None:
+            rhs += damp * prior.double()
+        out[begin:end] = torch.linalg.lu_solve(*factor, rhs.T).T
+    return out
+
+
 def _remove_block(w: torch.Tensor, hinv: torch.Tensor, block: torch.Tensor) -> None:
     """OBS removal of the columns `block`, in place: the other columns absorb what they can of the removed
     ones (w -= w_B (H⁻¹_BB)⁻¹ H⁻¹_B:), and H⁻¹ becomes the inverse over the columns left."""
