@@ -11,7 +11,8 @@ ridge, tokens (calibration tokens of the Python docs outside library/), eval (he
 remove_layers (layers of least block influence removed, as `down --remove-layers`), calibration (pydoc:
 the Python docs, the default; mixed: alternating blocks of them and GNU manuals, real_texts.py; pydoc+self:
 half the Python docs, half text the model samples itself; self: only text the model samples itself, what
-`down` calibrates on without --calibration: data-free), hidden_cut (rotate: the residual stream projected
+`down` calibrates on without --calibration: data-free), top_p (the nucleus the model samples its own text
+from, 1: all of it), hidden_cut (rotate: the residual stream projected
 onto its principal directions, the default; select: the dimensions readers use most), rotated_ridge (the
 ridge of readers of a rotated stream, at least `ridge`), gnu (1: a third held-out domain, GNU manuals).
 It drives folding.layerwise directly (the CLI takes only the defaults) and prints the held-out ppl ratio,
@@ -69,7 +70,13 @@ def main(argv: list[str]) -> int:
     if kind in ("pydoc+self", "self"):  # text the model samples itself: half the tokens, or all (data-free)
         from tensorscale.folding.calibration import self_generated_ids
 
-        own = self_generated_ids(folder, folder, source.config, tokens if kind == "self" else tokens // 2)
+        own = self_generated_ids(
+            folder,
+            folder,
+            source.config,
+            tokens if kind == "self" else tokens // 2,
+            top_p=float(args.get("top_p", 1.0)),
+        )
         ids = own if kind == "self" else torch.cat([calibration_ids(folder, folder, text, tokens - own.numel()), own])
     else:
         ids = calibration_ids(folder, folder, text, tokens)

@@ -68,6 +68,15 @@ def test_refit_in_blocks_of_rows_is_the_whole_refit():
             assert torch.allclose(rows.double(), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_nucleus_keeps_the_most_likely_tokens_that_reach_top_p():
+    from tensorscale.folding.calibration import _nucleus
+
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.15], [0.97, 0.01, 0.01, 0.01]])
+    kept = _nucleus(probs, 0.9)
+    assert torch.allclose(kept[0], torch.tensor([0.0, 0.5, 0.3, 0.15]) / 0.95)
+    assert torch.allclose(kept[1], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # the most likely token always stays
+
+
 @pytest.mark.parametrize("dropper", ["blocks", "columns"])
 def test_dropping_units_returns_the_least_squares_fit_of_the_rest(dropper):
     x, w = _problem(3)

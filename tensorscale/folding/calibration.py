@@ -88,6 +88,7 @@ def self_generated_ids(
     sequence: int = SEQUENCE,
     batch: int = SAMPLING_BATCH,
     progress=None,
+    top_p: float = 1.0,
 ) -> "torch.Tensor":
     """Data-free calibration: `tokens` tokens the model samples itself (temperature 1, each window started
     from the config's BOS token, else EOS, else token 0). No tokenizer and no user text; the model's own
@@ -119,6 +120,8 @@ def self_generated_ids(
                     f"{label} computes NaN or Inf (its weights hold NaN or Inf?): refit cannot "
                     "calibrate on it; repair the checkpoint, or fold it: --method fold --allow-nonfinite"
                 )
+            if top_p < 1.0:
+                probs = _nucleus(probs, top_p)
             step = torch.multinomial(probs, 1, generator=generator)
             ids = torch.cat([ids, step], dim=1)
         out.append(ids)
@@ -126,3 +129,12 @@ def self_generated_ids(
             progress(count * sequence)
     del model
     return torch.cat(out)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus (top-p) sampling's distribution: per row the most likely tokens whose probabilities first add up
+    to `top_p`, renormalised (the tail a small model's temperature-1 samples wander off into is cut)."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    outside = ordered.cumsum(-1) - ordered > top_p  # the most likely token always stays
+    ordered = ordered.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, ordered / ordered.sum(-1, keepdim=True))
