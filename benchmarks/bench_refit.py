@@ -145,7 +145,7 @@ def plot(rows: list[dict], path: str) -> bool:
         xs = [j + i * width for j, r in enumerate(rows) if name in r]
         left.bar(xs, [r[f"{name}_over_up"] for r in rows if name in r], width, label=name)
         right.bar(xs, [r[name]["max_rss"] / 2**20 for r in rows if name in r], width, label=name)
-    for axis, limit, what in ((left, None, "down wall time / up's"), (right, 1024, "peak RSS, MiB")):
+    for axis, what in ((left, "down wall time / up's"), (right, "peak RSS, MiB")):
         axis.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(rows))], [r["size"] for r in rows])
         axis.set_ylabel(what)
         axis.legend()

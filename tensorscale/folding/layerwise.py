@@ -866,6 +866,7 @@ class LayerwiseDown:
                 self._feeds[head.slot_name] = self._effective_gain(globals_[final_norm.slot_name])
             blocks = [(begin, min(len(weight), begin + HEAD_BLOCK)) for begin in range(0, len(weight), HEAD_BLOCK)]
             if self.projection is not None:  # the least-squares scale on the outputs (_output_scaled)
+                # the priors are made again below, block by block: holding them all would be the whole head
                 terms = [
                     _output_scale_terms(self._reader_prior(weight[b:e], head), weight[b:e], gram, cross)
                     for b, e in blocks

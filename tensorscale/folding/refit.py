@@ -22,9 +22,13 @@ import torch
 RIDGE = 1e-3  # ridge on H's diagonal, relative to its mean: keeps H⁻¹ finite where a unit never fires
 
 
+def _damping(gram: torch.Tensor, ridge: float) -> float:
+    """The ridge in the Gram's own units: `ridge` times the mean of its diagonal."""
+    return ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+
+
 def _regularised(gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
-    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    return gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return gram + _damping(gram, ridge) * torch.eye(gram.shape[0], dtype=gram.dtype)
 
 
 def refit(
@@ -37,7 +41,7 @@ def refit(
     """(W C + λP)(H + λI)⁻¹ in float64: the reader of the new input that best reproduces `weight` on the
     old one, pulled towards `prior` (the same units' original weights) where the calibration text says
     little, instead of towards zero."""
-    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    damp = _damping(gram, ridge)
     rhs = weight.double() @ cross.double()
     if prior is not None:
         rhs = rhs + damp * prior.double()
@@ -57,8 +61,8 @@ def refit_rows(
     4,096 is 1 GiB per float64 copy), as float32: every row is its own least-squares problem, so blocks of
     `block` rows, `block_of(begin, end)` -> (weight rows, prior rows or None), are solved against one
     factorisation of H + λI and written into the result one after another."""
-    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    factor = torch.linalg.lu_factor(gram.double() + damp * torch.eye(gram.shape[0], dtype=torch.float64))
+    damp = _damping(gram, ridge)
+    factor = torch.linalg.lu_factor(_regularised(gram.double(), ridge))
     cross = cross.double()
     out = torch.empty(rows, gram.shape[0], dtype=torch.float32)
     for begin in range(0, rows, block):
